@@ -1,0 +1,63 @@
+"""The ``ccrk`` command line: one verb per pipeline stage, each running its stage as a Prefect flow.
+
+Verbs live in :mod:`ccrk.commands` (one module each, discovered here). A :class:`CCRKError` (or a
+missing file) becomes one clear sentence on stderr and exit status 2 -- never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import ccrk.commands as commands
+
+    parser = argparse.ArgumentParser(prog="ccrk", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"ccrk.commands.{info.name}")
+        module.add_parser(sub)
+    return parser
+
+
+def add_root_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", default=None,
+                        help="data root (fsspec path; default $CCRK_ROOT or ./data)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from storage.errors import CCRKError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        code = args.func(args)
+        return int(code or 0)
+    except CCRKError as exc:
+        if args.debug:
+            raise
+        print(f"ccrk {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        if args.debug:
+            raise
+        print(f"ccrk {args.verb}: error: file not found: {exc.filename or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ccrk {args.verb}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

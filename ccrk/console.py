@@ -1,0 +1,59 @@
+"""Terminal output shared by every CLI verb: progress bars and summary tables (rich)."""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Sequence
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None, unit: str = "items") -> Iterator:
+    """A progress bar; yields ``advance(n=1)``. Drawn on stderr, silent when not a terminal."""
+    prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TaskProgressColumn(), TextColumn(unit), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=err_console, transient=False, disable=not sys.stderr.isatty())
+    with prog:
+        task = prog.add_task(description, total=total)
+
+        def advance(n: int = 1) -> None:
+            prog.advance(task, n)
+
+        yield advance
+
+
+def track(items: Iterable, description: str, total: int | None = None, unit: str = "items") -> Iterator:
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    with progress_bar(description, total, unit) as advance:
+        for item in items:
+            yield item
+            advance()
+
+
+def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence]) -> None:
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(str(col))
+    for row in rows:
+        table.add_row(*[_fmt(v) for v in row])
+    console.print(table)
+
+
+def print_mapping(title: str, mapping: dict) -> None:
+    print_table(title, ["", "value"], [(k, v) for k, v in mapping.items()])
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 1000 else f"{v:,.1f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)

@@ -1,0 +1,1 @@
+"""Data at rest: source adapters, image download, K-lingual shards, manifests, the artifact catalog."""

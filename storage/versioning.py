@@ -1,0 +1,48 @@
+"""Content-derived versions: one place for how artifacts are hashed.
+
+version = sha256 over (kind, the parents' versions, the parameters, the code version),
+canonical JSON, shortened to 16 hex digits. Same inputs -> same version -> the stage skips.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterable
+
+# Bump CODE_VERSION when a stage's output bytes change for the same inputs.
+CODE_VERSION = "1"
+VERSION_LEN = 16
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def content_version(kind: str, parents: Iterable[str] = (), params: dict | None = None,
+                    code_version: str = CODE_VERSION) -> str:
+    payload = {"kind": kind, "parents": sorted(parents), "params": params or {}, "code": code_version}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:VERSION_LEN]
+
+
+def text_sha(text: str) -> str:
+    """sha256 of an already-normalised text (the translation store's key)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    import fsspec
+
+    h = hashlib.sha256()
+    with fsspec.open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def files_sha256(paths: Iterable[str]) -> str:
+    """One digest over several files' digests (order-independent)."""
+    digests = sorted(file_sha256(p) for p in paths)
+    return hashlib.sha256("".join(digests).encode()).hexdigest()

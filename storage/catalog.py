@@ -104,6 +104,13 @@ class Catalog:
             return None
         return self.get(rows[0][0])
 
+    def latest(self, kind: str, name: str) -> Artifact | None:
+        """The most recently recorded artifact of this kind and name."""
+        with self._connect(read_only=True) as con:
+            row = con.execute("SELECT version FROM artifacts WHERE kind = ? AND name = ? "
+                              "ORDER BY created_at DESC LIMIT 1", [kind, name]).fetchone()
+        return self.get(row[0]) if row else None
+
     def list(self, kind: str | None = None) -> list[Artifact]:
         with self._connect(read_only=True) as con:
             if kind:

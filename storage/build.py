@@ -1,0 +1,629 @@
+"""Build a K-lingual dataset: join image shards, captions and translations, apply the language
+policy, write deterministic shards, then the manifest -- ``<root>/datasets/<name>/<version>/``.
+
+Three steps, each safe to kill and re-run (the Prefect flow runs them as tasks):
+
+1. :func:`plan_build` -- DuckDB joins the sources' ``images.parquet``, ``captions.parquet`` and
+   img2dataset status parquet with the translation store; the language policy decides which
+   captions stay and counts every drop by reason. The outcome (one row per sample, in seeded
+   order, with its json) goes to ``_build/plan.parquet``.
+2. :func:`write_shard_group` -- writes some shards from the plan (temp file, then rename); a shard
+   whose ``_build/<shard>.index.json`` exists is done and skipped on resume.
+3. :func:`finalize_build` -- ``manifest.duckdb``, ``shards/sizes.json``, the wids index, then the
+   ``_COMPLETE`` marker (last), then the catalog entry.
+
+Language policy (explicit, counted): a caption keeps the requested languages it has. A translation
+with ``ok = false`` is kept unless ``drop_flagged``. A caption needs every requested language
+(``min_langs=None``, the default) or at least ``min_langs`` of them; otherwise it is dropped.
+Drop reasons -- images: ``no_image`` (never downloaded or not in a shard), ``no_captions``,
+``all_captions_dropped``; captions: ``no_image``, ``empty_caption``, ``missing_language``,
+``flagged_translation`` (all-languages policy failed because a flagged translation was removed),
+``below_min_langs``; translations (per language): ``missing``, ``flagged_translation``.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from storage import atomic, layout
+from storage.catalog import Artifact, Catalog
+from storage.errors import CCRKError
+from storage.languages import SOURCE_LANG, parse_langs
+from storage.shards import KLingualShardWriter, safe_key, shard_name
+from storage.versioning import CODE_VERSION, content_version, files_sha256, text_sha
+
+COMPLETE = "_COMPLETE"
+MANIFEST = "manifest.duckdb"
+STAGING = "_build"
+WIDS_INDEX = "wids-index.json"
+SIZES = "sizes.json"
+SCORE_COLUMNS = ("uniformity", "copy_sim", "len_ratio", "script_ok", "empty", "truncated")
+BOX_COLUMNS = ("region_id", "x", "y", "w", "h")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class SourceInput:
+    name: str
+    version: str
+    path: str
+    recorded: bool  # in the catalog (then it is a parent of the dataset)
+
+
+@dataclass
+class TranslationSet:
+    model_id: str
+    decode_id: str
+    lang: str
+    path: str
+    files: list[str]
+    content_id: str = ""
+    artifact_versions: list[str] = field(default_factory=list)
+
+    @property
+    def set_id(self) -> str:
+        return f"{self.model_id}/{self.decode_id}"
+
+
+@dataclass
+class BuildResult:
+    name: str
+    version: str
+    path: str
+    skipped: bool
+    n_samples: int
+    n_shards: int
+    bytes: int
+    captions_by_lang: dict[str, int]
+    drops: list[dict]
+    message: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def normalize_caption(text: str) -> str:
+    """The translation store's normalisation (one definition: ``translation.normalize``)."""
+    try:
+        from translation.normalize import normalize
+    except ImportError as exc:  # pragma: no cover - the translation stage ships it
+        raise CCRKError("translation.normalize is missing: the build needs the translation stage's "
+                        "caption normalisation to find translations") from exc
+    return normalize(text)
+
+
+def resolve_sources(root: str, sources, source_versions: dict | None = None) -> list[SourceInput]:
+    """Each source's artifact: the given version, else the latest recorded in the catalog."""
+    cat = Catalog(root)
+    out = []
+    source_versions = dict(source_versions or {})
+    unknown = set(source_versions) - set(sources)
+    if unknown:
+        raise CCRKError(f"--source-version names {sorted(unknown)} which are not in --sources")
+    for name in sources:
+        wanted = source_versions.get(name)
+        if wanted:
+            art = cat.find(wanted)
+            if art is not None and art.kind == "source" and art.name == name:
+                out.append(SourceInput(name, art.version, art.path, True))
+                continue
+            path = layout.source_dir(root, name, wanted)
+            if not os.path.isdir(path):
+                raise CCRKError(f"source {name} version {wanted!r}: not in the catalog and no directory {path}")
+            out.append(SourceInput(name, wanted, path, False))
+            continue
+        art = cat.latest("source", name)
+        if art is None:
+            raise CCRKError(f"no source artifact {name!r} in the catalog {cat.path}: acquire it first "
+                            f"or pass --source-version {name}=VERSION")
+        out.append(SourceInput(name, art.version, art.path, True))
+    for s in out:
+        for f in ("images.parquet", "captions.parquet"):
+            if not os.path.exists(os.path.join(s.path, f)):
+                raise CCRKError(f"source {s.name} {s.version}: missing {os.path.join(s.path, f)}")
+    return out
+
+
+def discover_translations(root: str, langs, chosen=None) -> dict[str, list[TranslationSet]]:
+    """Translation sets under ``<root>/translations`` per target language, in priority order:
+    the order of ``chosen`` (``MODEL_ID/DECODE_ID`` strings) when given, else sorted ids."""
+    base = layout.join(root, "translations")
+    by_dir: dict[str, list[str]] = {}
+    for f in sorted(glob.glob(os.path.join(base, "**", "part-*.parquet"), recursive=True)):
+        by_dir.setdefault(os.path.dirname(f), []).append(f)
+    sets: dict[str, list[TranslationSet]] = {}
+    for d, files in sorted(by_dir.items()):
+        rel = os.path.relpath(d, base).split(os.sep)
+        if len(rel) < 3:
+            continue
+        lang, decode_id, model_id = rel[-1], rel[-2], "/".join(rel[:-2])
+        if lang in langs and lang != SOURCE_LANG:
+            sets.setdefault(lang, []).append(TranslationSet(model_id, decode_id, lang, d, files))
+    if chosen:
+        order = {c.strip("/"): i for i, c in enumerate(chosen)}
+        found = {t.set_id for ts in sets.values() for t in ts}
+        missing = [c for c in order if c not in found]
+        if missing:
+            raise CCRKError(f"--translations {missing[0]!r}: no part-*.parquet under {base}/{missing[0]}/<lang>/")
+        sets = {lang: sorted((t for t in ts if t.set_id in order), key=lambda t: order[t.set_id])
+                for lang, ts in sets.items()}
+        sets = {k: v for k, v in sets.items() if v}
+    recorded = Catalog(root).list("translation")
+    for ts in sets.values():
+        for t in ts:
+            t.content_id = files_sha256(t.files)[:16]
+            t.artifact_versions = sorted(a.version for a in recorded
+                                         if _same_or_parent(a.path, t.path))
+    return sets
+
+
+def _same_or_parent(artifact_path: str, set_path: str) -> bool:
+    a = os.path.abspath(artifact_path).rstrip("/")
+    p = os.path.abspath(set_path).rstrip("/")
+    return p == a or p.startswith(a + "/")
+
+
+def policy_params(langs, min_langs, drop_flagged, shard_size, seed) -> dict:
+    return {"langs": list(langs), "min_langs": min_langs if min_langs is not None else "all",
+            "drop_flagged": bool(drop_flagged), "shard_size": int(shard_size), "seed": int(seed)}
+
+
+def dataset_version(sources: list[SourceInput], tsets: dict[str, list[TranslationSet]], params: dict) -> str:
+    parents = [f"source:{s.name}:{s.version}" for s in sources]
+    parents += [f"translation:{t.set_id}/{t.lang}:{t.content_id}" for ts in tsets.values() for t in ts]
+    return content_version("dataset", parents, params, CODE_VERSION)
+
+
+# --------------------------------------------------------------------------- step 1: plan
+
+
+@dataclass
+class BuildPlan:
+    root: str
+    name: str
+    version: str
+    path: str
+    skipped: bool
+    n_samples: int = 0
+    n_shards: int = 0
+    message: str = ""
+
+
+def is_complete(dataset_path: str) -> bool:
+    return os.path.exists(os.path.join(dataset_path, COMPLETE)) and os.path.exists(os.path.join(dataset_path, MANIFEST))
+
+
+def plan_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "coco"),
+               langs=("en", "es", "id", "ru", "tr"), min_langs: int | None = None, drop_flagged: bool = False,
+               shard_size: int = 1000, seed: int = 0, source_versions: dict | None = None,
+               translations=None) -> BuildPlan:
+    """Resolve inputs, derive the version, and (unless already built) write the sample plan."""
+    root = layout.data_root(root)
+    langs = parse_langs(langs)
+    sources = parse_langs(sources) if isinstance(sources, str) else tuple(sources)
+    if not langs:
+        raise CCRKError("--langs is empty")
+    if min_langs is not None and not 1 <= min_langs <= len(langs):
+        raise CCRKError(f"--min-langs {min_langs} must be between 1 and the {len(langs)} requested languages")
+    if shard_size < 1:
+        raise CCRKError(f"--shard-size {shard_size} must be positive")
+    srcs = resolve_sources(root, sources, source_versions)
+    tsets = discover_translations(root, langs, translations)
+    if min_langs is None:
+        lacking = [lang for lang in langs if lang != SOURCE_LANG and lang not in tsets]
+        if lacking:
+            raise CCRKError(f"no translations for {','.join(lacking)} under {layout.join(root, 'translations')}: "
+                            "translate or import them first, or relax the policy with --min-langs")
+    params = policy_params(langs, min_langs, drop_flagged, shard_size, seed)
+    version = dataset_version(srcs, tsets, params)
+    path = layout.dataset_dir(root, name, version)
+    if is_complete(path):
+        from storage.verify import verify_dataset
+
+        report = verify_dataset(path, deep=False)
+        if report.ok:
+            return BuildPlan(root, name, version, path, True, report.n_samples, report.n_shards,
+                             f"dataset {name} {version} is already built and verifies: nothing to do")
+        # A damaged build: forget it was complete and write it again (same bytes).
+        for f in (COMPLETE, MANIFEST):
+            if os.path.exists(os.path.join(path, f)):
+                os.unlink(os.path.join(path, f))
+    staging = os.path.join(path, STAGING)
+    os.makedirs(staging, exist_ok=True)
+    n_samples = _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed)
+    lineage = _lineage_rows(name, version, srcs, tsets, params)
+    atomic.write_json(os.path.join(staging, "lineage.json"), {
+        "name": name, "version": version, "params": params, "rows": lineage,
+        "parents": sorted({s.version for s in srcs if s.recorded}
+                          | {v for ts in tsets.values() for t in ts for v in t.artifact_versions}),
+        "sources": [asdict(s) for s in srcs]})
+    n_shards = -(-n_samples // shard_size)
+    return BuildPlan(root, name, version, path, False, n_samples, n_shards,
+                     f"planned {n_samples} samples in {n_shards} shards")
+
+
+def _lineage_rows(name, version, srcs, tsets, params) -> list[list[str]]:
+    rows = [["dataset", "name", name], ["dataset", "version", version], ["code", "code_version", CODE_VERSION]]
+    for s in srcs:
+        rows.append(["source", s.name, s.version])
+    for lang, ts in sorted(tsets.items()):
+        for t in ts:
+            rows.append(["translation", lang, f"model_id={t.model_id} decode_id={t.decode_id} "
+                                              f"content={t.content_id}"])
+    for k, v in sorted(params.items()):
+        rows.append(["param", k, json.dumps(v)])
+    return rows
+
+
+def _columns(con, relation: str) -> set[str]:
+    return {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()}
+
+
+def _sql_str(s: str) -> str:
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed) -> int:
+    con = duckdb.connect()
+    try:
+        con.execute("SET threads TO 2")
+        _load_sources(con, srcs)
+        _load_translations(con, tsets)
+        drops: Counter = Counter()
+        for unit, reason, n in con.execute("""
+            SELECT 'image', 'no_image', count(*) FROM img WHERE tar_path IS NULL
+            UNION ALL SELECT 'image', 'no_captions', count(*) FROM img i
+              WHERE tar_path IS NOT NULL AND NOT EXISTS (SELECT 1 FROM cap c WHERE c.source = i.source AND c.image_key = i.image_key)
+            UNION ALL SELECT 'caption', 'no_image', count(*) FROM cap c
+              WHERE NOT EXISTS (SELECT 1 FROM img i WHERE i.source = c.source AND i.image_key = c.image_key AND i.tar_path IS NOT NULL)
+            """).fetchall():
+            drops[(unit, reason, "")] += n
+        return _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, drops)
+    finally:
+        con.close()
+
+
+def _load_sources(con, srcs) -> None:
+    img_parts, cap_parts, loc_rows = [], [], {"source": [], "shard_key": [], "tar_path": [], "offset": [], "size": []}
+    from storage.shards import index_source_tar
+
+    for s in srcs:
+        ip = _sql_str(os.path.join(s.path, "images.parquet"))
+        cp = _sql_str(os.path.join(s.path, "captions.parquet"))
+        icols = _columns(con, f"read_parquet({ip})")
+        ccols = _columns(con, f"read_parquet({cp})")
+        for need, cols, f in ((("image_key", "url"), icols, ip), (("image_key", "caption_id", "caption"), ccols, cp)):
+            lacking = [c for c in need if c not in cols]
+            if lacking:
+                raise CCRKError(f"{f.strip(chr(39))} lacks column(s) {', '.join(lacking)}")
+        extra = ", ".join(f"CAST({c} AS BIGINT) AS {c}" if c in icols else f"NULL::BIGINT AS {c}"
+                          for c in ("width", "height"))
+        sid = "CAST(source_id AS VARCHAR)" if "source_id" in icols else "CAST(image_key AS VARCHAR)"
+        img_parts.append(f"SELECT {_sql_str(s.name)} AS source, CAST(image_key AS VARCHAR) AS image_key, "
+                         f"CAST(url AS VARCHAR) AS url, {sid} AS source_id, {extra} FROM read_parquet({ip})")
+        boxes = ", ".join(f"CAST({c} AS DOUBLE) AS {c}" if c in ccols else f"NULL::DOUBLE AS {c}" for c in BOX_COLUMNS)
+        cap_parts.append(f"SELECT {_sql_str(s.name)} AS source, CAST(image_key AS VARCHAR) AS image_key, "
+                         f"CAST(caption_id AS VARCHAR) AS caption_id, CAST(caption AS VARCHAR) AS caption, {boxes} "
+                         f"FROM read_parquet({cp})")
+        for tar in sorted(glob.glob(os.path.join(s.path, "shards", "*.tar"))):
+            for key, (off, size) in index_source_tar(tar).items():
+                loc_rows["source"].append(s.name)
+                loc_rows["shard_key"].append(key)
+                loc_rows["tar_path"].append(tar)
+                loc_rows["offset"].append(off)
+                loc_rows["size"].append(size)
+    locs = pa.table(loc_rows, schema=pa.schema([("source", pa.string()), ("shard_key", pa.string()),
+                                                ("tar_path", pa.string()), ("offset", pa.int64()), ("size", pa.int64())]))
+    con.register("tar_index", locs)
+    status_parts = []
+    for s in srcs:
+        files = sorted(glob.glob(os.path.join(s.path, "shards", "*.parquet")))
+        if files:
+            status_parts.append(
+                f"SELECT {_sql_str(s.name)} AS source, CAST(key AS VARCHAR) AS shard_key, CAST(image_key AS VARCHAR) AS image_key "
+                f"FROM read_parquet([{', '.join(_sql_str(f) for f in files)}], union_by_name=true) WHERE status = 'success'")
+    status_sql = " UNION ALL ".join(status_parts) or \
+        "SELECT NULL::VARCHAR AS source, NULL::VARCHAR AS shard_key, NULL::VARCHAR AS image_key WHERE false"
+    con.execute(f"CREATE TEMP TABLE raw_img AS {' UNION ALL '.join(img_parts)}")
+    # One location per image: the first success in (tar, offset) order when downloaded twice.
+    con.execute(f"""
+        CREATE TEMP TABLE loc AS
+        SELECT source, image_key, arg_min(tar_path, tar_path || lpad(CAST(t.offset AS VARCHAR), 20, '0')) AS tar_path,
+               arg_min(t.offset, tar_path || lpad(CAST(t.offset AS VARCHAR), 20, '0')) AS img_offset,
+               arg_min(t.size, tar_path || lpad(CAST(t.offset AS VARCHAR), 20, '0')) AS img_size
+        FROM ({status_sql}) st JOIN tar_index t USING (source, shard_key)
+        GROUP BY source, image_key""")
+    con.execute("""
+        CREATE TEMP TABLE img AS
+        SELECT r.*, l.tar_path, l.img_offset, l.img_size
+        FROM (SELECT DISTINCT ON (source, image_key) * FROM raw_img ORDER BY source, image_key, url) r
+        LEFT JOIN loc l USING (source, image_key)""")
+    con.execute(f"CREATE TEMP TABLE cap_raw AS {' UNION ALL '.join(cap_parts)}")
+    # text_sha of the normalised caption: the translation store's key.
+    texts = [r[0] for r in con.execute("SELECT DISTINCT caption FROM cap_raw WHERE caption IS NOT NULL").fetchall()]
+    norm = [normalize_caption(t) for t in texts]
+    con.register("shas", pa.table({"caption": texts, "norm": norm, "text_sha": [text_sha(n) for n in norm]}))
+    con.execute("""
+        CREATE TEMP TABLE cap AS
+        SELECT c.*, s.norm, s.text_sha FROM cap_raw c LEFT JOIN shas s USING (caption)""")
+    con.unregister("shas")
+
+
+def _load_translations(con, tsets) -> None:
+    parts = []
+    for lang, ts in tsets.items():
+        for rank, t in enumerate(ts):
+            f = "[" + ", ".join(_sql_str(x) for x in t.files) + "]"
+            cols = _columns(con, f"read_parquet({f}, union_by_name=true)")
+            for need in ("text_sha", "tgt_text", "ok"):
+                if need not in cols:
+                    raise CCRKError(f"translation parts in {t.path} lack column {need}")
+            scores = ", ".join(f"CAST({c} AS {'BOOLEAN' if c in ('script_ok', 'empty', 'truncated') else 'DOUBLE'}) AS {c}"
+                               if c in cols else f"NULL AS {c}" for c in SCORE_COLUMNS)
+            lang_filter = f"WHERE tgt_lang = {_sql_str(lang)}" if "tgt_lang" in cols else ""
+            parts.append(f"SELECT CAST(text_sha AS VARCHAR) AS text_sha, {_sql_str(lang)} AS lang, "
+                         f"CAST(tgt_text AS VARCHAR) AS tgt_text, coalesce(CAST(ok AS BOOLEAN), false) AS ok, "
+                         f"{_sql_str(t.model_id)} AS model_id, {_sql_str(t.decode_id)} AS decode_id, {scores}, "
+                         f"{rank} AS set_rank FROM read_parquet({f}, union_by_name=true) {lang_filter}")
+    if not parts:
+        con.execute("CREATE TEMP TABLE best (text_sha VARCHAR, lang VARCHAR, tgt_text VARCHAR, ok BOOLEAN, "
+                    "model_id VARCHAR, decode_id VARCHAR, uniformity DOUBLE, copy_sim DOUBLE, len_ratio DOUBLE, "
+                    "script_ok BOOLEAN, empty BOOLEAN, truncated BOOLEAN)")
+        return
+    # Per (text, language): an ok translation first, then the preferred set, then a fixed tie-break.
+    con.execute(f"""
+        CREATE TEMP TABLE best AS
+        SELECT * EXCLUDE (set_rank, rn) FROM (
+          SELECT *, row_number() OVER (PARTITION BY text_sha, lang
+                                       ORDER BY (tgt_text IS NOT NULL AND ok) DESC, set_rank, tgt_text) AS rn
+          FROM ({' UNION ALL '.join(parts)}) WHERE text_sha IN (SELECT text_sha FROM cap) AND tgt_text IS NOT NULL)
+        WHERE rn = 1""")
+
+
+def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, drops: Counter) -> int:
+    """Apply the language policy caption by caption and write the plan + caption rows."""
+    others = [lang for lang in langs if lang != SOURCE_LANG]
+    sel, joins = [], []
+    for i, lang in enumerate(others):
+        a = f"t{i}"
+        sel.append(f"{a}.tgt_text AS tx{i}, {a}.ok AS ok{i}, {a}.model_id AS m{i}, {a}.decode_id AS d{i}, "
+                   + ", ".join(f"{a}.{c} AS {c}{i}" for c in SCORE_COLUMNS))
+        joins.append(f"LEFT JOIN best {a} ON {a}.text_sha = c.text_sha AND {a}.lang = {_sql_str(lang)}")
+    query = f"""
+        SELECT i.source, i.image_key, i.url, i.source_id, i.width, i.height, i.tar_path, i.img_offset, i.img_size,
+               c.caption_id, c.norm, {', '.join('c.' + b for b in BOX_COLUMNS)} {', ' if sel else ''}{', '.join(sel)}
+        FROM img i JOIN cap c ON c.source = i.source AND c.image_key = i.image_key
+        {' '.join(joins)}
+        WHERE i.tar_path IS NOT NULL
+        ORDER BY md5({_sql_str(str(seed))} || ':' || i.source || ':' || i.image_key), i.source, i.image_key,
+                 length(c.caption_id), c.caption_id"""
+    need = len(langs) if min_langs is None else min_langs
+    plan_cols: dict[str, list] = {k: [] for k in ("idx", "shard", "key", "source", "image_key", "source_id", "url",
+                                                  "tar_path", "img_offset", "img_size", "n_captions", "langs", "meta_json")}
+    cap_cols: dict[str, list] = {k: [] for k in ("key", "caption_index", "caption_id", "lang", "text", "model_id",
+                                                 "decode_id", *SCORE_COLUMNS, "ok")}
+    keys_seen: set[str] = set()
+    state = {"current": None, "captions": [], "ids": [], "boxes": [], "rows": [], "lang_sets": []}
+
+    def flush():
+        row = state["current"]
+        if row is None:
+            return
+        if not state["captions"]:
+            drops[("image", "all_captions_dropped", "")] += 1
+        else:
+            key = safe_key(row["image_key"])
+            if key in keys_seen:
+                raise CCRKError(f"two images map to the sample key {key!r} (source {row['source']}, "
+                                f"image_key {row['image_key']!r}): image keys must be unique")
+            keys_seen.add(key)
+            meta = {"captions": state["captions"], "caption_ids": state["ids"], "source": row["source"],
+                    "url": row["url"], "image_key": row["image_key"], "source_id": row["source_id"]}
+            if any(b is not None for b in state["boxes"]):
+                meta["boxes"] = state["boxes"]
+            for dim in ("width", "height"):
+                if row[dim] is not None:
+                    meta[dim] = int(row[dim])
+            idx = len(plan_cols["idx"])
+            common = set.intersection(*state["lang_sets"])
+            for k, v in (("idx", idx), ("shard", idx // shard_size), ("key", key), ("source", row["source"]),
+                         ("image_key", row["image_key"]), ("source_id", row["source_id"]), ("url", row["url"]),
+                         ("tar_path", row["tar_path"]), ("img_offset", row["img_offset"]),
+                         ("img_size", row["img_size"]), ("n_captions", len(state["captions"])),
+                         ("langs", ",".join(lang for lang in langs if lang in common)),
+                         ("meta_json", json.dumps(meta, sort_keys=True, ensure_ascii=False,
+                                                  separators=(",", ":")).encode("utf-8"))):
+                plan_cols[k].append(v)
+            for ci, crow in enumerate(state["rows"]):
+                for r in crow:
+                    r["key"], r["caption_index"] = key, ci
+                    for k in cap_cols:
+                        cap_cols[k].append(r.get(k))
+        state.update(current=None, captions=[], ids=[], boxes=[], rows=[], lang_sets=[])
+
+    reader = con.sql(query).to_arrow_reader(8192)
+    for batch in reader:
+        for row in batch.to_pylist():
+            ident = (row["source"], row["image_key"])
+            if state["current"] is None or (state["current"]["source"], state["current"]["image_key"]) != ident:
+                flush()
+                state["current"] = row
+            _apply_policy(row, langs, others, need, min_langs, drop_flagged, drops, state)
+    flush()
+
+    n = len(plan_cols["idx"])
+    if n == 0:
+        top = ", ".join(f"{r} ({u}): {c}" for (u, r, _), c in drops.most_common(4) if c)
+        raise CCRKError(f"no samples left after the join and the language policy ({top or 'no inputs'})")
+    for (unit, reason, lang), count in list(drops.items()):
+        if count == 0:
+            del drops[(unit, reason, lang)]
+    atomic.write_parquet(pa.table(plan_cols), os.path.join(staging, "plan.parquet"))
+    atomic.write_parquet(pa.table(cap_cols), os.path.join(staging, "captions.parquet"))
+    atomic.write_json(os.path.join(staging, "drops.json"),
+                      [{"unit": u, "reason": r, "lang": lang or None, "count": c} for (u, r, lang), c in sorted(drops.items())])
+    return n
+
+
+def _apply_policy(row, langs, others, need, min_langs, drop_flagged, drops, state) -> None:
+    text = row["norm"] or ""
+    if not text:
+        drops[("caption", "empty_caption", "")] += 1
+        return
+    present: dict[str, str] = {}
+    rows = []
+    flagged_removed = False
+    if SOURCE_LANG in langs:
+        present[SOURCE_LANG] = text
+        rows.append({"caption_id": row["caption_id"], "lang": SOURCE_LANG, "text": text, "model_id": "source",
+                     "decode_id": None, "ok": True})
+    for i, lang in enumerate(others):
+        tx = row[f"tx{i}"]
+        if tx is None or tx == "":
+            drops[("translation", "missing", lang)] += 1
+            continue
+        if not row[f"ok{i}"] and drop_flagged:
+            drops[("translation", "flagged_translation", lang)] += 1
+            flagged_removed = True
+            continue
+        present[lang] = tx
+        r = {"caption_id": row["caption_id"], "lang": lang, "text": tx, "model_id": row[f"m{i}"],
+             "decode_id": row[f"d{i}"], "ok": bool(row[f"ok{i}"])}
+        for c in SCORE_COLUMNS:
+            r[c] = row[f"{c}{i}"]
+        rows.append(r)
+    if len(present) < need:
+        if min_langs is not None:
+            reason = "below_min_langs"
+        else:
+            reason = "flagged_translation" if flagged_removed else "missing_language"
+        drops[("caption", reason, "")] += 1
+        return
+    state["captions"].append({lang: present[lang] for lang in langs if lang in present})
+    state["ids"].append(row["caption_id"])
+    box = None
+    if row["x"] is not None:
+        box = {c: (int(row[c]) if float(row[c]).is_integer() else row[c]) for c in BOX_COLUMNS if row[c] is not None}
+    state["boxes"].append(box)
+    state["rows"].append(rows)
+    state["lang_sets"].append(set(present))
+
+
+# --------------------------------------------------------------------------- step 2: shards
+
+
+def shard_groups(n_shards: int, shards_per_task: int) -> list[list[int]]:
+    per = max(1, int(shards_per_task))
+    return [list(range(i, min(i + per, n_shards))) for i in range(0, n_shards, per)]
+
+
+def write_shard_group(dataset_path: str, shard_ids, progress=None) -> list[dict]:
+    """Write the given shards from the plan; already written ones are skipped (resume)."""
+    staging = os.path.join(dataset_path, STAGING)
+    todo = [s for s in shard_ids if not os.path.exists(os.path.join(staging, f"{shard_name(s)}.index.json"))]
+    out = [json.load(open(os.path.join(staging, f"{shard_name(s)}.index.json")))
+           for s in shard_ids if s not in todo]
+    if progress:
+        for info in out:
+            progress(info["n_samples"])
+    if not todo:
+        return out
+    plan = pq.read_table(os.path.join(staging, "plan.parquet"), filters=[("shard", "in", todo)],
+                         columns=["idx", "shard", "key", "tar_path", "img_offset", "img_size", "meta_json"])
+    plan = plan.sort_by("idx")
+    fds: dict[str, int] = {}
+    try:
+        for sid in todo:
+            rows = plan.filter(pc.equal(plan["shard"], sid)).to_pydict()
+            writer = KLingualShardWriter(os.path.join(dataset_path, "shards", shard_name(sid)))
+            with writer:
+                for key, tar, off, size, meta in zip(rows["key"], rows["tar_path"], rows["img_offset"],
+                                                     rows["img_size"], rows["meta_json"]):
+                    fd = fds.get(tar)
+                    if fd is None:
+                        fd = fds[tar] = os.open(tar, os.O_RDONLY)
+                    jpg = os.pread(fd, size, off)
+                    if len(jpg) != size:
+                        raise CCRKError(f"{tar}: image {key} is truncated (wanted {size} bytes at {off}); "
+                                        "the source shard changed since the plan -- rebuild")
+                    writer.add(key, jpg, meta)
+                info = writer.close()
+            record = {"name": info.name, "n_samples": info.n_samples, "bytes": info.bytes, "sha256": info.sha256,
+                      "members": [asdict(m) for m in info.members]}
+            atomic.write_json(os.path.join(staging, f"{info.name}.index.json"), record)
+            out.append(record)
+            if progress:
+                progress(info.n_samples)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return sorted(out, key=lambda r: r["name"])
+
+
+# --------------------------------------------------------------------------- step 3: manifest
+
+
+def finalize_build(dataset_path: str, record_catalog: bool = True, root: str | None = None) -> BuildResult:
+    """Write the manifest, sizes.json, wids index and ``_COMPLETE``; record the catalog entry."""
+    from storage.manifest import write_manifest, summary
+
+    staging = os.path.join(dataset_path, STAGING)
+    lineage = json.load(open(os.path.join(staging, "lineage.json")))
+    shards = []
+    for f in sorted(glob.glob(os.path.join(staging, "shard-*.tar.index.json"))):
+        shards.append(json.load(open(f)))
+    plan_n = pq.ParquetFile(os.path.join(staging, "plan.parquet")).metadata.num_rows
+    if sum(s["n_samples"] for s in shards) != plan_n:
+        raise CCRKError(f"{dataset_path}: shards hold {sum(s['n_samples'] for s in shards)} samples but the plan "
+                        f"has {plan_n}; run the build again to finish the missing shards")
+    write_manifest(dataset_path, shards, lineage)
+    atomic.write_json(os.path.join(dataset_path, COMPLETE), {
+        "name": lineage["name"], "version": lineage["version"], "n_samples": plan_n, "n_shards": len(shards)})
+    shutil.rmtree(staging, ignore_errors=True)
+    s = summary(dataset_path)
+    if record_catalog:
+        Catalog(root).record(Artifact(
+            version=lineage["version"], kind="dataset", name=lineage["name"], path=dataset_path,
+            params=lineage["params"], parents=lineage["parents"],
+            stats={"n_samples": s["n_samples"], "n_shards": s["n_shards"], "bytes": s["bytes"],
+                   "captions_by_lang": s["captions_by_lang"],
+                   "sources": {x["name"]: x["version"] for x in lineage["sources"]}}))
+    return _result(dataset_path, lineage["name"], lineage["version"], False, s,
+                   f"built dataset {lineage['name']} {lineage['version']}: {s['n_samples']} samples in "
+                   f"{s['n_shards']} shards")
+
+
+def _result(path, name, version, skipped, s, message) -> BuildResult:
+    return BuildResult(name=name, version=version, path=path, skipped=skipped, n_samples=s["n_samples"],
+                       n_shards=s["n_shards"], bytes=s["bytes"], captions_by_lang=s["captions_by_lang"],
+                       drops=s["drops"], message=message)
+
+
+def skipped_result(plan: BuildPlan) -> BuildResult:
+    from storage.manifest import summary
+
+    return _result(plan.path, plan.name, plan.version, True, summary(plan.path), plan.message)
+
+
+def build_dataset(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "coco"),
+                  langs=("en", "es", "id", "ru", "tr"), min_langs: int | None = None, drop_flagged: bool = False,
+                  shard_size: int = 1000, seed: int = 0, source_versions: dict | None = None,
+                  translations=None, progress=None) -> BuildResult:
+    """The whole build in this process (the Prefect flow runs the same three steps as tasks)."""
+    plan = plan_build(root, name, sources, langs, min_langs, drop_flagged, shard_size, seed,
+                      source_versions, translations)
+    if plan.skipped:
+        return skipped_result(plan)
+    write_shard_group(plan.path, range(plan.n_shards), progress=progress)
+    return finalize_build(plan.path, root=plan.root)

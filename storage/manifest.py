@@ -1,0 +1,132 @@
+"""A dataset version's manifest: ``manifest.duckdb`` plus ``shards/sizes.json`` and the wids index.
+
+Tables in ``manifest.duckdb``:
+- ``info``      (name, version, n_samples, n_shards, bytes, code_version) -- one row
+- ``samples``   (idx, key, shard, source, image_key, source_id, url, n_captions, langs,
+                 jpg_offset, jpg_size, json_offset, json_size) -- offsets let readers seek a sample
+- ``shards``    (name, n_samples, bytes, sha256)
+- ``captions``  (key, caption_index, caption_id, lang, text, model_id, decode_id, scores..., ok)
+- ``lang_counts`` (lang, captions, samples)
+- ``drops``     (unit, reason, lang, count) -- every dropped image / caption / translation
+- ``lineage``   (kind, name, value) -- source versions, translation model/decode ids, policy, code
+``sizes.json`` (``{shard: n_samples}``, as open_clip reads it) and ``wids-index.json`` (wids
+``shardlist`` format) sit beside the shards.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import duckdb
+import pyarrow as pa
+
+from storage import atomic
+from storage.errors import CCRKError
+from storage.versioning import CODE_VERSION
+
+MANIFEST = "manifest.duckdb"
+
+
+def manifest_path(dataset_path: str) -> str:
+    return os.path.join(dataset_path, MANIFEST)
+
+
+def write_manifest(dataset_path: str, shards: list[dict], lineage: dict) -> None:
+    """Write sizes.json, the wids index and manifest.duckdb (atomically, the manifest last)."""
+    staging = os.path.join(dataset_path, "_build")
+    shards = sorted(shards, key=lambda s: s["name"])
+    shard_dir = os.path.join(dataset_path, "shards")
+    atomic.write_json(os.path.join(shard_dir, "sizes.json"), {s["name"]: s["n_samples"] for s in shards})
+    atomic.write_json(os.path.join(shard_dir, "wids-index.json"), {
+        "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": lineage["name"],
+        "version": lineage["version"],
+        "shardlist": [{"url": s["name"], "nsamples": s["n_samples"], "filesize": s["bytes"], "sha256": s["sha256"]}
+                      for s in shards]})
+    members = {k: [] for k in ("key", "jpg_offset", "jpg_size", "json_offset", "json_size")}
+    for s in shards:
+        for m in s["members"]:
+            for k in members:
+                members[k].append(m[k])
+    shard_table = pa.table({"name": [s["name"] for s in shards], "n_samples": [s["n_samples"] for s in shards],
+                            "bytes": [s["bytes"] for s in shards], "sha256": [s["sha256"] for s in shards]})
+    drops = json.load(open(os.path.join(staging, "drops.json")))
+    drop_table = pa.table({"unit": [d["unit"] for d in drops], "reason": [d["reason"] for d in drops],
+                           "lang": pa.array([d["lang"] for d in drops], pa.string()),
+                           "count": pa.array([d["count"] for d in drops], pa.int64())})
+    rows = lineage["rows"]
+    lineage_table = pa.table({"kind": [r[0] for r in rows], "name": [r[1] for r in rows], "value": [r[2] for r in rows]})
+    final = manifest_path(dataset_path)
+    with atomic.atomic_path(final) as tmp:
+        os.unlink(tmp)  # duckdb wants to create the file itself
+        con = duckdb.connect(tmp)
+        try:
+            con.register("member_refs", pa.table(members))
+            con.register("shard_rows", shard_table)
+            con.register("drop_rows", drop_table)
+            con.register("lineage_rows", lineage_table)
+            plan = os.path.join(staging, "plan.parquet").replace("'", "''")
+            caps = os.path.join(staging, "captions.parquet").replace("'", "''")
+            con.execute(f"""
+                CREATE TABLE samples AS
+                SELECT p.idx, p.key, printf('shard-%05d.tar', p.shard) AS shard, p.source, p.image_key, p.source_id,
+                       p.url, p.n_captions, p.langs, m.jpg_offset, m.jpg_size, m.json_offset, m.json_size
+                FROM read_parquet('{plan}') p JOIN member_refs m USING (key) ORDER BY p.idx""")
+            con.execute(f"CREATE TABLE captions AS SELECT * FROM read_parquet('{caps}') ORDER BY key, caption_index, lang")
+            con.execute("CREATE TABLE shards AS SELECT * FROM shard_rows ORDER BY name")
+            con.execute("CREATE TABLE drops AS SELECT * FROM drop_rows ORDER BY unit, reason, lang")
+            con.execute("CREATE TABLE lineage AS SELECT * FROM lineage_rows")
+            con.execute("""CREATE TABLE lang_counts AS SELECT lang, count(*) AS captions, count(DISTINCT key) AS samples
+                           FROM captions GROUP BY lang ORDER BY lang""")
+            n = con.execute("SELECT count(*) FROM samples").fetchone()[0]
+            if n != len(members["key"]):
+                raise CCRKError(f"{dataset_path}: {len(members['key'])} samples in shards but {n} matched the plan")
+            con.execute("CREATE TABLE info AS SELECT ? AS name, ? AS version, ? AS n_samples, ? AS n_shards, "
+                        "? AS bytes, ? AS code_version",
+                        [lineage["name"], lineage["version"], n, len(shards), sum(s["bytes"] for s in shards),
+                         CODE_VERSION])
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+
+
+def connect(dataset_path: str) -> duckdb.DuckDBPyConnection:
+    path = manifest_path(dataset_path)
+    if not os.path.exists(path):
+        raise CCRKError(f"{dataset_path} is not a built dataset: no {MANIFEST} (run ccrk build, or it was interrupted)")
+    return duckdb.connect(path, read_only=True)
+
+
+def summary(dataset_path: str) -> dict:
+    """Counts for the CLI table, the catalog and the dataset card."""
+    con = connect(dataset_path)
+    try:
+        name, version, n, n_shards, nbytes, code = con.execute("SELECT * FROM info").fetchone()
+        langs = dict(con.execute("SELECT lang, captions FROM lang_counts ORDER BY lang").fetchall())
+        drops = [{"unit": u, "reason": r, "lang": lang, "count": c}
+                 for u, r, lang, c in con.execute("SELECT unit, reason, lang, count FROM drops").fetchall()]
+        by_source = dict(con.execute("SELECT source, count(*) FROM samples GROUP BY source ORDER BY source").fetchall())
+        lineage = [list(r) for r in con.execute("SELECT kind, name, value FROM lineage").fetchall()]
+    finally:
+        con.close()
+    return {"name": name, "version": version, "n_samples": n, "n_shards": n_shards, "bytes": nbytes,
+            "code_version": code, "captions_by_lang": langs, "drops": drops, "samples_by_source": by_source,
+            "lineage": lineage}
+
+
+def shard_records(dataset_path: str) -> list[dict]:
+    con = connect(dataset_path)
+    try:
+        return [{"name": a, "n_samples": b, "bytes": c, "sha256": d}
+                for a, b, c, d in con.execute("SELECT name, n_samples, bytes, sha256 FROM shards ORDER BY name").fetchall()]
+    finally:
+        con.close()
+
+
+def sample_index(dataset_path: str) -> pa.Table:
+    """(idx, key, shard, jpg_offset, jpg_size, json_offset, json_size) in dataset order."""
+    con = connect(dataset_path)
+    try:
+        return con.sql("SELECT idx, key, shard, jpg_offset, jpg_size, json_offset, json_size "
+                       "FROM samples ORDER BY idx").to_arrow_table()
+    finally:
+        con.close()

@@ -14,7 +14,7 @@ import re
 import pyarrow as pa
 
 from storage.errors import CCRKError
-from storage.sources.base import Rejects, SourceTables, as_int, is_int, read_json, require_type, where
+from storage.sources.base import Rejects, SourceTables, as_int, has_invalid_text, is_int, read_json, require_type, where
 
 NAME = "coco"
 IMAGE_EXTRAS = {"split": pa.string(), "file_name": pa.string(), "width": pa.int64(), "height": pa.int64()}
@@ -57,7 +57,8 @@ def read(files: list[str], rejects: Rejects, limit: int | None = None,
                 continue
             file_name = im.get("file_name")
             tables.add_image(im["id"], im["coco_url"], at, split=split,
-                             file_name=file_name if isinstance(file_name, str) else None,
+                             file_name=file_name if isinstance(file_name, str) and not has_invalid_text(file_name)
+                             else None,
                              width=as_int(size[0]), height=as_int(size[1]))
         for i, ann in enumerate(data["annotations"]):
             rejects.rows_read += 1

@@ -162,3 +162,25 @@ def test_unknown_benchmark_and_missing_folder(tmp_path):
         bm.load_benchmark("xflickrco", str(tmp_path / "nope"))
     with pytest.raises(CCRKError, match="unknown benchmark"):
         bm.load_benchmark("flickr8k", str(tmp_path))
+
+
+def test_demo_benchmark_is_the_heldout_split_in_the_xflickrco_layout(tmp_path):
+    from ccrk.evaluation.demo_benchmark import write_demo_benchmark
+    from storage.demo.corpus import generate_demo_corpus, load_manifest
+
+    corpus, out = str(tmp_path / "corpus"), str(tmp_path / "bench")
+    generate_demo_corpus(corpus, seed=0, n_train=12, n_heldout=6, image_px=32)
+    summary = write_demo_benchmark(corpus, out)
+    assert summary["n_test_images"] == 6 and summary["few_shot"]["es"] == [1, 5, 10]
+    heldout = [im for im in load_manifest(corpus)["images"] if im["split"] == "heldout"]
+
+    bench = bm.load_benchmark("demo", out)  # through the real xFlickr&CO loader
+    assert bench.langs == ("en", "es", "id", "ru", "tr")
+    ru = bench.sets["ru"][0]
+    assert ru.image_ids == [im["id"] for im in heldout]
+    assert ru.texts[:3] == [c["ru"] for c in heldout[0]["captions"]]
+    # Parallel captions: the same text keys in every language, so MRV can align instances.
+    assert ru.text_keys == bench.sets["en"][0].text_keys
+    pairs, _ = bm.load_xflickrco_train(bm.xflickrco_train_file(out, "tr", shots=5), os.path.join(out, "images"))
+    assert len(pairs) == 5 and all(p.image.open().size == (32, 32) for p in pairs)
+    assert write_demo_benchmark(corpus, out)["skipped"] is True

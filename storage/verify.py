@@ -104,22 +104,26 @@ def _check_shard(path: str, rec: dict, keys: list[str] | None, deep: bool, repor
     if not os.path.exists(path):
         report.add("missing_shard", name, "listed in the manifest but absent")
         return
-    size = os.path.getsize(path)
-    if size < rec["bytes"]:
-        report.add("truncated", name, f"{size} bytes, manifest says {rec['bytes']}")
-        return
-    if size > rec["bytes"]:
-        report.add("size_mismatch", name, f"{size} bytes, manifest says {rec['bytes']}")
     with open(path, "rb") as f:
         data = f.read()
     report.bytes_read += len(data)
+    size = len(data)
+    shorter = size < rec["bytes"]
+    if size != rec["bytes"]:
+        # Shorter and unreadable is reported as truncated (below); otherwise the size is wrong.
+        if not shorter or not deep:
+            report.add("truncated" if shorter else "size_mismatch", name, f"{size} bytes, manifest says {rec['bytes']}")
     if hashlib.sha256(data).hexdigest() != rec["sha256"]:
         report.add("sha256_mismatch", name, "content differs from the manifest's sha256")
     if not deep:
         return
     found, problem = _read_samples(data)
+    if shorter:
+        report.add("truncated" if problem else "size_mismatch", name,
+                   f"{size} bytes, manifest says {rec['bytes']}" + (f"; {problem}" if problem else ""))
     if problem:
-        report.add("corrupted", name, problem)
+        if not shorter:
+            report.add("corrupted", name, problem)
         return
     if len(found) != rec["n_samples"]:
         report.add("sample_count_mismatch", name, f"{len(found)} samples, manifest says {rec['n_samples']}")

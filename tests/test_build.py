@@ -1,0 +1,181 @@
+"""The build stage: a deterministic, versioned K-lingual dataset from sources + translations."""
+import json
+import os
+import tarfile
+
+import duckdb
+import pytest
+
+from klingual_fixtures import DECODE, MODEL, ensure_normalize, tiny_corpus, write_source
+from storage.build import build_dataset, plan_build, write_shard_group
+from storage.catalog import Catalog
+from storage.errors import CCRKError
+
+ensure_normalize()
+ARGS = dict(name="tiny", sources=["coco", "vg"], langs="en,es,ru", shard_size=2)
+
+
+def _drops(result):
+    return {(d["unit"], d["reason"], d["lang"]): d["count"] for d in result.drops}
+
+
+def _shard_bytes(path):
+    d = os.path.join(path, "shards")
+    return {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d)) if f.endswith(".tar")}
+
+
+def test_same_inputs_give_the_same_version_and_byte_identical_shards(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    tiny_corpus(a)
+    tiny_corpus(b)
+    ra, rb = build_dataset(a, **ARGS), build_dataset(b, **ARGS)
+    assert ra.version == rb.version
+    assert _shard_bytes(ra.path) == _shard_bytes(rb.path)
+    assert list(_shard_bytes(ra.path)) == ["shard-00000.tar", "shard-00001.tar", "shard-00002.tar"]
+    other = build_dataset(a, **{**ARGS, "seed": 1})
+    assert other.version != ra.version
+
+
+def test_building_again_is_a_noop_that_says_so(root):
+    tiny_corpus(root)
+    first = build_dataset(root, **ARGS)
+    mtimes = {f: os.stat(os.path.join(first.path, "shards", f)).st_mtime_ns for f in _shard_bytes(first.path)}
+    again = build_dataset(root, **ARGS)
+    assert again.skipped and not first.skipped
+    assert "already built" in again.message and "nothing to do" in again.message
+    assert again.version == first.version and again.n_samples == first.n_samples == 5
+    assert mtimes == {f: os.stat(os.path.join(first.path, "shards", f)).st_mtime_ns for f in mtimes}
+
+
+def test_every_drop_is_counted_by_reason(root):
+    tiny_corpus(root)
+    r = build_dataset(root, **ARGS)
+    assert _drops(r) == {("image", "no_image", None): 1,          # coco-3 failed to download
+                         ("image", "no_captions", None): 1,       # coco-4 has no caption
+                         ("caption", "no_image", None): 1,        # coco-3's caption
+                         ("caption", "missing_language", None): 1,  # 'a white circle' has no ru
+                         ("translation", "missing", "ru"): 1}
+    assert r.n_samples == 5 and r.captions_by_lang == {"en": 7, "es": 7, "ru": 7}
+
+
+def test_drop_flagged_removes_not_ok_translations(root):
+    tiny_corpus(root)
+    r = build_dataset(root, **ARGS, drop_flagged=True)
+    drops = _drops(r)
+    assert drops[("translation", "flagged_translation", "es")] == 1   # 'two blue squares'
+    assert drops[("caption", "flagged_translation", None)] == 1
+    assert r.captions_by_lang == {"en": 6, "es": 6, "ru": 6}
+
+
+def test_min_langs_keeps_captions_with_enough_languages(root):
+    tiny_corpus(root)
+    r = build_dataset(root, **ARGS, min_langs=2)
+    assert ("caption", "missing_language", None) not in _drops(r)
+    assert r.captions_by_lang == {"en": 8, "es": 8, "ru": 7}  # 'a white circle' kept with en+es
+    strict = build_dataset(root, **ARGS, min_langs=3, drop_flagged=True)
+    assert _drops(strict)[("caption", "below_min_langs", None)] == 2
+
+
+def test_sample_layout_and_deterministic_tar_headers(root):
+    tiny_corpus(root)
+    r = build_dataset(root, **ARGS)
+    samples = {}
+    for name in sorted(os.listdir(os.path.join(r.path, "shards"))):
+        if not name.endswith(".tar"):
+            continue
+        with tarfile.open(os.path.join(r.path, "shards", name)) as tar:
+            members = tar.getmembers()
+            names = [m.name for m in members]
+            for i in range(0, len(names), 2):
+                key = names[i][:-4]
+                assert names[i:i + 2] == [f"{key}.jpg", f"{key}.json"] and "." not in key and "/" not in key
+            for m in members:
+                assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o644)
+                if m.name.endswith(".json"):
+                    samples[m.name[:-5]] = json.loads(tar.extractfile(m).read())
+    assert sorted(samples) == ["coco-1", "coco-2", "coco-5", "vg-10", "vg-11"]
+    vg = samples["vg-10"]
+    assert vg["captions"] == [{"en": "a yellow star", "es": "ES a yellow star", "ru": "RU a yellow star"}]
+    assert vg["boxes"] == [{"region_id": 1000, "x": 1, "y": 2, "w": 3, "h": 4}]
+    assert (vg["source"], vg["image_key"], vg["url"]) == ("vg", "vg-10", "http://127.0.0.1:1/vg/10.jpg")
+    assert "boxes" not in samples["coco-1"]
+    assert samples["coco-1"]["captions"][0]["en"] == "a red circle"  # normalised whitespace
+
+
+def test_unsafe_image_keys_never_make_paths(root):
+    write_source(root, "coco", "c1", [{"id": "../../etc/pa.ss wd", "captions": ["a red circle"]},
+                                      {"id": "ok", "captions": ["a blue square"]}])
+    r = build_dataset(root, name="keys", sources=["coco"], langs="en", shard_size=10)
+    with tarfile.open(os.path.join(r.path, "shards", "shard-00000.tar")) as tar:
+        names = tar.getnames()
+    assert len(names) == 4 and "coco-ok.jpg" in names
+    for n in names:
+        key = n.rsplit(".", 1)[0]
+        assert "/" not in n and "." not in key and key.replace("_", "").replace("-", "").isalnum()
+
+
+def test_truncated_source_image_counts_as_no_image(root):
+    write_source(root, "coco", "c1", [{"id": 1, "captions": ["a red circle"]},
+                                      {"id": 2, "captions": ["a blue square"], "truncate": True}])
+    r = build_dataset(root, name="t", sources=["coco"], langs="en")
+    assert r.n_samples == 1 and _drops(r)[("image", "no_image", None)] == 1
+
+
+def test_a_killed_build_resumes_to_the_same_bytes(tmp_path):
+    clean, killed = str(tmp_path / "clean"), str(tmp_path / "killed")
+    tiny_corpus(clean)
+    tiny_corpus(killed)
+    plan = plan_build(killed, **ARGS)
+    write_shard_group(plan.path, [1])                       # one shard finished before the kill
+    open(os.path.join(plan.path, "shards", ".tmp-shard-00000.tar"), "wb").write(b"half")  # one half-written
+    assert not os.path.exists(os.path.join(plan.path, "_COMPLETE"))
+    resumed = build_dataset(killed, **ARGS)
+    assert not resumed.skipped and resumed.version == plan.version
+    assert _shard_bytes(resumed.path) == _shard_bytes(build_dataset(clean, **ARGS).path)
+    assert not any(f.startswith(".tmp-") for f in os.listdir(os.path.join(resumed.path, "shards")))
+    assert os.path.exists(os.path.join(resumed.path, "_COMPLETE"))
+
+
+def test_manifest_indexes_and_catalog_record_lineage(root):
+    tiny_corpus(root)
+    r = build_dataset(root, **ARGS)
+    con = duckdb.connect(os.path.join(r.path, "manifest.duckdb"), read_only=True)
+    shards = con.execute("SELECT name, n_samples, bytes, sha256 FROM shards ORDER BY name").fetchall()
+    lineage = con.execute("SELECT kind, name, value FROM lineage").fetchall()
+    assert con.execute("SELECT count(*) FROM samples").fetchone()[0] == 5
+    assert con.execute("SELECT count(*) FROM captions WHERE lang = 'es' AND model_id = ?", [MODEL]).fetchone()[0] == 7
+    con.close()
+    from storage.versioning import file_sha256
+    for name, n, size, sha in shards:
+        path = os.path.join(r.path, "shards", name)
+        assert (os.path.getsize(path), file_sha256(path)) == (size, sha)
+    assert ("source", "coco", "cocov1") in lineage and ("source", "vg", "vgv1") in lineage
+    assert any(k == "translation" and n == "es" and MODEL in v and DECODE in v for k, n, v in lineage)
+    sizes = json.load(open(os.path.join(r.path, "shards", "sizes.json")))
+    assert sizes == {name: n for name, n, _, _ in shards}
+    wids = json.load(open(os.path.join(r.path, "shards", "wids-index.json")))
+    assert [(s["url"], s["nsamples"]) for s in wids["shardlist"]] == [(name, n) for name, n, _, _ in shards]
+    art = Catalog(root).get(r.version)
+    assert art.kind == "dataset" and art.path == r.path and set(art.parents) == {"cocov1", "vgv1"}
+    assert art.stats["n_samples"] == 5
+
+
+def test_missing_source_or_translations_is_one_clear_error(root):
+    tiny_corpus(root)
+    with pytest.raises(CCRKError, match="no source artifact 'sbu'"):
+        build_dataset(root, **{**ARGS, "sources": ["coco", "sbu"]})
+    with pytest.raises(CCRKError, match="no translations for tr"):
+        build_dataset(root, **{**ARGS, "langs": "en,es,tr"})
+
+
+def test_cli_build_runs_the_flow_and_prints_the_summary(root, capsys):
+    from ccrk.cli import main
+
+    tiny_corpus(root)
+    argv = ["build", "--root", root, "--name", "cli", "--sources", "coco,vg", "--langs", "en,es,ru",
+            "--shard-size", "2", "--shards-per-task", "2", "--source-version", "coco=cocov1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "built dataset cli" in out and "drops by reason" in out and "missing_language" in out
+    assert main(argv) == 0
+    assert "nothing to do" in capsys.readouterr().out

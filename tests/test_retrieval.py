@@ -1,0 +1,140 @@
+"""ITC retrieval with ITM re-ranking of the top k, on a small deterministic colour-matching model.
+
+The model below is a real ``nn.Module`` with the three methods evaluation uses. Its ITC features
+are deliberately off by one colour (image c is closest to the text of colour c-1, then to its own
+text), while its ITM head compares exact colours: ITC alone ranks every ground truth second, and
+re-ranking the top 2 by ITM puts every ground truth first.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from ccrk.evaluation import benchmarks as bm
+from ccrk.evaluation import retrieval
+from ccrk.evaluation.metrics import recall_at_k
+
+PALETTE = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (240, 230, 30),
+           "black": (10, 10, 10)}
+NAMES = list(PALETTE)
+SPANISH = {"red": "rojo", "green": "verde", "blue": "azul", "yellow": "amarillo", "black": "negro"}
+
+
+class ColourTokenizer:
+    """Word -> colour id (1-based; 0 is padding), in English or Spanish."""
+    vocab = {**{n: i + 1 for i, n in enumerate(NAMES)}, **{SPANISH[n]: i + 1 for i, n in enumerate(NAMES)}}
+
+    def __call__(self, texts, padding="longest", truncation=True, max_length=8, return_tensors="pt"):
+        ids = [[self.vocab[w] for w in t.split()][:max_length] for t in texts]
+        length = max(len(x) for x in ids)
+        return {"input_ids": torch.tensor([x + [0] * (length - len(x)) for x in ids]),
+                "attention_mask": torch.tensor([[1] * len(x) + [0] * (length - len(x)) for x in ids])}
+
+
+class ColourModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("palette", torch.tensor([PALETTE[n] for n in NAMES], dtype=torch.float32) / 255)
+
+    def _colour_index(self, rgb):
+        return torch.cdist(rgb, self.palette).argmin(dim=1)
+
+    def encode_image(self, pixel_values):
+        rgb = pixel_values.mean(dim=(2, 3))
+        embeds = rgb[:, None, :].repeat(1, 2, 1)  # two identical "patches"
+        return embeds, F.one_hot(self._colour_index(rgb), len(NAMES)).float()
+
+    def encode_text(self, input_ids, attention_mask):
+        c = input_ids[:, 0] - 1
+        embeds = self.palette[c][:, None, :].repeat(1, input_ids.shape[1], 1)
+        n = len(NAMES)
+        feat = F.one_hot((c + 1) % n, n).float() + 0.5 * F.one_hot(c, n).float()  # off by one colour
+        return embeds, F.normalize(feat, dim=-1)
+
+    def itm_logits(self, image_embeds, image_atts, text_embeds, text_atts):
+        match = -(image_embeds[:, 0] - text_embeds[:, 0]).norm(dim=-1)
+        return torch.stack([-match, match], dim=1)
+
+
+def to_tensor(img):
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+@pytest.fixture
+def colour_benchmark(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, rgb in PALETTE.items():
+        Image.new("RGB", (6, 6), rgb).save(images / f"{name}.png")
+    for lang in ("en", "es"):
+        d = tmp_path / "annotations" / lang
+        d.mkdir(parents=True)
+        with open(d / "test.jsonl", "w") as f:
+            for name in NAMES:
+                text = name if lang == "en" else SPANISH[name]
+                f.write(json.dumps({"sentences": [text], "id": name, "img_path": f"{name}.png"}) + "\n")
+    return bm.load_xflickrco(str(tmp_path))
+
+
+def test_itc_alone_ranks_every_ground_truth_second(colour_benchmark):
+    enc = retrieval.Encoder(ColourModel(), ColourTokenizer(), to_tensor)
+    r = retrieval.evaluate_set(enc, colour_benchmark.sets["en"][0], itc_only=True)
+    assert r.tr_ranks.tolist() == [1] * 5 and r.ir_ranks.tolist() == [1] * 5
+    assert r.tr_recall == {1: 0.0, 5: 100.0, 10: 100.0}
+
+
+def test_itm_reranking_of_the_top_k_puts_the_ground_truth_first(colour_benchmark):
+    enc = retrieval.Encoder(ColourModel(), ColourTokenizer(), to_tensor)
+    r = retrieval.evaluate_set(enc, colour_benchmark.sets["en"][0], k_test=2)
+    assert r.tr_ranks.tolist() == [0] * 5 and r.ir_ranks.tolist() == [0] * 5
+    assert r.tr_recall[1] == 100.0 and r.ir_recall[1] == 100.0
+
+
+def test_ground_truth_outside_the_top_k_stays_below_every_reranked_candidate(colour_benchmark):
+    enc = retrieval.Encoder(ColourModel(), ColourTokenizer(), to_tensor)
+    r = retrieval.evaluate_set(enc, colour_benchmark.sets["en"][0], k_test=1)
+    # Only the wrong ITC favourite is re-scored; the ground truth comes right after it.
+    assert r.tr_ranks.tolist() == [1] * 5 and r.ir_ranks.tolist() == [1] * 5
+
+
+def test_rerank_scores_by_hand():
+    # 2 images, 3 texts; ITM prefers text 2 for image 0, although ITC ranks it last.
+    sim = torch.tensor([[0.9, 0.8, 0.1],
+                        [0.2, 0.7, 0.6]])
+    image_embeds = torch.tensor([[[0.0]], [[1.0]]])
+    text_embeds = torch.tensor([[[0.5]], [[0.9]], [[0.0]]])
+    ones_i, ones_t = torch.ones(2, 1, dtype=torch.long), torch.ones(3, 1, dtype=torch.long)
+
+    def itm(ie, ia, te, ta):
+        match = -(ie[:, 0, 0] - te[:, 0, 0]).abs()
+        return torch.stack([-match, match], dim=1)
+
+    s_i2t, s_t2i = retrieval.rerank_scores(sim, 3, itm, image_embeds, ones_i, text_embeds, ones_t)
+    assert np.argsort(-s_i2t[0]).tolist() == [2, 0, 1]  # |0-0| < |0-0.5| < |0-0.9|
+    assert s_i2t[0, 2] == pytest.approx(0.0)
+    s_i2t, _ = retrieval.rerank_scores(sim, 2, itm, image_embeds, ones_i, text_embeds, ones_t)
+    # Text 2 is outside image 0's top 2: it stays last although its ITM score would be best.
+    assert np.argsort(-s_i2t[0]).tolist() == [0, 1, 2]
+    assert s_t2i.shape == (3, 2)
+
+
+def test_images_are_encoded_once_for_all_languages(colour_benchmark):
+    enc = retrieval.Encoder(ColourModel(), ColourTokenizer(), to_tensor, batch_size=2)
+    en = retrieval.evaluate_set(enc, colour_benchmark.sets["en"][0], k_test=2)
+    es = retrieval.evaluate_set(enc, colour_benchmark.sets["es"][0], k_test=2)
+    assert enc.images_encoded == 5
+    assert es.tr_ranks.tolist() == en.tr_ranks.tolist()
+
+
+def test_evaluate_benchmark_aligns_instances_across_languages(colour_benchmark):
+    results = retrieval.evaluate_benchmark(ColourModel(), ColourTokenizer(), to_tensor, colour_benchmark,
+                                           k_test=1)
+    assert list(results) == ["en", "es"]
+    ranks, keys = retrieval.aligned_ranks(results, ["en", "es"], "ir")
+    assert ranks.shape == (2, 5) and keys[0] == "red#0"
+    assert recall_at_k(results["es"].tr_ranks)[1] == 0.0

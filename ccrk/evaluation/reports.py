@@ -1,0 +1,296 @@
+"""Evaluation reports: ``reports/<id>/`` with metrics.json, report.md, ranks.npz and PNG plots.
+
+``report.md`` is laid out like the paper's Table 1 (TR/IR R@1/5/10 per language, mean recall,
+MRV_K over the chosen languages); :func:`compare_report` puts several runs side by side like its
+Table 2. Reports are published as Prefect markdown + table artifacts and recorded in the catalog
+(kind ``report``) with the evaluated run as parent.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+from ccrk.evaluation import metrics as M
+from storage import atomic, layout
+from storage.errors import CCRKError
+from storage.versioning import content_version
+
+KS = (1, 5, 10)
+
+
+def _pct(x: float) -> str:
+    return f"{x:.2f}"
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def build_metrics(results: dict, benchmark: str, mrv_langs: Sequence[str] | None = None, k_test: int = 128,
+                  itc_only: bool = False, checkpoint: str = "", extra: dict | None = None) -> dict:
+    """The JSON-able summary of an evaluation (``results``: lang -> retrieval.LangResult)."""
+    from ccrk.evaluation.retrieval import aligned_ranks
+
+    langs = list(results)
+    per_lang = {}
+    for lang, r in results.items():
+        per_lang[lang] = {"tr": {str(k): v for k, v in r.tr_recall.items()},
+                          "ir": {str(k): v for k, v in r.ir_recall.items()},
+                          "mean_recall": r.mean_recall, "n_images": int(len(r.tr_ranks)),
+                          "n_texts": int(len(r.ir_ranks)), "folds": len(r.folds)}
+    mrv_langs = [lang for lang in (mrv_langs or langs) if lang in results]
+    mrv: dict = {"langs": mrv_langs, "k": len(mrv_langs)}
+    if len(mrv_langs) >= 2:
+        for direction in ("tr", "ir"):
+            ranks, keys = aligned_ranks(results, mrv_langs, direction)
+            mrv[f"n_{direction}"] = len(keys)
+            if keys:
+                mrv[direction] = M.mean_rank_variance(ranks)
+                mrv[f"{direction}_std"] = M.mean_rank_variance(ranks, variant="std")
+        if "tr" in mrv and "ir" in mrv:
+            mrv["mean"] = (mrv["tr"] + mrv["ir"]) / 2
+    average = {"tr": {str(k): float(np.mean([per_lang[lang]["tr"][str(k)] for lang in langs])) for k in KS},
+               "ir": {str(k): float(np.mean([per_lang[lang]["ir"][str(k)] for lang in langs])) for k in KS},
+               "mean_recall": float(np.mean([per_lang[lang]["mean_recall"] for lang in langs]))}
+    return {"benchmark": benchmark, "checkpoint": checkpoint, "k_test": k_test, "itc_only": itc_only,
+            "langs": per_lang, "average": average, "mrv": mrv, **(extra or {})}
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def table1_rows(m: dict) -> list[dict]:
+    rows = []
+    for lang, v in list(m["langs"].items()) + [("avg", m["average"])]:
+        row = {"lang": lang}
+        for d, label in (("tr", "TR"), ("ir", "IR")):
+            for k in KS:
+                row[f"{label} R@{k}"] = round(v[d][str(k)], 2)
+        row["mean recall"] = round(v["mean_recall"], 2)
+        rows.append(row)
+    return rows
+
+
+def _mrv_line(mrv: dict) -> str:
+    if "tr" not in mrv and "ir" not in mrv:
+        return f"MRV: needs at least two languages with shared instances (chosen: {', '.join(mrv['langs']) or 'none'})."
+    parts = []
+    for d, label in (("tr", "TR"), ("ir", "IR")):
+        if d in mrv:
+            parts.append(f"{label} {mrv[d]:.2f} (std variant {mrv[d + '_std']:.2f}, {mrv['n_' + d]} instances)")
+    mean = f"; mean {mrv['mean']:.2f}" if "mean" in mrv else ""
+    return f"MRV_{mrv['k']} over {', '.join(mrv['langs'])}: " + "; ".join(parts) + mean + "."
+
+
+def render_report(m: dict, title: str = "") -> str:
+    title = title or f"{m['benchmark']} retrieval"
+    mode = "ITC only" if m["itc_only"] else f"ITC + ITM re-ranking of the top {m['k_test']}"
+    rows = table1_rows(m)
+    cols = list(rows[0])
+    lines = [f"# {title}", "", f"Checkpoint: `{m.get('checkpoint', '')}`  ", f"Scoring: {mode}.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        cells = [f"**{row['lang']}**" if row["lang"] == "avg" else row["lang"]]
+        cells += [_pct(row[c]) for c in cols[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", _mrv_line(m["mrv"]), "",
+              "TR = image-to-text, IR = text-to-image; Recall@K in percent; mean recall = average of the six.",
+              "MRV_K = mean over instances of the population variance of the instance's rank across the K "
+              "languages (lower is more consistent); the std variant is the reference code's.",
+              "", "![recall per language](recall.png)", "", "![rank variance](rank_variance.png)", ""]
+    return "\n".join(lines)
+
+
+def comparison_rows(items: Sequence[dict], names: Sequence[str]) -> list[dict]:
+    langs: list[str] = []
+    for m in items:
+        langs += [lang for lang in m["langs"] if lang not in langs]
+    rows = []
+    for name, m in zip(names, items):
+        row = {"run": name}
+        for lang in langs:
+            row[lang] = round(m["langs"][lang]["mean_recall"], 2) if lang in m["langs"] else None
+        row["avg"] = round(m["average"]["mean_recall"], 2)
+        for d in ("tr", "ir"):
+            row[f"MRV {d.upper()}"] = round(m["mrv"][d], 2) if d in m["mrv"] else None
+        rows.append(row)
+    return rows
+
+
+def render_comparison(items: Sequence[dict], names: Sequence[str], title: str = "Comparison") -> str:
+    rows = comparison_rows(items, names)
+    cols = list(rows[0])
+    lines = [f"# {title}", "", "Mean recall per language (average of TR/IR R@1/5/10), its average over "
+             "languages, and MRV (lower is better).", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join("–" if row[c] is None else (row[c] if c == "run" else _pct(row[c]))
+                                       for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(fig, path: str) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    atomic.write_bytes(path, buf.getvalue())
+
+
+def plot_recall_bars(series: dict[str, dict[str, float]], path: str, title: str = "Mean recall per language") -> None:
+    """Grouped bars: one group per language, one bar per series (run)."""
+    plt = _plt()
+    langs: list[str] = []
+    for v in series.values():
+        langs += [lang for lang in v if lang not in langs]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(langs) * max(1, len(series)) ** 0.5 + 2), 3.2))
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(langs))
+    for j, (name, v) in enumerate(series.items()):
+        ax.bar(x + j * width - 0.4 + width / 2, [v.get(lang, 0.0) for lang in langs], width, label=name)
+    ax.set_xticks(x, langs)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("recall (%)")
+    ax.set_title(title)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    _save_png(fig, path)
+    plt.close(fig)
+
+
+def plot_rank_variance(variances: dict[str, np.ndarray], path: str, title: str) -> None:
+    """Histogram of per-instance rank variance across languages (TR and IR)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    drawn = False
+    for label, v in variances.items():
+        if len(v):
+            ax.hist(v, bins=30, alpha=0.6, label=f"{label} (mean {np.mean(v):.2f})")
+            drawn = True
+    if not drawn:
+        ax.text(0.5, 0.5, "no instances shared by two or more languages", ha="center", va="center")
+    ax.set_xlabel("variance of the rank across languages")
+    ax.set_ylabel("instances")
+    ax.set_title(title)
+    if drawn:
+        ax.legend(fontsize=8)
+    _save_png(fig, path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- report directories
+
+
+def write_report(out_dir: str, m: dict, results: dict | None = None, title: str = "") -> dict:
+    """Write metrics.json, report.md, ranks.npz (when ``results`` are given) and the two plots."""
+    from ccrk.evaluation.retrieval import aligned_ranks
+
+    os.makedirs(out_dir, exist_ok=True)
+    variances: dict[str, np.ndarray] = {}
+    if results is not None:
+        arrays = {}
+        for lang, r in results.items():
+            arrays[f"{lang}/tr"] = r.tr_ranks
+            arrays[f"{lang}/ir"] = r.ir_ranks
+            arrays[f"{lang}/image_keys"] = np.array(r.image_keys)
+            arrays[f"{lang}/text_keys"] = np.array(r.text_keys)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        atomic.write_bytes(os.path.join(out_dir, "ranks.npz"), buf.getvalue())
+        mrv_langs = m["mrv"]["langs"]
+        if len(mrv_langs) >= 2:
+            for d in ("tr", "ir"):
+                ranks, _ = aligned_ranks(results, mrv_langs, d)
+                variances[d.upper()] = M.rank_variance_per_instance(ranks) if ranks.shape[1] else np.array([])
+    plot_recall_bars({"mean recall": {lang: v["mean_recall"] for lang, v in m["langs"].items()}},
+                     os.path.join(out_dir, "recall.png"), title=f"{m['benchmark']}: mean recall per language")
+    plot_rank_variance(variances, os.path.join(out_dir, "rank_variance.png"),
+                       title=f"rank variance across {', '.join(m['mrv']['langs'])}")
+    markdown = render_report(m, title)
+    atomic.write_text(os.path.join(out_dir, "report.md"), markdown)
+    atomic.write_json(os.path.join(out_dir, "metrics.json"), m)  # last: marks a complete report
+    return {"dir": out_dir, "markdown": markdown}
+
+
+def load_metrics(report: str | dict) -> dict:
+    if isinstance(report, dict):
+        return report
+    path = report if report.endswith(".json") else os.path.join(report, "metrics.json")
+    if not os.path.exists(path):
+        raise CCRKError(f"{path} not found: not a report directory")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def compare_report(reports: Sequence[str | dict], names: Sequence[str] | None, out_dir: str,
+                   title: str = "Comparison") -> dict:
+    """Several reports (directories or metrics dicts) side by side: compare.md, compare.json, recall.png."""
+    items = [load_metrics(r) for r in reports]
+    if not items:
+        raise CCRKError("compare_report needs at least one report")
+    names = list(names) if names else [os.path.basename(str(r).rstrip("/")) if isinstance(r, str) else f"run{i + 1}"
+                                       for i, r in enumerate(reports)]
+    if len(names) != len(items):
+        raise CCRKError(f"{len(names)} names given for {len(items)} reports")
+    markdown = render_comparison(items, names, title)
+    rows = comparison_rows(items, names)
+    plot_recall_bars({n: {lang: v["mean_recall"] for lang, v in m["langs"].items()} for n, m in zip(names, items)},
+                     os.path.join(out_dir, "recall.png"), title="mean recall per language")
+    atomic.write_text(os.path.join(out_dir, "compare.md"), markdown + "\n![recall per language](recall.png)\n")
+    atomic.write_json(os.path.join(out_dir, "compare.json"), {"names": names, "rows": rows})
+    _publish(f"compare-{os.path.basename(out_dir)}", markdown, rows)
+    return {"dir": out_dir, "markdown": markdown, "rows": rows}
+
+
+def _publish(key: str, markdown: str, rows: list[dict]) -> None:
+    from flows.artifacts import publish_markdown, publish_table
+
+    publish_markdown(key, markdown, description="evaluation report")
+    publish_table(f"{key}-table", rows, description="recall per language")
+
+
+def report_id(run_version: str | None, params: dict) -> str:
+    return content_version("report", [run_version] if run_version else [], params)
+
+
+def find_run_version(root: str | None, checkpoint: str) -> str | None:
+    """The catalog version of the run that owns ``checkpoint`` (a run dir or a checkpoint inside one)."""
+    from storage.catalog import Catalog
+
+    target = os.path.abspath(checkpoint)
+    for art in Catalog(root).list("run"):
+        path = os.path.abspath(art.path)
+        if target == path or target.startswith(path + os.sep):
+            return art.version
+    return None
+
+
+def publish_report(root: str | None, m: dict, results: dict | None, params: dict, title: str = "",
+                   run_version: str | None = None) -> dict:
+    """Write ``reports/<id>/``, publish it to Prefect and record it in the catalog (parent: the run)."""
+    from storage.catalog import Artifact, Catalog
+
+    root = layout.data_root(root)
+    run_version = run_version or find_run_version(root, m.get("checkpoint", ""))
+    rid = report_id(run_version, params)
+    out_dir = layout.report_dir(root, rid)
+    out = write_report(out_dir, {**m, "report_id": rid, "run_version": run_version}, results, title)
+    _publish(f"report-{m['benchmark']}-{rid}", out["markdown"], table1_rows(m))
+    stats = {"mean_recall": m["average"]["mean_recall"], **{f"mrv_{d}": m["mrv"][d] for d in ("tr", "ir")
+                                                            if d in m["mrv"]}}
+    Catalog(root).record(Artifact(rid, "report", f"{m['benchmark']}", out_dir, params=params, stats=stats,
+                                  parents=[run_version] if run_version else []))
+    return {**out, "report_id": rid, "run_version": run_version}

@@ -1,0 +1,73 @@
+"""Reports: metrics.json, a Table-1-style report.md, plots, comparisons, catalog lineage, Prefect artifacts."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ccrk.evaluation import reports
+from ccrk.evaluation.retrieval import LangResult, SetResult
+from ccrk.evaluation.metrics import recall_at_k
+from storage.catalog import Artifact, Catalog
+
+
+def _lang(lang, tr, ir):
+    tr, ir = np.array(tr), np.array(ir)
+    s = SetResult(lang, lang, tr, ir, [f"img{i}" for i in range(len(tr))], [f"img{i}#0" for i in range(len(ir))],
+                  recall_at_k(tr), recall_at_k(ir))
+    return LangResult(lang, s.tr_recall, s.ir_recall, [s])
+
+
+@pytest.fixture
+def results():
+    # 4 instances; en perfect, de off on two of them.
+    return {"en": _lang("en", [0, 0, 0, 0], [0, 0, 0, 0]),
+            "de": _lang("de", [0, 2, 0, 12], [0, 0, 6, 0])}
+
+
+def test_metrics_hold_recalls_per_language_and_mrv(results):
+    m = reports.build_metrics(results, "xflickrco", mrv_langs=["en", "de"], k_test=128)
+    assert m["langs"]["de"]["tr"] == {"1": 50.0, "5": 75.0, "10": 75.0}
+    assert m["langs"]["en"]["mean_recall"] == 100.0
+    # TR variances across (en, de): 0, 1, 0, 36 -> 9.25; IR: 0, 0, 9, 0 -> 2.25
+    assert m["mrv"]["tr"] == pytest.approx(9.25) and m["mrv"]["ir"] == pytest.approx(2.25)
+    assert m["mrv"]["tr_std"] == pytest.approx((1 + 6) / 4)
+    assert m["average"]["tr"]["1"] == 75.0
+
+
+def test_report_directory_has_table_plots_and_metrics(results, tmp_path):
+    m = reports.build_metrics(results, "xflickrco", mrv_langs=["en", "de"])
+    reports.write_report(str(tmp_path), m, results)
+    md = (tmp_path / "report.md").read_text()
+    assert "| lang | TR R@1 | TR R@5 | TR R@10 | IR R@1 | IR R@5 | IR R@10 | mean recall |" in md
+    assert "| de | 50.00 | 75.00 | 75.00 | 75.00 | 75.00 | 100.00 |" in md
+    assert "MRV_2 over en, de: TR 9.25" in md
+    assert json.loads((tmp_path / "metrics.json").read_text())["mrv"]["ir"] == pytest.approx(2.25)
+    for png in ("recall.png", "rank_variance.png"):
+        assert Image.open(tmp_path / png).format == "PNG"
+    ranks = np.load(tmp_path / "ranks.npz")
+    assert ranks["de/tr"].tolist() == [0, 2, 0, 12]
+
+
+def test_compare_report_puts_runs_side_by_side(results, tmp_path):
+    a = reports.build_metrics(results, "demo")
+    b = reports.build_metrics({"en": results["en"]}, "demo")
+    reports.write_report(str(tmp_path / "a"), a, results)
+    out = reports.compare_report([str(tmp_path / "a"), b], ["1-to-K", "1-to-1"], str(tmp_path / "cmp"))
+    rows = out["rows"]
+    assert [r["run"] for r in rows] == ["1-to-K", "1-to-1"]
+    assert rows[0]["de"] == round(a["langs"]["de"]["mean_recall"], 2) and rows[1]["de"] is None
+    assert rows[1]["MRV TR"] is None  # one language: no MRV
+    assert "| 1-to-K |" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_published_report_is_recorded_with_the_run_as_parent(results, root):
+    run_dir = os.path.join(root, "runs", "r1")
+    Catalog(root).record(Artifact("run0001", "run", "finetune", run_dir))
+    m = reports.build_metrics(results, "demo", checkpoint=os.path.join(run_dir, "checkpoints", "step-0000010"))
+    out = reports.publish_report(root, m, results, params={"benchmark": "demo"})
+    art = Catalog(root).get(out["report_id"])
+    assert art.kind == "report" and art.parents == ["run0001"]
+    assert art.path == os.path.join(root, "reports", out["report_id"])
+    assert os.path.exists(os.path.join(art.path, "report.md"))

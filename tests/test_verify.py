@@ -1,0 +1,128 @@
+"""`ccrk verify`: every fault kind is caught and named; a clean dataset exits 0."""
+import os
+import shutil
+
+import pytest
+
+from ccrk.cli import main
+from klingual_fixtures import ensure_normalize, tiny_corpus
+from storage.build import build_dataset
+from storage.shards import KLingualShardWriter
+from storage.verify import verify_dataset
+
+ensure_normalize()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("verify"))
+    tiny_corpus(root)
+    return build_dataset(root, name="tiny", sources=["coco", "vg"], langs="en,es,ru", shard_size=2).path
+
+
+@pytest.fixture
+def ds(built, tmp_path):
+    """A private copy of the built dataset to damage."""
+    return shutil.copytree(built, str(tmp_path / "ds"))
+
+
+def shard(ds, i=1):
+    return os.path.join(ds, "shards", f"shard-{i:05d}.tar")
+
+
+def test_clean_dataset_verifies_with_exit_zero(ds, capsys):
+    report = verify_dataset(ds)
+    assert report.ok and report.n_shards == 3 and report.n_samples == 5
+    assert main(["verify", ds]) == 0
+    assert "ok: 3 shards, 5 samples" in capsys.readouterr().out
+
+
+def test_missing_shard(ds):
+    os.unlink(shard(ds))
+    assert verify_dataset(ds).kinds() == {"missing_shard"}
+    assert main(["verify", ds]) == 1
+
+
+def test_unexpected_shard_and_leftover_temp_file(ds):
+    shutil.copy(shard(ds), shard(ds, 7))
+    open(os.path.join(ds, "shards", ".tmp-shard-00009.tar"), "wb").write(b"x")
+    report = verify_dataset(ds)
+    assert report.kinds() == {"unexpected_shard"}
+    assert {p.shard for p in report.problems} == {"shard-00007.tar", ".tmp-shard-00009.tar"}
+    assert main(["verify", ds]) == 1
+
+
+def test_truncated_shard(ds):
+    size = os.path.getsize(shard(ds))
+    with open(shard(ds), "r+b") as f:
+        f.truncate(700)
+    assert size > 700
+    assert "truncated" in verify_dataset(ds).kinds()
+    assert main(["verify", ds]) == 1
+
+
+def test_corrupted_tar_header(ds):
+    with open(shard(ds), "r+b") as f:
+        f.seek(100)                      # inside the first member's header (mode/uid/checksum)
+        f.write(b"\xff" * 60)
+    kinds = verify_dataset(ds).kinds()
+    assert "corrupted" in kinds and "sha256_mismatch" in kinds
+    assert main(["verify", ds]) == 1
+
+
+def test_corrupted_image_bytes(ds):
+    from storage.manifest import connect
+    con = connect(ds)
+    off, size = con.execute("SELECT jpg_offset, jpg_size FROM samples WHERE shard = 'shard-00001.tar' "
+                            "ORDER BY idx LIMIT 1").fetchone()
+    con.close()
+    with open(shard(ds), "r+b") as f:
+        f.seek(off)
+        f.write(b"\x00" * size)        # same size, no longer a jpeg
+    report = verify_dataset(ds)
+    assert report.kinds() == {"corrupted", "sha256_mismatch"}
+    assert "image does not decode" in next(p.detail for p in report.problems if p.kind == "corrupted")
+
+
+def test_sha256_mismatch_alone(ds):
+    with open(shard(ds), "rb") as f:
+        data = bytearray(f.read())
+    data[-1] = 1                        # the end-of-archive padding: still a valid tar
+    with open(shard(ds), "wb") as f:
+        f.write(bytes(data))
+    assert verify_dataset(ds).kinds() == {"sha256_mismatch"}
+    assert verify_dataset(ds, deep=False).kinds() == {"sha256_mismatch"}
+
+
+def test_sample_count_mismatch(ds):
+    import tarfile
+    with tarfile.open(shard(ds)) as tar:
+        first = tar.getmembers()[:2]
+        jpg, meta = (tar.extractfile(m).read() for m in first)
+    w = KLingualShardWriter(shard(ds))
+    w.add(first[0].name[:-4], jpg, meta)  # the shard rewritten with one of its two samples
+    w.close()
+    kinds = verify_dataset(ds).kinds()
+    assert "sample_count_mismatch" in kinds and "sha256_mismatch" in kinds
+
+
+def test_incomplete_build_and_stale_index(ds):
+    os.unlink(os.path.join(ds, "_COMPLETE"))
+    with open(os.path.join(ds, "shards", "sizes.json"), "w") as f:
+        f.write("{}")
+    assert verify_dataset(ds).kinds() == {"incomplete", "index_mismatch"}
+
+
+def test_not_a_dataset_is_a_clear_error(tmp_path, capsys):
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "no manifest.duckdb" in capsys.readouterr().err
+
+
+def test_rebuild_repairs_a_damaged_version(built, tmp_path):
+    from storage.catalog import Catalog
+    root = os.path.dirname(os.path.dirname(os.path.dirname(built)))
+    os.unlink(shard(built, 2))
+    again = build_dataset(root, name="tiny", sources=["coco", "vg"], langs="en,es,ru", shard_size=2)
+    assert not again.skipped and again.path == built
+    assert verify_dataset(built).ok
+    assert Catalog(root).get(again.version) is not None

@@ -21,7 +21,6 @@ import os
 import re
 from collections import Counter
 from typing import Any, Iterator
-from urllib.parse import urlsplit
 
 import pyarrow as pa
 
@@ -31,6 +30,7 @@ DEFAULT_MAX_CAPTION_CHARS = 1000
 REJECT_CLASSES = ("malformed_row", "invalid_utf8", "bad_url_scheme", "blank_caption", "overlong_caption",
                   "duplicate_id", "orphan_caption", "caption_of_rejected_image", "no_caption")
 ALLOWED_SCHEMES = ("http", "https")
+_FETCHABLE = re.compile(rf"(?:{'|'.join(ALLOWED_SCHEMES)})://[^/?#\s]", re.IGNORECASE)
 _EXAMPLES_PER_CLASS = 3
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -43,13 +43,14 @@ class Rejects:
         self.counts: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
 
-    def add(self, cls: str, where: str) -> None:
+    def add(self, cls: str, at: Any) -> None:
+        """Count one rejected record; ``at`` is a place string or a ``(path, index, unit)`` tuple."""
         if cls not in REJECT_CLASSES:
             raise ValueError(f"unknown reject class {cls!r}")
         self.counts[cls] += 1
         ex = self.examples.setdefault(cls, [])
         if len(ex) < _EXAMPLES_PER_CLASS:
-            ex.append(where)
+            ex.append(where(*at) if isinstance(at, tuple) else str(at))
 
     @property
     def total(self) -> int:
@@ -76,13 +77,8 @@ def url_problem(url: Any) -> str | None:
         return "malformed_row"
     if has_invalid_text(url):
         return "invalid_utf8"
-    try:
-        parts = urlsplit(url.strip())
-    except ValueError:
-        return "bad_url_scheme"
-    if parts.scheme.lower() not in ALLOWED_SCHEMES or not parts.netloc:
-        return "bad_url_scheme"
-    return None
+    # Same test as urlsplit: scheme http/https and a non-empty host part, without its cost per row.
+    return None if _FETCHABLE.match(url.strip()) else "bad_url_scheme"
 
 
 def caption_problem(caption: Any, max_chars: int = DEFAULT_MAX_CAPTION_CHARS) -> str | None:
@@ -148,20 +144,22 @@ def read_json(path: str, what: str) -> Any:
 
 
 def iter_lines(path: str, what: str) -> Iterator[tuple[int, str | None]]:
-    """(0-based line number, text or None when the line is not UTF-8); a final newline ends the last line."""
-    data = read_bytes(path, what)
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    for i, raw in enumerate(lines):
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
-        try:
-            yield i, raw.decode("utf-8")
-        except UnicodeDecodeError:
-            yield i, None
+    """(0-based line number, text or None when the line is not UTF-8), streamed; a final newline ends the last line."""
+    try:
+        f = open(path, "rb")
+    except OSError:
+        read_bytes(path, what)  # raises the CCRKError that names the problem
+        raise
+    with f:
+        for i, raw in enumerate(f):
+            if i == 0 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if raw.endswith(b"\n"):
+                raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+            try:
+                yield i, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield i, None
 
 
 def require_type(obj: Any, kind: type, path: str, what: str, description: str) -> Any:
@@ -171,7 +169,10 @@ def require_type(obj: Any, kind: type, path: str, what: str, description: str) -
     return obj
 
 
-def where(path: str, index: int, unit: str = "row") -> str:
+def where(path: str, index: int | tuple[int, int], unit: str = "row") -> str:
+    """A record's place for reports: ``image_data.json record 12``; a pair index reads ``entry 3 region 0``."""
+    if isinstance(index, tuple):
+        index = f"{index[0]} region {index[1]}"
     return f"{os.path.basename(path)} {unit} {index}"
 
 
@@ -183,6 +184,7 @@ class SourceTables:
 
     ``image_extras`` / ``caption_extras`` map extra column names to arrow types (missing -> null).
     ``limit`` keeps the first N images (in reading order) that end up with at least one caption.
+    Places (``at``) are strings or ``(path, index, unit)`` tuples, formatted only when reported.
     """
 
     def __init__(self, source: str, rejects: Rejects, *, image_extras: dict[str, pa.DataType],
@@ -192,47 +194,63 @@ class SourceTables:
         self.rejects = rejects
         self.limit = limit
         self.max_caption_chars = max_caption_chars
-        self.image_extras = image_extras
-        self.caption_extras = caption_extras
-        self._images: dict[str, dict[str, Any]] = {}  # image_key -> row, insertion-ordered
+        self.image_schema = pa.schema([("image_key", pa.string()), ("url", pa.string()), ("source", pa.string()),
+                                       ("source_id", pa.string()), *image_extras.items()])
+        self.caption_schema = pa.schema([("image_key", pa.string()), ("caption_id", pa.string()),
+                                         ("caption", pa.string()), *caption_extras.items()])
+        self._image_extras = tuple(image_extras)
+        self._caption_extras = tuple(caption_extras)
+        self._images: dict[str, list] = {name: [] for name in self.image_schema.names}
+        self._index: dict[str, int] = {}  # image_key -> row in the image columns
+        self._n_captions: list[int] = []  # per image row: captions kept
+        self._n_with_caption = 0
         self._rejected_images: set[str] = set()
+        self._captions: dict[str, list] = {name: [] for name in self.caption_schema.names}
+        self._caption_image: list[int] = []  # per caption row: its image row
         self._caption_ids: set[str] = set()
         self._caption_texts: set[tuple[str, str]] = set()
-        self._captions: list[dict[str, Any]] = []
-        self._with_caption: set[str] = set()
 
     def image_key(self, source_id: Any) -> str:
+        if isinstance(source_id, int):
+            return f"{self.source}-{source_id}"
         return f"{self.source}-{safe_id(source_id)}"
 
     def has_image(self, image_key: str) -> bool:
-        return image_key in self._images
-
-    def is_rejected_image(self, image_key: str) -> bool:
-        return image_key in self._rejected_images
+        return image_key in self._index
 
     @property
     def full(self) -> bool:
         """True once ``limit`` images have a caption: a streaming reader may stop at the next new image."""
-        return self.limit is not None and len(self._with_caption) >= self.limit
+        return self.limit is not None and self._n_with_caption >= self.limit
 
-    def add_image(self, source_id: Any, url: Any, where: str, **extras: Any) -> str | None:
+    def add_image(self, source_id: Any, url: Any, at: Any, **extras: Any) -> str | None:
         """Add an image; returns its key, or None when rejected (bad url, duplicate id)."""
         key = self.image_key(source_id)
         problem = url_problem(url)
         if problem:
-            self.rejects.add(problem, where)
-            if key not in self._images:
+            self.rejects.add(problem, at)
+            if key not in self._index:
                 self._rejected_images.add(key)
             return None
-        if key in self._images:
-            self.rejects.add("duplicate_id", where)
+        if key in self._index:
+            self.rejects.add("duplicate_id", at)
             return None
-        self._rejected_images.discard(key)
-        self._images[key] = {"image_key": key, "url": url.strip(), "source": self.source,
-                             "source_id": str(source_id), **extras}
+        self._append_image(key, str(source_id), url.strip(), extras)
         return key
 
-    def add_caption(self, image_key: str, caption_id: str, caption: Any, where: str, *,
+    def _append_image(self, key: str, source_id: str, url: str, extras: dict[str, Any]) -> None:
+        self._rejected_images.discard(key)
+        self._index[key] = len(self._n_captions)
+        self._n_captions.append(0)
+        cols = self._images
+        cols["image_key"].append(key)
+        cols["url"].append(url)
+        cols["source"].append(self.source)
+        cols["source_id"].append(source_id)
+        for name in self._image_extras:
+            cols[name].append(extras.get(name))
+
+    def add_caption(self, image_key: str, caption_id: str, caption: Any, at: Any, *,
                     dedupe_text: bool = False, **extras: Any) -> bool:
         """Attach a caption to an image already added; returns whether it was kept.
 
@@ -241,39 +259,50 @@ class SourceTables:
         """
         problem = caption_problem(caption, self.max_caption_chars)
         if problem:
-            self.rejects.add(problem, where)
+            self.rejects.add(problem, at)
             return False
-        if image_key not in self._images:
+        row = self._index.get(image_key)
+        if row is None:
             self.rejects.add("caption_of_rejected_image" if image_key in self._rejected_images
-                             else "orphan_caption", where)
+                             else "orphan_caption", at)
             return False
         text = caption.strip()
         if caption_id in self._caption_ids or (dedupe_text and (image_key, text) in self._caption_texts):
-            self.rejects.add("duplicate_id", where)
+            self.rejects.add("duplicate_id", at)
             return False
         self._caption_ids.add(caption_id)
         if dedupe_text:
             self._caption_texts.add((image_key, text))
-        self._with_caption.add(image_key)
-        self._captions.append({"image_key": image_key, "caption_id": caption_id, "caption": text, **extras})
+        if self._n_captions[row] == 0:
+            self._n_with_caption += 1
+        self._n_captions[row] += 1
+        self._caption_image.append(row)
+        cols = self._captions
+        cols["image_key"].append(image_key)
+        cols["caption_id"].append(caption_id)
+        cols["caption"].append(text)
+        for name in self._caption_extras:
+            cols[name].append(extras.get(name))
         return True
 
     def finish(self) -> tuple[pa.Table, pa.Table]:
         """The images and captions tables: captionless images dropped (counted), then ``limit`` applied."""
-        kept: list[dict[str, Any]] = []
-        for key, row in self._images.items():
-            if key not in self._with_caption:
+        keep_image = []
+        kept = 0
+        for key, n in zip(self._images["image_key"], self._n_captions):
+            if n == 0:
                 self.rejects.add("no_caption", f"image {key}")
-                continue
-            if self.limit is None or len(kept) < self.limit:
-                kept.append(row)
-        keys = {r["image_key"] for r in kept}
-        captions = [c for c in self._captions if c["image_key"] in keys]
-        images_schema = pa.schema([("image_key", pa.string()), ("url", pa.string()), ("source", pa.string()),
-                                   ("source_id", pa.string()), *self.image_extras.items()])
-        captions_schema = pa.schema([("image_key", pa.string()), ("caption_id", pa.string()),
-                                     ("caption", pa.string()), *self.caption_extras.items()])
-        return _table(kept, images_schema), _table(captions, captions_schema)
+                keep_image.append(False)
+            elif self.limit is None or kept < self.limit:
+                kept += 1
+                keep_image.append(True)
+            else:
+                keep_image.append(False)
+        images = pa.Table.from_pydict(self._images, schema=self.image_schema)
+        captions = pa.Table.from_pydict(self._captions, schema=self.caption_schema)
+        keep_caption = [keep_image[row] for row in self._caption_image]
+        return (images.filter(pa.array(keep_image, pa.bool_())),
+                captions.filter(pa.array(keep_caption, pa.bool_())))
 
 
 def url_id(url: str) -> str:
@@ -281,7 +310,7 @@ def url_id(url: str) -> str:
     return hashlib.sha256(url.strip().encode("utf-8")).hexdigest()[:16]
 
 
-def add_url_caption(tables: SourceTables, caption: Any, url: Any, caption_id: str, at: str, *,
+def add_url_caption(tables: SourceTables, caption: Any, url: Any, caption_id: str, at: Any, *,
                     image_extras: dict[str, Any], caption_extras: dict[str, Any]) -> None:
     """One (caption, url) record of a url-keyed source: images dedupe on url, captions attach to it.
 
@@ -291,12 +320,11 @@ def add_url_caption(tables: SourceTables, caption: Any, url: Any, caption_id: st
     if problem:
         tables.rejects.add(problem, at)
         return
+    url = url.strip()
     source_id = url_id(url)
-    key = tables.image_key(source_id)
+    key = f"{tables.source}-{source_id}"  # hex digits: already a safe key
     if not tables.has_image(key):
-        tables.add_image(source_id, url, at, **image_extras)
+        tables._append_image(key, source_id, url, image_extras)
     tables.add_caption(key, f"{tables.source}-{caption_id}", caption, at, dedupe_text=True, **caption_extras)
 
 
-def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_pydict({f.name: [r.get(f.name) for r in rows] for f in schema}, schema=schema)

@@ -14,7 +14,7 @@ import os
 
 import pyarrow as pa
 
-from storage.sources.base import Rejects, SourceTables, add_url_caption, iter_lines, url_id, where
+from storage.sources.base import Rejects, SourceTables, add_url_caption, iter_lines, url_id
 
 NAME = "cc3m"
 IMAGE_EXTRAS = {"split": pa.string()}
@@ -39,17 +39,19 @@ def read(files: list[str], rejects: Rejects, limit: int | None = None,
                           limit=limit, max_caption_chars=max_caption_chars)
     for path in detect(files):
         split = split_of(path)
+        image_extras = {"split": split}
         for lineno, line in iter_lines(path, "CC3M"):
             fields = line.split("\t") if line is not None else None
-            if tables.full and fields and len(fields) == 2 and not tables.has_image(tables.image_key(url_id(fields[1]))):
+            if tables.full and fields and len(fields) == 2 and \
+                    not tables.has_image(f"{NAME}-{url_id(fields[1])}"):
                 return tables.finish()  # limit reached: the next new image is not wanted
             rejects.rows_read += 1
-            at = where(path, lineno + 1, "line")
+            at = (path, lineno + 1, "line")
             if fields is None:
                 rejects.add("invalid_utf8", at)
             elif len(fields) != 2:
                 rejects.add("malformed_row", at)
             else:
                 add_url_caption(tables, fields[0], fields[1], f"{split}-{lineno}", at,
-                                image_extras={"split": split}, caption_extras={"split": split, "row": lineno})
+                                image_extras=image_extras, caption_extras={"split": split, "row": lineno})
     return tables.finish()

@@ -14,7 +14,7 @@ import re
 import pyarrow as pa
 
 from storage.errors import CCRKError
-from storage.sources.base import Rejects, SourceTables, as_int, has_invalid_text, is_int, read_json, require_type, where
+from storage.sources.base import Rejects, SourceTables, as_int, has_invalid_text, is_int, read_json, require_type
 
 NAME = "coco"
 IMAGE_EXTRAS = {"split": pa.string(), "file_name": pa.string(), "width": pa.int64(), "height": pa.int64()}
@@ -47,7 +47,7 @@ def read(files: list[str], rejects: Rejects, limit: int | None = None,
                 raise CCRKError(f'COCO metadata file {path} has the wrong structure: no "{field}" list')
         for i, im in enumerate(data["images"]):
             rejects.rows_read += 1
-            at = where(path, i, "image")
+            at = (path, i, "image")
             if not isinstance(im, dict) or not is_int(im.get("id")) or "coco_url" not in im:
                 rejects.add("malformed_row", at)
                 continue
@@ -62,7 +62,7 @@ def read(files: list[str], rejects: Rejects, limit: int | None = None,
                              width=as_int(size[0]), height=as_int(size[1]))
         for i, ann in enumerate(data["annotations"]):
             rejects.rows_read += 1
-            at = where(path, i, "annotation")
+            at = (path, i, "annotation")
             if not isinstance(ann, dict) or not is_int(ann.get("id")) or not is_int(ann.get("image_id")) \
                     or "caption" not in ann:
                 rejects.add("malformed_row", at)

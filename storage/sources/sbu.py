@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from storage.errors import CCRKError
 from storage.sources.base import (Rejects, SourceTables, add_url_caption, has_invalid_text, iter_lines,
-                                  read_json, require_type, url_id, where)
+                                  read_json, require_type, url_id)
 
 NAME = "sbu"
 IMAGE_EXTRAS = {"user_id": pa.string()}
@@ -95,7 +95,7 @@ def _read_json(path: str, tables: SourceTables, rejects: Rejects) -> bool:
         if _stop(tables, url):
             return False
         rejects.rows_read += 1
-        at = where(path, i, "record")
+        at = (path, i, "record")
         user = record[2] if users is not None else None
         if _MISSING in record or (user is not None and not isinstance(user, str)):
             rejects.add("malformed_row", at)
@@ -117,7 +117,7 @@ def _read_pair(urls_path: str, captions_path: str, tables: SourceTables, rejects
         if url is not _MISSING and _stop(tables, url):
             return False
         rejects.rows_read += 1
-        at = f"{where(urls_path, i + 1, 'line')} / {os.path.basename(captions_path)}"
+        at = (urls_path, i + 1, "line")
         if url is _MISSING or caption is _MISSING:
             rejects.add("malformed_row", at)
         elif url is None or caption is None:

@@ -15,7 +15,7 @@ import os
 import pyarrow as pa
 
 from storage.errors import CCRKError
-from storage.sources.base import Rejects, SourceTables, as_int, is_int, read_json, require_type, where
+from storage.sources.base import Rejects, SourceTables, as_int, is_int, read_json, require_type
 
 NAME = "vg"
 IMAGE_FILE = "image_data.json"
@@ -60,7 +60,7 @@ def read(files: list[str], rejects: Rejects, limit: int | None = None,
                           "a list of images")
     for i, im in enumerate(images):
         rejects.rows_read += 1
-        at = where(image_path, i, "record")
+        at = (image_path, i, "record")
         if not isinstance(im, dict):
             rejects.add("malformed_row", at)
             continue
@@ -78,11 +78,11 @@ def read(files: list[str], rejects: Rejects, limit: int | None = None,
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("regions"), list):
             rejects.rows_read += 1
-            rejects.add("malformed_row", where(regions_path, i, "entry"))
+            rejects.add("malformed_row", (regions_path, i, "entry"))
             continue
         for j, region in enumerate(entry["regions"]):
             rejects.rows_read += 1
-            at = f"{where(regions_path, i, 'entry')} region {j}"
+            at = (regions_path, (i, j), "entry")
             if not isinstance(region, dict):
                 rejects.add("malformed_row", at)
                 continue

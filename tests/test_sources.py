@@ -97,10 +97,12 @@ def test_coco_image_appears_once_with_all_its_captions(demo, root):
     assert all(c["caption_id"] == f"coco-{c['annotation_id']}" for c in captions)
 
 
-@pytest.mark.parametrize("source", SOURCES)
-def test_official_archive_gives_the_same_version_as_the_plain_files(demo, root, source):
-    files = demo["paths"][source] if source != "sbu" else demo["paths"]["sbu"][:1]
-    archives = demo["archives"][source] if source != "sbu" else demo["archives"]["sbu"][:1]
+@pytest.mark.parametrize("source,variant", [("cc3m", 0), ("sbu", 0), ("sbu", 1), ("vg", 0), ("coco", 0)])
+def test_official_archive_gives_the_same_version_as_the_plain_files(demo, root, source, variant):
+    files = demo["paths"][source]
+    archives = demo["archives"][source]
+    if source == "sbu":  # archive 0 ships the json, archive 1 the urls/captions txt pair
+        files, archives = (files[:1], archives[:1]) if variant == 0 else (files[1:], archives[1:])
     plain = prepare_source(source, files, root)
     packed = prepare_source(source, archives, root)
     assert packed.version == plain.version and packed.n_images == plain.n_images == 10
@@ -148,6 +150,12 @@ def test_limit_keeps_the_first_n_images_with_all_their_captions(demo, root):
     images, captions = _tables(p)
     assert [im["image_key"] for im in images] == [im["image_key"] for im in full_images[:4]]
     assert len(captions) == 12 and {c["image_key"] for c in captions} == {im["image_key"] for im in images}
+
+
+def test_limit_applies_to_region_sources_too(demo, root):
+    p = prepare_source("vg", demo["paths"]["vg"], root, limit=3)
+    images, captions = _tables(p)
+    assert p.n_images == 3 and {c["image_key"] for c in captions} == {im["image_key"] for im in images}
 
 
 def test_limit_stops_reading_a_long_tsv_early(demo, root):
@@ -248,6 +256,19 @@ def test_sbu_txt_pair_with_a_missing_caption_line_is_malformed(tmp_path, root):
     c = _write(tmp_path / "SBU_captioned_photo_dataset_captions.txt", "only one\n")
     p = prepare_source("sbu", [u, c], root)
     assert p.rejected == {"malformed_row": 1} and p.n_images == 1
+
+
+def test_sbu_txt_line_with_invalid_utf8_is_rejected_alone(tmp_path, root):
+    u = _write(tmp_path / "SBU_captioned_photo_dataset_urls.txt", f"{BASE}/a.jpg\n{BASE}/b.jpg\n{BASE}/c.jpg\n")
+    c = _write(tmp_path / "SBU_captioned_photo_dataset_captions.txt", b"one\n\xc3\x28 broken\nthree\n")
+    p = prepare_source("sbu", [u, c], root)
+    _, captions = _tables(p)
+    assert p.rejected == {"invalid_utf8": 1} and [c["caption"] for c in captions] == ["one", "three"]
+
+
+def test_rejected_records_are_reported_with_file_and_line(tmp_path, root):
+    p = _cc3m(tmp_path, root, f"ok\t{BASE}/a.jpg\nbroken line\n")
+    assert p.rejected_examples == {"malformed_row": ["Train_GCC-training.tsv line 2"]}
 
 
 def test_sbu_json_record_with_invalid_utf8_is_rejected_alone(tmp_path, root):

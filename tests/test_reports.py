@@ -71,3 +71,56 @@ def test_published_report_is_recorded_with_the_run_as_parent(results, root):
     assert art.kind == "report" and art.parents == ["run0001"]
     assert art.path == os.path.join(root, "reports", out["report_id"])
     assert os.path.exists(os.path.join(art.path, "report.md"))
+
+
+@pytest.fixture
+def demo_setup(root, tmp_path):
+    """A random-init tiny CCRk checkpoint recorded as a run, and a small demo benchmark."""
+    import torch
+    import yaml
+
+    from ccrk.evaluation.demo_benchmark import write_demo_benchmark
+    from ccrk.model import build_model, save_model
+    from storage.demo.corpus import generate_demo_corpus
+
+    torch.manual_seed(0)
+    config = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")))
+    model, _ = build_model(config)
+    run_dir = os.path.join(root, "runs", "pretrained")
+    save_model(model, config, os.path.join(run_dir, "checkpoints", "step-0000001"))
+    Catalog(root).record(Artifact("pre0001", "run", "tiny", run_dir))
+    generate_demo_corpus(str(tmp_path / "corpus"), n_train=8, n_heldout=4, image_px=64)
+    write_demo_benchmark(str(tmp_path / "corpus"), str(tmp_path / "bench"), langs=("en", "es", "ru"))
+    return run_dir, str(tmp_path / "bench")
+
+
+def test_finetune_then_evaluate_flows_end_to_end(demo_setup, root):
+    """`ccrk finetune` (zero-shot) then `ccrk evaluate --itc-only`: runs, reports, lineage, artifacts."""
+    from ccrk.cli import main
+
+    run_dir, bench = demo_setup
+    assert main(["finetune", "--checkpoint", run_dir, "--benchmark", "demo", "--data", bench, "--epochs", "1",
+                 "--batch-size", "8", "--lr", "1e-4", "--k-test", "4", "--root", root, "--device", "cpu"]) == 0
+    cat = Catalog(root)
+    [ft] = [a for a in cat.list("run") if a.name == "finetune-demo-zero-shot"]
+    assert ft.parents == ["pre0001"] and ft.stats["pairs"] == 8 * 3
+    [report] = cat.list("report")
+    assert report.parents == [ft.version]
+    m = json.loads(open(os.path.join(report.path, "metrics.json")).read())
+    assert list(m["langs"]) == ["en", "es", "ru"] and m["k_test"] == 4
+    assert m["mrv"]["n_tr"] == 4 and m["mrv"]["n_ir"] == 12
+
+    assert main(["evaluate", "--checkpoint", run_dir, "--benchmark", "demo", "--data", bench, "--langs", "en,es",
+                 "--itc-only", "--root", root]) == 0
+    itc = [a for a in cat.list("report") if a.parents == ["pre0001"]]
+    assert len(itc) == 1 and "Scoring: ITC only." in open(os.path.join(itc[0].path, "report.md")).read()
+
+    from prefect.client.orchestration import get_client
+
+    async def keys():
+        async with get_client() as client:
+            return {a.key for a in await client.read_artifacts()}
+
+    import asyncio
+
+    assert f"report-demo-{report.version}" in asyncio.run(keys())

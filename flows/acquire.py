@@ -1,0 +1,77 @@
+"""Prefect flow for ``ccrk acquire``: prepare the metadata, download the images, summarise and record.
+
+Thin: one task per sub-job (never one per url). :mod:`storage.sources` turns the official metadata
+into ``images.parquet`` + ``captions.parquet``; :mod:`storage.download` runs img2dataset into shards
+(resumable, ``retry_failed``); the summary goes to ``summary.json``, a Prefect table artifact and the
+catalog. Callable from Python: ``acquire_flow("coco", ["captions_val2017.json"], root="data")``.
+"""
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.artifacts import publish_link, publish_table
+
+# Download settings that change the shard contents: part of the source version.
+VERSIONED_SETTINGS = ("image_size", "resize_mode", "resize_only_if_bigger", "number_sample_per_shard",
+                      "max_image_area", "encode_quality")
+
+
+@task(name="prepare-metadata", cache_policy=NO_CACHE)
+def prepare_task(source: str, metadata: list[str] | None, root: str | None, limit: int | None,
+                 download_params: dict):
+    from storage.sources import prepare_source
+
+    return prepare_source(source, metadata, root, limit=limit, download_params=download_params)
+
+
+@task(name="download-images", cache_policy=NO_CACHE)
+def download_task(prepared, settings: dict) -> dict:
+    from storage.download import download_images
+
+    return download_images(prepared, **settings)
+
+
+@task(name="record-source", cache_policy=NO_CACHE)
+def record_task(prepared, summary: dict) -> str:
+    from storage.sources import record_source
+
+    stats = {k: v for k, v in summary.items() if k not in ("settings", "source", "version")}
+    return record_source(prepared, stats).version
+
+
+def summary_rows(summary: dict) -> list[dict]:
+    """The summary as (metric, value) rows: the table artifact and the CLI table."""
+    rows = [{"metric": k, "value": summary[k]} for k in
+            ("source", "version", "rows_read", "images", "images_ok", "images_failed", "not_attempted",
+             "retried", "recovered_by_retry", "shards", "shards_incomplete", "bytes", "images_per_s", "wall_s")]
+    rows += [{"metric": f"rejected: {k}", "value": v} for k, v in summary["rows_rejected"].items()]
+    rows += [{"metric": f"failed: {k}", "value": v} for k, v in summary["failures"].items() if v]
+    return rows
+
+
+@flow(name="acquire")
+def acquire_flow(source: str, metadata: list[str] | None = None, root: str | None = None,
+                 limit: int | None = None, image_size: int = 256, resize_mode: str = "border",
+                 resize_only_if_bigger: bool = False, processes: int = 1, thread_count: int = 16,
+                 timeout: int = 10, retries: int = 0, retry_failed: bool = False,
+                 number_sample_per_shard: int = 10_000, max_image_area: float | None = None,
+                 encode_quality: int = 95, progress: bool = False) -> dict:
+    """Acquire one source into ``<root>/sources/<source>/<version>/``; returns its summary."""
+    from storage.download import DEFAULT_MAX_IMAGE_AREA
+
+    settings = dict(image_size=image_size, resize_mode=resize_mode, resize_only_if_bigger=resize_only_if_bigger,
+                    processes=processes, thread_count=thread_count, timeout=timeout, retries=retries,
+                    retry_failed=retry_failed, number_sample_per_shard=number_sample_per_shard,
+                    max_image_area=max_image_area or DEFAULT_MAX_IMAGE_AREA, encode_quality=encode_quality,
+                    progress=progress)
+    download_params = {k: settings[k] for k in VERSIONED_SETTINGS}
+    prepared = prepare_task(source, list(metadata) if metadata else None, root, limit, download_params)
+    summary = download_task(prepared, settings)
+    summary["path"] = prepared.directory
+    if summary["shards_incomplete"] == 0:
+        record_task(prepared, summary)
+    publish_table(f"acquire-{source}", summary_rows(summary),
+                  description=f"Acquire summary of {source} {prepared.version}")
+    publish_link(f"acquire-{source}-dir", prepared.directory, description=f"{source} {prepared.version} shards")
+    return summary

@@ -1,0 +1,199 @@
+"""A loopback HTTP server for the demo corpus and for every bad response a downloader must survive.
+
+``serve(directory)`` serves the files under ``directory`` from a background thread and yields an
+object with ``.url`` (``http://127.0.0.1:PORT``). Besides plain files it answers bad-case routes,
+each followed by a file path (``/bad/404/images/x.jpg``):
+
+- ``/bad/404/…``, ``/bad/500/…``: that status.
+- ``/bad/slow/…``: sleeps ``slow_seconds`` before answering (past a client's timeout).
+- ``/bad/redirect-loop/…``: a 302 to itself.
+- ``/bad/empty/…``: 200 with a zero-byte body.
+- ``/bad/html/…``: 200 ``text/html``, not an image.
+- ``/bad/truncated/…``: the file's first half.
+- ``/bad/huge/…``: a valid 12000x12000 PNG (a few hundred KB) over any sane pixel limit.
+- ``/noai/…``: the real file with ``X-Robots-Tag: noai`` (an opt-out a downloader must honour).
+- ``/flaky/N/…``: 500 for the first N requests of that path, then the file (retry tests).
+- ``/delay/MS/…``: the file after MS milliseconds (a slow-ish but working host).
+
+``python -m storage.demo.server DIR --port N`` serves a directory by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import mimetypes
+import os
+import posixpath
+import struct
+import threading
+import time
+import urllib.parse
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
+
+HUGE_SIDE = 12000
+
+
+@functools.lru_cache(maxsize=1)
+def huge_png(side: int = HUGE_SIDE) -> bytes:
+    """A valid 1-bit grayscale PNG of side x side pixels; all white, so it compresses to a small file."""
+    row = b"\x00" + b"\xff" * ((side + 7) // 8)  # filter byte 0 + packed bits
+    comp = zlib.compressobj(9)
+    chunks = [comp.compress(row) for _ in range(side)]
+    idat = b"".join(chunks) + comp.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@dataclass
+class LoopbackServer:
+    """A running server: ``url`` is its base url; ``hits`` counts requests per path."""
+
+    url: str
+    directory: str
+    httpd: ThreadingHTTPServer
+    hits: dict[str, int] = field(default_factory=dict)
+
+    def hit_count(self, path: str) -> int:
+        return self.hits.get(path, 0)
+
+
+def _make_handler(directory: str, slow_seconds: float, state: dict, lock: threading.Lock):
+    root = os.path.realpath(directory)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def log_message(self, format, *args):  # noqa: A002 - quiet: tests and benchmarks run thousands
+            pass
+
+        def _send(self, status: int, body: bytes = b"", ctype: str = "application/octet-stream",
+                  headers: dict | None = None) -> None:
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if self.command != "HEAD" and body:
+                    self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (timeouts): nothing to tell it
+
+        def _file(self, rel: str) -> tuple[bytes, str] | None:
+            rel = posixpath.normpath(urllib.parse.unquote(rel)).lstrip("/")
+            path = os.path.realpath(os.path.join(root, rel))
+            if not (path == root or path.startswith(root + os.sep)) or not os.path.isfile(path):
+                return None
+            with open(path, "rb") as f:
+                data = f.read()
+            return data, mimetypes.guess_type(path)[0] or "application/octet-stream"
+
+        def _serve_file(self, rel: str, headers: dict | None = None, transform=None) -> None:
+            found = self._file(rel)
+            if found is None:
+                self._send(404, b"not found", "text/plain")
+                return
+            data, ctype = found
+            if transform is not None:
+                data = transform(data)
+            self._send(200, data, ctype, headers)
+
+        def do_HEAD(self):  # noqa: N802
+            self.do_GET()
+
+        def do_GET(self):  # noqa: N802
+            path = urllib.parse.urlsplit(self.path).path
+            with lock:
+                state[path] = state.get(path, 0) + 1
+                count = state[path]
+            parts = path.lstrip("/").split("/", 2)
+            head = parts[0]
+            if head == "bad" and len(parts) >= 2:
+                kind, rest = parts[1], parts[2] if len(parts) > 2 else ""
+                if kind == "404":
+                    self._send(404, b"not found", "text/plain")
+                elif kind == "500":
+                    self._send(500, b"internal error", "text/plain")
+                elif kind == "slow":
+                    time.sleep(slow_seconds)
+                    self._serve_file(rest)
+                elif kind == "redirect-loop":
+                    self._send(302, b"", "text/plain", {"Location": path})
+                elif kind == "empty":
+                    self._send(200, b"", "image/jpeg")
+                elif kind == "html":
+                    self._send(200, b"<!doctype html><html><body>not an image</body></html>", "text/html")
+                elif kind == "truncated":
+                    self._serve_file(rest, transform=lambda b: b[: len(b) // 2])
+                elif kind == "huge":
+                    self._send(200, huge_png(), "image/png")
+                else:
+                    self._send(404, b"unknown bad route", "text/plain")
+            elif head == "noai" and len(parts) >= 2:
+                self._serve_file(path[len("/noai/"):], {"X-Robots-Tag": "noai"})
+            elif head == "flaky" and len(parts) == 3 and parts[1].isdigit():
+                if count <= int(parts[1]):
+                    self._send(500, b"flaky: try again", "text/plain")
+                else:
+                    self._serve_file(parts[2])
+            elif head == "delay" and len(parts) == 3 and parts[1].isdigit():
+                time.sleep(int(parts[1]) / 1000)
+                self._serve_file(parts[2])
+            else:
+                self._serve_file(path)
+
+    return Handler
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a sleeping /bad/slow/ request never blocks shutdown
+    request_queue_size = 256  # many downloader threads connect at once
+
+
+@contextmanager
+def serve(directory: str, port: int = 0, host: str = "127.0.0.1",
+          slow_seconds: float = 5.0) -> Iterator[LoopbackServer]:
+    """Serve ``directory`` (plus the bad-case routes) on ``host:port`` until the block exits."""
+    state: dict[str, int] = {}
+    handler = _make_handler(directory, slow_seconds, state, threading.Lock())
+    httpd = _Server((host, port), handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                              name="ccrk-loopback-server", daemon=True)
+    thread.start()
+    server = LoopbackServer(url=f"http://{host}:{httpd.server_address[1]}", directory=directory,
+                            httpd=httpd, hits=state)
+    try:
+        yield server
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m storage.demo.server", description=__doc__.splitlines()[0])
+    parser.add_argument("directory")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args(argv)
+    with serve(args.directory, port=args.port, host=args.host) as server:
+        print(f"serving {os.path.abspath(args.directory)} at {server.url} (Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,490 @@
+"""Download a source's images with img2dataset into WebDataset shards, resumably, and summarise.
+
+:func:`download_images` reads ``images.parquet`` of a prepared source (one row per image: ``image_key``,
+``url``) and runs the real ``img2dataset.download`` into ``<version dir>/shards/``
+(``NNNNN.tar`` + ``NNNNN.parquet`` + ``NNNNN_stats.json``; ``image_key`` carried as an extra column).
+
+Resume. img2dataset counts a shard as done when its ``_stats.json`` exists. After a kill -9 that is
+not enough: a shard may be half-written, or its stats present while the tar is cut short. Before every
+run :func:`validate_shards` checks each shard (stats parse, parquet rows == stats count, tar readable
+with one image per success) and deletes inconsistent ones, so img2dataset redoes exactly those.
+
+Retry. ``retry_failed=True`` downloads again only rows whose latest attempt failed with a retryable
+error (timeouts, 5xx, connection errors), as new shards after the last one (img2dataset's "extend"
+mode). The latest attempt of an image key wins, so counts stay exact: a success is never retried,
+a superseded failure is reported as such in ``download_status.parquet``.
+
+``summary.json`` beside the shards: rows read and rejected (from the adapter), images ok, failures
+by class (:data:`FAILURE_CLASSES`), bytes, images/s and wall seconds.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import tarfile
+import threading
+import time
+from collections import Counter
+from contextlib import contextmanager
+from typing import Iterator
+
+# img2dataset's imports check for updates and start wandb unless told not to (workers inherit this).
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+SHARDS = "shards"
+ENCODE_FORMAT = "jpg"
+OOM_SHARD_COUNT = 5  # shard names NNNNN, as img2dataset's default
+DEFAULT_MAX_IMAGE_AREA = 89_478_485  # PIL's decompression-bomb threshold
+OPT_OUT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
+
+FAILURE_CLASSES = ("not_found_404", "server_error_5xx", "timeout", "redirect_loop", "empty_body",
+                   "not_an_image", "truncated_image", "too_large", "opt_out_noai", "connection_error",
+                   "other")
+RETRYABLE = frozenset({"server_error_5xx", "timeout", "connection_error"})
+
+_SHARD_FILE = re.compile(r"^(\d+)(_stats\.json|\.tar|\.parquet)$")
+
+
+# --------------------------------------------------------------------------- error classes
+
+
+def classify_error(message: str | None) -> str | None:
+    """Map an img2dataset per-row ``error_message`` to one of :data:`FAILURE_CLASSES` (None: no error)."""
+    if message is None:
+        return None
+    m = message.lower()
+    if "x-robots-tag" in m:
+        return "opt_out_noai"
+    if "infinite loop" in m or "redirect" in m:
+        return "redirect_loop"
+    if re.search(r"http error 5\d\d", m):
+        return "server_error_5xx"
+    if re.search(r"http error (404|410)", m):
+        return "not_found_404"
+    if "timed out" in m or "timeout" in m:
+        return "timeout"
+    if "empty body" in m or "buf.empty()" in m:
+        return "empty_body"
+    if "truncated" in m:
+        return "truncated_image"
+    if "not an image" in m or "image decoding error" in m:
+        return "not_an_image"
+    if "image area too large" in m:
+        return "too_large"
+    if any(s in m for s in ("urlopen error", "connection", "remote end closed", "incompleteread",
+                            "errno", "eof occurred", "name or service")):
+        return "connection_error"
+    return "other"
+
+
+# --------------------------------------------------------------------------- img2dataset extensions
+# Subclasses handed to the real img2dataset (it builds them by name in img2dataset.main):
+# workers that die with their parent, so a kill -9 leaves no orphan still writing shards, and a
+# resizer that tells an empty body, a truncated image and a non-image apart.
+
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl: stop now
+        os._exit(1)
+
+
+def _resizer_class():
+    from img2dataset.resizer import Resizer
+
+    class CheckedResizer(Resizer):
+        def __call__(self, img_stream, blurring_bbox_list=None):
+            out = super().__call__(img_stream, blurring_bbox_list)
+            err = out[-1]
+            if err is not None and ("decoding error" in err or "buf.empty()" in err):
+                img_stream.seek(0)
+                head = img_stream.read(16)
+                if not head:
+                    err = "empty body"
+                elif head.startswith(_IMAGE_MAGIC) or head[8:12] == b"WEBP":
+                    err = f"truncated image ({err})"
+                else:
+                    err = f"not an image ({err})"
+                out = (*out[:-1], err)
+            return out
+
+    return CheckedResizer
+
+
+def _downloader_class():
+    from img2dataset.downloader import Downloader
+
+    class GuardedDownloader(Downloader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.parent_pid = os.getpid()
+
+        def __call__(self, row):
+            _die_with_parent(self.parent_pid)
+            return super().__call__(row)
+
+    return GuardedDownloader
+
+
+def _logger_class():
+    from img2dataset.logger import LoggerProcess
+
+    class GuardedLoggerProcess(LoggerProcess):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.parent_pid = os.getpid()
+
+        def run(self):
+            _die_with_parent(self.parent_pid)
+            super().run()
+
+    return GuardedLoggerProcess
+
+
+_PATCH_LOCK = threading.Lock()
+_EXTENSIONS: dict[str, type] = {}
+
+
+def _extension(name: str) -> type:
+    """The extension classes, built on first use (importing img2dataset is slow)."""
+    if not _EXTENSIONS:
+        for cls in (_resizer_class(), _downloader_class(), _logger_class()):
+            cls.__module__, cls.__qualname__ = __name__, cls.__name__
+            _EXTENSIONS[cls.__name__] = cls
+    return _EXTENSIONS[name]
+
+
+def __getattr__(name: str):
+    # Spawned img2dataset workers unpickle storage.download.GuardedDownloader & co. by name.
+    if name in ("CheckedResizer", "GuardedDownloader", "GuardedLoggerProcess"):
+        return _extension(name)
+    raise AttributeError(name)
+
+
+@contextmanager
+def _img2dataset_extensions() -> Iterator:
+    import img2dataset.main  # noqa: F401 - the package re-exports a function named main
+
+    main = sys.modules["img2dataset.main"]
+    with _PATCH_LOCK:
+        saved = (main.Resizer, main.Downloader, main.LoggerProcess)
+        main.Resizer = _extension("CheckedResizer")
+        main.Downloader = _extension("GuardedDownloader")
+        main.LoggerProcess = _extension("GuardedLoggerProcess")
+        try:
+            yield
+        finally:
+            main.Resizer, main.Downloader, main.LoggerProcess = saved
+
+
+@contextmanager
+def _output_to(log_path: str) -> Iterator:
+    """Send fds 1 and 2 (img2dataset's prints, its workers', tqdm) to ``log_path``; yield the old stderr."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    terminal = os.fdopen(os.dup(saved[1]), "w", buffering=1)
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield terminal
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except Exception:  # noqa: BLE001 - restoring the fds matters more
+                pass
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            terminal.close()
+
+
+# --------------------------------------------------------------------------- shard validation
+
+
+def _shard_name(shard_id: int) -> str:
+    return f"{shard_id:0{OOM_SHARD_COUNT}d}"
+
+
+def shard_files(shards_dir: str) -> dict[int, dict[str, str]]:
+    """{shard id: {"tar"|"parquet"|"stats": path}} for the shard files present."""
+    out: dict[int, dict[str, str]] = {}
+    if not os.path.isdir(shards_dir):
+        return out
+    kinds = {"_stats.json": "stats", ".tar": "tar", ".parquet": "parquet"}
+    for name in os.listdir(shards_dir):
+        m = _SHARD_FILE.match(name)
+        if m:
+            out.setdefault(int(m.group(1)), {})[kinds[m.group(2)]] = os.path.join(shards_dir, name)
+    return out
+
+
+def check_shard(files: dict[str, str]) -> str | None:
+    """Why a shard is inconsistent (None: complete and consistent)."""
+    import pyarrow.parquet as pq
+
+    for kind in ("stats", "parquet", "tar"):
+        if kind not in files:
+            return f"no {kind} file"
+    try:
+        with open(files["stats"]) as f:
+            stats = json.load(f)
+        count, successes = int(stats["count"]), int(stats["successes"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable stats ({exc})"
+    try:
+        rows = pq.ParquetFile(files["parquet"]).metadata.num_rows
+    except Exception as exc:  # noqa: BLE001 - any parquet error means redo
+        return f"unreadable parquet ({exc})"
+    if rows != count:
+        return f"parquet has {rows} rows, stats say {count}"
+    try:
+        images = 0
+        with tarfile.open(files["tar"], "r:") as tar:
+            for member in tar:
+                if member.name.endswith("." + ENCODE_FORMAT):
+                    images += 1
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        return f"unreadable tar ({exc})"
+    if images != successes:
+        return f"tar has {images} images, stats say {successes} successes"
+    return None
+
+
+def validate_shards(shards_dir: str) -> dict[int, str]:
+    """Delete every inconsistent shard's files so img2dataset redoes it; return {shard id: why}."""
+    removed: dict[int, str] = {}
+    for shard_id, files in sorted(shard_files(shards_dir).items()):
+        why = check_shard(files)
+        if why is not None:
+            for path in files.values():
+                os.unlink(path)
+            removed[shard_id] = why
+    return removed
+
+
+# --------------------------------------------------------------------------- status and summary
+
+
+def attempts(shards_dir: str):
+    """All per-row attempts recorded in consistent shards: a pandas DataFrame with a ``shard`` column."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    frames = []
+    for shard_id, files in sorted(shard_files(shards_dir).items()):
+        if "stats" not in files or "parquet" not in files:
+            continue
+        df = pq.read_table(files["parquet"], columns=["image_key", "url", "key", "status", "error_message"]).to_pandas()
+        df["shard"] = shard_id
+        frames.append(df)
+    if not frames:
+        return pd.DataFrame(columns=["image_key", "url", "key", "status", "error_message", "shard"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def latest_status(shards_dir: str):
+    """One row per image key: its latest attempt (highest shard), error class and number of attempts."""
+    att = attempts(shards_dir)
+    att = att.sort_values(["image_key", "shard"], kind="stable")
+    n = att.groupby("image_key", sort=False).size()
+    latest = att.drop_duplicates("image_key", keep="last").set_index("image_key")
+    latest["attempts"] = n.reindex(latest.index).astype("int64")
+    latest["error_class"] = [None if s == "success" else (classify_error(e) or "other")
+                             for s, e in zip(latest["status"], latest["error_message"])]
+    return latest.reset_index()
+
+
+def _bytes_in(shards_dir: str) -> int:
+    return sum(os.path.getsize(f["tar"]) for f in shard_files(shards_dir).values() if "tar" in f)
+
+
+# --------------------------------------------------------------------------- download
+
+
+def _n_rows(images_path: str) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(images_path).metadata.num_rows
+
+
+def _check_urls(images_path: str) -> None:
+    """Adapters reject non-http(s) urls; a file: url reaching urllib would read local files."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from storage.errors import CCRKError
+
+    urls = pq.read_table(images_path, columns=["url"])["url"]
+    lower = pc.utf8_lower(urls)
+    ok = pc.or_(pc.starts_with(lower, "http://"), pc.starts_with(lower, "https://"))
+    bad = pc.invert(pc.fill_null(ok, False))
+    if pc.any(bad).as_py():
+        row = pc.index(bad, True).as_py()
+        raise CCRKError(f"{images_path} row {row}: url {urls[row].as_py()!r} is not http(s)")
+
+
+def _run_img2dataset(url_list: str, shards_dir: str, log_path: str, incremental_mode: str,
+                     total_rows: int, progress: bool, options: dict) -> None:
+    from img2dataset import download
+
+    with _img2dataset_extensions(), _output_to(log_path) as terminal, \
+            _progress(shards_dir, total_rows, progress, terminal, options["number_sample_per_shard"]):
+        download(url_list=url_list, output_folder=shards_dir, input_format="parquet", url_col="url",
+                 save_additional_columns=["image_key"], output_format="webdataset",
+                 incremental_mode=incremental_mode, encode_format=ENCODE_FORMAT,
+                 oom_shard_count=OOM_SHARD_COUNT, enable_wandb=False, **options)
+
+
+@contextmanager
+def _progress(shards_dir: str, total_rows: int, enabled: bool, terminal, per_shard: int) -> Iterator:
+    """A bar of rows done (from the stats files img2dataset writes), drawn on the real terminal."""
+    if not enabled or total_rows == 0 or not terminal.isatty():
+        yield
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    before = set(shard_files(shards_dir))
+    stop = threading.Event()
+    prog = Progress(TextColumn("[bold]downloading"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=Console(file=terminal))
+
+    def poll(task):
+        while not stop.wait(0.5):
+            done = 0
+            for sid, files in shard_files(shards_dir).items():
+                if sid not in before and "stats" in files:
+                    done += per_shard
+            prog.update(task, completed=min(done, total_rows))
+
+    with prog:
+        task = prog.add_task("download", total=total_rows)
+        t = threading.Thread(target=poll, args=(task,), daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+            prog.update(task, completed=total_rows)
+
+
+def download_images(prepared, *, image_size: int = 256, resize_mode: str = "border",
+                    resize_only_if_bigger: bool = False, processes: int = 1, thread_count: int = 16,
+                    timeout: int = 10, retries: int = 0, retry_failed: bool = False,
+                    max_image_area: float = DEFAULT_MAX_IMAGE_AREA, number_sample_per_shard: int = 10_000,
+                    encode_quality: int = 95, user_agent_token: str | None = None,
+                    progress: bool = True) -> dict:
+    """Download ``prepared.images_path`` into ``prepared.directory/shards`` and write ``summary.json``.
+
+    ``prepared`` is a :class:`storage.sources.PreparedSource` (any object with ``source``, ``version``,
+    ``directory``, ``images_path``, ``rows_read``, ``rejected``). Safe to call again after any
+    interruption: finished shards are kept, partial ones redone.
+    """
+    from storage import atomic
+    from storage.errors import CCRKError
+
+    directory = str(prepared.directory)
+    shards_dir = os.path.join(directory, SHARDS)
+    work_dir = os.path.join(directory, "_work")
+    os.makedirs(shards_dir, exist_ok=True)
+    os.makedirs(work_dir, exist_ok=True)
+    log_path = os.path.join(directory, "img2dataset.log")
+
+    # Shard boundaries depend on these: a resumed run must use the same ones.
+    layout_params = {"number_sample_per_shard": int(number_sample_per_shard), "image_size": int(image_size),
+                     "resize_mode": resize_mode, "encode_format": ENCODE_FORMAT}
+    params_path = os.path.join(directory, "download.json")
+    if os.path.exists(params_path):
+        with open(params_path) as f:
+            previous = json.load(f)
+        if previous != layout_params:
+            raise CCRKError(f"{shards_dir} was downloaded with {previous}, not {layout_params}; "
+                            "use the same settings or a fresh root")
+    else:
+        atomic.write_json(params_path, layout_params)
+
+    options = dict(image_size=image_size, resize_mode=resize_mode, resize_only_if_bigger=resize_only_if_bigger,
+                   processes_count=processes, thread_count=thread_count, timeout=timeout, retries=retries,
+                   max_image_area=max_image_area, number_sample_per_shard=number_sample_per_shard,
+                   encode_quality=encode_quality, user_agent_token=user_agent_token,
+                   disallowed_header_directives=list(OPT_OUT_DIRECTIVES))
+
+    t0 = time.perf_counter()
+    images_path = str(prepared.images_path)
+    n_rows = _n_rows(images_path)
+    _check_urls(images_path)
+    n_main = math.ceil(n_rows / number_sample_per_shard)
+    redone = validate_shards(shards_dir)
+
+    def main_done() -> set[int]:
+        return {s for s, f in shard_files(shards_dir).items() if s < n_main and "stats" in f}
+
+    todo = n_main - len(main_done())
+    rows_attempted = 0
+    if todo:
+        rows_attempted += min(n_rows, todo * number_sample_per_shard)
+        _run_img2dataset(images_path, shards_dir, log_path, "incremental", rows_attempted, progress, options)
+        redone.update(validate_shards(shards_dir))
+    incomplete = n_main - len(main_done())
+
+    retried = 0
+    if retry_failed and incomplete == 0 and n_rows:
+        status = latest_status(shards_dir)
+        again = status[status["error_class"].isin(RETRYABLE)][["image_key", "url"]]
+        retried = len(again)
+        if retried:
+            retry_path = os.path.join(work_dir, "retry-input.parquet")
+            atomic.write_parquet(again.reset_index(drop=True), retry_path)
+            rows_attempted += retried
+            _run_img2dataset(retry_path, shards_dir, log_path, "extend", retried, progress, options)
+            redone.update(validate_shards(shards_dir))
+    wall = time.perf_counter() - t0
+
+    status = latest_status(shards_dir)
+    atomic.write_parquet(status[["image_key", "url", "shard", "key", "status", "error_class", "error_message",
+                                 "attempts"]], os.path.join(directory, "download_status.parquet"))
+    ok = int((status["status"] == "success").sum())
+    failures = Counter(c for c in status["error_class"] if c is not None)
+    summary = {
+        "source": prepared.source,
+        "version": prepared.version,
+        "rows_read": int(prepared.rows_read),
+        "rows_rejected": {k: int(v) for k, v in sorted(dict(prepared.rejected).items())},
+        "images": n_rows,
+        "images_ok": ok,
+        "images_failed": int(sum(failures.values())),
+        "failures": {c: int(failures.get(c, 0)) for c in FAILURE_CLASSES},
+        "retryable_failures": int(sum(failures.get(c, 0) for c in RETRYABLE)),
+        "not_attempted": int(n_rows - len(status)),
+        "retried": retried,
+        "recovered_by_retry": int(((status["attempts"] > 1) & (status["status"] == "success")).sum()),
+        "superseded_failures": int((status["attempts"] - 1).sum()) if len(status) else 0,
+        "shards": len(shard_files(shards_dir)),
+        "shards_incomplete": incomplete,
+        "shards_redone": sorted(redone),
+        "bytes": _bytes_in(shards_dir),
+        "rows_attempted": rows_attempted,
+        "wall_s": round(wall, 3),
+        "images_per_s": round(rows_attempted / wall, 2) if wall > 0 and rows_attempted else 0.0,
+        "settings": {k: v for k, v in options.items() if k != "disallowed_header_directives"},
+    }
+    atomic.write_json(os.path.join(directory, "summary.json"), summary)
+    return summary

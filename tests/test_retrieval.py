@@ -138,3 +138,32 @@ def test_evaluate_benchmark_aligns_instances_across_languages(colour_benchmark):
     ranks, keys = retrieval.aligned_ranks(results, ["en", "es"], "ir")
     assert ranks.shape == (2, 5) and keys[0] == "red#0"
     assert recall_at_k(results["es"].tr_ranks)[1] == 0.0
+
+
+def test_finetune_itc_loss_treats_every_same_image_pair_as_positive():
+    from ccrk.evaluation.protocols import itc_loss
+
+    feat = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    ids = torch.tensor([7, 7, 3])  # two captions of image 7, one of image 3
+    loss = itc_loss(feat, feat, 0.1, ids)
+    # Rows 0/1: labels 1/2 on columns 0 and 1, whose logits are equal (10) vs 0 -> -log(e^10 / (2e^10 + 1)).
+    first = -np.log(np.exp(10) / (2 * np.exp(10) + 1))
+    third = -np.log(np.exp(10) / (np.exp(10) + 2))
+    assert float(loss) == pytest.approx((2 * first + third) / 3, rel=1e-5)
+
+
+def test_finetune_plans_pick_the_published_training_files(tmp_path):
+    from ccrk.evaluation.protocols import plan_finetune
+    from storage.errors import CCRKError
+
+    for path in ("annotations/en/train_ann.jsonl", "annotations/de/train_100.jsonl", "annotations/de/test.jsonl"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("")
+    zs = plan_finetune("zero-shot", "xflickrco", str(tmp_path))
+    assert zs.train_file.endswith("en/train_ann.jsonl") and zs.eval_langs is None
+    fs = plan_finetune("few-shot", "xflickrco", str(tmp_path), lang="de", shots=100)
+    assert fs.train_file.endswith("de/train_100.jsonl") and fs.eval_langs == ["de"]
+    with pytest.raises(CCRKError, match="--shots is required"):
+        plan_finetune("few-shot", "xflickrco", str(tmp_path), lang="de")
+    with pytest.raises(CCRKError, match="train.cs.json not found"):
+        plan_finetune("single", "multi30k", str(tmp_path), lang="cs")

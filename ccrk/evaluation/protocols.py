@@ -224,6 +224,19 @@ def plan_finetune(mode: str, benchmark: str, data_dir: str, lang: str | None = N
                         list(langs) if langs else [lang])
 
 
+def _weights_file(ckpt_path: str) -> str:
+    """The safetensors file a run or checkpoint directory stands for (a run: its latest step)."""
+    direct = os.path.join(ckpt_path, "model.safetensors")
+    if os.path.exists(direct):
+        return direct
+    steps_dir = os.path.join(ckpt_path, "checkpoints")
+    steps = sorted(d for d in os.listdir(steps_dir) if os.path.exists(os.path.join(steps_dir, d, "model.safetensors"))) \
+        if os.path.isdir(steps_dir) else []
+    if not steps:
+        raise CCRKError(f"{ckpt_path} has no checkpoint (expected checkpoints/step-*/model.safetensors)")
+    return os.path.join(steps_dir, steps[-1], "model.safetensors")
+
+
 def _resolve_checkpoint(checkpoint: str, root: str | None) -> str:
     """A run id / catalog version / directory -> a path ``load_pretrained`` accepts."""
     if os.path.exists(checkpoint):
@@ -303,11 +316,8 @@ def run_evaluation(root: str | None, checkpoint: str, benchmark: str, data_dir: 
                                  progress=progress)
     m = reports.build_metrics(results, benchmark, mrv_langs, k_test, itc_only, os.path.abspath(ckpt_path),
                               extra={"skipped_images": bench.skipped_images, "seconds": round(time.time() - t0, 1)})
-    from ccrk.model import latest_checkpoint
-
-    resolved = ckpt_path if os.path.exists(os.path.join(ckpt_path, "model.safetensors")) else latest_checkpoint(ckpt_path)
     params = {"benchmark": benchmark, "langs": list(results), "mrv_langs": m["mrv"]["langs"], "k_test": k_test,
-              "itc_only": itc_only, "checkpoint_sha256": file_sha256(os.path.join(resolved, "model.safetensors")),
+              "itc_only": itc_only, "checkpoint_sha256": file_sha256(_weights_file(ckpt_path)),
               "data": os.path.abspath(data_dir), "skip_missing": skip_missing}
     out = reports.publish_report(root, m, results, params, title=f"{benchmark} retrieval")
     return {**out, "metrics": m}

@@ -106,7 +106,7 @@ def _download(url: str, cache_dir: str) -> str:
                         f.write(block)
                     expected = r.headers.get("Content-Length")
             except requests.RequestException as exc:
-                raise CCRKError(f"could not download metadata {url}: {type(exc).__name__}") from None
+                raise CCRKError(f"could not download metadata {url}: {_reason(exc)}") from None
             f.flush()
             os.fsync(f.fileno())
             size = f.tell()
@@ -118,6 +118,18 @@ def _download(url: str, cache_dir: str) -> str:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dest
+
+
+def _reason(exc: Exception) -> str:
+    """A few words for a failed request (requests' own messages run to several lines)."""
+    import requests
+
+    for kind, words in ((requests.Timeout, "timed out"), (requests.TooManyRedirects, "too many redirects"),
+                        (requests.exceptions.ChunkedEncodingError, "connection dropped mid-transfer (truncated)"),
+                        (requests.ConnectionError, "connection failed")):
+        if isinstance(exc, kind):
+            return words
+    return type(exc).__name__
 
 
 # --------------------------------------------------------------------------- archives

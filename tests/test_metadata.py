@@ -18,7 +18,7 @@ from storage.sources import prepare_source
 
 
 class _Handler(SimpleHTTPRequestHandler):
-    """Files under the served directory, plus /status/<code> and /truncated/<file> bad cases."""
+    """Files under the served directory, plus /status/<code>, /loop/<file> and /truncated/<file> bad cases."""
 
     hits: dict
 
@@ -29,6 +29,12 @@ class _Handler(SimpleHTTPRequestHandler):
         self.hits[self.path] = self.hits.get(self.path, 0) + 1
         if self.path.startswith("/status/"):
             self.send_response(int(self.path.rsplit("/", 1)[1]))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if self.path.startswith("/loop/"):
+            self.send_response(302)
+            self.send_header("Location", self.path)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -147,6 +153,12 @@ def test_unreachable_host_is_an_error_naming_the_url(tmp_path):
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/captions_train2017.json"
     with pytest.raises(CCRKError, match=f"could not download metadata {url}"):
+        resolve_metadata([url], str(tmp_path / "cache"))
+
+
+def test_redirect_loop_is_an_error_naming_the_url(server, tmp_path):
+    url = server["url"] + "/loop/image_data.json"
+    with pytest.raises(CCRKError, match=f"could not download metadata {url}: too many redirects"):
         resolve_metadata([url], str(tmp_path / "cache"))
 
 

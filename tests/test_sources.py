@@ -373,6 +373,11 @@ def test_metadata_with_the_wrong_top_level_structure_is_a_clear_error(tmp_path, 
         prepare_source(source, files, root)
 
 
+def test_empty_metadata_is_a_clear_error(tmp_path, root):
+    with pytest.raises(CCRKError, match="cc3m metadata holds no records: .*Train_GCC-training.tsv"):
+        _cc3m(tmp_path, root, b"")
+
+
 def test_files_of_another_format_are_a_clear_error(demo, root):
     with pytest.raises(CCRKError, match="no coco metadata"):
         prepare_source("coco", demo["paths"]["cc3m"], root)

@@ -137,6 +137,8 @@ def prepare_source(source: str, metadata: list[str] | None, root: str | None, *,
 
     rejects = Rejects()
     images, captions = module.read(picked, rejects, limit=limit, max_caption_chars=max_chars)
+    if rejects.rows_read == 0:
+        raise CCRKError(f"{source} metadata holds no records: {', '.join(picked)}")
     atomic.write_parquet(images, images_path)
     atomic.write_parquet(captions, captions_path)
     prepared = PreparedSource(

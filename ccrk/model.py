@@ -1,0 +1,153 @@
+"""The CCRk model: Swin image encoder, XLM-R text encoder, XLM-R fusion encoder, and their heads.
+
+Public API (consumed by evaluation): :func:`load_pretrained`, ``CCRKModel.encode_image``,
+``encode_text``, ``itm_logits`` and the learnable temperature ``temp``. Checkpoints are
+``<run_dir>/checkpoints/step-XXXXXXX/model.safetensors`` + ``config.json`` (the run config); the
+tokenizer is saved once at ``<run_dir>/tokenizer``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ccrk.modeling.text import TextFusionEncoder
+from ccrk.modeling.vision import VisionEncoder
+
+TEMP_RANGE = (0.001, 0.5)
+
+
+def _mlp(width: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width, 2 * width), nn.LayerNorm(2 * width), nn.GELU(), nn.Linear(2 * width, out))
+
+
+class CCRKModel(nn.Module):
+    def __init__(self, model_cfg: dict, vocab_size: int):
+        super().__init__()
+        self.cfg = model_cfg
+        self.vision = VisionEncoder(model_cfg["vision"])
+        self.text = TextFusionEncoder(model_cfg["text"], vocab_size, self.vision.width)
+        hidden = self.text.config.hidden_size
+        embed_dim = model_cfg.get("embed_dim", 256)
+        self.vision_proj = nn.Linear(self.vision.width, embed_dim)
+        self.text_proj = nn.Linear(hidden, embed_dim)
+        self.itm_head = _mlp(hidden, 2)
+        self.temp = nn.Parameter(torch.tensor(float(model_cfg.get("temp", 0.07))))
+        for m in (self.vision_proj, self.text_proj, self.itm_head):
+            m.apply(self.text._init_weights)
+
+    # ------------------------------------------------------------------ API
+
+    def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image_embeds [B, 1+N, Dv], image_feat [B, E] L2-normalised)."""
+        embeds = self.vision(pixel_values)
+        return embeds, F.normalize(self.vision_proj(embeds[:, 0]).float(), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text_embeds [B, L, D] from the text-only layers, text_feat [B, E] L2-normalised)."""
+        embeds = self.text.encode(input_ids, attention_mask)
+        return embeds, F.normalize(self.text_proj(embeds[:, 0]).float(), dim=-1)
+
+    def fuse(self, image_embeds, image_atts, text_embeds, text_atts) -> torch.Tensor:
+        return self.text.fuse(text_embeds, text_atts, image_embeds, image_atts)
+
+    def itm_logits(self, image_embeds, image_atts, text_embeds, text_atts) -> torch.Tensor:
+        """[B, 2] matching logits on the fusion CLS (index 1 = match)."""
+        return self.itm_head(self.fuse(image_embeds, image_atts, text_embeds, text_atts)[:, 0]).float()
+
+    def mlm_logits(self, masked_ids, attention_mask, image_embeds, image_atts, predict: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits at the ``predict`` positions ([B, L] bool) only: [n_predict, V]."""
+        text_embeds = self.text.encode(masked_ids, attention_mask)
+        fused = self.fuse(image_embeds, image_atts, text_embeds, attention_mask)
+        return self.text.lm_head(fused[predict]).float()
+
+    def clamp_temp(self) -> None:
+        with torch.no_grad():
+            self.temp.clamp_(*TEMP_RANGE)
+
+    # ------------------------------------------------------------------ parameters
+
+    def pretrained_parameter_names(self) -> set[str]:
+        """Names loaded from pretrained checkpoints; every other parameter is new (trained with 2x lr)."""
+        return ({f"vision.{n}" for n in self.vision.pretrained_names}
+                | {f"text.{n}" for n in self.text.pretrained_names})
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def build_model(config: dict, tokenizer=None):
+    """(model, tokenizer) from a run config (random or pretrained-directory initialisation)."""
+    from ccrk.tokenizer import load_tokenizer
+
+    tokenizer = tokenizer or load_tokenizer(config["model"]["text"].get("tokenizer", "demo"))
+    resolve_architecture(config["model"])
+    return CCRKModel(config["model"], vocab_size=len(tokenizer)), tokenizer
+
+
+def resolve_architecture(model_cfg: dict) -> dict:
+    """Fill the architecture keys from pretrained directories' configs, so a checkpoint is self-contained."""
+    vision, text = model_cfg["vision"], model_cfg["text"]
+    if vision.get("init", "random") != "random":
+        from transformers import SwinConfig
+
+        c = SwinConfig.from_pretrained(vision["init"])
+        vision.update(image_size=c.image_size, patch_size=c.patch_size, embed_dim=c.embed_dim,
+                      depths=list(c.depths), num_heads=list(c.num_heads), window_size=c.window_size)
+    if text.get("init", "random") != "random":
+        from transformers import XLMRobertaConfig
+
+        c = XLMRobertaConfig.from_pretrained(text["init"])
+        text.update(hidden_size=c.hidden_size, num_heads=c.num_attention_heads,
+                    intermediate_size=c.intermediate_size, max_position=c.max_position_embeddings)
+    return model_cfg
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpt_root):
+        return None
+    steps = sorted(d for d in os.listdir(ckpt_root)
+                   if d.startswith("step-") and os.path.exists(os.path.join(ckpt_root, d, "model.safetensors")))
+    return os.path.join(ckpt_root, steps[-1]) if steps else None
+
+
+def save_model(model: CCRKModel, config: dict, ckpt_dir: str) -> None:
+    from safetensors.torch import save_model as st_save
+
+    from storage import atomic
+
+    with atomic.atomic_path(os.path.join(ckpt_dir, "model.safetensors")) as tmp:
+        st_save(model, tmp)  # handles the tied LM-head / embedding weight
+    atomic.write_json(os.path.join(ckpt_dir, "config.json"), config)
+
+
+def load_pretrained(run_or_dir: str, device: str | torch.device = "cpu"):
+    """(model, tokenizer, config) from a run dir (its latest checkpoint) or a checkpoint dir."""
+    from safetensors.torch import load_model
+
+    from ccrk.tokenizer import load_tokenizer
+    from storage.errors import CCRKError
+
+    ckpt = run_or_dir
+    if not os.path.exists(os.path.join(ckpt, "model.safetensors")):
+        ckpt = latest_checkpoint(run_or_dir)
+        if ckpt is None:
+            raise CCRKError(f"{run_or_dir} has no checkpoint (expected checkpoints/step-*/model.safetensors)")
+    with open(os.path.join(ckpt, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    tok_dir = next((d for d in (os.path.join(ckpt, "tokenizer"),
+                                os.path.join(os.path.dirname(os.path.dirname(ckpt)), "tokenizer"))
+                    if os.path.isdir(d)), None)
+    tokenizer = load_tokenizer(tok_dir or config["model"]["text"].get("tokenizer", "demo"))
+    # Random init here: the checkpoint holds every weight, pretrained directories need not exist.
+    model_cfg = json.loads(json.dumps(config["model"]))
+    model_cfg["vision"]["init"] = model_cfg["text"]["init"] = "random"
+    model = CCRKModel(model_cfg, vocab_size=len(tokenizer))
+    load_model(model, os.path.join(ckpt, "model.safetensors"), device=str(device))
+    model.to(device).eval()
+    return model, tokenizer, config
+

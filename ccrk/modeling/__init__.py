@@ -1,0 +1,1 @@
+"""Building blocks of the CCRk model: the Swin image encoder and the XLM-R text + fusion encoder."""

@@ -1,0 +1,140 @@
+"""The multilingual text encoder and the fusion encoder: XLM-R layers split in two halves.
+
+The first ``text_layers`` are text-only (they give the contrastive text feature); the next
+``fusion_layers`` add cross-attention to the image tokens. Layers are transformers
+``XLMRobertaLayer`` modules, so an XLM-R checkpoint loads by name after selecting layers (the
+paper takes XLM-R large's odd layers: 1, 3, ..., 23). Cross-attention weights are new.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from torch import nn
+
+
+def xlmr_config(cfg: dict, vocab_size: int):
+    from transformers import XLMRobertaConfig
+
+    init = cfg.get("init", "random")
+    if init != "random":
+        config = XLMRobertaConfig.from_pretrained(init)
+    else:
+        config = XLMRobertaConfig(
+            vocab_size=vocab_size, hidden_size=cfg["hidden_size"], num_attention_heads=cfg["num_heads"],
+            intermediate_size=cfg["intermediate_size"], max_position_embeddings=cfg.get("max_position", 514),
+            pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1)
+    if "dropout" in cfg:
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = float(cfg["dropout"])
+    config.num_hidden_layers = cfg["text_layers"] + cfg["fusion_layers"]
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def select_layers(spec, n_source: int, n_target: int) -> list[int]:
+    """Which source layers feed our layers: ``odd`` (1, 3, ...), ``first`` or an explicit list."""
+    if spec == "odd":
+        layers = list(range(1, n_source, 2))
+    elif spec == "first":
+        layers = list(range(n_source))
+    else:
+        layers = [int(i) for i in spec]
+    if len(layers) < n_target:
+        raise ValueError(f"layer selection {spec!r} gives {len(layers)} layers, need {n_target}")
+    return layers[:n_target]
+
+
+def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, L] 0/1 -> [B, 1, 1, L] bool for SDPA (True = attend); None when nothing is masked."""
+    if mask is None or bool(mask.all()):
+        return None
+    return mask[:, None, None, :].bool()
+
+
+class TextFusionEncoder(nn.Module):
+    def __init__(self, cfg: dict, vocab_size: int, vision_width: int):
+        super().__init__()
+        from transformers.models.xlm_roberta.modeling_xlm_roberta import (XLMRobertaEmbeddings,
+                                                                         XLMRobertaLayer, XLMRobertaLMHead)
+
+        self.config = xlmr_config(cfg, vocab_size)
+        self.n_text = cfg["text_layers"]
+        fusion_config = copy.deepcopy(self.config)
+        fusion_config.is_decoder, fusion_config.add_cross_attention = True, True
+        self.embeddings = XLMRobertaEmbeddings(self.config)
+        self.text_layers = nn.ModuleList([XLMRobertaLayer(self.config) for _ in range(self.n_text)])
+        self.fusion_layers = nn.ModuleList([XLMRobertaLayer(fusion_config) for _ in range(cfg["fusion_layers"])])
+        for layer in self.fusion_layers:
+            layer.attention.self.is_causal = False  # a decoder-flagged layer, but bidirectional self-attention
+        self.lm_head = XLMRobertaLMHead(self.config)
+        hidden = self.config.hidden_size
+        # Image tokens enter cross-attention at the text width (Swin-B and XLM-R large are both 1024).
+        self.image_to_text = nn.Identity() if vision_width == hidden else nn.Linear(vision_width, hidden)
+        self.apply(self._init_weights)
+        self.lm_head.decoder.weight = self.embeddings.word_embeddings.weight  # tied, as in XLM-R
+        self.pretrained_names: set[str] = set()
+        if cfg.get("init", "random") != "random":
+            self.pretrained_names = self._load_xlmr(cfg["init"], cfg.get("layers", "odd"))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def _load_xlmr(self, directory: str, layer_spec) -> set[str]:
+        """Copy XLM-R weights (embeddings, the selected layers, the LM head); returns the loaded names."""
+        from storage.errors import CCRKError
+
+        path = os.path.join(directory, "model.safetensors")
+        if os.path.exists(path):
+            from safetensors.torch import load_file
+
+            source = load_file(path)
+        elif os.path.exists(os.path.join(directory, "pytorch_model.bin")):
+            source = torch.load(os.path.join(directory, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        else:
+            raise CCRKError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
+        source = {k.removeprefix("roberta."): v for k, v in source.items()}
+        n_source = 1 + max(int(k.split(".")[2]) for k in source if k.startswith("encoder.layer."))
+        picked = select_layers(layer_spec, n_source, len(self.text_layers) + len(self.fusion_layers))
+        mapped: dict[str, torch.Tensor] = {}
+        for k, v in source.items():
+            if k.startswith("embeddings.") or k.startswith("lm_head."):
+                mapped[k] = v
+            elif k.startswith("encoder.layer."):
+                src = int(k.split(".")[2])
+                rest = k.split(".", 3)[3]
+                if src in picked:
+                    ours = picked.index(src)
+                    prefix = f"text_layers.{ours}" if ours < self.n_text else f"fusion_layers.{ours - self.n_text}"
+                    mapped[f"{prefix}.{rest}"] = v
+        own = self.state_dict()
+        loaded = {k: v for k, v in mapped.items() if k in own and own[k].shape == v.shape}
+        self.load_state_dict(loaded, strict=False)
+        self.lm_head.decoder.weight = self.embeddings.word_embeddings.weight
+        return set(loaded) | {"lm_head.decoder.weight"}
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text-only layers: [B, L, D]."""
+        h = self.embeddings(input_ids=input_ids)
+        mask = _bool_mask(attention_mask)
+        for layer in self.text_layers:
+            h = layer(h, attention_mask=mask)
+        return h
+
+    def fuse(self, text_embeds, text_atts, image_embeds, image_atts=None) -> torch.Tensor:
+        """Fusion layers: text tokens attend to themselves and to the image tokens: [B, L, D]."""
+        h, mask = text_embeds, _bool_mask(text_atts)
+        image = self.image_to_text(image_embeds)
+        image_mask = _bool_mask(image_atts)
+        for layer in self.fusion_layers:
+            h = layer(h, attention_mask=mask, encoder_hidden_states=image, encoder_attention_mask=image_mask)
+        return h

@@ -1,0 +1,125 @@
+"""Training objectives, chosen by the config's ``objective:`` key (``ccrk`` now; ``cl2cm`` later).
+
+An objective is an ``nn.Module`` holding the model; ``forward(batch, seed)`` returns a dict of
+scalar losses with ``loss`` the total to back-propagate. ``seed`` drives its sampling (hard
+negatives, masking) so that a resumed run draws what the uninterrupted run would have drawn.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ccrk import losses
+from ccrk.model import CCRKModel
+
+LOSS_DEFAULTS = {
+    "kcl": True,             # False: 1-to-1 contrastive, one random language per image per step ("w/o KCL")
+    "fusion": True,          # False: pure contrastive, no MITM / CMLM
+    "weights": {"itc": 1.0, "itm": 1.0, "mlm": 1.0},
+    "itm_positive": "hard",  # hard | uniform: which of the K captions is the MITM positive
+    "itm_negatives": "hard",  # hard | uniform
+    "mlm_caption": "hard",   # hard (the MITM hard positive) | uniform
+    "mask_prob": 0.15,
+}
+
+
+def loss_config(config: dict) -> dict:
+    cfg = {**LOSS_DEFAULTS, **config.get("loss", {})}
+    cfg["weights"] = {**LOSS_DEFAULTS["weights"], **config.get("loss", {}).get("weights", {})}
+    for key in ("itm_positive", "itm_negatives", "mlm_caption"):
+        if cfg[key] not in ("hard", "uniform"):
+            raise ValueError(f"loss.{key} must be 'hard' or 'uniform', not {cfg[key]!r}")
+    return cfg
+
+
+class CCRKObjective(nn.Module):
+    """1-to-K contrastive + hard-mined MITM + CMLM on the hard positive (weighted sum)."""
+
+    def __init__(self, model: CCRKModel, config: dict, tokenizer):
+        super().__init__()
+        self.model = model
+        self.cfg = loss_config(config)
+        self.itc = losses.OneToKContrastiveLoss()
+        self.mask_id = tokenizer.mask_token_id
+        self.vocab_high = self.mask_id if self.mask_id == len(tokenizer) - 1 else len(tokenizer)
+        self.special_ids = list(tokenizer.all_special_ids)
+
+    @property
+    def uses_all_parameters(self) -> bool:
+        w = self.cfg["weights"]
+        return self.cfg["fusion"] and w["itm"] > 0 and w["mlm"] > 0
+
+    def forward(self, batch: dict, seed: int) -> dict:
+        m, cfg, w = self.model, self.cfg, self.cfg["weights"]
+        m.clamp_temp()
+        image_embeds, image_feat = m.encode_image(batch["pixel_values"])
+        ids, atts, valid = batch["input_ids"], batch["attention_mask"], batch["text_valid"]
+        b, k, length = ids.shape
+        # The K captions of every image are encoded as one batch; missing ones are skipped.
+        flat_valid = valid.reshape(-1)
+        text_embeds_v, text_feat_v = m.encode_text(ids.reshape(-1, length)[flat_valid], atts.reshape(-1, length)[flat_valid])
+        text_feat = text_feat_v.new_zeros(b * k, text_feat_v.shape[-1])
+        text_feat[flat_valid] = text_feat_v
+        text_feat = text_feat.reshape(b, k, -1)
+        out = {"itc": self.itc(image_feat, text_feat, valid, m.temp)}
+        total = w["itc"] * out["itc"]
+        if cfg["fusion"] and (w["itm"] > 0 or w["mlm"] > 0):
+            gen = torch.Generator(device=ids.device).manual_seed(seed)
+            # Row of each valid caption in the compact encoded batch.
+            row_of = torch.full((b * k,), -1, dtype=torch.long, device=ids.device)
+            row_of[flat_valid] = torch.arange(int(flat_valid.sum()), device=ids.device)
+            row_of = row_of.reshape(b, k)
+            temp = m.temp.detach()
+            with torch.no_grad():
+                sim_own = torch.einsum("bd,bkd->bk", image_feat, text_feat)
+                pos_k = losses.sample(losses.positive_weights(sim_own, valid, temp, cfg["itm_positive"] == "hard"), gen)
+            pos_rows = row_of[torch.arange(b, device=ids.device), pos_k]
+            if w["itm"] > 0:
+                out["itm"] = self._itm(image_embeds, image_feat, text_embeds_v, text_feat_v,
+                                       atts.reshape(-1, length)[flat_valid], row_of, pos_rows, temp, gen)
+                total = total + w["itm"] * out["itm"]
+            if w["mlm"] > 0:
+                if cfg["mlm_caption"] == "uniform":
+                    mlm_k = losses.sample(losses.positive_weights(sim_own, valid, temp, hard=False), gen)
+                    mlm_rows = row_of[torch.arange(b, device=ids.device), mlm_k]
+                else:
+                    mlm_rows = pos_rows
+                out["mlm"] = self._mlm(image_embeds, ids.reshape(-1, length)[flat_valid][mlm_rows],
+                                       atts.reshape(-1, length)[flat_valid][mlm_rows], gen)
+                total = total + w["mlm"] * out["mlm"]
+        out["loss"] = total
+        return out
+
+    def _itm(self, image_embeds, image_feat, text_embeds, text_feat, text_atts, row_of, pos_rows, temp, gen):
+        """Positive (image, hard-positive caption) pairs vs a hard negative caption per image and a hard
+        negative image per positive caption: 2-way cross-entropy on the ITM head, both directions."""
+        b = image_embeds.shape[0]
+        owner = torch.nonzero(row_of >= 0)[:, 0]  # image of each encoded caption (row-major = compact order)
+        with torch.no_grad():
+            own = owner[None, :] == torch.arange(b, device=owner.device)[:, None]  # [B, T]
+            hard = self.cfg["itm_negatives"] == "hard"
+            neg_text = losses.sample(losses.negative_weights(image_feat @ text_feat.t(), own, temp, hard), gen)
+            neg_image = losses.sample(losses.negative_weights(text_feat[pos_rows] @ image_feat.t(),
+                                                              torch.eye(b, dtype=torch.bool, device=owner.device),
+                                                              temp, hard), gen)
+        image_all = torch.cat([image_embeds, image_embeds, image_embeds[neg_image]])
+        text_rows = torch.cat([pos_rows, neg_text, pos_rows])
+        logits = self.model.itm_logits(image_all, None, text_embeds[text_rows], text_atts[text_rows])
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+        return nn.functional.cross_entropy(logits, labels)
+
+    def _mlm(self, image_embeds, ids, atts, gen):
+        masked, predict = losses.mask_tokens(ids, atts, self.mask_id, self.vocab_high, self.special_ids,
+                                             self.cfg["mask_prob"], gen)
+        logits = self.model.mlm_logits(masked, atts, image_embeds, None, predict)
+        return nn.functional.cross_entropy(logits, ids[predict])
+
+
+OBJECTIVES = {"ccrk": CCRKObjective}
+
+
+def build_objective(model: CCRKModel, config: dict, tokenizer) -> nn.Module:
+    name = config.get("objective", "ccrk")
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; available: {', '.join(sorted(OBJECTIVES))}")
+    return OBJECTIVES[name](model, config, tokenizer)

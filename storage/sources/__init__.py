@@ -100,7 +100,12 @@ def _load_prepared(directory: str) -> PreparedSource:
 
     with fsspec.open(layout.join(directory, SOURCE_FILE), "r", encoding="utf-8") as f:
         meta = json.load(f)
-    return PreparedSource(**{k: meta[k] for k in PreparedSource.__dataclass_fields__ if k in meta})
+    prepared = PreparedSource(**{k: meta[k] for k in PreparedSource.__dataclass_fields__ if k in meta})
+    # Paths as seen from this root (the data root may have been moved or mounted elsewhere).
+    prepared.directory = directory
+    prepared.images_path = layout.join(directory, IMAGES_FILE)
+    prepared.captions_path = layout.join(directory, CAPTIONS_FILE)
+    return prepared
 
 
 def prepare_source(source: str, metadata: list[str] | None, root: str | None, *, limit: int | None = None,

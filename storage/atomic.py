@@ -24,6 +24,10 @@ def atomic_path(path: str) -> Iterator[str]:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
     os.close(fd)
+    # mkstemp creates 0600; give the final file the usual umask-derived mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
         with open(tmp, "rb") as f:

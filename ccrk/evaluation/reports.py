@@ -176,9 +176,12 @@ def plot_rank_variance(variances: dict[str, np.ndarray], path: str, title: str) 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     drawn = False
+    present = [v for v in variances.values() if len(v)]
+    # Shared bins, so a direction whose variances are all near 0 still shows as a visible bar.
+    bins = np.histogram_bin_edges(np.concatenate(present), bins=30) if present else 30
     for label, v in variances.items():
         if len(v):
-            ax.hist(v, bins=30, alpha=0.6, label=f"{label} (mean {np.mean(v):.2f})")
+            ax.hist(v, bins=bins, alpha=0.6, label=f"{label} (mean {np.mean(v):.2f})")
             drawn = True
     if not drawn:
         ax.text(0.5, 0.5, "no instances shared by two or more languages", ha="center", va="center")

@@ -14,6 +14,7 @@ import sys
 import tarfile
 import time
 
+import pytest
 from PIL import Image
 
 from ccrk.cli import main as ccrk
@@ -66,6 +67,7 @@ def _stats_files(version_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(version_dir, "shards", "*_stats.json"))) if version_dir else []
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_uninterrupted_shards(tmp_path):
     from prefect.settings import PREFECT_API_URL
 

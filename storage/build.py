@@ -93,14 +93,14 @@ class BuildResult:
         return asdict(self)
 
 
-def normalize_caption(text: str) -> str:
+def caption_normalizer():
     """The translation store's normalisation (one definition: ``translation.normalize``)."""
     try:
         from translation.normalize import normalize
     except ImportError as exc:  # pragma: no cover - the translation stage ships it
         raise CCRKError("translation.normalize is missing: the build needs the translation stage's "
                         "caption normalisation to find translations") from exc
-    return normalize(text)
+    return normalize
 
 
 def resolve_sources(root: str, sources, source_versions: dict | None = None) -> list[SourceInput]:
@@ -352,7 +352,8 @@ def _load_sources(con, srcs) -> None:
     con.execute(f"CREATE TEMP TABLE cap_raw AS {' UNION ALL '.join(cap_parts)}")
     # text_sha of the normalised caption: the translation store's key.
     texts = [r[0] for r in con.execute("SELECT DISTINCT caption FROM cap_raw WHERE caption IS NOT NULL").fetchall()]
-    norm = [normalize_caption(t) for t in texts]
+    normalize = caption_normalizer()
+    norm = [normalize(t) for t in texts]
     con.register("shas", pa.table({"caption": texts, "norm": norm, "text_sha": [text_sha(n) for n in norm]}))
     con.execute("""
         CREATE TEMP TABLE cap AS
@@ -528,8 +529,13 @@ def shard_groups(n_shards: int, shards_per_task: int) -> list[list[int]]:
     return [list(range(i, min(i + per, n_shards))) for i in range(0, n_shards, per)]
 
 
-def write_shard_group(dataset_path: str, shard_ids, progress=None) -> list[dict]:
-    """Write the given shards from the plan; already written ones are skipped (resume)."""
+def write_shard_group(dataset_path: str, shard_ids, progress=None, threads: int | None = None) -> list[dict]:
+    """Write the given shards from the plan; already written ones are skipped (resume).
+
+    Shards are independent, so up to ``threads`` (default: the CPU count, at most 4) are written
+    at once: file reads/writes and sha256 release the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
     staging = os.path.join(dataset_path, STAGING)
     todo = [s for s in shard_ids if not os.path.exists(os.path.join(staging, f"{shard_name(s)}.index.json"))]
     out = [json.load(open(os.path.join(staging, f"{shard_name(s)}.index.json")))
@@ -542,33 +548,47 @@ def write_shard_group(dataset_path: str, shard_ids, progress=None) -> list[dict]
     plan = pq.read_table(os.path.join(staging, "plan.parquet"), filters=[("shard", "in", todo)],
                          columns=["idx", "shard", "key", "tar_path", "img_offset", "img_size", "meta_json"])
     plan = plan.sort_by("idx")
+
+    def one(sid: int) -> dict:
+        rows = plan.filter(pc.equal(plan["shard"], sid)).to_pydict()
+        record = _write_shard(dataset_path, sid, rows)
+        if progress:
+            progress(record["n_samples"])
+        return record
+
+    workers = max(1, min(len(todo), threads or min(4, os.cpu_count() or 1)))
+    if workers == 1:
+        out += [one(sid) for sid in todo]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            out += list(pool.map(one, todo))
+    return sorted(out, key=lambda r: r["name"])
+
+
+def _write_shard(dataset_path: str, sid: int, rows: dict) -> dict:
     fds: dict[str, int] = {}
     try:
-        for sid in todo:
-            rows = plan.filter(pc.equal(plan["shard"], sid)).to_pydict()
-            writer = KLingualShardWriter(os.path.join(dataset_path, "shards", shard_name(sid)))
-            with writer:
-                for key, tar, off, size, meta in zip(rows["key"], rows["tar_path"], rows["img_offset"],
-                                                     rows["img_size"], rows["meta_json"]):
-                    fd = fds.get(tar)
-                    if fd is None:
-                        fd = fds[tar] = os.open(tar, os.O_RDONLY)
-                    jpg = os.pread(fd, size, off)
-                    if len(jpg) != size:
-                        raise CCRKError(f"{tar}: image {key} is truncated (wanted {size} bytes at {off}); "
-                                        "the source shard changed since the plan -- rebuild")
-                    writer.add(key, jpg, meta)
-                info = writer.close()
-            record = {"name": info.name, "n_samples": info.n_samples, "bytes": info.bytes, "sha256": info.sha256,
-                      "members": [asdict(m) for m in info.members]}
-            atomic.write_json(os.path.join(staging, f"{info.name}.index.json"), record)
-            out.append(record)
-            if progress:
-                progress(info.n_samples)
+        writer = KLingualShardWriter(os.path.join(dataset_path, "shards", shard_name(sid)))
+        with writer:
+            for key, tar, off, size, meta in zip(rows["key"], rows["tar_path"], rows["img_offset"],
+                                                 rows["img_size"], rows["meta_json"]):
+                fd = fds.get(tar)
+                if fd is None:
+                    fd = fds[tar] = os.open(tar, os.O_RDONLY)
+                jpg = os.pread(fd, size, off)
+                if len(jpg) != size:
+                    raise CCRKError(f"{tar}: image {key} is truncated (wanted {size} bytes at {off}); "
+                                    "the source shard changed since the plan -- rebuild")
+                writer.add(key, jpg, meta)
+            info = writer.close()
     finally:
         for fd in fds.values():
             os.close(fd)
-    return sorted(out, key=lambda r: r["name"])
+    record = {"name": info.name, "n_samples": info.n_samples, "bytes": info.bytes, "sha256": info.sha256,
+              "members": [[m.key, m.jpg_offset, m.jpg_size, m.json_offset, m.json_size] for m in info.members]}
+    # The index file marks the shard done (written after the shard's rename).
+    atomic.write_json(os.path.join(dataset_path, STAGING, f"{info.name}.index.json"), record)
+    return record
 
 
 # --------------------------------------------------------------------------- step 3: manifest

@@ -44,9 +44,9 @@ def write_manifest(dataset_path: str, shards: list[dict], lineage: dict) -> None
                       for s in shards]})
     members = {k: [] for k in ("key", "jpg_offset", "jpg_size", "json_offset", "json_size")}
     for s in shards:
-        for m in s["members"]:
-            for k in members:
-                members[k].append(m[k])
+        for m in s["members"]:  # [key, jpg_offset, jpg_size, json_offset, json_size]
+            for k, v in zip(members, m):
+                members[k].append(v)
     shard_table = pa.table({"name": [s["name"] for s in shards], "n_samples": [s["n_samples"] for s in shards],
                             "bytes": [s["bytes"] for s in shards], "sha256": [s["sha256"] for s in shards]})
     drops = json.load(open(os.path.join(staging, "drops.json")))

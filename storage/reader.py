@@ -55,12 +55,15 @@ class KLingualDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[tuple[Image.Image, list[dict[str, str]]]]:
         return self.iter_from(0)
 
-    def iter_from(self, offset: int) -> Iterator[tuple[Image.Image, list[dict[str, str]]]]:
-        """Samples from the ``offset``-th of this epoch's order onwards."""
+    def iter_from(self, offset: int, part: int | None = None, parts: int | None = None
+                  ) -> Iterator[tuple[Image.Image, list[dict[str, str]]]]:
+        """Samples from the ``offset``-th of this epoch's order onwards; of those, every
+        ``parts``-th starting at ``part`` (default: this DataLoader worker's share, else all)."""
         order = self.order()[int(offset):]
-        info = torch.utils.data.get_worker_info()
-        if info is not None:
-            order = order[info.id::info.num_workers]
+        if parts is None:
+            info = torch.utils.data.get_worker_info()
+            part, parts = (info.id, info.num_workers) if info is not None else (0, 1)
+        order = order[int(part or 0)::int(parts)]
         files: dict[str, object] = {}
         try:
             for i in order:

@@ -55,7 +55,8 @@ class ShardInfo:
     members: list[MemberRef] = field(default_factory=list)
 
 
-def _header(name: str, size: int) -> bytes:
+def _tarinfo_header(name: str, size: int) -> bytes:
+    """The reference header (tarfile's own encoder) -- used to check :func:`_header`."""
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = 0
@@ -64,6 +65,27 @@ def _header(name: str, size: int) -> bytes:
     info.uname = info.gname = ""
     info.type = tarfile.REGTYPE
     return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+
+
+# Every header field but the name, size and checksum is constant: assemble the ustar header
+# directly (tarfile's encoder costs ~150 us per member; this is ~5 us). Same bytes as tarfile.
+_MID = (b"0000644\0" + b"0000000\0" + b"0000000\0")           # mode, uid, gid
+_MTIME = b"00000000000\0"
+_TAIL = (b"0" + bytes(100) + b"ustar\x0000" + bytes(32) + bytes(32)   # type, linkname, magic+version, owner
+         + bytes(8) + bytes(8) + bytes(155) + bytes(12))              # devmajor, devminor, prefix, pad
+_CONST_SUM = sum(_MID) + sum(_MTIME) + sum(_TAIL) + 8 * 32         # checksum field counts as spaces
+
+
+def _header(name: str, size: int) -> bytes:
+    raw = name.encode("ascii")
+    if len(raw) > 100:
+        raise ValueError(f"tar member name too long: {name!r}")
+    if size >= 8 ** 11:
+        raise ValueError(f"member {name!r} too large for a ustar header ({size} bytes)")
+    name_field = raw + bytes(100 - len(raw))
+    size_field = b"%011o\0" % size
+    chksum = _CONST_SUM + sum(raw) + sum(size_field)
+    return b"".join((name_field, _MID, size_field, _MTIME, b"%06o\0 " % chksum, _TAIL))
 
 
 class KLingualShardWriter:
@@ -88,24 +110,18 @@ class KLingualShardWriter:
         self._sha.update(data)
         self._offset += len(data)
 
-    def _member(self, name: str, data: bytes) -> int:
-        self._write(_header(name, len(data)))
-        offset = self._offset
-        self._write(data)
-        pad = -len(data) % BLOCK
-        if pad:
-            self._write(_ZERO[:pad])
-        return offset
-
     def add(self, key: str, jpg: bytes, meta_json: bytes) -> None:
         if key != safe_key(key):
             raise ValueError(f"unsafe sample key {key!r}")
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r} in {self.path}")
         self._keys.add(key)
-        # Sorted member names within a sample: '<key>.jpg' < '<key>.json'.
-        jpg_off = self._member(f"{key}.jpg", jpg)
-        json_off = self._member(f"{key}.json", meta_json)
+        # Sorted member names within a sample: '<key>.jpg' < '<key>.json'. One write per sample.
+        jpg_off = self._offset + BLOCK
+        json_off = jpg_off + len(jpg) + (-len(jpg) % BLOCK) + BLOCK
+        self._write(b"".join((_header(f"{key}.jpg", len(jpg)), jpg, _ZERO[:-len(jpg) % BLOCK],
+                              _header(f"{key}.json", len(meta_json)), meta_json,
+                              _ZERO[:-len(meta_json) % BLOCK])))
         self.members.append(MemberRef(key, jpg_off, len(jpg), json_off, len(meta_json)))
 
     def close(self) -> ShardInfo:
@@ -133,8 +149,42 @@ class KLingualShardWriter:
 
 
 def index_source_tar(path: str, ext: str = ".jpg") -> dict[str, tuple[int, int]]:
-    """``{key: (data offset, size)}`` of the ``<key><ext>`` members of an image tar, read from the
-    headers only (img2dataset shards). A truncated tail ends the index; it never raises."""
+    """``{key: (data offset, size)}`` of the ``<key><ext>`` members of an image tar (img2dataset
+    shards), from the headers only. Plain ustar headers are parsed here (fast); an archive with
+    extended headers (pax / GNU long names) goes through :mod:`tarfile`. A truncated or damaged
+    tail ends the index: the images before it count, the rest are simply absent."""
+    out: dict[str, tuple[int, int]] = {}
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            pos = 0
+            while pos + BLOCK <= size:
+                f.seek(pos)
+                h = f.read(BLOCK)
+                if len(h) < BLOCK or h == _ZERO[:BLOCK]:
+                    break
+                try:
+                    stored = int(h[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+                    n = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+                except ValueError:
+                    break  # a damaged header: the archive ends here for us
+                if stored != sum(h) - sum(h[148:156]) + 256:
+                    break
+                if h[156:157] not in (b"0", b"\0"):
+                    return _index_with_tarfile(path, ext)
+                name = h[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+                if h[257:262] == b"ustar" and h[345:500].strip(b"\0"):
+                    name = h[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+                data = pos + BLOCK
+                if name.endswith(ext) and data + n <= size:
+                    out[os.path.basename(name)[: -len(ext)]] = (data, n)
+                pos = data + n + (-n % BLOCK)
+    except OSError:
+        pass
+    return out
+
+
+def _index_with_tarfile(path: str, ext: str) -> dict[str, tuple[int, int]]:
     out: dict[str, tuple[int, int]] = {}
     try:
         with tarfile.open(path, "r:") as tar:
@@ -146,8 +196,7 @@ def index_source_tar(path: str, ext: str = ".jpg") -> dict[str, tuple[int, int]]
                 if m is None:
                     break
                 if m.isfile() and m.name.endswith(ext):
-                    base = os.path.basename(m.name)[: -len(ext)]
-                    out[base] = (m.offset_data, m.size)
+                    out[os.path.basename(m.name)[: -len(ext)]] = (m.offset_data, m.size)
     except (tarfile.TarError, OSError):
         pass
     size = os.path.getsize(path) if os.path.exists(path) else 0

@@ -294,6 +294,16 @@ def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed
         con.close()
 
 
+def _finished_shards(source_path: str, ext: str) -> list[str]:
+    """The source's img2dataset shard files whose ``NNNNN_stats.json`` exists (img2dataset writes
+    it last, so a shard without one is unfinished and not used)."""
+    out = []
+    for f in sorted(glob.glob(os.path.join(source_path, "shards", f"*{ext}"))):
+        if os.path.exists(f[: -len(ext)] + "_stats.json"):
+            out.append(f)
+    return out
+
+
 def _load_sources(con, srcs) -> None:
     img_parts, cap_parts, loc_rows = [], [], {"source": [], "shard_key": [], "tar_path": [], "offset": [], "size": []}
     from storage.shards import index_source_tar
@@ -316,7 +326,7 @@ def _load_sources(con, srcs) -> None:
         cap_parts.append(f"SELECT {_sql_str(s.name)} AS source, CAST(image_key AS VARCHAR) AS image_key, "
                          f"CAST(caption_id AS VARCHAR) AS caption_id, CAST(caption AS VARCHAR) AS caption, {boxes} "
                          f"FROM read_parquet({cp})")
-        for tar in sorted(glob.glob(os.path.join(s.path, "shards", "*.tar"))):
+        for tar in _finished_shards(s.path, ".tar"):
             for key, (off, size) in index_source_tar(tar).items():
                 loc_rows["source"].append(s.name)
                 loc_rows["shard_key"].append(key)
@@ -328,7 +338,7 @@ def _load_sources(con, srcs) -> None:
     con.register("tar_index", locs)
     status_parts = []
     for s in srcs:
-        files = sorted(glob.glob(os.path.join(s.path, "shards", "*.parquet")))
+        files = _finished_shards(s.path, ".parquet")
         if files:
             status_parts.append(
                 f"SELECT {_sql_str(s.name)} AS source, CAST(key AS VARCHAR) AS shard_key, CAST(image_key AS VARCHAR) AS image_key "

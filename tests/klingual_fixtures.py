@@ -109,6 +109,9 @@ def write_source(root: str, source: str, version: str, images: list[dict], recor
         with open(tar_path, "r+b") as f:
             f.truncate(cut_at)
     pq.write_table(pa.table(status), os.path.join(d, "shards", "00000.parquet"))
+    ok = sum(1 for s in status["status"] if s == "success")
+    with open(os.path.join(d, "shards", "00000_stats.json"), "w") as f:
+        json.dump({"count": len(images), "successes": ok, "failed_to_download": len(images) - ok}, f)
     pq.write_table(pa.table(img_rows), os.path.join(d, "images.parquet"))
     pq.write_table(pa.table(cap_rows), os.path.join(d, "captions.parquet"))
     with open(os.path.join(d, "source.json"), "w") as f:

@@ -70,6 +70,7 @@ class TranslationSet:
     files: list[str]
     content_id: str = ""
     artifact_versions: list[str] = field(default_factory=list)
+    artifact_params: dict = field(default_factory=dict)  # the translation stage's recorded settings
 
     @property
     def set_id(self) -> str:
@@ -163,8 +164,9 @@ def discover_translations(root: str, langs, chosen=None) -> dict[str, list[Trans
     for ts in sets.values():
         for t in ts:
             t.content_id = files_sha256(t.files)[:16]
-            t.artifact_versions = sorted(a.version for a in recorded
-                                         if _same_or_parent(a.path, t.path))
+            matched = [a for a in recorded if _same_or_parent(a.path, t.path)]
+            t.artifact_versions = sorted(a.version for a in matched)
+            t.artifact_params = {a.version: a.params for a in matched}
     return sets
 
 
@@ -261,6 +263,9 @@ def _lineage_rows(name, version, srcs, tsets, params) -> list[list[str]]:
         for t in ts:
             rows.append(["translation", lang, f"model_id={t.model_id} decode_id={t.decode_id} "
                                               f"content={t.content_id}"])
+            for version, p in sorted(t.artifact_params.items()):
+                rows.append(["translation_artifact", f"{t.set_id}/{lang}",
+                             f"{version} " + json.dumps(p, sort_keys=True, default=str)])
     for k, v in sorted(params.items()):
         rows.append(["param", k, json.dumps(v)])
     return rows

@@ -137,7 +137,11 @@ def test_a_killed_build_resumes_to_the_same_bytes(tmp_path):
 
 
 def test_manifest_indexes_and_catalog_record_lineage(root):
+    from storage import layout
+    from storage.catalog import Artifact
     tiny_corpus(root)
+    Catalog(root).record(Artifact("tr1", "translation", f"{MODEL}/{DECODE}", layout.join(root, "translations", MODEL, DECODE),
+                                  params={"min_uniformity": 0.5}, parents=["cocov1", "vgv1"]))
     r = build_dataset(root, **ARGS)
     con = duckdb.connect(os.path.join(r.path, "manifest.duckdb"), read_only=True)
     shards = con.execute("SELECT name, n_samples, bytes, sha256 FROM shards ORDER BY name").fetchall()
@@ -156,7 +160,9 @@ def test_manifest_indexes_and_catalog_record_lineage(root):
     wids = json.load(open(os.path.join(r.path, "shards", "wids-index.json")))
     assert [(s["url"], s["nsamples"]) for s in wids["shardlist"]] == [(name, n) for name, n, _, _ in shards]
     art = Catalog(root).get(r.version)
-    assert art.kind == "dataset" and art.path == r.path and set(art.parents) == {"cocov1", "vgv1"}
+    assert art.kind == "dataset" and art.path == r.path and set(art.parents) == {"cocov1", "vgv1", "tr1"}
+    assert any(k == "translation_artifact" and "tr1" in v and "min_uniformity" in v for k, _, v in lineage)
+    assert {a.version for _, a in Catalog(root).lineage(r.version)} == {r.version, "cocov1", "vgv1", "tr1"}
     assert art.stats["n_samples"] == 5
 
 

@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build of 2.13.0, never a CUDA wheel pulled in by a range.
 	$(VENV)/bin/python -m pip install -q torch==2.13.0
-	$(VENV)/bin/python -m pip install -q -c constraints.txt -e '.[test]'
+	$(VENV)/bin/python -m pip install -q -c constraints.txt -e '.[test,ray]'
 	# img2dataset drags in the `dataclasses` 0.6 backport, which shadows the standard
 	# library module and breaks Prefect's server: remove it.
 	-$(VENV)/bin/python -m pip uninstall -q -y dataclasses

@@ -27,6 +27,8 @@ def xlmr_config(cfg: dict, vocab_size: int):
             pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1)
     if "dropout" in cfg:
         config.hidden_dropout_prob = config.attention_probs_dropout_prob = float(cfg["dropout"])
+    if "init_std" in cfg:  # random init only: a tiny model learns faster from a wider start
+        config.initializer_range = float(cfg["init_std"])
     config.num_hidden_layers = cfg["text_layers"] + cfg["fusion_layers"]
     config._attn_implementation = "sdpa"
     return config

@@ -1,0 +1,70 @@
+"""Two CPU processes (gloo, DDP) give the loss and gradients of one process on the whole batch."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from ccrk.trainer import load_config
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")
+
+
+def _setup(fusion: bool):
+    from ccrk.model import build_model
+    from ccrk.objectives import build_objective
+
+    config = load_config(CONFIG)
+    config["loss"]["fusion"] = fusion
+    torch.manual_seed(0)
+    model, tok = build_model(config)
+    g = torch.Generator().manual_seed(1)
+    b, k, length = 8, 5, 9
+    ids = torch.randint(4, len(tok) - 1, (b, k, length), generator=g)
+    ids[..., 0], ids[..., -1] = 0, 2
+    batch = {"pixel_values": torch.randn(b, 3, 64, 64, generator=g), "input_ids": ids,
+             "attention_mask": torch.ones_like(ids),
+             "text_valid": torch.rand(b, k, generator=g) > 0.3}
+    batch["text_valid"][:, 0] = True
+    return model, build_objective(model, config, tok), batch
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model, objective, batch = _setup(fusion=False)
+    half = {k: v.chunk(world)[rank] for k, v in batch.items()}
+    ddp = DDP(objective, find_unused_parameters=not objective.uses_all_parameters)  # fusion layers idle
+    out = ddp(half, 0)
+    out["loss"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    save_file({"loss": out["loss"].detach().reshape(1), **grads}, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    dist.destroy_process_group()
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    import socket
+
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    model, objective, batch = _setup(fusion=False)
+    out = objective(batch, 0)
+    out["loss"].backward()
+    for rank in (0, 1):
+        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+        assert got.pop("loss").item() == pytest.approx(out["loss"].item(), rel=1e-5)
+        for name, p in model.named_parameters():
+            if p.grad is None:
+                continue
+            assert torch.allclose(got[name], p.grad, rtol=1e-4, atol=1e-6), name

@@ -1,0 +1,122 @@
+"""The model API evaluation consumes, checkpoints, initialisation from local HF dirs, transforms."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from ccrk.data import image_transform
+from ccrk.model import build_model, load_pretrained, save_model
+from ccrk.trainer import load_config
+
+torch.set_num_threads(1)
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = load_config(CONFIG)
+    model, tok = build_model(config)
+    return model.eval(), tok, config
+
+
+def test_api_shapes_normalised_features_and_temperature(tiny):
+    model, tok, config = tiny
+    px = torch.randn(3, 3, 64, 64)
+    image_embeds, image_feat = model.encode_image(px)
+    assert image_embeds.shape[0] == 3 and image_embeds.ndim == 3
+    assert image_feat.shape == (3, 256)
+    assert torch.allclose(image_feat.norm(dim=-1), torch.ones(3), atol=1e-5)
+    enc = tok(["a red circle", "una estrella verde pequeña", "маленький красный круг слева"], padding=True,
+              return_tensors="pt")
+    text_embeds, text_feat = model.encode_text(enc["input_ids"], enc["attention_mask"])
+    assert text_embeds.shape[:2] == enc["input_ids"].shape and text_feat.shape == (3, 256)
+    assert torch.allclose(text_feat.norm(dim=-1), torch.ones(3), atol=1e-5)
+    image_atts = torch.ones(image_embeds.shape[:2], dtype=torch.long)
+    logits = model.itm_logits(image_embeds, image_atts, text_embeds, enc["attention_mask"])
+    assert logits.shape == (3, 2)
+    assert model.temp.item() == pytest.approx(0.07)
+
+
+def test_padding_does_not_change_text_features(tiny):
+    model, tok, _ = tiny
+    short = tok(["a red circle"], return_tensors="pt")
+    padded = tok(["a red circle", "a small green star at the top and a blue heart"], padding=True, return_tensors="pt")
+    _, a = model.encode_text(short["input_ids"], short["attention_mask"])
+    _, b = model.encode_text(padded["input_ids"], padded["attention_mask"])
+    assert torch.allclose(a[0], b[0], atol=1e-5)
+
+
+def test_load_pretrained_round_trip(tiny, tmp_path):
+    model, tok, config = tiny
+    run_dir = tmp_path / "run"
+    save_model(model, config, str(run_dir / "checkpoints" / "step-0000007"))
+    tok.save_pretrained(str(run_dir / "tokenizer"))
+    loaded, tok2, config2 = load_pretrained(str(run_dir))
+    assert config2["model"] == config["model"] and len(tok2) == len(tok)
+    px = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(px)[1], loaded.encode_image(px)[1])
+    # The MLM decoder stays tied to the word embeddings after loading.
+    assert loaded.text.lm_head.decoder.weight.data_ptr() == loaded.text.embeddings.word_embeddings.weight.data_ptr()
+
+
+def test_init_from_local_hf_dirs_takes_odd_layers(tmp_path):
+    from transformers import SwinConfig, SwinModel, XLMRobertaConfig, XLMRobertaForMaskedLM
+
+    from ccrk.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("demo")
+    torch.manual_seed(1)
+    xlmr = XLMRobertaForMaskedLM(XLMRobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=4,
+                                                  num_attention_heads=2, intermediate_size=64,
+                                                  max_position_embeddings=40, pad_token_id=1))
+    xlmr.save_pretrained(str(tmp_path / "xlmr"))
+    swin = SwinModel(SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                                window_size=4))
+    swin.save_pretrained(str(tmp_path / "swin"))
+    config = load_config(CONFIG)
+    config["model"]["vision"] = {"init": str(tmp_path / "swin"), "drop_path": 0.0}
+    config["model"]["text"] = {"init": str(tmp_path / "xlmr"), "tokenizer": "demo", "layers": "odd",
+                               "text_layers": 1, "fusion_layers": 1}
+    model, _ = build_model(config)
+    src = xlmr.state_dict()
+    ours = model.state_dict()
+    assert torch.equal(ours["text.text_layers.0.attention.self.query.weight"],
+                       src["roberta.encoder.layer.1.attention.self.query.weight"])
+    assert torch.equal(ours["text.fusion_layers.0.output.dense.weight"], src["roberta.encoder.layer.3.output.dense.weight"])
+    assert torch.equal(ours["text.embeddings.word_embeddings.weight"], src["roberta.embeddings.word_embeddings.weight"])
+    assert torch.equal(ours["vision.swin.embeddings.patch_embeddings.projection.weight"],
+                       swin.state_dict()["embeddings.patch_embeddings.projection.weight"])
+    pretrained = model.pretrained_parameter_names()
+    assert "text.text_layers.0.attention.self.query.weight" in pretrained
+    new = {n for n, _ in model.named_parameters()} - pretrained
+    assert "text.fusion_layers.0.crossattention.self.key.weight" in new and "itm_head.0.weight" in new
+    assert "temp" in new and "vision_proj.weight" in new
+    # The checkpoint records the architecture, so loading needs neither directory.
+    assert config["model"]["text"]["hidden_size"] == 32 and config["model"]["vision"]["embed_dim"] == 16
+
+
+def test_image_transforms():
+    config = load_config(CONFIG)
+    img = Image.new("RGB", (128, 96), (200, 30, 30))
+    assert image_transform(config, train=False)(img).shape == (3, 64, 64)
+    train = image_transform(config, train=True)
+    a = train(img.copy(), random.Random(3))
+    assert a.shape == (3, 64, 64)
+    assert torch.equal(a, train(img.copy(), random.Random(3)))  # same generator, same augmentation
+
+
+def test_demo_tokenizer_is_reproducible(tmp_path):
+    from ccrk.tokenizer import DEMO_TOKENIZER_DIR, build_demo_tokenizer, load_tokenizer
+
+    build_demo_tokenizer(str(tmp_path / "tok"))
+    with open(tmp_path / "tok" / "tokenizer.json", "rb") as f, open(os.path.join(DEMO_TOKENIZER_DIR, "tokenizer.json"), "rb") as g:
+        assert f.read() == g.read()
+    tok = load_tokenizer("demo")
+    assert tok.tokenize("solda büyük kırmızı bir daire") == ["▁solda", "▁büyük", "▁kırmızı", "▁bir", "▁daire"]
+    assert tok.mask_token_id == len(tok) - 1 and tok.pad_token_id == 1

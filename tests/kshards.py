@@ -79,7 +79,7 @@ def make_klingual_dataset(out_dir: str, n_images: int = 64, seed: int = 0, per_s
                         caps[name].append(value)
         info = writer.close()
         shards.append({"name": info.name, "n_samples": info.n_samples, "bytes": info.bytes, "sha256": info.sha256,
-                       "members": [m.__dict__ for m in info.members]})
+                       "members": [[m.key, m.jpg_offset, m.jpg_size, m.json_offset, m.json_size] for m in info.members]})
     atomic.write_parquet(pa.table(plan), os.path.join(staging, "plan.parquet"))
     atomic.write_parquet(pa.table(caps), os.path.join(staging, "captions.parquet"))
     atomic.write_json(os.path.join(staging, "drops.json"), [])

@@ -1,0 +1,106 @@
+"""Cost of K captions per image: training-step time and peak memory at K = 1, 6, 10 on the same images.
+
+The model keeps the full CCRk model's proportions (a 4-stage Swin image tower, a text + fusion
+stack of XLM-R layers, text width = image width) scaled to a CPU; on a GPU ``--full`` uses the
+paper's Swin-B 224 + XLM-R-large-sized layers (random weights). Captions come from the demo
+grammar. Prints a table and, last, ``overhead_k6=X.XX overhead_k10=Y.YY`` (relative to K = 1).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, ".")
+
+
+def bench_config(full: bool) -> dict:
+    if full:
+        vision = {"init": "random", "image_size": 224, "patch_size": 4, "embed_dim": 128, "depths": [2, 2, 18, 2],
+                  "num_heads": [4, 8, 16, 32], "window_size": 7, "drop_path": 0.0}
+        text = {"init": "random", "tokenizer": "demo", "hidden_size": 1024, "num_heads": 16,
+                "intermediate_size": 4096, "text_layers": 6, "fusion_layers": 6, "max_position": 64, "dropout": 0.0}
+    else:
+        # 112 px: three Swin stages (28, 14, 7 tokens a side) end at window 7, as Swin-B's four do at 224.
+        vision = {"init": "random", "image_size": 112, "patch_size": 4, "embed_dim": 32, "depths": [2, 2, 6],
+                  "num_heads": [1, 2, 4], "window_size": 7, "drop_path": 0.0}
+        text = {"init": "random", "tokenizer": "demo", "hidden_size": 128, "num_heads": 4,
+                "intermediate_size": 512, "text_layers": 3, "fusion_layers": 3, "max_position": 64, "dropout": 0.0}
+    return {"name": "kcl-bench", "seed": 0, "langs": ["en", "es", "id", "ru", "tr"],
+            "model": {"embed_dim": 256, "temp": 0.07, "vision": vision, "text": text},
+            "loss": {"kcl": True, "fusion": True}, "train": {"batch_size": 8}}
+
+
+def make_batch(config, tok, k: int, b: int, device) -> dict:
+    from ccrk.data import collate
+    from storage.demo import grammar
+
+    rng = random.Random(0)
+    size = config["model"]["vision"]["image_size"]
+    images = [torch.randn(3, size, size, generator=torch.Generator().manual_seed(i)) for i in range(b)]
+    slots = []
+    for _ in range(b):
+        phrase = grammar.random_phrase(rng)
+        # K languages: the demo grammar has 5; longer K repeats them with other captions of the image.
+        slots.append([grammar.render(grammar.random_phrase(rng) if j >= 5 else phrase, grammar.LANGS[j % 5])
+                      for j in range(k)])
+    batch = collate(images, slots, tok, 40)
+    return {key: v.to(device) for key, v in batch.items()}
+
+
+def main() -> None:
+    from ccrk.console import print_table
+    from ccrk.model import build_model
+    from ccrk.objectives import build_objective
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="the paper-sized model (use on a GPU)")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = bench_config(args.full)
+    b = args.batch or (64 if device.type == "cuda" else 8)
+    torch.manual_seed(0)
+    model, tok = build_model(config)
+    model.to(device).train()
+    objective = build_objective(model, config, tok).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    rows, times = [], {}
+    for k in (1, 6, 10):
+        batch = make_batch(config, tok, k, b, device)
+        step_times = []
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for i in range(args.steps + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = objective(batch, i)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:  # the first step warms up
+                step_times.append(time.perf_counter() - t0)
+        times[k] = statistics.median(step_times)
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        rows.append((k, b, batch["input_ids"].shape[-1], f"{times[k] * 1000:.0f}", f"{b / times[k]:.1f}",
+                     f"{peak:.0f}", f"{times[k] / times[1] - 1:+.2f}"))
+    print_table(f"1-to-K step cost ({'full' if args.full else 'CPU-scaled'} model, {device})",
+                ["K", "images", "tokens", "step ms", "samples/s", "peak MiB", "overhead"], rows)
+    print(f"overhead_k6={times[6] / times[1] - 1:.2f} overhead_k10={times[10] / times[1] - 1:.2f}")
+
+
+if __name__ == "__main__":
+    main()

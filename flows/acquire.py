@@ -56,15 +56,24 @@ def acquire_flow(source: str, metadata: list[str] | None = None, root: str | Non
                  resize_only_if_bigger: bool = False, processes: int = 1, thread_count: int = 16,
                  timeout: int = 10, retries: int = 0, retry_failed: bool = False,
                  number_sample_per_shard: int = 10_000, max_image_area: float | None = None,
-                 encode_quality: int = 95, progress: bool = False) -> dict:
-    """Acquire one source into ``<root>/sources/<source>/<version>/``; returns its summary."""
+                 encode_quality: int = 95, progress: bool = False, executor: str = "local",
+                 ray_address: str | None = None) -> dict:
+    """Acquire one source into ``<root>/sources/<source>/<version>/``; returns its summary.
+
+    ``executor``: ``local`` (img2dataset's multiprocessing distributor, ``processes`` workers) or
+    ``ray`` (its Ray distributor: one task per shard on the cluster at ``ray_address``, or on a local
+    cluster started for the download). Same shards either way; not part of the source version.
+    """
+    from ccrk.executors import check_executor
     from storage.download import DEFAULT_MAX_IMAGE_AREA
 
+    check_executor(executor)
     settings = dict(image_size=image_size, resize_mode=resize_mode, resize_only_if_bigger=resize_only_if_bigger,
                     processes=processes, thread_count=thread_count, timeout=timeout, retries=retries,
                     retry_failed=retry_failed, number_sample_per_shard=number_sample_per_shard,
                     max_image_area=max_image_area or DEFAULT_MAX_IMAGE_AREA, encode_quality=encode_quality,
-                    progress=progress)
+                    progress=progress, distributor="ray" if executor == "ray" else "multiprocessing",
+                    ray_address=ray_address)
     download_params = {k: settings[k] for k in VERSIONED_SETTINGS}
     prepared = prepare_task(source, list(metadata) if metadata else None, root, limit, download_params)
     summary = download_task(prepared, settings)

@@ -28,7 +28,7 @@ import tarfile
 import threading
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
 # img2dataset's imports check for updates and start wandb unless told not to (workers inherit this).
@@ -40,6 +40,7 @@ ENCODE_FORMAT = "jpg"
 OOM_SHARD_COUNT = 5  # shard names NNNNN, as img2dataset's default
 DEFAULT_MAX_IMAGE_AREA = 89_478_485  # PIL's decompression-bomb threshold
 OPT_OUT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
+DISTRIBUTORS = ("multiprocessing", "ray")
 
 FAILURE_CLASSES = ("not_found_404", "server_error_5xx", "timeout", "redirect_loop", "empty_body",
                    "not_an_image", "truncated_image", "too_large", "opt_out_noai", "connection_error",
@@ -175,14 +176,18 @@ def __getattr__(name: str):
 
 
 @contextmanager
-def _img2dataset_extensions() -> Iterator:
+def _img2dataset_extensions(distributor: str = "multiprocessing") -> Iterator:
     import img2dataset.main  # noqa: F401 - the package re-exports a function named main
 
     main = sys.modules["img2dataset.main"]
     with _PATCH_LOCK:
         saved = (main.Resizer, main.Downloader, main.LoggerProcess)
         main.Resizer = _extension("CheckedResizer")
-        main.Downloader = _extension("GuardedDownloader")
+        # The parent guard is for pool workers spawned by this process. A Ray worker's parent is its
+        # raylet, never this driver (the guard would kill it); Ray itself ends a dead driver's tasks.
+        if distributor == "multiprocessing":
+            main.Downloader = _extension("GuardedDownloader")
+        # The logger is a child of this process under every distributor.
         main.LoggerProcess = _extension("GuardedLoggerProcess")
         try:
             yield
@@ -344,7 +349,7 @@ def _run_img2dataset(url_list: str, shards_dir: str, log_path: str, incremental_
                      total_rows: int, progress: bool, options: dict) -> None:
     from img2dataset import download
 
-    with _img2dataset_extensions(), _output_to(log_path) as terminal, \
+    with _img2dataset_extensions(options["distributor"]), _output_to(log_path) as terminal, \
             _progress(shards_dir, total_rows, progress, terminal, options["number_sample_per_shard"]):
         download(url_list=url_list, output_folder=shards_dir, input_format="parquet", url_col="url",
                  save_additional_columns=["image_key"], output_format="webdataset",
@@ -391,15 +396,23 @@ def download_images(prepared, *, image_size: int = 256, resize_mode: str = "bord
                     timeout: int = 10, retries: int = 0, retry_failed: bool = False,
                     max_image_area: float = DEFAULT_MAX_IMAGE_AREA, number_sample_per_shard: int = 10_000,
                     encode_quality: int = 95, user_agent_token: str | None = None,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, distributor: str = "multiprocessing",
+                    ray_address: str | None = None) -> dict:
     """Download ``prepared.images_path`` into ``prepared.directory/shards`` and write ``summary.json``.
 
     ``prepared`` is a :class:`storage.sources.PreparedSource` (any object with ``source``, ``version``,
     ``directory``, ``images_path``, ``rows_read``, ``rejected``). Safe to call again after any
     interruption: finished shards are kept, partial ones redone.
+
+    ``distributor``: ``multiprocessing`` (``processes`` local workers) or ``ray`` (one Ray task per
+    shard on the cluster at ``ray_address``, on the one already initialised in this process, or on a
+    local one started for the download). The shards are the same either way.
     """
     from storage import atomic
     from storage.errors import CCRKError
+
+    if distributor not in DISTRIBUTORS:
+        raise CCRKError(f"unknown distributor {distributor!r}: use one of {', '.join(DISTRIBUTORS)}")
 
     directory = str(prepared.directory)
     shards_dir = os.path.join(directory, SHARDS)
@@ -425,7 +438,26 @@ def download_images(prepared, *, image_size: int = 256, resize_mode: str = "bord
                    processes_count=processes, thread_count=thread_count, timeout=timeout, retries=retries,
                    max_image_area=max_image_area, number_sample_per_shard=number_sample_per_shard,
                    encode_quality=encode_quality, user_agent_token=user_agent_token,
-                   disallowed_header_directives=list(OPT_OUT_DIRECTIVES))
+                   disallowed_header_directives=list(OPT_OUT_DIRECTIVES), distributor=distributor)
+
+    with ExitStack() as stack:
+        connected: list[bool] = []
+
+        def run(url_list: str, mode: str, total: int) -> None:
+            if distributor == "ray" and not connected:  # join or start a cluster only when there is work
+                from ccrk.executors import ray_cluster
+
+                stack.enter_context(ray_cluster(ray_address))
+                connected.append(True)
+            _run_img2dataset(url_list, shards_dir, log_path, mode, total, progress, options)
+
+        return _download(prepared, directory, shards_dir, work_dir, number_sample_per_shard, retry_failed,
+                         options, run)
+
+
+def _download(prepared, directory: str, shards_dir: str, work_dir: str, number_sample_per_shard: int,
+              retry_failed: bool, options: dict, run) -> dict:
+    from storage import atomic
 
     t0 = time.perf_counter()
     images_path = str(prepared.images_path)
@@ -441,7 +473,7 @@ def download_images(prepared, *, image_size: int = 256, resize_mode: str = "bord
     rows_attempted = 0
     if todo:
         rows_attempted += min(n_rows, todo * number_sample_per_shard)
-        _run_img2dataset(images_path, shards_dir, log_path, "incremental", rows_attempted, progress, options)
+        run(images_path, "incremental", rows_attempted)
         redone.update(validate_shards(shards_dir))
     incomplete = n_main - len(main_done())
 
@@ -454,7 +486,7 @@ def download_images(prepared, *, image_size: int = 256, resize_mode: str = "bord
             retry_path = os.path.join(work_dir, "retry-input.parquet")
             atomic.write_parquet(again.reset_index(drop=True), retry_path)
             rows_attempted += retried
-            _run_img2dataset(retry_path, shards_dir, log_path, "extend", retried, progress, options)
+            run(retry_path, "extend", retried)
             redone.update(validate_shards(shards_dir))
     wall = time.perf_counter() - t0
 

@@ -22,6 +22,11 @@ def add_parser(sub) -> None:
     p.add_argument("--shard-size", type=int, default=10_000, help="images per shard")
     p.add_argument("--retry-failed", action="store_true",
                    help="download again the images that failed with retryable errors (timeouts, 5xx, connection)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: download processes on this machine; ray: one Ray task per shard")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --executor ray: a running cluster (HOST:PORT, ray://HOST:10001 or auto); "
+                        "default: a local cluster for this run")
     p.set_defaults(func=run)
 
 
@@ -45,9 +50,12 @@ def run(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CCRKError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.ray_address and args.executor != "ray":
+        raise CCRKError("--ray-address needs --executor ray")
     summary = acquire_flow(source=args.source, metadata=args.metadata, root=args.root, limit=args.limit,
                            image_size=args.image_size, resize_mode=args.resize_mode, processes=args.processes,
                            thread_count=args.threads, timeout=args.timeout, retry_failed=args.retry_failed,
-                           number_sample_per_shard=args.shard_size, progress=True)
+                           number_sample_per_shard=args.shard_size, progress=True, executor=args.executor,
+                           ray_address=args.ray_address)
     print_summary(summary)
     return 0 if summary["shards_incomplete"] == 0 else 1

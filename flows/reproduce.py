@@ -31,10 +31,13 @@ def load_reproduce_config(path: str) -> dict:
         raise CCRKError(f"config file {path} does not exist")
     with open(path, encoding="utf-8") as f:
         cfg = yaml.safe_load(f) or {}
+    cfg.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    if "pretrain" not in cfg and "model" in cfg:
+        # A model config with chain sections (configs/ccr10-e.yaml): it is its own single run.
+        cfg["pretrain"] = {"runs": [{"name": cfg["name"], "config": os.path.abspath(path)}]}
     for key in ("acquire", "translate", "build", "pretrain", "evaluate"):
         if key not in cfg:
             raise CCRKError(f"config {path} has no '{key}' section")
-    cfg.setdefault("name", os.path.splitext(os.path.basename(path))[0])
     cfg["_config_dir"] = os.path.dirname(os.path.abspath(path))
     return cfg
 
@@ -92,10 +95,14 @@ def _acquire_all(cfg: dict, root: str, corpus: str | None, metadata: dict[str, l
 
 def _translate(cfg: dict, root: str) -> dict:
     from flows.translate import translate_flow
+    from translation.imports import import_translations
 
     t = cfg["translate"]
+    for item in t.get("imports", []):  # e.g. CCLM's de/fr/cs/ja/zh captions, so K reaches 10
+        import_translations(root, item["path"], item["name"], langs=item.get("langs"))
     summary = translate_flow(root=root, langs=list(t["langs"]), model=t.get("model"),
                              engine=t.get("engine", "ctranslate2"), device=t.get("device", "cpu"),
+                             compute_type=t.get("compute_type", "auto"), beam_size=t.get("beam", 1),
                              sources=t.get("sources"))
     return {"summary": summary, "_note": ", ".join(t["langs"])}
 
@@ -117,12 +124,13 @@ def _build(cfg: dict, root: str) -> dict:
 
 
 def _pretrain(cfg: dict, root: str, dataset_dir: str) -> dict:
-    from ccrk.trainer import load_config, pretrain_run
+    from ccrk.trainer import load_config
+    from flows.pretrain import pretrain_flow
 
     runs = {}
     for spec in cfg["pretrain"]["runs"]:
         config = _deep_update(load_config(_repo_path(cfg, spec["config"])), spec.get("overrides", {}))
-        runs[spec["name"]] = pretrain_run(config, dataset_dir, root=root)
+        runs[spec["name"]] = pretrain_flow(config, dataset_dir, root=root)
     return {"runs": runs, "_note": ", ".join(runs)}
 
 
@@ -136,7 +144,8 @@ def _evaluate(cfg: dict, root: str, runs: dict, bench_dir: str) -> dict:
         reports[name] = evaluate_flow(root=root, checkpoint=run["run_dir"], benchmark=e.get("benchmark", "demo"),
                                       data_dir=e.get("data", bench_dir), langs=e.get("langs"),
                                       mrv_langs=e.get("mrv_langs"), k_test=e.get("k_test"),
-                                      itc_only=e.get("itc_only", False))
+                                      itc_only=e.get("itc_only", False), images=e.get("images"),
+                                      coco_images=e.get("coco_images"))
     out_dir = layout.join(root, "reports", f"{cfg['name']}-comparison")
     comparison = compare_report([r["dir"] for r in reports.values()], list(reports), out_dir,
                                 title=f"{cfg['name']}: " + " vs ".join(reports))

@@ -21,12 +21,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import json
     import os
 
     from ccrk.console import console, print_mapping
-    from ccrk.model import latest_checkpoint
-    from ccrk.trainer import dataset_version, load_config, run_id, train
+    from ccrk.trainer import load_config, train
+    from flows.pretrain import pretrain_flow, resolve_run
     from storage import layout
     from storage.errors import CCRKError
 
@@ -36,24 +35,19 @@ def run(args) -> int:
     config = load_config(args.config)
     if args.seed is not None:
         config["seed"] = args.seed
-    version = run_id(config, dataset_version(args.dataset, root)[0])
-    run_dir = os.path.abspath(args.out) if args.out else layout.run_dir(root, version)
-    summary_path = os.path.join(run_dir, "summary.json")
-    if os.path.exists(summary_path):
-        with open(summary_path, encoding="utf-8") as f:
-            done = json.load(f)
-        if done.get("run_id") == version and done.get("steps") == done.get("total_steps"):
-            console.print(f"run {version} is already trained: {run_dir} (loss curve {done.get('loss_curve')})")
-            return 0
-    resume = args.resume or latest_checkpoint(run_dir) is not None
-    if int(os.environ.get("RANK", "0")) != 0:
-        train(config, args.dataset, run_dir, resume=resume, root=root)
-        return 0
-    from flows.pretrain import pretrain_flow
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 runs the flow, the others train directly
+        from ccrk.model import latest_checkpoint
 
-    if resume and latest_checkpoint(run_dir):
-        console.print(f"resuming from {latest_checkpoint(run_dir)}")
-    summary = pretrain_flow(config, os.path.abspath(args.dataset), run_dir, resume=resume, root=root)
+        _, run_dir, done = resolve_run(config, args.dataset, root, args.out)
+        if done is None:
+            train(config, args.dataset, run_dir, resume=args.resume or latest_checkpoint(run_dir) is not None,
+                  root=root)
+        return 0
+    summary = pretrain_flow(config, args.dataset, run_dir=args.out, resume=args.resume, root=root)
+    if summary.get("skipped"):
+        console.print(f"run {summary['run_id']} is already trained: {summary['run_dir']} "
+                      f"(loss curve {summary.get('loss_curve')})")
+        return 0
     print_mapping(f"pretrain {summary['run_id']}", {k: v for k, v in summary.items() if v is not None})
     console.print(f"loss curve: {summary['loss_curve']}")
     return 0

@@ -30,15 +30,15 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import duckdb
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage import atomic, layout
 from storage.catalog import Artifact, Catalog
 from storage.errors import CCRKError
 from storage.languages import SOURCE_LANG, parse_langs
-from storage.shards import KLingualShardWriter, safe_key, shard_name
+from storage.shards import safe_keys, shard_layout, shard_name, write_planned_shard
 from storage.versioning import CODE_VERSION, content_version, files_sha256, text_sha
 
 COMPLETE = "_COMPLETE"
@@ -104,9 +104,9 @@ def caption_normalizer():
     return normalize
 
 
-def resolve_sources(root: str, sources, source_versions: dict | None = None) -> list[SourceInput]:
+def resolve_sources(root: str, sources, source_versions: dict | None = None, engine=None) -> list[SourceInput]:
     """Each source's artifact: the given version, else the latest recorded in the catalog."""
-    cat = Catalog(root)
+    cat = Catalog(root, engine)
     out = []
     source_versions = dict(source_versions or {})
     unknown = set(source_versions) - set(sources)
@@ -136,7 +136,7 @@ def resolve_sources(root: str, sources, source_versions: dict | None = None) -> 
     return out
 
 
-def discover_translations(root: str, langs, chosen=None) -> dict[str, list[TranslationSet]]:
+def discover_translations(root: str, langs, chosen=None, engine=None) -> dict[str, list[TranslationSet]]:
     """Translation sets under ``<root>/translations`` per target language, in priority order:
     the order of ``chosen`` (``MODEL_ID/DECODE_ID`` strings) when given, else sorted ids."""
     base = layout.join(root, "translations")
@@ -160,7 +160,7 @@ def discover_translations(root: str, langs, chosen=None) -> dict[str, list[Trans
         sets = {lang: sorted((t for t in ts if t.set_id in order), key=lambda t: order[t.set_id])
                 for lang, ts in sets.items()}
         sets = {k: v for k, v in sets.items() if v}
-    recorded = Catalog(root).list("translation")
+    recorded = Catalog(root, engine).list("translation")
     for ts in sets.values():
         for t in ts:
             t.content_id = files_sha256(t.files)[:16]
@@ -209,8 +209,9 @@ def is_complete(dataset_path: str) -> bool:
 def plan_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "coco"),
                langs=("en", "es", "id", "ru", "tr"), min_langs: int | None = None, drop_flagged: bool = False,
                shard_size: int = 1000, seed: int = 0, source_versions: dict | None = None,
-               translations=None) -> BuildPlan:
-    """Resolve inputs, derive the version, and (unless already built) write the sample plan."""
+               translations=None, engine=None) -> BuildPlan:
+    """Resolve inputs, derive the version, and (unless already built) write the sample plan.
+    ``engine``: a DuckDB connection whose instance the plan's queries may use."""
     root = layout.data_root(root)
     langs = parse_langs(langs)
     sources = parse_langs(sources) if isinstance(sources, str) else tuple(sources)
@@ -220,8 +221,8 @@ def plan_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "
         raise CCRKError(f"--min-langs {min_langs} must be between 1 and the {len(langs)} requested languages")
     if shard_size < 1:
         raise CCRKError(f"--shard-size {shard_size} must be positive")
-    srcs = resolve_sources(root, sources, source_versions)
-    tsets = discover_translations(root, langs, translations)
+    srcs = resolve_sources(root, sources, source_versions, engine)
+    tsets = discover_translations(root, langs, translations, engine)
     if min_langs is None:
         lacking = [lang for lang in langs if lang != SOURCE_LANG and lang not in tsets]
         if lacking:
@@ -243,9 +244,9 @@ def plan_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "
                 os.unlink(os.path.join(path, f))
     staging = os.path.join(path, STAGING)
     os.makedirs(staging, exist_ok=True)
-    n_samples = _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed)
+    n_samples = _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed, engine)
     lineage = _lineage_rows(name, version, srcs, tsets, params)
-    atomic.write_json(os.path.join(staging, "lineage.json"), {
+    _write_staging_json(os.path.join(staging, "lineage.json"), {
         "name": name, "version": version, "params": params, "rows": lineage,
         "parents": sorted({s.version for s in srcs if s.recorded}
                           | {v for ts in tsets.values() for t in ts for v in t.artifact_versions}),
@@ -279,8 +280,11 @@ def _sql_str(s: str) -> str:
     return "'" + str(s).replace("'", "''") + "'"
 
 
-def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed) -> int:
-    con = duckdb.connect()
+def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed, engine=None) -> int:
+    # A cursor of the caller's DuckDB instance when given (creating an instance costs ~60 ms); its
+    # temp tables vanish with it.
+    own = engine is None
+    con = duckdb.connect() if own else engine.cursor()
     try:
         con.execute("SET threads TO 2")
         _load_sources(con, srcs)
@@ -390,150 +394,215 @@ def _load_translations(con, tsets) -> None:
             lang_filter = f"WHERE tgt_lang = {_sql_str(lang)}" if "tgt_lang" in cols else ""
             parts.append(f"SELECT CAST(text_sha AS VARCHAR) AS text_sha, {_sql_str(lang)} AS lang, "
                          f"CAST(tgt_text AS VARCHAR) AS tgt_text, coalesce(CAST(ok AS BOOLEAN), false) AS ok, "
-                         f"{_sql_str(t.model_id)} AS model_id, {_sql_str(t.decode_id)} AS decode_id, {scores}, "
-                         f"{rank} AS set_rank FROM read_parquet({f}, union_by_name=true) {lang_filter}")
+                         f"{scores}, {rank} AS set_rank FROM read_parquet({f}, union_by_name=true) {lang_filter}")
+    sets = [(lang, rank, t.model_id, t.decode_id) for lang, ts in tsets.items() for rank, t in enumerate(ts)]
+    con.execute("CREATE TEMP TABLE tsets (lang VARCHAR, set_rank INTEGER, model_id VARCHAR, decode_id VARCHAR)")
+    if sets:
+        con.executemany("INSERT INTO tsets VALUES (?, ?, ?, ?)", sets)
     if not parts:
         con.execute("CREATE TEMP TABLE best (text_sha VARCHAR, lang VARCHAR, tgt_text VARCHAR, ok BOOLEAN, "
-                    "model_id VARCHAR, decode_id VARCHAR, uniformity DOUBLE, copy_sim DOUBLE, len_ratio DOUBLE, "
-                    "script_ok BOOLEAN, empty BOOLEAN, truncated BOOLEAN)")
+                    "uniformity DOUBLE, copy_sim DOUBLE, len_ratio DOUBLE, script_ok BOOLEAN, empty BOOLEAN, "
+                    "truncated BOOLEAN, set_rank INTEGER)")
         return
     # Per (text, language): an ok translation first, then the preferred set, then a fixed tie-break.
     con.execute(f"""
         CREATE TEMP TABLE best AS
-        SELECT * EXCLUDE (set_rank, rn) FROM (
+        SELECT * EXCLUDE (rn) FROM (
           SELECT *, row_number() OVER (PARTITION BY text_sha, lang
                                        ORDER BY (tgt_text IS NOT NULL AND ok) DESC, set_rank, tgt_text) AS rn
           FROM ({' UNION ALL '.join(parts)}) WHERE text_sha IN (SELECT text_sha FROM cap) AND tgt_text IS NOT NULL)
         WHERE rn = 1""")
 
 
+def _json_str_sql(expr: str) -> str:
+    """SQL for the JSON string literal of ``expr`` (NULL stays NULL). DuckDB's ``to_json`` writes
+    what ``json.dumps(..., ensure_ascii=False)`` writes except for the hex case of a few control
+    character escapes; :func:`_exact_json` redoes the (rare) json holding any ``\\u00`` escape."""
+    return f"CAST(to_json({expr}) AS VARCHAR)"
+
+
+def _exact_json(meta: str) -> str:
+    """Python's own formatting of a sample json built by SQL (same content, same sorted keys)."""
+    return json.dumps(json.loads(meta), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def _json_num_sql(expr: str) -> str:
+    """SQL for a box coordinate as the old per-row code wrote it: integral values as integers,
+    others as Python's float repr (which DuckDB's DOUBLE-to-text matches)."""
+    return (f"CASE WHEN isnan({expr}) THEN 'NaN' WHEN isinf({expr}) THEN "
+            f"(CASE WHEN {expr} > 0 THEN 'Infinity' ELSE '-Infinity' END) "
+            f"WHEN {expr} = trunc({expr}) AND abs({expr}) < 1e18 THEN CAST(CAST({expr} AS BIGINT) AS VARCHAR) "
+            f"ELSE CAST({expr} AS VARCHAR) END")
+
+
 def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, drops: Counter) -> int:
-    """Apply the language policy caption by caption and write the plan + caption rows."""
+    """The language policy, drop counting and each sample's json, as DuckDB queries over whole
+    columns (no per-row Python); writes the plan, the caption rows and the drop counts."""
     others = [lang for lang in langs if lang != SOURCE_LANG]
-    sel, joins = [], []
-    for i, lang in enumerate(others):
-        a = f"t{i}"
-        sel.append(f"{a}.tgt_text AS tx{i}, {a}.ok AS ok{i}, {a}.model_id AS m{i}, {a}.decode_id AS d{i}, "
-                   + ", ".join(f"{a}.{c} AS {c}{i}" for c in SCORE_COLUMNS))
-        joins.append(f"LEFT JOIN best {a} ON {a}.text_sha = c.text_sha AND {a}.lang = {_sql_str(lang)}")
-    query = f"""
-        SELECT i.source, i.image_key, i.url, i.source_id, i.width, i.height, i.tar_path, i.img_offset, i.img_size,
-               c.caption_id, c.norm, {', '.join('c.' + b for b in BOX_COLUMNS)} {', ' if sel else ''}{', '.join(sel)}
-        FROM img i JOIN cap c ON c.source = i.source AND c.image_key = i.image_key
-        {' '.join(joins)}
-        WHERE i.tar_path IS NOT NULL
-        ORDER BY md5({_sql_str(str(seed))} || ':' || i.source || ':' || i.image_key), i.source, i.image_key,
-                 length(c.caption_id), c.caption_id"""
+    has_en = SOURCE_LANG in langs
     need = len(langs) if min_langs is None else min_langs
-    plan_cols: dict[str, list] = {k: [] for k in ("idx", "shard", "key", "source", "image_key", "source_id", "url",
-                                                  "tar_path", "img_offset", "img_size", "n_captions", "langs", "meta_json")}
-    cap_cols: dict[str, list] = {k: [] for k in ("key", "caption_index", "caption_id", "lang", "text", "model_id",
-                                                 "decode_id", *SCORE_COLUMNS, "ok")}
-    keys_seen: set[str] = set()
-    state = {"current": None, "captions": [], "ids": [], "boxes": [], "rows": [], "lang_sets": []}
+    boxes = bool(con.execute("SELECT count(*) FROM cap WHERE x IS NOT NULL").fetchall()[0][0])
+    # Per caption and language i: miss (no translation), flag (removed as not ok), pres (kept).
+    empty = "(norm IS NULL OR norm = '')"
+    miss = [f"(tx{i} IS NULL OR tx{i} = '')" for i in range(len(others))]
+    flag = [f"(NOT {miss[i]} AND NOT ok{i} AND {str(bool(drop_flagged)).upper()})" for i in range(len(others))]
+    pres = [f"(NOT {miss[i]} AND NOT {flag[i]})" for i in range(len(others))]
+    n_present = " + ".join([str(int(has_en))] + [f"CAST({p} AS INTEGER)" for p in pres])
+    any_flag = " OR ".join(flag) or "false"
+    short = "'below_min_langs'" if min_langs is not None else \
+        f"CASE WHEN {any_flag} THEN 'flagged_translation' ELSE 'missing_language' END"
+    # One narrow row per caption of a downloaded image (wide temp tables cost ~1 us per value).
+    tx = "".join(f", t{i}.tgt_text AS tx{i}, coalesce(t{i}.ok, false) AS ok{i}" for i in range(len(others)))
+    joins = " ".join(f"LEFT JOIN best t{i} ON t{i}.text_sha = c.text_sha AND t{i}.lang = {_sql_str(lang)}"
+                     for i, lang in enumerate(others))
+    box_cols = "".join(f", c.{b}" for b in BOX_COLUMNS) if boxes else ""
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE cj AS
+        SELECT *, CASE WHEN {empty} THEN 'empty_caption' WHEN {n_present} < {need} THEN {short} END AS drop_reason
+        FROM (SELECT c.source, c.image_key, c.caption_id, c.norm, c.text_sha{box_cols}{tx}
+              FROM img i JOIN cap c ON c.source = i.source AND c.image_key = i.image_key {joins}
+              WHERE i.tar_path IS NOT NULL)""")
+    counts = ["SELECT 'caption', drop_reason, NULL, count(*) FROM cj WHERE drop_reason IS NOT NULL GROUP BY drop_reason"]
+    for i, lang in enumerate(others):
+        counts.append(f"SELECT 'translation', 'missing', {_sql_str(lang)}, "
+                      f"count(*) FILTER (WHERE NOT {empty} AND {miss[i]}) FROM cj")
+        counts.append(f"SELECT 'translation', 'flagged_translation', {_sql_str(lang)}, "
+                      f"count(*) FILTER (WHERE NOT {empty} AND {flag[i]}) FROM cj")
+    counts.append("SELECT 'image', 'all_captions_dropped', NULL, count(*) FROM "
+                  "(SELECT 1 FROM cj GROUP BY source, image_key HAVING bool_and(drop_reason IS NOT NULL))")
+    for unit, reason, lang, n in con.execute(" UNION ALL ".join(counts)).fetchall():
+        drops[(unit, reason, lang or "")] += n
 
-    def flush():
-        row = state["current"]
-        if row is None:
-            return
-        if not state["captions"]:
-            drops[("image", "all_captions_dropped", "")] += 1
-        else:
-            key = safe_key(row["image_key"])
-            if key in keys_seen:
-                raise CCRKError(f"two images map to the sample key {key!r} (source {row['source']}, "
-                                f"image_key {row['image_key']!r}): image keys must be unique")
-            keys_seen.add(key)
-            meta = {"captions": state["captions"], "caption_ids": state["ids"], "source": row["source"],
-                    "url": row["url"], "image_key": row["image_key"], "source_id": row["source_id"]}
-            if any(b is not None for b in state["boxes"]):
-                meta["boxes"] = state["boxes"]
-            for dim in ("width", "height"):
-                if row[dim] is not None:
-                    meta[dim] = int(row[dim])
-            idx = len(plan_cols["idx"])
-            common = set.intersection(*state["lang_sets"])
-            for k, v in (("idx", idx), ("shard", idx // shard_size), ("key", key), ("source", row["source"]),
-                         ("image_key", row["image_key"]), ("source_id", row["source_id"]), ("url", row["url"]),
-                         ("tar_path", row["tar_path"]), ("img_offset", row["img_offset"]),
-                         ("img_size", row["img_size"]), ("n_captions", len(state["captions"])),
-                         ("langs", ",".join(lang for lang in langs if lang in common)),
-                         ("meta_json", json.dumps(meta, sort_keys=True, ensure_ascii=False,
-                                                  separators=(",", ":")).encode("utf-8"))):
-                plan_cols[k].append(v)
-            for ci, crow in enumerate(state["rows"]):
-                for r in crow:
-                    r["key"], r["caption_index"] = key, ci
-                    for k in cap_cols:
-                        cap_cols[k].append(r.get(k))
-        state.update(current=None, captions=[], ids=[], boxes=[], rows=[], lang_sets=[])
-
-    reader = con.sql(query).to_arrow_reader(8192)
-    for batch in reader:
-        for row in batch.to_pylist():
-            ident = (row["source"], row["image_key"])
-            if state["current"] is None or (state["current"]["source"], state["current"]["image_key"]) != ident:
-                flush()
-                state["current"] = row
-            _apply_policy(row, langs, others, need, min_langs, drop_flagged, drops, state)
-    flush()
-
-    n = len(plan_cols["idx"])
-    if n == 0:
-        top = ", ".join(f"{r} ({u}): {c}" for (u, r, _), c in drops.most_common(4) if c)
-        raise CCRKError(f"no samples left after the join and the language policy ({top or 'no inputs'})")
+    # Each sample's json, keys sorted as json.dumps(sort_keys=True) writes them: a caption is an
+    # object of its kept languages; boxes (a list with null for captions without one) only when any.
+    present = {SOURCE_LANG: ("true", "norm")} if has_en else {}
+    present.update({lang: (pres[i], f"tx{i}") for i, lang in enumerate(others)})
+    cap_json = "'{' || concat_ws(',', " + ", ".join(
+        f"CASE WHEN {p} THEN {_sql_str(json.dumps(lang, ensure_ascii=False) + ':')} || {_json_str_sql(t)} END"
+        for lang, (p, t) in sorted(present.items())) + ") || '}'"
+    order = "length(caption_id), caption_id"
+    box_agg = "NULL"
+    if boxes:
+        box_json = "CASE WHEN x IS NULL THEN 'null' ELSE '{' || concat_ws(',', " + ", ".join(
+            f"CASE WHEN {c} IS NOT NULL THEN '\"{c}\":' || {_json_num_sql(c)} END" for c in sorted(BOX_COLUMNS)) \
+            + ") || '}' END"
+        box_agg = f"CASE WHEN bool_or(x IS NOT NULL) THEN string_agg({box_json}, ',' ORDER BY {order}) END"
+    common = ", ".join(f"CASE WHEN bool_and({present[lang][0]}) THEN {_sql_str(lang)} END" for lang in langs)
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE samples AS
+        SELECT i.source, i.image_key, i.url, i.source_id, i.tar_path, i.img_offset, i.img_size, k.n_captions, k.langs,
+               '{{' || CASE WHEN k.boxes IS NOT NULL THEN '"boxes":[' || k.boxes || '],' ELSE '' END
+                    || '"caption_ids":[' || k.ids || '],"captions":[' || k.caps || ']'
+                    || CASE WHEN i.height IS NOT NULL THEN ',"height":' || CAST(i.height AS VARCHAR) ELSE '' END
+                    || ',"image_key":' || {_json_str_sql('i.image_key')}
+                    || ',"source":' || {_json_str_sql('i.source')}
+                    || ',"source_id":' || coalesce({_json_str_sql('i.source_id')}, 'null')
+                    || ',"url":' || coalesce({_json_str_sql('i.url')}, 'null')
+                    || CASE WHEN i.width IS NOT NULL THEN ',"width":' || CAST(i.width AS VARCHAR) ELSE '' END
+                    || '}}' AS meta,
+               md5({_sql_str(str(seed))} || ':' || i.source || ':' || i.image_key) AS draw
+        FROM (SELECT source, image_key, count(*) AS n_captions,
+                     string_agg({cap_json}, ',' ORDER BY {order}) AS caps,
+                     string_agg(coalesce({_json_str_sql('caption_id')}, 'null'), ',' ORDER BY {order}) AS ids,
+                     {box_agg} AS boxes, concat_ws(',', {common}) AS langs
+              FROM cj WHERE drop_reason IS NULL GROUP BY source, image_key) k
+        JOIN img i USING (source, image_key)""")
+    redo = con.execute("SELECT source, image_key, meta FROM samples WHERE contains(meta, '\\u00')").fetchall()
+    if redo:
+        con.register("exact_meta", pa.table({"source": [r[0] for r in redo], "image_key": [r[1] for r in redo],
+                                             "meta": [_exact_json(r[2]) for r in redo]}))
+        try:
+            con.execute("UPDATE samples s SET meta = e.meta FROM exact_meta e "
+                        "WHERE s.source = e.source AND s.image_key = e.image_key")
+        finally:
+            con.unregister("exact_meta")
+    n = con.execute("SELECT count(*) FROM samples").fetchall()[0][0]
     for (unit, reason, lang), count in list(drops.items()):
         if count == 0:
             del drops[(unit, reason, lang)]
-    atomic.write_parquet(pa.table(plan_cols), os.path.join(staging, "plan.parquet"))
-    atomic.write_parquet(pa.table(cap_cols), os.path.join(staging, "captions.parquet"))
-    atomic.write_json(os.path.join(staging, "drops.json"),
-                      [{"unit": u, "reason": r, "lang": lang or None, "count": c} for (u, r, lang), c in sorted(drops.items())])
+    if n == 0:
+        top = ", ".join(f"{r} ({u}): {c}" for (u, r, _), c in drops.most_common(4) if c)
+        raise CCRKError(f"no samples left after the join and the language policy ({top or 'no inputs'})")
+
+    # Seeded order, then the sample keys (storage.shards.safe_key: the one definition).
+    order_t = _arrow(con.sql("SELECT source, image_key FROM samples ORDER BY draw, source, image_key"))
+    keys = safe_keys(order_t.column("image_key").to_pylist())
+    con.register("sample_keys", pa.table({"source": order_t.column("source"), "image_key": order_t.column("image_key"),
+                                          "key": keys, "idx": pa.array(range(n), pa.int64())}))
+    try:
+        con.execute("CREATE OR REPLACE TEMP TABLE sample_keys_t AS SELECT * FROM sample_keys")
+    finally:
+        con.unregister("sample_keys")
+    if len(set(keys)) != n:
+        dup = con.execute("""SELECT key, source, image_key FROM sample_keys_t WHERE key IN
+                             (SELECT key FROM sample_keys_t GROUP BY key HAVING count(*) > 1)
+                             ORDER BY idx LIMIT 1 OFFSET 1""").fetchall()[0]
+        raise CCRKError(f"two images map to the sample key {dup[0]!r} (source {dup[1]}, image_key {dup[2]!r}): "
+                        "image keys must be unique")
+    plan = _arrow(con.sql(f"""
+        SELECT k.idx, k.idx // {int(shard_size)} AS shard, k.key, s.source, s.image_key, s.source_id, s.url,
+               s.tar_path, s.img_offset, s.img_size, s.n_captions, s.langs,
+               CAST(encode(s.meta) AS BLOB) AS meta_json, CAST(octet_length(encode(s.meta)) AS BIGINT) AS json_size
+        FROM sample_keys_t k JOIN samples s USING (source, image_key) ORDER BY k.idx"""))
+    _write_staging(os.path.join(staging, "plan.parquet"), lambda tmp: pq.write_table(plan, tmp))
+
+    # The caption rows of the manifest: English (the normalised source text) and each kept translation.
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE kept AS
+        SELECT k.key, CAST(row_number() OVER (PARTITION BY c.source, c.image_key ORDER BY {order}) - 1 AS BIGINT)
+                      AS caption_index, c.* EXCLUDE (source, image_key, drop_reason)
+        FROM cj c JOIN sample_keys_t k USING (source, image_key) WHERE c.drop_reason IS NULL""")
+    parts = []
+    if has_en:
+        parts.append(f"""SELECT key, caption_index, caption_id, {_sql_str(SOURCE_LANG)} AS lang, norm AS text,
+                                'source' AS model_id, NULL::VARCHAR AS decode_id,
+                                {', '.join(f"NULL::{_score_type(c)} AS {c}" for c in SCORE_COLUMNS)}, true AS ok
+                         FROM kept""")
+    for i, lang in enumerate(others):
+        parts.append(f"""SELECT key, caption_index, caption_id, {_sql_str(lang)} AS lang, tx{i} AS text,
+                                s.model_id, s.decode_id, {', '.join(f"b.{c}" for c in SCORE_COLUMNS)}, ok{i} AS ok
+                         FROM kept LEFT JOIN best b ON b.text_sha = kept.text_sha AND b.lang = {_sql_str(lang)}
+                         LEFT JOIN tsets s ON s.lang = b.lang AND s.set_rank = b.set_rank
+                         WHERE {pres[i]}""")
+    caps = os.path.join(staging, "captions.parquet")
+    _write_staging(caps, lambda tmp: con.execute(
+        f"COPY (SELECT * FROM ({' UNION ALL '.join(parts)}) ORDER BY key, caption_index, lang) "
+        f"TO {_sql_str(tmp)} (FORMAT parquet)"))
+    _write_staging_json(os.path.join(staging, "drops.json"),
+                        [{"unit": u, "reason": r, "lang": lang or None, "count": c}
+                         for (u, r, lang), c in sorted(drops.items())])
     return n
 
 
-def _apply_policy(row, langs, others, need, min_langs, drop_flagged, drops, state) -> None:
-    text = row["norm"] or ""
-    if not text:
-        drops[("caption", "empty_caption", "")] += 1
-        return
-    present: dict[str, str] = {}
-    rows = []
-    flagged_removed = False
-    if SOURCE_LANG in langs:
-        present[SOURCE_LANG] = text
-        rows.append({"caption_id": row["caption_id"], "lang": SOURCE_LANG, "text": text, "model_id": "source",
-                     "decode_id": None, "ok": True})
-    for i, lang in enumerate(others):
-        tx = row[f"tx{i}"]
-        if tx is None or tx == "":
-            drops[("translation", "missing", lang)] += 1
-            continue
-        if not row[f"ok{i}"] and drop_flagged:
-            drops[("translation", "flagged_translation", lang)] += 1
-            flagged_removed = True
-            continue
-        present[lang] = tx
-        r = {"caption_id": row["caption_id"], "lang": lang, "text": tx, "model_id": row[f"m{i}"],
-             "decode_id": row[f"d{i}"], "ok": bool(row[f"ok{i}"])}
-        for c in SCORE_COLUMNS:
-            r[c] = row[f"{c}{i}"]
-        rows.append(r)
-    if len(present) < need:
-        if min_langs is not None:
-            reason = "below_min_langs"
-        else:
-            reason = "flagged_translation" if flagged_removed else "missing_language"
-        drops[("caption", reason, "")] += 1
-        return
-    state["captions"].append({lang: present[lang] for lang in langs if lang in present})
-    state["ids"].append(row["caption_id"])
-    box = None
-    if row["x"] is not None:
-        box = {c: (int(row[c]) if float(row[c]).is_integer() else row[c]) for c in BOX_COLUMNS if row[c] is not None}
-    state["boxes"].append(box)
-    state["rows"].append(rows)
-    state["lang_sets"].append(set(present))
+def _arrow(rel) -> pa.Table:
+    out = rel.arrow()
+    return out if isinstance(out, pa.Table) else out.read_all()
+
+
+def _score_type(column: str) -> str:
+    return "BOOLEAN" if column in ("script_ok", "empty", "truncated") else "DOUBLE"
+
+
+def _write_staging(path: str, write) -> None:
+    """Write a staging file under a temporary name, then rename: a killed build never leaves a
+    half-written one. No fsync -- staging only spares work on resume; a lost file is rebuilt."""
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_staging_json(path: str, obj) -> None:
+    data = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _write_staging(path, write)
 
 
 # --------------------------------------------------------------------------- step 2: shards
@@ -547,8 +616,9 @@ def shard_groups(n_shards: int, shards_per_task: int) -> list[list[int]]:
 def write_shard_group(dataset_path: str, shard_ids, progress=None, threads: int | None = None) -> list[dict]:
     """Write the given shards from the plan; already written ones are skipped (resume).
 
-    Shards are independent, so up to ``threads`` (default: the CPU count, at most 4) are written
-    at once: file reads/writes and sha256 release the GIL."""
+    Shards are independent, so several are written at once (default: up to 8 threads): reads,
+    writes, fsync and sha256 all release the GIL, and while one shard waits on its fsync another
+    is being filled."""
     from concurrent.futures import ThreadPoolExecutor
 
     staging = os.path.join(dataset_path, STAGING)
@@ -563,15 +633,19 @@ def write_shard_group(dataset_path: str, shard_ids, progress=None, threads: int 
     plan = pq.read_table(os.path.join(staging, "plan.parquet"), filters=[("shard", "in", todo)],
                          columns=["idx", "shard", "key", "tar_path", "img_offset", "img_size", "meta_json"])
     plan = plan.sort_by("idx")
+    shard_col = plan.column("shard").to_numpy()
+    bounds = {sid: (int(np.searchsorted(shard_col, sid, "left")), int(np.searchsorted(shard_col, sid, "right")))
+              for sid in todo}
 
     def one(sid: int) -> dict:
-        rows = plan.filter(pc.equal(plan["shard"], sid)).to_pydict()
+        lo, hi = bounds[sid]
+        rows = plan.slice(lo, hi - lo)
         record = _write_shard(dataset_path, sid, rows)
         if progress:
             progress(record["n_samples"])
         return record
 
-    workers = max(1, min(len(todo), threads or min(4, os.cpu_count() or 1)))
+    workers = max(1, min(len(todo), threads or 8))
     if workers == 1:
         out += [one(sid) for sid in todo]
     else:
@@ -580,38 +654,27 @@ def write_shard_group(dataset_path: str, shard_ids, progress=None, threads: int 
     return sorted(out, key=lambda r: r["name"])
 
 
-def _write_shard(dataset_path: str, sid: int, rows: dict) -> dict:
-    fds: dict[str, int] = {}
+def _write_shard(dataset_path: str, sid: int, rows: pa.Table) -> dict:
     try:
-        writer = KLingualShardWriter(os.path.join(dataset_path, "shards", shard_name(sid)))
-        with writer:
-            for key, tar, off, size, meta in zip(rows["key"], rows["tar_path"], rows["img_offset"],
-                                                 rows["img_size"], rows["meta_json"]):
-                fd = fds.get(tar)
-                if fd is None:
-                    fd = fds[tar] = os.open(tar, os.O_RDONLY)
-                jpg = os.pread(fd, size, off)
-                if len(jpg) != size:
-                    raise CCRKError(f"{tar}: image {key} is truncated (wanted {size} bytes at {off}); "
-                                    "the source shard changed since the plan -- rebuild")
-                writer.add(key, jpg, meta)
-            info = writer.close()
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    record = {"name": info.name, "n_samples": info.n_samples, "bytes": info.bytes, "sha256": info.sha256,
-              "members": [[m.key, m.jpg_offset, m.jpg_size, m.json_offset, m.json_size] for m in info.members]}
-    # The index file marks the shard done (written after the shard's rename).
-    atomic.write_json(os.path.join(dataset_path, STAGING, f"{info.name}.index.json"), record)
+        info = write_planned_shard(os.path.join(dataset_path, "shards", shard_name(sid)),
+                                   rows.column("key").to_pylist(), rows.column("tar_path").to_pylist(),
+                                   rows.column("img_offset").to_numpy(), rows.column("img_size").to_numpy(),
+                                   rows.column("meta_json").to_pylist())
+    except ValueError as exc:
+        raise CCRKError(f"{shard_name(sid)}: {exc}; the source shards changed since the plan -- build again") from exc
+    record = {"name": info.name, "n_samples": info.n_samples, "bytes": info.bytes, "sha256": info.sha256}
+    # The index file marks the shard done (written after the shard's fsync and rename).
+    _write_staging_json(os.path.join(dataset_path, STAGING, f"{info.name}.index.json"), record)
     return record
 
 
 # --------------------------------------------------------------------------- step 3: manifest
 
 
-def finalize_build(dataset_path: str, record_catalog: bool = True, root: str | None = None) -> BuildResult:
+def finalize_build(dataset_path: str, record_catalog: bool = True, root: str | None = None,
+                   engine=None) -> BuildResult:
     """Write the manifest, sizes.json, wids index and ``_COMPLETE``; record the catalog entry."""
-    from storage.manifest import write_manifest, summary
+    from storage.manifest import write_manifest
 
     staging = os.path.join(dataset_path, STAGING)
     lineage = json.load(open(os.path.join(staging, "lineage.json")))
@@ -622,13 +685,12 @@ def finalize_build(dataset_path: str, record_catalog: bool = True, root: str | N
     if sum(s["n_samples"] for s in shards) != plan_n:
         raise CCRKError(f"{dataset_path}: shards hold {sum(s['n_samples'] for s in shards)} samples but the plan "
                         f"has {plan_n}; run the build again to finish the missing shards")
-    write_manifest(dataset_path, shards, lineage)
+    s = write_manifest(dataset_path, shards, lineage, engine=engine)
     atomic.write_json(os.path.join(dataset_path, COMPLETE), {
         "name": lineage["name"], "version": lineage["version"], "n_samples": plan_n, "n_shards": len(shards)})
     shutil.rmtree(staging, ignore_errors=True)
-    s = summary(dataset_path)
     if record_catalog:
-        Catalog(root).record(Artifact(
+        Catalog(root, engine).record(Artifact(
             version=lineage["version"], kind="dataset", name=lineage["name"], path=dataset_path,
             params=lineage["params"], parents=lineage["parents"],
             stats={"n_samples": s["n_samples"], "n_shards": s["n_shards"], "bytes": s["bytes"],
@@ -656,9 +718,13 @@ def build_dataset(root=None, name: str = "default", sources=("cc3m", "sbu", "vg"
                   shard_size: int = 1000, seed: int = 0, source_versions: dict | None = None,
                   translations=None, progress=None) -> BuildResult:
     """The whole build in this process (the Prefect flow runs the same three steps as tasks)."""
-    plan = plan_build(root, name, sources, langs, min_langs, drop_flagged, shard_size, seed,
-                      source_versions, translations)
-    if plan.skipped:
-        return skipped_result(plan)
-    write_shard_group(plan.path, range(plan.n_shards), progress=progress)
-    return finalize_build(plan.path, root=plan.root)
+    engine = duckdb.connect()  # one DuckDB instance for the plan and the manifest
+    try:
+        plan = plan_build(root, name, sources, langs, min_langs, drop_flagged, shard_size, seed,
+                          source_versions, translations, engine=engine)
+        if plan.skipped:
+            return skipped_result(plan)
+        write_shard_group(plan.path, range(plan.n_shards), progress=progress)
+        return finalize_build(plan.path, root=plan.root, engine=engine)
+    finally:
+        engine.close()

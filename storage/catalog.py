@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -51,20 +52,50 @@ class Artifact:
 
 
 class Catalog:
-    def __init__(self, root: str | None = None):
+    def __init__(self, root: str | None = None, engine: duckdb.DuckDBPyConnection | None = None):
+        """``engine``: an open DuckDB connection; each call then ATTACHes the catalog to its
+        instance (and DETACHes it after) instead of starting a new instance (~60 ms each)."""
         self.root = layout.data_root(root)
         self.path = layout.catalog_path(self.root)
+        self.engine = engine
 
     @contextmanager
     def _connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         if read_only and not os.path.exists(self.path):
             read_only = False
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        if self.engine is not None:
+            with self._attached(read_only) as con:
+                yield con
+            return
         con = duckdb.connect(self.path, read_only=read_only)
         try:
             if not read_only:
                 con.execute(_SCHEMA)
             yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def _attached(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        con = self.engine.cursor()
+        alias = f"ccrk_catalog_{uuid.uuid4().hex[:12]}"
+        try:
+            home = con.execute("SELECT current_database()").fetchall()[0][0]
+            path = self.path.replace("'", "''")
+            con.execute(f"ATTACH '{path}' AS {alias}" + (" (READ_ONLY)" if read_only else ""))
+            try:
+                con.execute(f"USE {alias}")
+                if not read_only:
+                    con.execute(_SCHEMA)
+                yield con
+            finally:
+                try:
+                    con.execute("ROLLBACK")  # a transaction the body left open (it failed)
+                except duckdb.Error:
+                    pass
+                con.execute(f"USE {home}")
+                con.execute(f"DETACH {alias}")
         finally:
             con.close()
 

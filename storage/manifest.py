@@ -31,8 +31,14 @@ def manifest_path(dataset_path: str) -> str:
     return os.path.join(dataset_path, MANIFEST)
 
 
-def write_manifest(dataset_path: str, shards: list[dict], lineage: dict) -> None:
-    """Write sizes.json, the wids index and manifest.duckdb (atomically, the manifest last)."""
+def write_manifest(dataset_path: str, shards: list[dict], lineage: dict, engine=None) -> dict:
+    """Write sizes.json, the wids index and manifest.duckdb (atomically, the manifest last); return
+    the :func:`summary` of it.
+
+    Sample offsets come from each shard record's ``members`` (``[key, jpg_offset, jpg_size,
+    json_offset, json_size]``) when given, else from the plan's image and json sizes laid out by
+    :func:`storage.shards.shard_layout` (how the build writes shards). ``engine``: a DuckDB
+    connection whose instance to use (the manifest is ATTACHed to it) instead of a new one."""
     staging = os.path.join(dataset_path, "_build")
     shards = sorted(shards, key=lambda s: s["name"])
     shard_dir = os.path.join(dataset_path, "shards")
@@ -42,51 +48,97 @@ def write_manifest(dataset_path: str, shards: list[dict], lineage: dict) -> None
         "version": lineage["version"],
         "shardlist": [{"url": s["name"], "nsamples": s["n_samples"], "filesize": s["bytes"], "sha256": s["sha256"]}
                       for s in shards]})
-    members = {k: [] for k in ("key", "jpg_offset", "jpg_size", "json_offset", "json_size")}
-    for s in shards:
-        for m in s["members"]:  # [key, jpg_offset, jpg_size, json_offset, json_size]
-            for k, v in zip(members, m):
-                members[k].append(v)
+    plan_path = os.path.join(staging, "plan.parquet")
+    if all("members" in s for s in shards):
+        members = {k: [] for k in ("key", "jpg_offset", "jpg_size", "json_offset", "json_size")}
+        for s in shards:
+            for m in s["members"]:  # [key, jpg_offset, jpg_size, json_offset, json_size]
+                for k, v in zip(members, m):
+                    members[k].append(v)
+        member_refs = pa.table(members)
+    else:
+        member_refs = _planned_members(plan_path, shards)
     shard_table = pa.table({"name": [s["name"] for s in shards], "n_samples": [s["n_samples"] for s in shards],
                             "bytes": [s["bytes"] for s in shards], "sha256": [s["sha256"] for s in shards]})
     drops = json.load(open(os.path.join(staging, "drops.json")))
-    drop_table = pa.table({"unit": [d["unit"] for d in drops], "reason": [d["reason"] for d in drops],
+    drop_table = pa.table({"unit": pa.array([d["unit"] for d in drops], pa.string()),
+                           "reason": pa.array([d["reason"] for d in drops], pa.string()),
                            "lang": pa.array([d["lang"] for d in drops], pa.string()),
                            "count": pa.array([d["count"] for d in drops], pa.int64())})
     rows = lineage["rows"]
     lineage_table = pa.table({"kind": [r[0] for r in rows], "name": [r[1] for r in rows], "value": [r[2] for r in rows]})
     final = manifest_path(dataset_path)
-    with atomic.atomic_path(final) as tmp:
-        os.unlink(tmp)  # duckdb wants to create the file itself
-        con = duckdb.connect(tmp)
-        try:
-            con.register("member_refs", pa.table(members))
-            con.register("shard_rows", shard_table)
-            con.register("drop_rows", drop_table)
-            con.register("lineage_rows", lineage_table)
-            plan = os.path.join(staging, "plan.parquet").replace("'", "''")
-            caps = os.path.join(staging, "captions.parquet").replace("'", "''")
-            con.execute(f"""
-                CREATE TABLE samples AS
-                SELECT p.idx, p.key, printf('shard-%05d.tar', p.shard) AS shard, p.source, p.image_key, p.source_id,
-                       p.url, p.n_captions, p.langs, m.jpg_offset, m.jpg_size, m.json_offset, m.json_size
-                FROM read_parquet('{plan}') p JOIN member_refs m USING (key) ORDER BY p.idx""")
-            con.execute(f"CREATE TABLE captions AS SELECT * FROM read_parquet('{caps}') ORDER BY key, caption_index, lang")
-            con.execute("CREATE TABLE shards AS SELECT * FROM shard_rows ORDER BY name")
-            con.execute("CREATE TABLE drops AS SELECT * FROM drop_rows ORDER BY unit, reason, lang")
-            con.execute("CREATE TABLE lineage AS SELECT * FROM lineage_rows")
-            con.execute("""CREATE TABLE lang_counts AS SELECT lang, count(*) AS captions, count(DISTINCT key) AS samples
-                           FROM captions GROUP BY lang ORDER BY lang""")
-            n = con.execute("SELECT count(*) FROM samples").fetchone()[0]
-            if n != len(members["key"]):
-                raise CCRKError(f"{dataset_path}: {len(members['key'])} samples in shards but {n} matched the plan")
-            con.execute("CREATE TABLE info AS SELECT ? AS name, ? AS version, ? AS n_samples, ? AS n_shards, "
-                        "? AS bytes, ? AS code_version",
-                        [lineage["name"], lineage["version"], n, len(shards), sum(s["bytes"] for s in shards),
-                         CODE_VERSION])
-            con.execute("CHECKPOINT")
-        finally:
-            con.close()
+    own = engine is None
+    con = duckdb.connect() if own else engine.cursor()
+    try:
+        with atomic.atomic_path(final) as tmp:
+            os.unlink(tmp)  # duckdb wants to create the file itself
+            con.execute(f"ATTACH {_sql_str(tmp)} AS manifest_db")
+            try:
+                con.execute("USE manifest_db")
+                con.register("member_refs", member_refs)
+                con.register("shard_rows", shard_table)
+                con.register("drop_rows", drop_table)
+                con.register("lineage_rows", lineage_table)
+                plan = _sql_str(plan_path)
+                caps = _sql_str(os.path.join(staging, "captions.parquet"))
+                con.execute(f"""
+                    CREATE TABLE samples AS
+                    SELECT p.idx, p.key, printf('shard-%05d.tar', p.shard) AS shard, p.source, p.image_key, p.source_id,
+                           p.url, p.n_captions, p.langs, m.jpg_offset, m.jpg_size, m.json_offset, m.json_size
+                    FROM read_parquet({plan}) p JOIN member_refs m USING (key) ORDER BY p.idx""")
+                con.execute(f"CREATE TABLE captions AS SELECT * FROM read_parquet({caps}) ORDER BY key, caption_index, lang")
+                con.execute("CREATE TABLE shards AS SELECT * FROM shard_rows ORDER BY name")
+                con.execute("CREATE TABLE drops AS SELECT * FROM drop_rows ORDER BY unit, reason, lang")
+                con.execute("CREATE TABLE lineage AS SELECT * FROM lineage_rows")
+                con.execute("""CREATE TABLE lang_counts AS SELECT lang, count(*) AS captions, count(DISTINCT key) AS samples
+                               FROM captions GROUP BY lang ORDER BY lang""")
+                n = con.execute("SELECT count(*) FROM samples").fetchall()[0][0]
+                if n != member_refs.num_rows:
+                    raise CCRKError(f"{dataset_path}: {member_refs.num_rows} samples in shards but {n} matched the plan")
+                con.execute("CREATE TABLE info AS SELECT ? AS name, ? AS version, ? AS n_samples, ? AS n_shards, "
+                            "? AS bytes, ? AS code_version",
+                            [lineage["name"], lineage["version"], n, len(shards), sum(s["bytes"] for s in shards),
+                             CODE_VERSION])
+                out = _summary(con)
+                for view in ("member_refs", "shard_rows", "drop_rows", "lineage_rows"):
+                    con.unregister(view)
+            finally:
+                con.execute("USE memory")
+                con.execute("DETACH manifest_db")
+    finally:
+        con.close()
+    return out
+
+
+def _sql_str(s: str) -> str:
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+def _planned_members(plan_path: str, shards: list[dict]) -> pa.Table:
+    """Each sample's member offsets, from the plan's sizes in shard order (the build's layout)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from storage.shards import BLOCK, shard_layout, shard_name
+
+    plan = pq.read_table(plan_path, columns=["idx", "shard", "key", "img_size", "json_size"]).sort_by("idx")
+    shard = plan.column("shard").to_numpy()
+    jpg = plan.column("img_size").to_numpy().astype(np.int64)
+    js = plan.column("json_size").to_numpy().astype(np.int64)
+    starts = np.empty(len(jpg), dtype=np.int64)
+    recorded = {s["name"]: s["bytes"] for s in shards}
+    cuts = np.flatnonzero(np.diff(shard)) + 1
+    for lo, hi in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [len(jpg)]))):
+        st, total = shard_layout(jpg[lo:hi], js[lo:hi])
+        name = shard_name(int(shard[lo]))
+        if recorded.get(name) != total:
+            raise CCRKError(f"{name}: {recorded.get(name)} bytes recorded but the plan lays out {total}; "
+                            "build again")
+        starts[lo:hi] = st[:-1]
+    jpg_offset = starts + BLOCK
+    return pa.table({"key": plan.column("key"), "jpg_offset": jpg_offset, "jpg_size": jpg,
+                     "json_offset": jpg_offset + jpg + (-jpg % BLOCK) + BLOCK, "json_size": js})
 
 
 def connect(dataset_path: str) -> duckdb.DuckDBPyConnection:
@@ -100,14 +152,18 @@ def summary(dataset_path: str) -> dict:
     """Counts for the CLI table, the catalog and the dataset card."""
     con = connect(dataset_path)
     try:
-        name, version, n, n_shards, nbytes, code = con.execute("SELECT * FROM info").fetchone()
-        langs = dict(con.execute("SELECT lang, captions FROM lang_counts ORDER BY lang").fetchall())
-        drops = [{"unit": u, "reason": r, "lang": lang, "count": c}
-                 for u, r, lang, c in con.execute("SELECT unit, reason, lang, count FROM drops").fetchall()]
-        by_source = dict(con.execute("SELECT source, count(*) FROM samples GROUP BY source ORDER BY source").fetchall())
-        lineage = [list(r) for r in con.execute("SELECT kind, name, value FROM lineage").fetchall()]
+        return _summary(con)
     finally:
         con.close()
+
+
+def _summary(con) -> dict:
+    name, version, n, n_shards, nbytes, code = con.execute("SELECT * FROM info").fetchall()[0]
+    langs = dict(con.execute("SELECT lang, captions FROM lang_counts ORDER BY lang").fetchall())
+    drops = [{"unit": u, "reason": r, "lang": lang, "count": c}
+             for u, r, lang, c in con.execute("SELECT unit, reason, lang, count FROM drops").fetchall()]
+    by_source = dict(con.execute("SELECT source, count(*) FROM samples GROUP BY source ORDER BY source").fetchall())
+    lineage = [list(r) for r in con.execute("SELECT kind, name, value FROM lineage").fetchall()]
     return {"name": name, "version": version, "n_samples": n, "n_shards": n_shards, "bytes": nbytes,
             "code_version": code, "captions_by_lang": langs, "drops": drops, "samples_by_source": by_source,
             "lineage": lineage}

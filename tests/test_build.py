@@ -185,3 +185,51 @@ def test_cli_build_runs_the_flow_and_prints_the_summary(root, capsys):
     assert "built dataset cli" in out and "drops by reason" in out and "missing_language" in out
     assert main(argv) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_planned_shard_writer_matches_the_reference_writer(tmp_path):
+    """The build's fast writer (image bytes straight from the source tars, numpy headers) writes
+    exactly the bytes KLingualShardWriter writes for the same samples; the tar index finds them."""
+    from klingual_fixtures import make_jpeg
+    from storage.shards import (KLingualShardWriter, _tarinfo_header, index_source_tar, shard_layout,
+                                ustar_headers, write_planned_shard)
+
+    names, sizes = ["a.jpg", "k" * 95 + ".json", "x-1_2.jpg"], [0, 511, 8 ** 11 - 1]
+    assert [h.tobytes() for h in ustar_headers(names, sizes)] == [_tarinfo_header(n, s) for n, s in zip(names, sizes)]
+    src = str(tmp_path / "src.tar")
+    with tarfile.open(src, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(30):
+            for name, blob in ((f"{i:09d}.jpg", make_jpeg(i)), (f"{i:09d}.json", b"{}")):
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tar.addfile(info, __import__("io").BytesIO(blob))
+    index = index_source_tar(src)
+    assert len(index) == 30
+    keys = [f"k-{i}" for i in range(30)][::-1]
+    where = [index[f"{i:09d}"] for i in range(30)][::-1]
+    metas = [json.dumps({"i": i, "t": "ü" * i}).encode() for i in range(30)]
+    ref = KLingualShardWriter(str(tmp_path / "ref.tar"))
+    for key, (off, size), meta in zip(keys, where, metas):
+        with open(src, "rb") as f:
+            f.seek(off)
+            ref.add(key, f.read(size), meta)
+    ref_info = ref.close()
+    info = write_planned_shard(str(tmp_path / "fast.tar"), keys, [src] * 30, [w[0] for w in where],
+                               [w[1] for w in where], metas, chunk_bytes=4096)  # many small chunks
+    assert open(tmp_path / "fast.tar", "rb").read() == open(tmp_path / "ref.tar", "rb").read()
+    assert (info.bytes, info.sha256) == (ref_info.bytes, ref_info.sha256)
+    starts, total = shard_layout([w[1] for w in where], [len(m) for m in metas])
+    assert total == ref_info.bytes and [int(s) + 512 for s in starts[:-1]] == [m.jpg_offset for m in ref_info.members]
+
+
+def test_catalog_calls_through_the_build_engine_see_the_same_artifacts(root):
+    from storage.catalog import Artifact
+    engine = duckdb.connect()
+    try:
+        Catalog(root, engine).record(Artifact("v1", "source", "coco", "/x", params={"a": 1}))
+        Catalog(root).record(Artifact("v2", "dataset", "d", "/y", parents=["v1"]))
+        assert [a.version for a in Catalog(root, engine).list()] == [a.version for a in Catalog(root).list()]
+        assert Catalog(root, engine).get("v2").parents == ["v1"] and Catalog(root, engine).latest("source", "coco").params == {"a": 1}
+        assert engine.execute("SELECT count(*) FROM duckdb_databases() WHERE NOT internal").fetchall()[0][0] == 1
+    finally:
+        engine.close()

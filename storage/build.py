@@ -404,14 +404,18 @@ def _load_translations(con, tsets) -> None:
                     "uniformity DOUBLE, copy_sim DOUBLE, len_ratio DOUBLE, script_ok BOOLEAN, empty BOOLEAN, "
                     "truncated BOOLEAN, set_rank INTEGER)")
         return
-    # Per (text, language): an ok translation first, then the preferred set, then a fixed tie-break.
-    con.execute(f"""
-        CREATE TEMP TABLE best AS
-        SELECT * EXCLUDE (rn) FROM (
-          SELECT *, row_number() OVER (PARTITION BY text_sha, lang
-                                       ORDER BY (tgt_text IS NOT NULL AND ok) DESC, set_rank, tgt_text) AS rn
-          FROM ({' UNION ALL '.join(parts)}) WHERE text_sha IN (SELECT text_sha FROM cap) AND tgt_text IS NOT NULL)
-        WHERE rn = 1""")
+    con.execute(f"""CREATE TEMP TABLE best AS SELECT * FROM ({' UNION ALL '.join(parts)})
+                     WHERE text_sha IN (SELECT text_sha FROM cap) AND tgt_text IS NOT NULL""")
+    # Several translations of one text into one language (several sets, or repeats): keep an ok one
+    # first, then the preferred set, then a fixed tie-break. Usually there are none (a window is slow).
+    if con.execute("SELECT count(*) FROM (SELECT 1 FROM best GROUP BY text_sha, lang HAVING count(*) > 1)").fetchall()[0][0]:
+        con.execute("""
+            CREATE OR REPLACE TEMP TABLE best AS
+            SELECT * EXCLUDE (rn) FROM (
+              SELECT *, row_number() OVER (PARTITION BY text_sha, lang
+                                           ORDER BY (tgt_text IS NOT NULL AND ok) DESC, set_rank, tgt_text) AS rn
+              FROM best)
+            WHERE rn = 1""")
 
 
 def _json_str_sql(expr: str) -> str:
@@ -481,12 +485,12 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, dr
         f"CASE WHEN {p} THEN {_sql_str(json.dumps(lang, ensure_ascii=False) + ':')} || {_json_str_sql(t)} END"
         for lang, (p, t) in sorted(present.items())) + ") || '}'"
     order = "length(caption_id), caption_id"
-    box_agg = "NULL"
+    box_json, box_present = "NULL::VARCHAR", "false"
     if boxes:
         box_json = "CASE WHEN x IS NULL THEN 'null' ELSE '{' || concat_ws(',', " + ", ".join(
             f"CASE WHEN {c} IS NOT NULL THEN '\"{c}\":' || {_json_num_sql(c)} END" for c in sorted(BOX_COLUMNS)) \
             + ") || '}' END"
-        box_agg = f"CASE WHEN bool_or(x IS NOT NULL) THEN string_agg({box_json}, ',' ORDER BY {order}) END"
+        box_present = "x IS NOT NULL"
     common = ", ".join(f"CASE WHEN bool_and({present[lang][0]}) THEN {_sql_str(lang)} END" for lang in langs)
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE samples AS
@@ -501,11 +505,16 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, dr
                     || CASE WHEN i.width IS NOT NULL THEN ',"width":' || CAST(i.width AS VARCHAR) ELSE '' END
                     || '}}' AS meta,
                md5({_sql_str(str(seed))} || ':' || i.source || ':' || i.image_key) AS draw
-        FROM (SELECT source, image_key, count(*) AS n_captions,
-                     string_agg({cap_json}, ',' ORDER BY {order}) AS caps,
-                     string_agg(coalesce({_json_str_sql('caption_id')}, 'null'), ',' ORDER BY {order}) AS ids,
-                     {box_agg} AS boxes, concat_ws(',', {common}) AS langs
-              FROM cj WHERE drop_reason IS NULL GROUP BY source, image_key) k
+        FROM (SELECT source, image_key, n AS n_captions,
+                     array_to_string(list_transform(parts, lambda p: p.c), ',') AS caps,
+                     array_to_string(list_transform(parts, lambda p: p.i), ',') AS ids,
+                     CASE WHEN has_boxes THEN array_to_string(list_transform(parts, lambda p: p.b), ',') END AS boxes,
+                     langs
+              FROM (SELECT source, image_key, count(*) AS n, bool_or({box_present}) AS has_boxes,
+                           concat_ws(',', {common}) AS langs,
+                           list({{'c': {cap_json}, 'i': coalesce({_json_str_sql('caption_id')}, 'null'),
+                                  'b': {box_json}}} ORDER BY {order}) AS parts
+                    FROM cj WHERE drop_reason IS NULL GROUP BY source, image_key)) k
         JOIN img i USING (source, image_key)""")
     redo = con.execute("SELECT source, image_key, meta FROM samples WHERE contains(meta, '\\u00')").fetchall()
     if redo:
@@ -552,21 +561,21 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, dr
         SELECT k.key, CAST(row_number() OVER (PARTITION BY c.source, c.image_key ORDER BY {order}) - 1 AS BIGINT)
                       AS caption_index, c.* EXCLUDE (source, image_key, drop_reason)
         FROM cj c JOIN sample_keys_t k USING (source, image_key) WHERE c.drop_reason IS NULL""")
-    parts = []
-    if has_en:
-        parts.append(f"""SELECT key, caption_index, caption_id, {_sql_str(SOURCE_LANG)} AS lang, norm AS text,
-                                'source' AS model_id, NULL::VARCHAR AS decode_id,
-                                {', '.join(f"NULL::{_score_type(c)} AS {c}" for c in SCORE_COLUMNS)}, true AS ok
-                         FROM kept""")
-    for i, lang in enumerate(others):
-        parts.append(f"""SELECT key, caption_index, caption_id, {_sql_str(lang)} AS lang, tx{i} AS text,
-                                s.model_id, s.decode_id, {', '.join(f"b.{c}" for c in SCORE_COLUMNS)}, ok{i} AS ok
-                         FROM kept LEFT JOIN best b ON b.text_sha = kept.text_sha AND b.lang = {_sql_str(lang)}
-                         LEFT JOIN tsets s ON s.lang = b.lang AND s.set_rank = b.set_rank
-                         WHERE {pres[i]}""")
+    rows = [f"SELECT key, caption_index, caption_id, {i} AS li, {t} AS text, text_sha FROM kept WHERE {p}"
+            for i, (p, t) in enumerate([("true", "norm")] * has_en + [(pres[i], f"tx{i}") for i in range(len(others))])]
+    lang_of = " ".join(f"WHEN {i} THEN {_sql_str(lang)}" for i, lang in enumerate(([SOURCE_LANG] * has_en) + others))
+    scores = ", ".join(f"b.{c}" for c in SCORE_COLUMNS)
+    parts = [f"""SELECT r.key, r.caption_index, r.caption_id, l.lang, r.text,
+                        CASE WHEN l.lang = {_sql_str(SOURCE_LANG)} THEN 'source' ELSE s.model_id END AS model_id,
+                        s.decode_id, {scores},
+                        CASE WHEN l.lang = {_sql_str(SOURCE_LANG)} THEN true ELSE b.ok END AS ok
+                 FROM ({' UNION ALL '.join(rows)}) r JOIN (SELECT CASE li {lang_of} END AS lang, li
+                                                          FROM range({len(rows)}) t(li)) l USING (li)
+                 LEFT JOIN best b ON l.lang <> {_sql_str(SOURCE_LANG)} AND b.text_sha = r.text_sha AND b.lang = l.lang
+                 LEFT JOIN tsets s ON s.lang = b.lang AND s.set_rank = b.set_rank"""]
     caps = os.path.join(staging, "captions.parquet")
     _write_staging(caps, lambda tmp: con.execute(
-        f"COPY (SELECT * FROM ({' UNION ALL '.join(parts)}) ORDER BY key, caption_index, lang) "
+        f"COPY ({parts[0]}) "
         f"TO {_sql_str(tmp)} (FORMAT parquet)"))
     _write_staging_json(os.path.join(staging, "drops.json"),
                         [{"unit": u, "reason": r, "lang": lang or None, "count": c}

@@ -21,6 +21,7 @@ from typing import Iterator
 EXECUTORS = ("local", "ray")
 PROJECT_PACKAGES = ("ccrk", "storage", "translation", "flows")
 # Set for every worker: img2dataset's imports otherwise check for updates and start wandb.
+_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -48,11 +49,30 @@ def ray_init_kwargs(address: str | None = None, num_cpus: int | None = None,
         runtime_env["py_modules"] = _project_modules()
         runtime_env["excludes"] = ["__pycache__", "*.pyc"]
         return kwargs
-    # Private local cluster: loopback only, no dashboard, as many CPUs as asked (default: all).
-    # address="local": always a new cluster, never one found through /tmp/ray/ray_current_cluster.
+    # Private local cluster: no dashboard, as many CPUs as asked (default: all). address="local": always
+    # a new cluster, never one found through /tmp/ray/ray_current_cluster.
     kwargs.update(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", num_cpus=num_cpus,
                   num_gpus=num_gpus)
     return kwargs
+
+
+@contextmanager
+def _loopback_only() -> Iterator:
+    """Keep a local cluster on 127.0.0.1: Ray swaps a loopback node ip for the host's address unless it
+    believes multi-node clusters are off (read from the environment by the processes it starts)."""
+    import ray._private.ray_constants as constants
+
+    saved = constants.ENABLE_RAY_CLUSTER, os.environ.get(_CLUSTER_ENV)
+    constants.ENABLE_RAY_CLUSTER = False
+    os.environ[_CLUSTER_ENV] = "0"
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = saved[0]
+        if saved[1] is None:
+            os.environ.pop(_CLUSTER_ENV, None)
+        else:
+            os.environ[_CLUSTER_ENV] = saved[1]
 
 
 @contextmanager
@@ -64,7 +84,11 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None, num_gpu
     if ray.is_initialized():
         yield ray
         return
-    ray.init(**ray_init_kwargs(address, num_cpus, num_gpus))
+    if address:
+        ray.init(**ray_init_kwargs(address, num_cpus, num_gpus))
+    else:
+        with _loopback_only():
+            ray.init(**ray_init_kwargs(address, num_cpus, num_gpus))
     try:
         yield ray
     finally:
@@ -72,7 +96,9 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None, num_gpu
 
 
 def ray_task_runner(address: str | None = None, num_cpus: int | None = None):
-    """prefect-ray's task runner on the same cluster :func:`ray_cluster` would use (reuses a running one)."""
+    """prefect-ray's task runner on the cluster :func:`ray_cluster` would use. It reuses the cluster
+    already initialised in this process (enter it inside ``ray_cluster``: a local one then stays on
+    loopback), else initialises its own and shuts it down after."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from prefect_ray import RayTaskRunner
 

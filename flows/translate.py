@@ -2,7 +2,9 @@
 
 Thin: :mod:`translation.collect` gathers and deduplicates the texts, :mod:`translation.pipeline`
 plans the missing parts and translates one part per task (each part written atomically, so a
-killed run resumes where it stopped); devices are an engine pool, one worker per device. The
+killed run resumes where it stopped); devices are an engine pool, one worker per device. With
+``executor="ray"`` the parts run on a Ray cluster through prefect-ray's task runner, one task per
+part on one GPU each (CPU when there is none), each written by the same part writer. The
 summary goes to a Prefect table artifact and the catalog (kind ``translation``, parents = the
 source versions). Callable from Python: ``translate_flow(root="data", langs=["es", "ru"])``.
 """
@@ -26,6 +28,41 @@ def translate_part_task(pool, job, model_id: str, decode_id: str):
         return translate_part(engine, job, model_id, decode_id)
 
 
+@task(name="translate-part", cache_policy=NO_CACHE)
+def translate_part_on_worker_task(model: str | None, engine: str, device: str, engine_kwargs: dict, job,
+                                  model_id: str, decode_id: str):
+    """One part on a Ray worker: the model is resolved there (the demo model ships with the code) and
+    the worker's engine is kept for its next part."""
+    from translation.pipeline import cached_engine, translate_part
+
+    return translate_part(cached_engine(engine, resolve_model(model), device=device, **engine_kwargs),
+                          job, model_id, decode_id)
+
+
+def _parts_on_ray(jobs, model: str | None, engine: str, device: str, engine_kwargs: dict, model_id: str,
+                  decode_id: str, ray_address: str | None):
+    """Run every part as a Ray task (prefect-ray's task runner); yield the results as they finish."""
+    from prefect_ray.context import remote_options
+
+    from ccrk.executors import ray_cluster, ray_task_runner
+    from storage.errors import CCRKError
+
+    with ray_cluster(ray_address) as ray, ray_task_runner(ray_address) as runner:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        gpu = device.startswith("cuda") or (device == "auto" and gpus > 0)
+        if gpu and not gpus:
+            raise CCRKError(f"--device {device} asked for a GPU but the Ray cluster has none; use --device cpu or auto")
+        # Ray gives each task its own GPU as cuda:0 (CUDA_VISIBLE_DEVICES).
+        worker_device = "cuda:0" if gpu else "cpu"
+        with remote_options(**({"num_gpus": 1} if gpu else {"num_cpus": 1})):
+            futures = [runner.submit(translate_part_on_worker_task,
+                                     {"model": model, "engine": engine, "device": worker_device,
+                                      "engine_kwargs": engine_kwargs, "job": job, "model_id": model_id,
+                                      "decode_id": decode_id}) for job in jobs]
+        for done in as_completed(futures):
+            yield done.result()
+
+
 def resolve_model(model: str | None) -> str:
     """``None`` or ``demo`` -> the committed demo translator; else the path given."""
     from translation.m2m import DEMO_MODEL_DIR, check_model_dir
@@ -38,9 +75,16 @@ def translate_flow(root: str | None = None, langs: list[str] | None = None, mode
                    sources: list[str] | None = None, engine: str = "ctranslate2", device: str = "cpu",
                    compute_type: str = "auto", beam_size: int = 1, max_len_a: float = 1.5, max_len_b: int = 10,
                    max_input_tokens: int | None = None, part_size: int = 20_000, token_budget: int = 4096,
-                   max_batch_size: int = 256, threads: int = 0, progress: bool = False) -> dict:
-    """Translate the missing texts; returns the summary (per-language counts, samples, ids)."""
+                   max_batch_size: int = 256, threads: int = 0, progress: bool = False, executor: str = "local",
+                   ray_address: str | None = None) -> dict:
+    """Translate the missing texts; returns the summary (per-language counts, samples, ids).
+
+    ``executor``: ``local`` (an engine pool on this machine's devices) or ``ray`` (one Ray task per part
+    on the cluster at ``ray_address``, or on a local cluster started for the run). Same store either way.
+    """
     import os
+
+    from ccrk.executors import check_executor
 
     from storage import layout
     from storage.catalog import Artifact, Catalog
@@ -51,7 +95,10 @@ def translate_flow(root: str | None = None, langs: list[str] | None = None, mode
     from translation.pipeline import EnginePool, decode_settings, ids_for, plan_parts
 
     t_start = time.perf_counter()
+    check_executor(executor)
     root = layout.data_root(root)
+    if executor == "ray" and "://" not in root:
+        root = os.path.abspath(root)  # Ray workers do not share the driver's working directory
     langs = list(langs or TRANSLATED)
     model_dir = resolve_model(model)
     m2m.check_langs(langs, m2m.load_tokenizer(model_dir))
@@ -65,21 +112,13 @@ def translate_flow(root: str | None = None, langs: list[str] | None = None, mode
                        "seconds": 0.0} for lang in langs}
     samples: dict[str, list[dict]] = {lang: [] for lang in langs}
     if jobs:
-        pool = EnginePool(engine, model_dir, device=device, compute_type=compute_type, settings=settings,
-                          token_budget=token_budget, max_batch_size=max_batch_size, threads=threads,
-                          cache_dir=os.path.join(root, "cache"))
         from ccrk.console import progress_bar
 
+        engine_kwargs = dict(compute_type=compute_type, settings=settings, token_budget=token_budget,
+                             max_batch_size=max_batch_size, threads=threads, cache_dir=os.path.join(root, "cache"))
         total = sum(len(j.shas) for j in jobs)
-        # Submit no more parts at once than there are devices: each worker pulls the next part.
         with progress_bar("translate", total if progress else None, unit="texts") as advance:
-            pending = list(jobs)
-            running = [translate_part_task.submit(pool, pending.pop(0), model_id, decode_id)
-                       for _ in range(min(len(pool), len(pending)))]
-            while running:
-                done = next(as_completed(running))
-                running.remove(done)
-                result = done.result()
+            def record(result) -> None:
                 row = per_lang[result.lang]
                 row["translated"] += result.translated
                 row["flagged"] += result.flagged
@@ -87,8 +126,23 @@ def translate_flow(root: str | None = None, langs: list[str] | None = None, mode
                 row["seconds"] += result.seconds
                 samples[result.lang] = (samples[result.lang] + result.samples)[:3]
                 advance(result.translated)
-                if pending:
-                    running.append(translate_part_task.submit(pool, pending.pop(0), model_id, decode_id))
+
+            if executor == "ray":
+                for result in _parts_on_ray(jobs, model, engine, device, engine_kwargs, model_id, decode_id,
+                                            ray_address):
+                    record(result)
+            else:
+                pool = EnginePool(engine, model_dir, device=device, **engine_kwargs)
+                # Submit no more parts at once than there are devices: each worker pulls the next part.
+                pending = list(jobs)
+                running = [translate_part_task.submit(pool, pending.pop(0), model_id, decode_id)
+                           for _ in range(min(len(pool), len(pending)))]
+                while running:
+                    done = next(as_completed(running))
+                    running.remove(done)
+                    record(done.result())
+                    if pending:
+                        running.append(translate_part_task.submit(pool, pending.pop(0), model_id, decode_id))
     for row in per_lang.values():
         row["captions_per_s"] = round(row["translated"] / row["seconds"], 1) if row["seconds"] else 0.0
         row["seconds"] = round(row["seconds"], 2)
@@ -101,7 +155,7 @@ def translate_flow(root: str | None = None, langs: list[str] | None = None, mode
               "sources": sorted(f"{a.name}@{a.version}" for a in collected.sources)}
     version = content_version("translation", parents, params)
     stats = {"captions": collected.captions, "unique_texts": len(collected.texts), "skipped_empty": collected.empty,
-             "per_lang": per_lang, "engine": engine, "device": device, "compute_type": compute_type}
+             "per_lang": per_lang, "engine": engine, "device": device, "compute_type": compute_type, "executor": executor}
     Catalog(root).record(Artifact(version=version, kind="translation", name=f"{model_id}/{decode_id}",
                                   path=store_path, params=params, stats=stats, parents=parents))
     rows = list(per_lang.values())

@@ -92,6 +92,19 @@ class EnginePool:
             self._free.put(engine)
 
 
+_ENGINES: dict[tuple, Engine] = {}
+
+
+def cached_engine(engine: str, model_dir: str, device: str = "cpu", **kwargs) -> Engine:
+    """The engine for these settings, built once per process: a Ray worker that runs many parts keeps
+    its model loaded (one model at a time: a new setting replaces the old engine)."""
+    key = (engine, model_dir, device, repr(sorted(kwargs.items())))
+    if key not in _ENGINES:
+        _ENGINES.clear()
+        _ENGINES[key] = make_engine(engine, model_dir, device=device, **kwargs)
+    return _ENGINES[key]
+
+
 def decode_settings(beam_size: int = 1, max_len_a: float = 1.5, max_len_b: int = 10,
                     max_input_tokens: int | None = None) -> DecodeSettings:
     return DecodeSettings(beam_size=beam_size, max_len_a=max_len_a, max_len_b=max_len_b,

@@ -24,6 +24,11 @@ def add_parser(sub) -> None:
     p.add_argument("--part-size", type=int, default=None, help="unique texts per stored part / task")
     p.add_argument("--token-budget", type=int, default=None, help="padded source tokens per batch")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for the engine (0 = library default)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: one worker per device of this machine; ray: one Ray task per part (one GPU each)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --executor ray: a running cluster (HOST:PORT, ray://HOST:10001 or auto); "
+                        "default: a local cluster for this run")
     p.add_argument("--import", dest="import_path", default=None, metavar="FILE",
                    help="import existing translations (JSON lines or parquet) instead of translating")
     p.add_argument("--name", default=None, help="with --import: the import's name (model_id import:NAME)")
@@ -42,6 +47,8 @@ def run(args) -> int:
             raise CCRKError("--import needs --name (the imported rows get model_id import:NAME)")
         return _run_import(args, langs if args.langs else None)
 
+    if args.ray_address and args.executor != "ray":
+        raise CCRKError("--ray-address needs --executor ray")
     from ccrk.console import console, print_table
     from flows.translate import translate_flow
 
@@ -53,7 +60,7 @@ def run(args) -> int:
         beam_size=args.beam or defaults["beam_size"], max_len_a=defaults["max_len_a"],
         max_len_b=defaults["max_len_b"], part_size=args.part_size or defaults["part_size"],
         token_budget=args.token_budget or defaults["token_budget"], max_batch_size=defaults["max_batch_size"],
-        threads=args.threads, progress=True)
+        threads=args.threads, progress=True, executor=args.executor, ray_address=args.ray_address)
     console.print(f"model_id {summary['model_id']}  decode_id {summary['decode_id']}  "
                   f"sources {', '.join(summary['sources'])}")
     console.print(f"{summary['captions']} captions, {summary['unique_texts']} unique texts, "

@@ -309,6 +309,14 @@ def run_evaluation(root: str | None, checkpoint: str, benchmark: str, data_dir: 
     ckpt_path = _resolve_checkpoint(checkpoint, root)
     bench = bm.load_benchmark(benchmark, data_dir, langs, images, coco_images, skip_missing)
     k_test = k_test or bm.default_k_test(benchmark)
+    eval_langs = list(bench.langs)
+    params = {"benchmark": benchmark, "langs": eval_langs,
+              "mrv_langs": [lang for lang in (mrv_langs or eval_langs) if lang in eval_langs], "k_test": k_test,
+              "itc_only": itc_only, "checkpoint_sha256": file_sha256(_weights_file(ckpt_path)),
+              "data": os.path.abspath(data_dir), "skip_missing": skip_missing}
+    done = reports.existing_report(root, os.path.abspath(ckpt_path), params)
+    if done is not None:  # same checkpoint, benchmark and settings: the report is already there
+        return done
     model, tokenizer, config = load_pretrained(ckpt_path, device=device)
     t0 = time.time()
     results = evaluate_benchmark(model, tokenizer, image_transform(config, train=False), bench, k_test=k_test,
@@ -316,8 +324,5 @@ def run_evaluation(root: str | None, checkpoint: str, benchmark: str, data_dir: 
                                  progress=progress)
     m = reports.build_metrics(results, benchmark, mrv_langs, k_test, itc_only, os.path.abspath(ckpt_path),
                               extra={"skipped_images": bench.skipped_images, "seconds": round(time.time() - t0, 1)})
-    params = {"benchmark": benchmark, "langs": list(results), "mrv_langs": m["mrv"]["langs"], "k_test": k_test,
-              "itc_only": itc_only, "checkpoint_sha256": file_sha256(_weights_file(ckpt_path)),
-              "data": os.path.abspath(data_dir), "skip_missing": skip_missing}
     out = reports.publish_report(root, m, results, params, title=f"{benchmark} retrieval")
     return {**out, "metrics": m}

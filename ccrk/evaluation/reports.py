@@ -281,6 +281,20 @@ def find_run_version(root: str | None, checkpoint: str) -> str | None:
     return None
 
 
+def existing_report(root: str | None, checkpoint: str, params: dict) -> dict | None:
+    """The summary of a report already written for this checkpoint and these parameters, or None."""
+    root = layout.data_root(root)
+    run_version = find_run_version(root, checkpoint)
+    rid = report_id(run_version, params)
+    out_dir = layout.report_dir(root, rid)
+    metrics_path = os.path.join(out_dir, "metrics.json")
+    if not os.path.exists(metrics_path):
+        return None
+    with open(metrics_path, encoding="utf-8") as f:
+        m = json.load(f)
+    return {"report_id": rid, "run_version": run_version, "dir": out_dir, "metrics": m, "skipped": True}
+
+
 def publish_report(root: str | None, m: dict, results: dict | None, params: dict, title: str = "",
                    run_version: str | None = None) -> dict:
     """Write ``reports/<id>/``, publish it to Prefect and record it in the catalog (parent: the run)."""

@@ -78,6 +78,7 @@ class StageClock:
 
 
 def _acquire_all(cfg: dict, root: str, corpus: str | None, metadata: dict[str, list[str]]) -> dict:
+    from ccrk.commands.acquire import print_summary
     from flows.acquire import acquire_flow
 
     a = cfg["acquire"]
@@ -89,6 +90,7 @@ def _acquire_all(cfg: dict, root: str, corpus: str | None, metadata: dict[str, l
                                thread_count=a.get("thread_count", 16),
                                number_sample_per_shard=a.get("number_sample_per_shard", 10_000))
         out[source] = summary
+        print_summary(summary)
     ok = sum(int(s.get("images_ok", 0)) for s in out.values())
     return {"sources": out, "_note": f"{ok} images in {len(out)} sources"}
 
@@ -108,6 +110,8 @@ def _translate(cfg: dict, root: str) -> dict:
 
 
 def _build(cfg: dict, root: str) -> dict:
+    from ccrk.commands.build import print_dataset_summary
+    from ccrk.console import console
     from flows.build import build_flow
     from storage.verify import verify_dataset
 
@@ -116,21 +120,26 @@ def _build(cfg: dict, root: str) -> dict:
                         langs=list(b["langs"]), min_langs=b.get("min_langs"),
                         drop_flagged=b.get("drop_flagged", False), shard_size=b.get("shard_size", 1000),
                         seed=b.get("seed", 0))
+    print_dataset_summary(result)
     report = verify_dataset(result["path"])
     if not report.ok:
         problems = "; ".join(f"{p.kind} {p.shard}" for p in report.problems[:5])
         raise CCRKError(f"dataset {result['path']} failed verification: {problems}")
+    console.print(f"verified: {report.n_shards} shards, {report.n_samples} samples, no problems")
     return {"result": result, "_note": f"{result['n_samples']} samples, {result['n_shards']} shards"}
 
 
 def _pretrain(cfg: dict, root: str, dataset_dir: str) -> dict:
+    from ccrk.console import console
     from ccrk.trainer import load_config
     from flows.pretrain import pretrain_flow
 
     runs = {}
     for spec in cfg["pretrain"]["runs"]:
         config = _deep_update(load_config(_repo_path(cfg, spec["config"])), spec.get("overrides", {}))
-        runs[spec["name"]] = pretrain_flow(config, dataset_dir, root=root)
+        runs[spec["name"]] = run = pretrain_flow(config, dataset_dir, root=root)
+        console.print(f"{spec['name']}: run {run['run_id']}{' (already trained)' if run.get('skipped') else ''}, "
+                      f"loss curve {run.get('loss_curve')}")
     return {"runs": runs, "_note": ", ".join(runs)}
 
 

@@ -209,9 +209,11 @@ def is_complete(dataset_path: str) -> bool:
 def plan_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "coco"),
                langs=("en", "es", "id", "ru", "tr"), min_langs: int | None = None, drop_flagged: bool = False,
                shard_size: int = 1000, seed: int = 0, source_versions: dict | None = None,
-               translations=None, engine=None) -> BuildPlan:
+               translations=None, engine=None, on_plan=None) -> BuildPlan:
     """Resolve inputs, derive the version, and (unless already built) write the sample plan.
-    ``engine``: a DuckDB connection whose instance the plan's queries may use."""
+    ``engine``: a DuckDB connection whose instance the plan's queries may use. ``on_plan``: called
+    with the dataset path and the plan (an Arrow table, as in ``plan.parquet``) as soon as that is
+    written, before the caption rows and drop counts."""
     root = layout.data_root(root)
     langs = parse_langs(langs)
     sources = parse_langs(sources) if isinstance(sources, str) else tuple(sources)
@@ -244,7 +246,7 @@ def plan_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "
                 os.unlink(os.path.join(path, f))
     staging = os.path.join(path, STAGING)
     os.makedirs(staging, exist_ok=True)
-    n_samples = _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed, engine)
+    n_samples = _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed, engine, on_plan)
     lineage = _lineage_rows(name, version, srcs, tsets, params)
     _write_staging_json(os.path.join(staging, "lineage.json"), {
         "name": name, "version": version, "params": params, "rows": lineage,
@@ -280,15 +282,18 @@ def _sql_str(s: str) -> str:
     return "'" + str(s).replace("'", "''") + "'"
 
 
-def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed, engine=None) -> int:
+def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed, engine=None, on_plan=None) -> int:
     # A cursor of the caller's DuckDB instance when given (creating an instance costs ~60 ms); its
     # temp tables vanish with it.
+    from concurrent.futures import ThreadPoolExecutor
+
     own = engine is None
     con = duckdb.connect() if own else engine.cursor()
+    pool = ThreadPoolExecutor(1)
     try:
+        tar_index = pool.submit(_index_tars, srcs)
         con.execute("SET threads TO 2")
-        _load_sources(con, srcs)
-        _load_translations(con, tsets)
+        _load_sources(con, srcs, tar_index, tsets)
         drops: Counter = Counter()
         for unit, reason, n in con.execute("""
             SELECT 'image', 'no_image', count(*) FROM img WHERE tar_path IS NULL
@@ -298,8 +303,9 @@ def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed
               WHERE NOT EXISTS (SELECT 1 FROM img i WHERE i.source = c.source AND i.image_key = c.image_key AND i.tar_path IS NOT NULL)
             """).fetchall():
             drops[(unit, reason, "")] += n
-        return _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, drops)
+        return _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, drops, on_plan)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         con.close()
 
 
@@ -313,10 +319,28 @@ def _finished_shards(source_path: str, ext: str) -> list[str]:
     return out
 
 
-def _load_sources(con, srcs) -> None:
-    img_parts, cap_parts, loc_rows = [], [], {"source": [], "shard_key": [], "tar_path": [], "offset": [], "size": []}
+def _index_tars(srcs) -> pa.Table:
+    """Where every image lies in its source's finished img2dataset tars (headers only)."""
     from storage.shards import index_source_tar
 
+    loc_rows = {"source": [], "shard_key": [], "tar_path": [], "offset": [], "size": []}
+    for s in srcs:
+        for tar in _finished_shards(s.path, ".tar"):
+            index = index_source_tar(tar)
+            loc_rows["source"] += [s.name] * len(index)
+            loc_rows["shard_key"] += list(index)
+            loc_rows["tar_path"] += [tar] * len(index)
+            loc_rows["offset"] += [v[0] for v in index.values()]
+            loc_rows["size"] += [v[1] for v in index.values()]
+    return pa.table(loc_rows, schema=pa.schema([("source", pa.string()), ("shard_key", pa.string()),
+                                                ("tar_path", pa.string()), ("offset", pa.int64()), ("size", pa.int64())]))
+
+
+def _load_sources(con, srcs, tar_index, tsets) -> None:
+    """Images, captions (normalised, keyed by text_sha), the translations (:func:`_load_translations`)
+    and each image's location. ``tar_index``: a future of :func:`_index_tars`, running in a thread
+    meanwhile (the DuckDB queries here release the GIL); it is waited for last."""
+    img_parts, cap_parts = [], []
     for s in srcs:
         ip = _sql_str(os.path.join(s.path, "images.parquet"))
         cp = _sql_str(os.path.join(s.path, "captions.parquet"))
@@ -335,39 +359,7 @@ def _load_sources(con, srcs) -> None:
         cap_parts.append(f"SELECT {_sql_str(s.name)} AS source, CAST(image_key AS VARCHAR) AS image_key, "
                          f"CAST(caption_id AS VARCHAR) AS caption_id, CAST(caption AS VARCHAR) AS caption, {boxes} "
                          f"FROM read_parquet({cp})")
-        for tar in _finished_shards(s.path, ".tar"):
-            for key, (off, size) in index_source_tar(tar).items():
-                loc_rows["source"].append(s.name)
-                loc_rows["shard_key"].append(key)
-                loc_rows["tar_path"].append(tar)
-                loc_rows["offset"].append(off)
-                loc_rows["size"].append(size)
-    locs = pa.table(loc_rows, schema=pa.schema([("source", pa.string()), ("shard_key", pa.string()),
-                                                ("tar_path", pa.string()), ("offset", pa.int64()), ("size", pa.int64())]))
-    con.register("tar_index", locs)
-    status_parts = []
-    for s in srcs:
-        files = _finished_shards(s.path, ".parquet")
-        if files:
-            status_parts.append(
-                f"SELECT {_sql_str(s.name)} AS source, CAST(key AS VARCHAR) AS shard_key, CAST(image_key AS VARCHAR) AS image_key "
-                f"FROM read_parquet([{', '.join(_sql_str(f) for f in files)}], union_by_name=true) WHERE status = 'success'")
-    status_sql = " UNION ALL ".join(status_parts) or \
-        "SELECT NULL::VARCHAR AS source, NULL::VARCHAR AS shard_key, NULL::VARCHAR AS image_key WHERE false"
     con.execute(f"CREATE TEMP TABLE raw_img AS {' UNION ALL '.join(img_parts)}")
-    # One location per image: the first success in (tar, offset) order when downloaded twice.
-    con.execute(f"""
-        CREATE TEMP TABLE loc AS
-        SELECT source, image_key, arg_min(tar_path, tar_path || lpad(CAST(t.offset AS VARCHAR), 20, '0')) AS tar_path,
-               arg_min(t.offset, tar_path || lpad(CAST(t.offset AS VARCHAR), 20, '0')) AS img_offset,
-               arg_min(t.size, tar_path || lpad(CAST(t.offset AS VARCHAR), 20, '0')) AS img_size
-        FROM ({status_sql}) st JOIN tar_index t USING (source, shard_key)
-        GROUP BY source, image_key""")
-    con.execute("""
-        CREATE TEMP TABLE img AS
-        SELECT r.*, l.tar_path, l.img_offset, l.img_size
-        FROM (SELECT DISTINCT ON (source, image_key) * FROM raw_img ORDER BY source, image_key, url) r
-        LEFT JOIN loc l USING (source, image_key)""")
     con.execute(f"CREATE TEMP TABLE cap_raw AS {' UNION ALL '.join(cap_parts)}")
     # text_sha of the normalised caption: the translation store's key.
     texts = [r[0] for r in con.execute("SELECT DISTINCT caption FROM cap_raw WHERE caption IS NOT NULL").fetchall()]
@@ -378,6 +370,32 @@ def _load_sources(con, srcs) -> None:
         CREATE TEMP TABLE cap AS
         SELECT c.*, s.norm, s.text_sha FROM cap_raw c LEFT JOIN shas s USING (caption)""")
     con.unregister("shas")
+    _load_translations(con, tsets)
+    status_parts = []
+    for s in srcs:
+        files = _finished_shards(s.path, ".parquet")
+        if files:
+            status_parts.append(
+                f"SELECT {_sql_str(s.name)} AS source, CAST(key AS VARCHAR) AS shard_key, CAST(image_key AS VARCHAR) AS image_key "
+                f"FROM read_parquet([{', '.join(_sql_str(f) for f in files)}], union_by_name=true) WHERE status = 'success'")
+    status_sql = " UNION ALL ".join(status_parts) or \
+        "SELECT NULL::VARCHAR AS source, NULL::VARCHAR AS shard_key, NULL::VARCHAR AS image_key WHERE false"
+    con.execute(f"CREATE TEMP TABLE downloaded AS {status_sql}")
+    con.register("tar_index", tar_index.result())
+    # One location per image: the first success in (tar, offset) order when downloaded twice.
+    con.execute(f"""
+        CREATE TEMP TABLE loc AS
+        SELECT source, image_key, arg_min(tar_path, tar_path || lpad(CAST(t.offset AS VARCHAR), 20, '0')) AS tar_path,
+               arg_min(t.offset, tar_path || lpad(CAST(t.offset AS VARCHAR), 20, '0')) AS img_offset,
+               arg_min(t.size, tar_path || lpad(CAST(t.offset AS VARCHAR), 20, '0')) AS img_size
+        FROM downloaded st JOIN tar_index t USING (source, shard_key)
+        GROUP BY source, image_key""")
+    con.execute("""
+        CREATE TEMP TABLE img AS
+        SELECT r.*, l.tar_path, l.img_offset, l.img_size
+        FROM (SELECT DISTINCT ON (source, image_key) * FROM raw_img ORDER BY source, image_key, url) r
+        LEFT JOIN loc l USING (source, image_key)""")
+    con.unregister("tar_index")
 
 
 def _load_translations(con, tsets) -> None:
@@ -439,7 +457,7 @@ def _json_num_sql(expr: str) -> str:
             f"ELSE CAST({expr} AS VARCHAR) END")
 
 
-def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, drops: Counter) -> int:
+def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, drops: Counter, on_plan=None) -> int:
     """The language policy, drop counting and each sample's json, as DuckDB queries over whole
     columns (no per-row Python); writes the plan, the caption rows and the drop counts."""
     others = [lang for lang in langs if lang != SOURCE_LANG]
@@ -554,6 +572,8 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, dr
                CAST(encode(s.meta) AS BLOB) AS meta_json, CAST(octet_length(encode(s.meta)) AS BIGINT) AS json_size
         FROM sample_keys_t k JOIN samples s USING (source, image_key) ORDER BY k.idx"""))
     _write_staging(os.path.join(staging, "plan.parquet"), lambda tmp: pq.write_table(plan, tmp))
+    if on_plan is not None:
+        on_plan(os.path.dirname(staging), plan)  # e.g. start writing shards while the rest is assembled
 
     # The caption rows of the manifest: English (the normalised source text) and each kept translation.
     con.execute(f"""
@@ -622,8 +642,10 @@ def shard_groups(n_shards: int, shards_per_task: int) -> list[list[int]]:
     return [list(range(i, min(i + per, n_shards))) for i in range(0, n_shards, per)]
 
 
-def write_shard_group(dataset_path: str, shard_ids, progress=None, threads: int | None = None) -> list[dict]:
-    """Write the given shards from the plan; already written ones are skipped (resume).
+def write_shard_group(dataset_path: str, shard_ids, progress=None, threads: int | None = None,
+                      plan: pa.Table | None = None) -> list[dict]:
+    """Write the given shards from the plan (``plan``: ``plan.parquet`` already read); already
+    written ones are skipped (resume).
 
     Shards are independent, so several are written at once (default: up to 8 threads): reads,
     writes, fsync and sha256 all release the GIL, and while one shard waits on its fsync another
@@ -639,9 +661,10 @@ def write_shard_group(dataset_path: str, shard_ids, progress=None, threads: int 
             progress(info["n_samples"])
     if not todo:
         return out
-    plan = pq.read_table(os.path.join(staging, "plan.parquet"), filters=[("shard", "in", todo)],
-                         columns=["idx", "shard", "key", "tar_path", "img_offset", "img_size", "meta_json"])
-    plan = plan.sort_by("idx")
+    if plan is None:
+        plan = pq.read_table(os.path.join(staging, "plan.parquet"), filters=[("shard", "in", todo)],
+                             columns=["idx", "shard", "key", "tar_path", "img_offset", "img_size", "meta_json"])
+        plan = plan.sort_by("idx")
     shard_col = plan.column("shard").to_numpy()
     bounds = {sid: (int(np.searchsorted(shard_col, sid, "left")), int(np.searchsorted(shard_col, sid, "right")))
               for sid in todo}
@@ -727,13 +750,27 @@ def build_dataset(root=None, name: str = "default", sources=("cc3m", "sbu", "vg"
                   shard_size: int = 1000, seed: int = 0, source_versions: dict | None = None,
                   translations=None, progress=None) -> BuildResult:
     """The whole build in this process (the Prefect flow runs the same three steps as tasks)."""
-    engine = duckdb.connect()  # one DuckDB instance for the plan and the manifest
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = duckdb.connect()  # one DuckDB instance for the plan, the manifest and the catalog
+    background = ThreadPoolExecutor(1)
+    writing = []
+
+    def start_shards(dataset_path: str, table: pa.Table) -> None:
+        # Shards depend on the plan alone: write them while the plan's caption rows are assembled.
+        n_shards = int(table.column("shard")[-1].as_py()) + 1
+        writing.append(background.submit(write_shard_group, dataset_path, range(n_shards), progress, None, table))
+
     try:
         plan = plan_build(root, name, sources, langs, min_langs, drop_flagged, shard_size, seed,
-                          source_versions, translations, engine=engine)
+                          source_versions, translations, engine=engine, on_plan=start_shards)
         if plan.skipped:
             return skipped_result(plan)
-        write_shard_group(plan.path, range(plan.n_shards), progress=progress)
+        for f in writing:
+            f.result()
+        if not writing:
+            write_shard_group(plan.path, range(plan.n_shards), progress=progress)
         return finalize_build(plan.path, root=plan.root, engine=engine)
     finally:
+        background.shutdown(wait=True)
         engine.close()

@@ -191,6 +191,10 @@ def reproduce_flow(config: str = "configs/demo.yaml", root: str | None = None) -
         stack.close()  # the images are local now
     clock.stage("translate", _translate, cfg, root)
     built = clock.stage("build + verify", _build, cfg, root)
+    if not cfg["pretrain"].get("runs"):  # a data-only chain (configs/demo-small.yaml)
+        print_table("reproduce: stages", ["stage", "seconds", "note"],
+                    [(r["stage"], r["seconds"], r["note"]) for r in clock.rows])
+        return {"root": root, "dataset": built["result"]["path"], "stages": clock.rows}
     trained = clock.stage("pretrain", _pretrain, cfg, root, built["result"]["path"])
     evaluated = clock.stage("evaluate", _evaluate, cfg, root, trained["runs"], bench_dir)
 

@@ -115,7 +115,9 @@ class CCRKObjective(nn.Module):
         return nn.functional.cross_entropy(logits, ids[predict])
 
 
-OBJECTIVES = {"ccrk": CCRKObjective}
+from ccrk.cl2cm import CL2CMObjective  # noqa: E402  (issue 8: CL2CM beside CCRk)
+
+OBJECTIVES = {"ccrk": CCRKObjective, "cl2cm": CL2CMObjective}
 
 
 def build_objective(model: CCRKModel, config: dict, tokenizer) -> nn.Module:

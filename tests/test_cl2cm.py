@@ -193,3 +193,11 @@ def test_demo_config_trains_the_tiny_model_with_falling_loss(tmp_path, root):
     # A CL2CM run is an ordinary checkpoint: evaluation loads it as any CCRk run.
     model, _, saved = load_pretrained(str(tmp_path / "run"))
     assert saved["objective"] == "cl2cm" and model.encode_text is not None
+
+
+@pytest.mark.parametrize("lang", ["de", "fr", "cs"])
+def test_multi30k_configs_pair_english_with_one_target_language(lang):
+    config = load_config(os.path.join(os.path.dirname(CONFIG), f"cl2cm-multi30k-{lang}.yaml"))
+    cfg = cl2cm_config(config)
+    assert config["objective"] == "cl2cm" and config["langs"] == ["en", lang]
+    assert (cfg["source_lang"], cfg["target_lang"]) == ("en", lang)

@@ -704,22 +704,29 @@ def _write_shard(dataset_path: str, sid: int, rows: pa.Table) -> dict:
 
 
 def finalize_build(dataset_path: str, record_catalog: bool = True, root: str | None = None,
-                   engine=None) -> BuildResult:
-    """Write the manifest, sizes.json, wids index and ``_COMPLETE``; record the catalog entry."""
+                   engine=None, pending=None) -> BuildResult:
+    """Write the manifest, sizes.json, wids index and ``_COMPLETE``; record the catalog entry.
+    ``pending``: a callable waiting for shards still being written; the manifest tables that do
+    not need them are written meanwhile."""
     from storage.manifest import write_manifest
 
     staging = os.path.join(dataset_path, STAGING)
     lineage = json.load(open(os.path.join(staging, "lineage.json")))
-    shards = []
-    for f in sorted(glob.glob(os.path.join(staging, "shard-*.tar.index.json"))):
-        shards.append(json.load(open(f)))
     plan_n = pq.ParquetFile(os.path.join(staging, "plan.parquet")).metadata.num_rows
-    if sum(s["n_samples"] for s in shards) != plan_n:
-        raise CCRKError(f"{dataset_path}: shards hold {sum(s['n_samples'] for s in shards)} samples but the plan "
-                        f"has {plan_n}; run the build again to finish the missing shards")
-    s = write_manifest(dataset_path, shards, lineage, engine=engine)
+
+    def shard_records() -> list[dict]:
+        if pending is not None:
+            pending()
+        shards = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(staging, "shard-*.tar.index.json")))]
+        if sum(s["n_samples"] for s in shards) != plan_n:
+            raise CCRKError(f"{dataset_path}: shards hold {sum(s['n_samples'] for s in shards)} samples but the plan "
+                            f"has {plan_n}; run the build again to finish the missing shards")
+        return shards
+
+    s = write_manifest(dataset_path, shard_records if pending is not None else shard_records(), lineage,
+                       engine=engine)
     atomic.write_json(os.path.join(dataset_path, COMPLETE), {
-        "name": lineage["name"], "version": lineage["version"], "n_samples": plan_n, "n_shards": len(shards)})
+        "name": lineage["name"], "version": lineage["version"], "n_samples": plan_n, "n_shards": s["n_shards"]})
     shutil.rmtree(staging, ignore_errors=True)
     if record_catalog:
         Catalog(root, engine).record(Artifact(
@@ -766,11 +773,10 @@ def build_dataset(root=None, name: str = "default", sources=("cc3m", "sbu", "vg"
                           source_versions, translations, engine=engine, on_plan=start_shards)
         if plan.skipped:
             return skipped_result(plan)
-        for f in writing:
-            f.result()
         if not writing:
             write_shard_group(plan.path, range(plan.n_shards), progress=progress)
-        return finalize_build(plan.path, root=plan.root, engine=engine)
+        return finalize_build(plan.path, root=plan.root, engine=engine,
+                              pending=lambda: [f.result() for f in writing])
     finally:
         background.shutdown(wait=True)
         engine.close()

@@ -31,25 +31,19 @@ def manifest_path(dataset_path: str) -> str:
     return os.path.join(dataset_path, MANIFEST)
 
 
-def write_manifest(dataset_path: str, shards: list[dict], lineage: dict, engine=None) -> dict:
+def write_manifest(dataset_path: str, shards, lineage: dict, engine=None) -> dict:
     """Write sizes.json, the wids index and manifest.duckdb (atomically, the manifest last); return
-    the :func:`summary` of it.
+    the :func:`summary` of it. ``shards``: the shard records, or a callable returning them, called
+    once the tables that do not need them are written (shards may still be being written till then).
 
     Sample offsets come from each shard record's ``members`` (``[key, jpg_offset, jpg_size,
     json_offset, json_size]``) when given, else from the plan's image and json sizes laid out by
     :func:`storage.shards.shard_layout` (how the build writes shards). ``engine``: a DuckDB
     connection whose instance to use (the manifest is ATTACHed to it) instead of a new one."""
     staging = os.path.join(dataset_path, "_build")
-    shards = sorted(shards, key=lambda s: s["name"])
-    shard_dir = os.path.join(dataset_path, "shards")
-    atomic.write_json(os.path.join(shard_dir, "sizes.json"), {s["name"]: s["n_samples"] for s in shards})
-    atomic.write_json(os.path.join(shard_dir, "wids-index.json"), {
-        "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": lineage["name"],
-        "version": lineage["version"],
-        "shardlist": [{"url": s["name"], "nsamples": s["n_samples"], "filesize": s["bytes"], "sha256": s["sha256"]}
-                      for s in shards]})
+    pending = shards if callable(shards) else None
     plan_path = os.path.join(staging, "plan.parquet")
-    if all("members" in s for s in shards):
+    if pending is None and all("members" in s for s in shards):
         members = {k: [] for k in ("key", "jpg_offset", "jpg_size", "json_offset", "json_size")}
         for s in shards:
             for m in s["members"]:  # [key, jpg_offset, jpg_size, json_offset, json_size]
@@ -57,9 +51,7 @@ def write_manifest(dataset_path: str, shards: list[dict], lineage: dict, engine=
                     members[k].append(v)
         member_refs = pa.table(members)
     else:
-        member_refs = _planned_members(plan_path, shards)
-    shard_table = pa.table({"name": [s["name"] for s in shards], "n_samples": [s["n_samples"] for s in shards],
-                            "bytes": [s["bytes"] for s in shards], "sha256": [s["sha256"] for s in shards]})
+        member_refs, planned_bytes = _planned_members(plan_path)
     drops = json.load(open(os.path.join(staging, "drops.json")))
     drop_table = pa.table({"unit": pa.array([d["unit"] for d in drops], pa.string()),
                            "reason": pa.array([d["reason"] for d in drops], pa.string()),
@@ -77,7 +69,6 @@ def write_manifest(dataset_path: str, shards: list[dict], lineage: dict, engine=
             try:
                 con.execute("USE manifest_db")
                 con.register("member_refs", member_refs)
-                con.register("shard_rows", shard_table)
                 con.register("drop_rows", drop_table)
                 con.register("lineage_rows", lineage_table)
                 plan = _sql_str(plan_path)
@@ -88,7 +79,6 @@ def write_manifest(dataset_path: str, shards: list[dict], lineage: dict, engine=
                            p.url, p.n_captions, p.langs, m.jpg_offset, m.jpg_size, m.json_offset, m.json_size
                     FROM read_parquet({plan}) p JOIN member_refs m USING (key) ORDER BY p.idx""")
                 con.execute(f"CREATE TABLE captions AS SELECT * FROM read_parquet({caps}) ORDER BY key, caption_index, lang")
-                con.execute("CREATE TABLE shards AS SELECT * FROM shard_rows ORDER BY name")
                 con.execute("CREATE TABLE drops AS SELECT * FROM drop_rows ORDER BY unit, reason, lang")
                 con.execute("CREATE TABLE lineage AS SELECT * FROM lineage_rows")
                 con.execute("""CREATE TABLE lang_counts AS SELECT lang, count(*) AS captions, count(DISTINCT key) AS samples
@@ -96,6 +86,20 @@ def write_manifest(dataset_path: str, shards: list[dict], lineage: dict, engine=
                 n = con.execute("SELECT count(*) FROM samples").fetchall()[0][0]
                 if n != member_refs.num_rows:
                     raise CCRKError(f"{dataset_path}: {member_refs.num_rows} samples in shards but {n} matched the plan")
+                shards = sorted(pending() if pending else shards, key=lambda s: s["name"])
+                if pending or not all("members" in s for s in shards):
+                    recorded = {s["name"]: s["bytes"] for s in shards}
+                    for name, total in planned_bytes.items():
+                        if recorded.get(name) != total:
+                            raise CCRKError(f"{name}: {recorded.get(name)} bytes recorded but the plan lays out "
+                                            f"{total}; build again")
+                _write_shard_indexes(dataset_path, shards, lineage)
+                con.register("shard_rows", pa.table({
+                    "name": pa.array([s["name"] for s in shards], pa.string()),
+                    "n_samples": pa.array([s["n_samples"] for s in shards], pa.int64()),
+                    "bytes": pa.array([s["bytes"] for s in shards], pa.int64()),
+                    "sha256": pa.array([s["sha256"] for s in shards], pa.string())}))
+                con.execute("CREATE TABLE shards AS SELECT * FROM shard_rows ORDER BY name")
                 con.execute("CREATE TABLE info AS SELECT ? AS name, ? AS version, ? AS n_samples, ? AS n_shards, "
                             "? AS bytes, ? AS code_version",
                             [lineage["name"], lineage["version"], n, len(shards), sum(s["bytes"] for s in shards),
@@ -111,12 +115,24 @@ def write_manifest(dataset_path: str, shards: list[dict], lineage: dict, engine=
     return out
 
 
+def _write_shard_indexes(dataset_path: str, shards: list[dict], lineage: dict) -> None:
+    """``shards/sizes.json`` (open_clip) and ``shards/wids-index.json`` (wids)."""
+    shard_dir = os.path.join(dataset_path, "shards")
+    atomic.write_json(os.path.join(shard_dir, "sizes.json"), {s["name"]: s["n_samples"] for s in shards})
+    atomic.write_json(os.path.join(shard_dir, "wids-index.json"), {
+        "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": lineage["name"],
+        "version": lineage["version"],
+        "shardlist": [{"url": s["name"], "nsamples": s["n_samples"], "filesize": s["bytes"], "sha256": s["sha256"]}
+                      for s in shards]})
+
+
 def _sql_str(s: str) -> str:
     return "'" + str(s).replace("'", "''") + "'"
 
 
-def _planned_members(plan_path: str, shards: list[dict]) -> pa.Table:
-    """Each sample's member offsets, from the plan's sizes in shard order (the build's layout)."""
+def _planned_members(plan_path: str) -> tuple[pa.Table, dict[str, int]]:
+    """Each sample's member offsets from the plan's sizes in shard order (the build's layout,
+    :func:`storage.shards.shard_layout`), and each shard's size by that layout."""
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -127,18 +143,15 @@ def _planned_members(plan_path: str, shards: list[dict]) -> pa.Table:
     jpg = plan.column("img_size").to_numpy().astype(np.int64)
     js = plan.column("json_size").to_numpy().astype(np.int64)
     starts = np.empty(len(jpg), dtype=np.int64)
-    recorded = {s["name"]: s["bytes"] for s in shards}
+    sizes = {}
     cuts = np.flatnonzero(np.diff(shard)) + 1
     for lo, hi in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [len(jpg)]))):
         st, total = shard_layout(jpg[lo:hi], js[lo:hi])
-        name = shard_name(int(shard[lo]))
-        if recorded.get(name) != total:
-            raise CCRKError(f"{name}: {recorded.get(name)} bytes recorded but the plan lays out {total}; "
-                            "build again")
+        sizes[shard_name(int(shard[lo]))] = total
         starts[lo:hi] = st[:-1]
     jpg_offset = starts + BLOCK
     return pa.table({"key": plan.column("key"), "jpg_offset": jpg_offset, "jpg_size": jpg,
-                     "json_offset": jpg_offset + jpg + (-jpg % BLOCK) + BLOCK, "json_size": js})
+                     "json_offset": jpg_offset + jpg + (-jpg % BLOCK) + BLOCK, "json_size": js}), sizes
 
 
 def connect(dataset_path: str) -> duckdb.DuckDBPyConnection:

@@ -4,13 +4,17 @@ policy, write deterministic shards, then the manifest -- ``<root>/datasets/<name
 Three steps, each safe to kill and re-run (the Prefect flow runs them as tasks):
 
 1. :func:`plan_build` -- DuckDB joins the sources' ``images.parquet``, ``captions.parquet`` and
-   img2dataset status parquet with the translation store; the language policy decides which
-   captions stay and counts every drop by reason. The outcome (one row per sample, in seeded
-   order, with its json) goes to ``_build/plan.parquet``.
-2. :func:`write_shard_group` -- writes some shards from the plan (temp file, then rename); a shard
+   img2dataset status parquet with the translation store; the language policy, the drop counts by
+   reason and each sample's json are whole-column SQL (no per-row Python). The outcome (one row
+   per sample, in seeded order, with its json) goes to ``_build/plan.parquet``.
+2. :func:`write_shard_group` -- writes some shards from the plan (temp file, fsync, rename); a shard
    whose ``_build/<shard>.index.json`` exists is done and skipped on resume.
 3. :func:`finalize_build` -- ``manifest.duckdb``, ``shards/sizes.json``, the wids index, then the
    ``_COMPLETE`` marker (last), then the catalog entry.
+
+:func:`build_dataset` runs the three in one process with one DuckDB instance (the manifest and
+the catalog are ATTACHed to it) and overlaps them: shards are written as soon as the plan exists,
+while the caption rows and the manifest tables that need no shard result are written.
 
 Language policy (explicit, counted): a caption keeps the requested languages it has. A translation
 with ``ok = false`` is kept unless ``drop_flagged``. A caption needs every requested language

@@ -11,6 +11,7 @@ source versions). Callable from Python: ``translate_flow(root="data", langs=["es
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -54,13 +55,29 @@ def _parts_on_ray(jobs, model: str | None, engine: str, device: str, engine_kwar
             raise CCRKError(f"--device {device} asked for a GPU but the Ray cluster has none; use --device cpu or auto")
         # Ray gives each task its own GPU as cuda:0 (CUDA_VISIBLE_DEVICES).
         worker_device = "cuda:0" if gpu else "cpu"
-        with remote_options(**({"num_gpus": 1} if gpu else {"num_cpus": 1})):
+        with _api_url_pinned(), remote_options(**({"num_gpus": 1} if gpu else {"num_cpus": 1})):
             futures = [runner.submit(translate_part_on_worker_task,
                                      {"model": model, "engine": engine, "device": worker_device,
                                       "engine_kwargs": engine_kwargs, "job": job, "model_id": model_id,
                                       "decode_id": decode_id}) for job in jobs]
         for done in as_completed(futures):
             yield done.result()
+
+
+@contextmanager
+def _api_url_pinned():
+    """Submit with this run's Prefect API url in the settings the Ray workers receive: without one
+    (the CLI's temporary server) each worker would start a Prefect server of its own."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    with get_client(sync_client=True) as client:
+        url = str(client.api_url)
+    with temporary_settings({PREFECT_API_URL: url}):
+        yield
 
 
 def resolve_model(model: str | None) -> str:

@@ -52,25 +52,28 @@ def run_to_end(config: str, root: str, log) -> dict[str, tuple[float, float]]:
 
 def run_and_kill(config: str, root: str, stage: str, delay: float, log) -> bool:
     """Start a resume; SIGKILL it ``delay`` s after it announces ``stage``. False if it finished first."""
+    import select
+
     proc = subprocess.Popen(ccrk_command(config, root), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    os.set_blocking(proc.stdout.fileno(), False)
+                            start_new_session=True)
+    fd = proc.stdout.fileno()
     announced_at = None
-    buffer = ""
+    buffer = b""
     while True:
-        chunk = proc.stdout.read()
-        if chunk:
-            log.write(chunk)
-            buffer = (buffer + chunk)[-4096:]
-            if announced_at is None and f"==> {stage}" in buffer:
-                announced_at = time.perf_counter()
+        ready, _, _ = select.select([fd], [], [], 0.05)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if chunk:
+                log.write(chunk.decode("utf-8", "replace"))
+                buffer = (buffer + chunk)[-4096:]
+                if announced_at is None and f"==> {stage}".encode() in buffer:
+                    announced_at = time.perf_counter()
         if proc.poll() is not None:
             return False
         if announced_at is not None and time.perf_counter() - announced_at >= delay:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             return True
-        time.sleep(0.05)
 
 
 def dataset_fingerprint(root: str) -> dict:

@@ -38,8 +38,10 @@ def _translate_y(img, v, rng):
     return img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, v * img.size[1]), fillcolor=_FILL)
 
 
-# op -> (function(img, value, rng), value at magnitude 10, signed). Colour-preserving ops only (as in
-# CCLM's pre-training list): captions name colours, so no hue/solarize/posterize.
+# op -> (function(img, value, rng), value at magnitude 10, signed). CCLM's pre-training list: no
+# hue/solarize/posterize. AutoContrast, Equalize and Brightness still change colours (Equalize turns a
+# flat background into noise and a blue square black): a config whose captions name colours (the demo)
+# picks ops with ``randaugment: {ops: [...]}``.
 RANDAUGMENT_OPS = {
     "Identity": (lambda img, v, rng: img, 0.0, False),
     "AutoContrast": (lambda img, v, rng: ImageOps.autocontrast(img), 0.0, False),
@@ -54,9 +56,14 @@ RANDAUGMENT_OPS = {
 }
 
 
-def randaugment(img: Image.Image, rng: random.Random, n: int = 2, m: float = 7) -> Image.Image:
-    """``n`` ops drawn uniformly, each applied with probability 0.5 at magnitude ``m`` (of 10)."""
-    for name in rng.choices(sorted(RANDAUGMENT_OPS), k=n):
+def randaugment(img: Image.Image, rng: random.Random, n: int = 2, m: float = 7, ops=None) -> Image.Image:
+    """``n`` ops drawn uniformly from ``ops`` (default: all), each applied with probability 0.5 at
+    magnitude ``m`` (of 10)."""
+    names = sorted(RANDAUGMENT_OPS) if ops is None else sorted(ops)
+    unknown = set(names) - set(RANDAUGMENT_OPS)
+    if unknown:
+        raise ValueError(f"unknown RandAugment ops {sorted(unknown)}; available: {', '.join(sorted(RANDAUGMENT_OPS))}")
+    for name in rng.choices(names, k=n):
         fn, top, signed = RANDAUGMENT_OPS[name]
         if rng.random() < 0.5:
             v = top * m / 10.0

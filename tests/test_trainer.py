@@ -74,9 +74,9 @@ def test_cli_runs_the_flow_and_records_the_run(dataset, tmp_path, root):
 def test_tiny_model_learns_retrieval(tmp_path, root):
     data = make_klingual_dataset(str(tmp_path / "learn"), n_images=160, seed=5)
     config = load_config(CONFIG)
-    config["train"].update({"batch_size": 16, "steps": 60, "epochs": None, "log_every": 10, "eval_every": 60,
+    config["train"].update({"batch_size": 16, "steps": 150, "epochs": None, "log_every": 10, "eval_every": 150,
                             "checkpoint_every": 1000, "heldout": 32})
     summary = train(config, data, str(tmp_path / "run"), root=root)
     losses = _losses(tmp_path / "run")
-    assert losses[60] < losses[10]
+    assert losses[150] < 0.8 * losses[10]
     assert summary["r1_i2t"] >= 4 * summary["chance"] and summary["r1_t2i"] >= 4 * summary["chance"]

@@ -131,12 +131,13 @@ def word_alignment_scores(src_tokens: torch.Tensor, src_mask: torch.Tensor, tgt_
     s = F.normalize(src_tokens.float(), dim=-1)
     t = F.normalize(tgt_tokens.float(), dim=-1)
     n, length_s, length_t = s.shape[0], s.shape[1], t.shape[1]
-    if all_pairs:
-        cos = torch.einsum("ild,jmd->ijlm", s, t).reshape(n * n, length_s, length_t)
-        ms = src_mask[:, None, :].expand(n, n, length_s).reshape(n * n, length_s)
-        mt = tgt_mask[None, :, :].expand(n, n, length_t).reshape(n * n, length_t)
-    else:
-        cos, ms, mt = s @ t.transpose(1, 2), src_mask, tgt_mask
+    with torch.autocast(device_type=s.device.type, enabled=False):  # cosines in float32, also under bf16
+        if all_pairs:
+            cos = torch.einsum("ild,jmd->ijlm", s, t).reshape(n * n, length_s, length_t)
+            ms = src_mask[:, None, :].expand(n, n, length_s).reshape(n * n, length_s)
+            mt = tgt_mask[None, :, :].expand(n, n, length_t).reshape(n * n, length_t)
+        else:
+            cos, ms, mt = s @ t.transpose(1, 2), src_mask, tgt_mask
     with torch.no_grad():
         plan = sinkhorn(1.0 - cos.detach(), uniform_marginal(ms), uniform_marginal(mt), eps, iters)
     score = (plan * cos).sum(dim=(1, 2))

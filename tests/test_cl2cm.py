@@ -203,3 +203,10 @@ def test_multi30k_configs_pair_english_with_one_target_language(lang):
     cfg = cl2cm_config(config)
     assert config["objective"] == "cl2cm" and config["langs"] == ["en", lang]
     assert (cfg["source_lang"], cfg["target_lang"]) == ("en", lang)
+
+
+def test_demo_config_is_the_tiny_ccrk_config_with_the_cl2cm_objective():
+    tiny = load_config(os.path.join(os.path.dirname(CONFIG), "tiny.yaml"))
+    demo = load_config(CONFIG)
+    for section in ("seed", "langs", "model", "data", "train"):
+        assert demo[section] == tiny[section], section  # the comparison changes the objective only

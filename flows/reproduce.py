@@ -148,12 +148,15 @@ def _evaluate(cfg: dict, root: str, runs: dict, bench_dir: str) -> dict:
     from flows.evaluate import evaluate_flow
 
     e = cfg["evaluate"]
+    specs = {spec["name"]: spec for spec in cfg["pretrain"]["runs"]}
     reports = {}
     for name, run in runs.items():
+        # A run whose objective trains no fusion encoder (CL2CM) is scored by similarity alone.
+        itc_only = specs.get(name, {}).get("itc_only", e.get("itc_only", False))
         reports[name] = evaluate_flow(root=root, checkpoint=run["run_dir"], benchmark=e.get("benchmark", "demo"),
                                       data_dir=e.get("data", bench_dir), langs=e.get("langs"),
                                       mrv_langs=e.get("mrv_langs"), k_test=e.get("k_test"),
-                                      itc_only=e.get("itc_only", False), images=e.get("images"),
+                                      itc_only=itc_only, images=e.get("images"),
                                       coco_images=e.get("coco_images"))
     out_dir = layout.join(root, "reports", f"{cfg['name']}-comparison")
     comparison = compare_report([r["dir"] for r in reports.values()], list(reports), out_dir,

@@ -33,10 +33,11 @@ def check_executor(executor: str) -> str:
     return executor
 
 
-def _project_modules() -> list:
-    import importlib
-
-    return [importlib.import_module(name) for name in PROJECT_PACKAGES]
+def _project_packages() -> list[str]:
+    """The project's package directories (paths, not module objects: a stale editable install can
+    expose one as a namespace package, which Ray's ``py_modules`` refuses)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return [os.path.join(repo, name) for name in PROJECT_PACKAGES]
 
 
 def ray_init_kwargs(address: str | None = None, num_cpus: int | None = None,
@@ -46,7 +47,7 @@ def ray_init_kwargs(address: str | None = None, num_cpus: int | None = None,
     kwargs: dict = {"configure_logging": False, "log_to_driver": False, "runtime_env": runtime_env}
     if address:
         kwargs["address"] = address
-        runtime_env["py_modules"] = _project_modules()
+        runtime_env["py_modules"] = _project_packages()
         runtime_env["excludes"] = ["__pycache__", "*.pyc"]
         return kwargs
     # Private local cluster: no dashboard, as many CPUs as asked (default: all). address="local": always

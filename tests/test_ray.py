@@ -123,11 +123,21 @@ def test_part_tasks_on_ray_are_recorded_as_prefect_task_runs_of_the_flow(cluster
     assert len(runs) == 3 and all(r.state.is_completed() for r in runs)
 
 
+def test_asking_for_gpus_on_a_cluster_without_any_is_one_clear_error(cluster, tmp_path):
+    from flows.translate import translate_flow
+    from storage.errors import CCRKError
+    from translation_fixtures import write_source
+
+    root = str(tmp_path / "data")
+    write_source(root, "coco", CAPTIONS[:2])
+    with pytest.raises(CCRKError, match="the Ray cluster has none"):
+        translate_flow(root=root, langs=["es"], device="cuda", executor="ray")
+
+
 def test_an_unknown_executor_is_one_clear_error(root):
     from ccrk.cli import main as ccrk
-
-    from storage.errors import CCRKError
     from ccrk.executors import check_executor
+    from storage.errors import CCRKError
 
     with pytest.raises(CCRKError, match="unknown executor 'spark'"):
         check_executor("spark")

@@ -20,8 +20,8 @@ from typing import Iterator
 
 EXECUTORS = ("local", "ray")
 PROJECT_PACKAGES = ("ccrk", "storage", "translation", "flows")
-# Set for every worker: img2dataset's imports otherwise check for updates and start wandb.
 _CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Set for every worker: img2dataset's imports otherwise check for updates and start wandb.
 WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 
 

@@ -90,17 +90,31 @@ def classify_error(message: str | None) -> str | None:
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
+_WATCHDOG_STARTED = False
 
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:  # the parent died before prctl: stop now
+
+def _die_with_parent(parent_pid: int) -> None:
+    """End this worker as soon as ``parent_pid`` is gone (a kill -9 of ccrk leaves no orphan writer).
+
+    Not PR_SET_PDEATHSIG: it fires when the *thread* that spawned the worker ends, and the pool's
+    worker-handler thread (which spawns replacement workers) ends during Pool.terminate -- killing
+    workers mid-write and deadlocking the pool on its result-queue lock. A daemon thread polling
+    the parent pid has the process semantics we want.
+    """
+    global _WATCHDOG_STARTED
+    if os.getppid() != parent_pid:  # the parent is already gone: stop now
         os._exit(1)
+    if _WATCHDOG_STARTED:
+        return
+    _WATCHDOG_STARTED = True
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.02)  # a getppid() syscall 50 times a second: negligible, and near-immediate
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="ccrk-parent-watchdog", daemon=True).start()
 
 
 def _resizer_class():

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
+from rich.text import Text
 
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -43,7 +44,8 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence]) ->
     for col in columns:
         table.add_column(str(col))
     for row in rows:
-        table.add_row(*[_fmt(v) for v in row])
+        # Text(), not str: data such as "captions [en]" must not be read as rich markup.
+        table.add_row(*[Text(_fmt(v)) for v in row])
     console.print(table)
 
 

@@ -96,6 +96,7 @@ def _acquire_all(cfg: dict, root: str, corpus: str | None, metadata: dict[str, l
 
 
 def _translate(cfg: dict, root: str) -> dict:
+    from ccrk.commands.translate import print_translation_summary
     from flows.translate import translate_flow
     from translation.imports import import_translations
 
@@ -106,6 +107,7 @@ def _translate(cfg: dict, root: str) -> dict:
                              engine=t.get("engine", "ctranslate2"), device=t.get("device", "cpu"),
                              compute_type=t.get("compute_type", "auto"), beam_size=t.get("beam", 1),
                              sources=t.get("sources"))
+    print_translation_summary(summary)
     return {"summary": summary, "_note": ", ".join(t["langs"])}
 
 
@@ -139,7 +141,7 @@ def _pretrain(cfg: dict, root: str, dataset_dir: str) -> dict:
         config = _deep_update(load_config(_repo_path(cfg, spec["config"])), spec.get("overrides", {}))
         runs[spec["name"]] = run = pretrain_flow(config, dataset_dir, root=root)
         console.print(f"{spec['name']}: run {run['run_id']}{' (already trained)' if run.get('skipped') else ''}, "
-                      f"loss curve {run.get('loss_curve')}")
+                      f"loss curve {run.get('loss_curve')}", markup=False, soft_wrap=True)
     return {"runs": runs, "_note": ", ".join(runs)}
 
 

@@ -49,7 +49,6 @@ def run(args) -> int:
 
     if args.ray_address and args.executor != "ray":
         raise CCRKError("--ray-address needs --executor ray")
-    from ccrk.console import console, print_table
     from flows.translate import translate_flow
 
     summary = translate_flow(
@@ -61,8 +60,16 @@ def run(args) -> int:
         max_len_b=defaults["max_len_b"], part_size=args.part_size or defaults["part_size"],
         token_budget=args.token_budget or defaults["token_budget"], max_batch_size=defaults["max_batch_size"],
         threads=args.threads, progress=True, executor=args.executor, ray_address=args.ray_address)
+    print_translation_summary(summary)
+    return 0
+
+
+def print_translation_summary(summary: dict) -> None:
+    """Counts per language and a few sample translations with their scores (also used by ``make demo``)."""
+    from ccrk.console import console, print_table
+
     console.print(f"model_id {summary['model_id']}  decode_id {summary['decode_id']}  "
-                  f"sources {', '.join(summary['sources'])}")
+                  f"sources {', '.join(summary['sources'])}", markup=False)
     console.print(f"{summary['captions']} captions, {summary['unique_texts']} unique texts, "
                   f"{summary['skipped_empty']} empty skipped, {summary['parts']} parts in {summary['wall_s']} s")
     print_table("translation summary", ["lang", "texts", "already", "translated", "skipped", "flagged",
@@ -72,8 +79,7 @@ def run(args) -> int:
     print_table("sample translations", ["lang", "source", "translation", "ok", "unif", "copy", "len"],
                 [(lang, r["src_text"], r["tgt_text"], r["ok"], r["uniformity"], r["copy_sim"], r["len_ratio"])
                  for lang, rows in summary["samples"].items() for r in rows])
-    console.print(f"recorded translation {summary['version']} -> {summary['path']}")
-    return 0
+    console.print(f"recorded translation {summary['version']} -> {summary['path']}", markup=False)
 
 
 def _run_import(args, langs) -> int:

@@ -129,8 +129,7 @@ def main(argv=None) -> int:
                   flush=True)
             if not killed:
                 break  # the stage is done on this root: later kills of it would not land
-    windows_after = run_to_end(args.config, killed_root, log)
-    del windows_after
+    run_to_end(args.config, killed_root, log)  # the last resume, to the end
 
     clean, resumed = dataset_fingerprint(clean_root), dataset_fingerprint(killed_root)
     identical = clean.get("shards") == resumed.get("shards") and clean.get("dataset") == resumed.get("dataset")

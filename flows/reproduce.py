@@ -77,7 +77,7 @@ class StageClock:
         return out
 
 
-def _acquire_all(cfg: dict, root: str, corpus: str | None, metadata: dict[str, list[str]]) -> dict:
+def _acquire_all(cfg: dict, root: str, metadata: dict[str, list[str]]) -> dict:
     from ccrk.commands.acquire import print_summary
     from flows.acquire import acquire_flow
 
@@ -175,7 +175,6 @@ def reproduce_flow(config: str = "configs/demo.yaml", root: str | None = None) -
     clock = StageClock()
     with ExitStack() as stack:
         metadata: dict[str, list[str]] = {}
-        corpus = None
         bench_dir = cfg["evaluate"].get("data")
         if "corpus" in cfg:  # the embedded demo: generate, serve on loopback, write metadata
             from ccrk.evaluation.demo_benchmark import write_demo_benchmark
@@ -192,7 +191,7 @@ def reproduce_flow(config: str = "configs/demo.yaml", root: str | None = None) -
             metadata["sbu"] = metadata["sbu"][:1]  # one of SBU's two official layouts
             bench_dir = layout.join(root, "benchmarks", "demo")
             write_demo_benchmark(corpus, bench_dir)
-        acquired = clock.stage("acquire", _acquire_all, cfg, root, corpus, metadata)
+        acquired = clock.stage("acquire", _acquire_all, cfg, root, metadata)
         stack.close()  # the images are local now
     clock.stage("translate", _translate, cfg, root)
     built = clock.stage("build + verify", _build, cfg, root)

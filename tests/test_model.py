@@ -51,6 +51,58 @@ def test_padding_does_not_change_text_features(tiny):
     assert torch.allclose(a[0], b[0], atol=1e-5)
 
 
+def test_packed_text_layers_equal_the_padded_layers(tiny):
+    """The text encoder runs its layers on real tokens only; on those it must equal the plain
+    transformers layers run on the padded batch, forward and backward."""
+    from ccrk.modeling.text import _bool_mask
+
+    model, tok, _ = tiny
+    enc = tok(["a red circle", "una estrella verde pequeña a la izquierda", "круг", "a"], padding=True,
+              return_tensors="pt")
+    ids, att = enc["input_ids"], enc["attention_mask"]
+    assert not bool(att.all())  # the packed path is taken
+    packed = model.text.encode(ids, att)
+    h = model.text.embeddings(input_ids=ids)
+    for layer in model.text.text_layers:
+        h = layer(h, attention_mask=_bool_mask(att))
+    real = att.bool()
+    assert torch.allclose(packed[real], h[real], atol=1e-5)
+    assert bool((packed[~real] == 0).all())
+    weight = model.text.text_layers[0].intermediate.dense.weight
+    g_packed = torch.autograd.grad(packed[real].square().sum(), weight)[0]
+    g_padded = torch.autograd.grad(h[real].square().sum(), weight)[0]
+    assert torch.allclose(g_packed, g_padded, atol=1e-4, rtol=1e-4)
+
+
+def test_itm_head_learns_an_image_text_interaction():
+    """Every caption is a positive with its image and a negative with the next one, and every image
+    the reverse: neither side alone predicts the label, so the loss falls only through the fusion
+    encoder's cross-attention (a disconnected image path stays at ln 2)."""
+    torch.manual_seed(0)
+    model, tok = build_model(load_config(CONFIG))
+    model.train()
+    n = 8
+    pixels = torch.randn(n, 3, 64, 64)
+    ids = torch.randint(5, 200, (n, 10))
+    ids[:, 0], ids[:, -1] = tok.cls_token_id, tok.sep_token_id
+    att = torch.ones_like(ids)
+    neg = torch.roll(torch.arange(n), 1)
+    labels = torch.cat([torch.ones(n), torch.zeros(n)]).long()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(40):
+        image_embeds, _ = model.encode_image(pixels)
+        text_embeds, _ = model.encode_text(ids, att)
+        logits = model.itm_logits(torch.cat([image_embeds, image_embeds]), None,
+                                  torch.cat([text_embeds, text_embeds[neg]]), torch.cat([att, att[neg]]))
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1, losses[::5]
+
+
 def test_load_pretrained_round_trip(tiny, tmp_path):
     model, tok, config = tiny
     run_dir = tmp_path / "run"

@@ -11,6 +11,7 @@ import copy
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -52,6 +53,25 @@ def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     if mask is None or bool(mask.all()):
         return None
     return mask[:, None, None, :].bool()
+
+
+def _packed_layer(layer, x: torch.Tensor, real: torch.Tensor, n: int, length: int, mask: torch.Tensor) -> torch.Tensor:
+    """One text-only ``XLMRobertaLayer`` on packed tokens ``x`` [T, D] (``real``: their positions in
+    the padded [n * length] grid; ``mask``: [n, 1, 1, length] bool). The projections, feed-forward
+    and layer norms -- nearly all of the work -- see the T real tokens only; attention alone runs
+    padded. Same weights and the same result as ``layer(padded, attention_mask=mask)`` on real tokens."""
+    sa = layer.attention.self
+    heads, head = sa.num_attention_heads, sa.attention_head_size
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        grid = t.new_zeros(n * length, t.shape[-1]).index_copy(0, real, t)
+        return grid.view(n, length, heads, head).transpose(1, 2)
+
+    attn = F.scaled_dot_product_attention(split(sa.query(x)), split(sa.key(x)), split(sa.value(x)), attn_mask=mask,
+                                          dropout_p=sa.dropout.p if sa.training else 0.0, scale=sa.scaling)
+    attn = attn.transpose(1, 2).reshape(n * length, heads * head).index_select(0, real)
+    x = layer.attention.output(attn, x)
+    return layer.output(layer.intermediate(x), x)
 
 
 class TextFusionEncoder(nn.Module):
@@ -125,12 +145,23 @@ class TextFusionEncoder(nn.Module):
         return set(loaded) | {"lm_head.decoder.weight"}
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Text-only layers: [B, L, D]."""
+        """Text-only layers: [B, L, D] (zeros at padding positions when there is padding).
+
+        With padding, the layers run on the real tokens only (see :func:`_packed_layer`): the K
+        captions of an image differ in length across languages, and padding all of them to the
+        longest one would spend most of the text encoder's work on padding."""
         h = self.embeddings(input_ids=input_ids)
         mask = _bool_mask(attention_mask)
+        if mask is None:
+            for layer in self.text_layers:
+                h = layer(h, attention_mask=None)
+            return h
+        n, length, width = h.shape
+        real = torch.nonzero(attention_mask.reshape(-1)).squeeze(1)
+        x = h.reshape(n * length, width).index_select(0, real)
         for layer in self.text_layers:
-            h = layer(h, attention_mask=mask)
-        return h
+            x = _packed_layer(layer, x, real, n, length, mask)
+        return x.new_zeros(n * length, width).index_copy(0, real, x).view(n, length, width)
 
     def fuse(self, text_embeds, text_atts, image_embeds, image_atts=None) -> torch.Tensor:
         """Fusion layers: text tokens attend to themselves and to the image tokens: [B, L, D]."""

@@ -104,15 +104,25 @@ class CCRKObjective(nn.Module):
                                                               temp, hard), gen)
         image_all = torch.cat([image_embeds, image_embeds, image_embeds[neg_image]])
         text_rows = torch.cat([pos_rows, neg_text, pos_rows])
-        logits = self.model.itm_logits(image_all, None, text_embeds[text_rows], text_atts[text_rows])
+        logits = self.model.itm_logits(image_all, None, *_trim_padding(text_embeds[text_rows], text_atts[text_rows]))
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
         return nn.functional.cross_entropy(logits, labels)
 
     def _mlm(self, image_embeds, ids, atts, gen):
+        ids, atts = _trim_padding(ids, atts)
         masked, predict = losses.mask_tokens(ids, atts, self.mask_id, self.vocab_high, self.special_ids,
                                              self.cfg["mask_prob"], gen)
         logits = self.model.mlm_logits(masked, atts, image_embeds, None, predict)
         return nn.functional.cross_entropy(logits, ids[predict])
+
+
+def _trim_padding(x: torch.Tensor, atts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the padding columns no selected row needs: the K captions were padded to the longest of
+    all B*K, which grows with K, while MITM and CMLM see a few of them (padding is on the right)."""
+    length = max(1, int(atts.sum(dim=1).max()))
+    if length == atts.shape[1] or bool(atts[:, length:].any()):  # nothing to drop, or left padding
+        return x, atts
+    return x[:, :length], atts[:, :length]
 
 
 from ccrk.cl2cm import CL2CMObjective  # noqa: E402  (issue 8: CL2CM beside CCRk)

@@ -172,3 +172,26 @@ def test_demo_tokenizer_is_reproducible(tmp_path):
     tok = load_tokenizer("demo")
     assert tok.tokenize("solda büyük kırmızı bir daire") == ["▁solda", "▁büyük", "▁kırmızı", "▁bir", "▁daire"]
     assert tok.mask_token_id == len(tok) - 1 and tok.pad_token_id == 1
+
+
+def test_extra_padding_changes_no_loss(tiny):
+    """Captions padded further (as when a longer caption joins the batch) give the same losses:
+    the text layers skip padding and MITM / CMLM trim it."""
+    from ccrk.data import collate
+    from ccrk.objectives import build_objective
+
+    model, tok, config = tiny
+    objective = build_objective(model, config, tok)
+    slots = [["a red circle", "un círculo rojo", None, "красный круг", "kırmızı bir daire"],
+             ["a small blue star on the left", "una estrella azul pequeña a la izquierda", "bintang biru kecil di kiri",
+              None, "solda küçük mavi bir yıldız"],
+             ["a green heart", "un corazón verde", "hati hijau", "зелёное сердце", "yeşil bir kalp"]]
+    images = [torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    batch = collate(images, slots, tok, 40)
+    extra = 7
+    padded = dict(batch)
+    padded["input_ids"] = torch.cat([batch["input_ids"], torch.full((3, 5, extra), tok.pad_token_id)], dim=-1)
+    padded["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros(3, 5, extra, dtype=torch.long)], dim=-1)
+    a, b = objective(batch, seed=3), objective(padded, seed=3)
+    for key in ("itc", "itm", "mlm", "loss"):
+        assert a[key].item() == pytest.approx(b[key].item(), abs=1e-5), key

@@ -204,6 +204,7 @@ class BuildPlan:
     n_samples: int = 0
     n_shards: int = 0
     message: str = ""
+    draft: tuple[str, str] | None = None  # (alias, path) of the manifest draft kept ATTACHed (keep_draft)
 
 
 def is_complete(dataset_path: str) -> bool:
@@ -213,11 +214,17 @@ def is_complete(dataset_path: str) -> bool:
 def plan_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "coco"),
                langs=("en", "es", "id", "ru", "tr"), min_langs: int | None = None, drop_flagged: bool = False,
                shard_size: int = 1000, seed: int = 0, source_versions: dict | None = None,
-               translations=None, engine=None, on_plan=None) -> BuildPlan:
-    """Resolve inputs, derive the version, and (unless already built) write the sample plan.
+               translations=None, engine=None, on_plan=None, keep_draft: bool = False) -> BuildPlan:
+    """Resolve inputs, derive the version, and (unless already built) plan the samples: writes
+    ``_build/plan.parquet`` (what the shard tasks read), ``_build/lineage.json`` and the manifest's
+    plan-determined tables (``_build/manifest.partial.duckdb``, completed by :func:`finalize_build`).
+
     ``engine``: a DuckDB connection whose instance the plan's queries may use. ``on_plan``: called
-    with the dataset path and the plan (an Arrow table, as in ``plan.parquet``) as soon as that is
-    written, before the caption rows and drop counts."""
+    with the dataset path and the plan (an Arrow table, as in ``plan.parquet``) as soon as the plan
+    exists, before the manifest tables are written (e.g. to start writing shards).
+    ``keep_draft`` (with ``engine``): leave the manifest draft ATTACHed to ``engine`` for
+    :func:`finalize_build` to complete (``BuildPlan.draft``) and skip ``plan.parquet`` -- for one
+    process running every step (:func:`build_dataset`); a re-run plans again anyway."""
     root = layout.data_root(root)
     langs = parse_langs(langs)
     sources = parse_langs(sources) if isinstance(sources, str) else tuple(sources)
@@ -250,16 +257,18 @@ def plan_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "
                 os.unlink(os.path.join(path, f))
     staging = os.path.join(path, STAGING)
     os.makedirs(staging, exist_ok=True)
-    n_samples = _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed, engine, on_plan)
-    lineage = _lineage_rows(name, version, srcs, tsets, params)
-    _write_staging_json(os.path.join(staging, "lineage.json"), {
-        "name": name, "version": version, "params": params, "rows": lineage,
-        "parents": sorted({s.version for s in srcs if s.recorded}
-                          | {v for ts in tsets.values() for t in ts for v in t.artifact_versions}),
-        "sources": [asdict(s) for s in srcs]})
+    lineage = {"name": name, "version": version, "params": params,
+               "rows": _lineage_rows(name, version, srcs, tsets, params),
+               "parents": sorted({s.version for s in srcs if s.recorded}
+                                 | {v for ts in tsets.values() for t in ts for v in t.artifact_versions}),
+               "sources": [asdict(s) for s in srcs]}
+    _write_staging_json(os.path.join(staging, "lineage.json"), lineage)
+    keep_draft = keep_draft and engine is not None
+    n_samples, draft = _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed, lineage,
+                             engine, on_plan, keep_draft)
     n_shards = -(-n_samples // shard_size)
     return BuildPlan(root, name, version, path, False, n_samples, n_shards,
-                     f"planned {n_samples} samples in {n_shards} shards")
+                     f"planned {n_samples} samples in {n_shards} shards", draft)
 
 
 def _lineage_rows(name, version, srcs, tsets, params) -> list[list[str]]:
@@ -278,15 +287,23 @@ def _lineage_rows(name, version, srcs, tsets, params) -> list[list[str]]:
     return rows
 
 
-def _columns(con, relation: str) -> set[str]:
-    return {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()}
+def _columns(files: list[str]) -> set[str]:
+    """The union of the parquet files' column names (footers only)."""
+    out: set[str] = set()
+    for f in files:
+        try:
+            out.update(pq.read_schema(f).names)
+        except (OSError, pa.ArrowException) as exc:
+            raise CCRKError(f"{f} is not a readable parquet file: {exc}") from exc
+    return out
 
 
 def _sql_str(s: str) -> str:
     return "'" + str(s).replace("'", "''") + "'"
 
 
-def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed, engine=None, on_plan=None) -> int:
+def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed, lineage, engine=None,
+          on_plan=None, keep_draft=False) -> tuple[int, tuple[str, str] | None]:
     # A cursor of the caller's DuckDB instance when given (creating an instance costs ~60 ms); its
     # temp tables vanish with it.
     from concurrent.futures import ThreadPoolExecutor
@@ -297,17 +314,9 @@ def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed
     try:
         tar_index = pool.submit(_index_tars, srcs)
         con.execute("SET threads TO 2")
-        _load_sources(con, srcs, tar_index, tsets)
-        drops: Counter = Counter()
-        for unit, reason, n in con.execute("""
-            SELECT 'image', 'no_image', count(*) FROM img WHERE tar_path IS NULL
-            UNION ALL SELECT 'image', 'no_captions', count(*) FROM img i
-              WHERE tar_path IS NOT NULL AND NOT EXISTS (SELECT 1 FROM cap c WHERE c.source = i.source AND c.image_key = i.image_key)
-            UNION ALL SELECT 'caption', 'no_image', count(*) FROM cap c
-              WHERE NOT EXISTS (SELECT 1 FROM img i WHERE i.source = c.source AND i.image_key = c.image_key AND i.tar_path IS NOT NULL)
-            """).fetchall():
-            drops[(unit, reason, "")] += n
-        return _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, drops, on_plan)
+        boxes = _load_sources(con, srcs, tar_index, tsets)
+        return _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, boxes, lineage,
+                         on_plan, keep_draft)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         con.close()
@@ -323,83 +332,122 @@ def _finished_shards(source_path: str, ext: str) -> list[str]:
     return out
 
 
-def _index_tars(srcs) -> pa.Table:
-    """Where every image lies in its source's finished img2dataset tars (headers only)."""
+TAR_INDEX_CACHE = 1  # the format of the cached tar indexes (bump to ignore old caches)
+
+
+def cached_tar_index(tar: str) -> tuple[list[str], list[int], list[int]]:
+    """:func:`storage.shards.index_source_tar` of a finished source tar as (keys, data offsets,
+    sizes), cached beside it in ``.<name>.index.json`` (hidden: no shard glob sees it). Acquisition
+    never rewrites a tar once its ``_stats.json`` exists; the cache is used only while the tar's
+    size and mtime are the ones it was made from, and is written atomically (rename) -- where the
+    source directory is read-only it is simply not kept."""
     from storage.shards import index_source_tar
 
+    cache = os.path.join(os.path.dirname(tar), f".{os.path.basename(tar)}.index.json")
+    try:
+        st = os.stat(tar)
+    except OSError:
+        return [], [], []
+    stamp = [TAR_INDEX_CACHE, st.st_size, st.st_mtime_ns]
+    try:
+        with open(cache, "rb") as f:
+            c = json.loads(f.read())
+        if c["stamp"] == stamp and len(c["keys"]) == len(c["offsets"]) == len(c["sizes"]):
+            return c["keys"], c["offsets"], c["sizes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    index = index_source_tar(tar)
+    keys, offsets, sizes = list(index), [v[0] for v in index.values()], [v[1] for v in index.values()]
+    try:
+        _write_staging(cache, lambda tmp: open(tmp, "w").write(
+            json.dumps({"stamp": stamp, "keys": keys, "offsets": offsets, "sizes": sizes})))
+    except OSError:
+        pass
+    return keys, offsets, sizes
+
+
+def _index_tars(srcs) -> pa.Table:
+    """Where every image lies in its source's finished img2dataset tars (headers only)."""
     loc_rows = {"source": [], "shard_key": [], "tar_path": [], "offset": [], "size": []}
     for s in srcs:
         for tar in _finished_shards(s.path, ".tar"):
-            index = index_source_tar(tar)
-            loc_rows["source"] += [s.name] * len(index)
-            loc_rows["shard_key"] += list(index)
-            loc_rows["tar_path"] += [tar] * len(index)
-            loc_rows["offset"] += [v[0] for v in index.values()]
-            loc_rows["size"] += [v[1] for v in index.values()]
+            keys, offsets, sizes = cached_tar_index(tar)
+            loc_rows["source"] += [s.name] * len(keys)
+            loc_rows["shard_key"] += keys
+            loc_rows["tar_path"] += [tar] * len(keys)
+            loc_rows["offset"] += offsets
+            loc_rows["size"] += sizes
     return pa.table(loc_rows, schema=pa.schema([("source", pa.string()), ("shard_key", pa.string()),
                                                 ("tar_path", pa.string()), ("offset", pa.int64()), ("size", pa.int64())]))
 
 
-def _load_sources(con, srcs, tar_index, tsets) -> None:
-    """Images, captions (normalised, keyed by text_sha), the translations (:func:`_load_translations`)
-    and each image's location. ``tar_index``: a future of :func:`_index_tars`, running in a thread
-    meanwhile (the DuckDB queries here release the GIL); it is waited for last."""
-    img_parts, cap_parts = [], []
+def _load_sources(con, srcs, tar_index, tsets) -> bool:
+    """Temp tables ``img`` (one row per image, with its location in a source tar when it has one),
+    ``cap`` (captions, normalised, keyed by text_sha) and the translations (:func:`_load_translations`).
+    ``tar_index``: a future of :func:`_index_tars`, running in a thread meanwhile (the DuckDB
+    queries here release the GIL); it is waited for last. Returns whether any caption has a box."""
+    img_parts, cap_parts, status_parts, any_boxes = [], [], [], False
     for s in srcs:
-        ip = _sql_str(os.path.join(s.path, "images.parquet"))
-        cp = _sql_str(os.path.join(s.path, "captions.parquet"))
-        icols = _columns(con, f"read_parquet({ip})")
-        ccols = _columns(con, f"read_parquet({cp})")
-        for need, cols, f in ((("image_key", "url"), icols, ip), (("image_key", "caption_id", "caption"), ccols, cp)):
+        ipath, cpath = os.path.join(s.path, "images.parquet"), os.path.join(s.path, "captions.parquet")
+        ip, cp = _sql_str(ipath), _sql_str(cpath)
+        icols, ccols = _columns([ipath]), _columns([cpath])
+        for need, cols, f in ((("image_key", "url"), icols, ipath), (("image_key", "caption_id", "caption"), ccols, cpath)):
             lacking = [c for c in need if c not in cols]
             if lacking:
-                raise CCRKError(f"{f.strip(chr(39))} lacks column(s) {', '.join(lacking)}")
+                raise CCRKError(f"{f} lacks column(s) {', '.join(lacking)}")
         extra = ", ".join(f"CAST({c} AS BIGINT) AS {c}" if c in icols else f"NULL::BIGINT AS {c}"
                           for c in ("width", "height"))
         sid = "CAST(source_id AS VARCHAR)" if "source_id" in icols else "CAST(image_key AS VARCHAR)"
         img_parts.append(f"SELECT {_sql_str(s.name)} AS source, CAST(image_key AS VARCHAR) AS image_key, "
                          f"CAST(url AS VARCHAR) AS url, {sid} AS source_id, {extra} FROM read_parquet({ip})")
+        any_boxes |= "x" in ccols
         boxes = ", ".join(f"CAST({c} AS DOUBLE) AS {c}" if c in ccols else f"NULL::DOUBLE AS {c}" for c in BOX_COLUMNS)
         cap_parts.append(f"SELECT {_sql_str(s.name)} AS source, CAST(image_key AS VARCHAR) AS image_key, "
                          f"CAST(caption_id AS VARCHAR) AS caption_id, CAST(caption AS VARCHAR) AS caption, {boxes} "
                          f"FROM read_parquet({cp})")
-    con.execute(f"CREATE TEMP TABLE raw_img AS {' UNION ALL '.join(img_parts)}")
-    con.execute(f"CREATE TEMP TABLE cap_raw AS {' UNION ALL '.join(cap_parts)}")
-    # text_sha of the normalised caption: the translation store's key.
-    texts = [r[0] for r in con.execute("SELECT DISTINCT caption FROM cap_raw WHERE caption IS NOT NULL").fetchall()]
-    normalize = caption_normalizer()
-    norm = [normalize(t) for t in texts]
-    con.register("shas", pa.table({"caption": texts, "norm": norm, "text_sha": [text_sha(n) for n in norm]}))
-    con.execute("""
-        CREATE TEMP TABLE cap AS
-        SELECT c.*, s.norm, s.text_sha FROM cap_raw c LEFT JOIN shas s USING (caption)""")
-    con.unregister("shas")
-    _load_translations(con, tsets)
-    status_parts = []
-    for s in srcs:
         files = _finished_shards(s.path, ".parquet")
         if files:
             status_parts.append(
                 f"SELECT {_sql_str(s.name)} AS source, CAST(key AS VARCHAR) AS shard_key, CAST(image_key AS VARCHAR) AS image_key "
                 f"FROM read_parquet([{', '.join(_sql_str(f) for f in files)}], union_by_name=true) WHERE status = 'success'")
+    # text_sha of the normalised caption (the translation store's key; translation.normalize is the
+    # one definition). Printable-ASCII captions -- nearly all -- are normalised here: NFC leaves them
+    # as they are and their only whitespace is ' ', so the rule is "collapse runs of spaces, strip";
+    # any other caption is normalised by translation.normalize below.
+    con.execute(f"""
+        CREATE TEMP TABLE cap AS
+        SELECT *, CASE WHEN norm IS NOT NULL THEN sha256(norm) END AS text_sha
+        FROM (SELECT *, CASE WHEN regexp_full_match(caption, '[ -~]*')
+                             THEN trim(regexp_replace(caption, ' {{2,}}', ' ', 'g'), ' ') END AS norm
+              FROM ({' UNION ALL '.join(cap_parts)}))""")
+    texts = [r[0] for r in con.execute("SELECT DISTINCT caption FROM cap WHERE norm IS NULL AND caption IS NOT NULL").fetchall()]
+    if texts:
+        normalize = caption_normalizer()
+        norm = [normalize(t) for t in texts]
+        con.register("shas", pa.table({"caption": texts, "norm": norm, "text_sha": [text_sha(n) for n in norm]}))
+        try:
+            con.execute("UPDATE cap SET norm = s.norm, text_sha = s.text_sha FROM shas s WHERE cap.caption = s.caption")
+        finally:
+            con.unregister("shas")
+    _load_translations(con, tsets)
     status_sql = " UNION ALL ".join(status_parts) or \
         "SELECT NULL::VARCHAR AS source, NULL::VARCHAR AS shard_key, NULL::VARCHAR AS image_key WHERE false"
-    con.execute(f"CREATE TEMP TABLE downloaded AS {status_sql}")
     con.register("tar_index", tar_index.result())
-    # One location per image: the first success in (tar, offset) order when downloaded twice.
-    con.execute(f"""
-        CREATE TEMP TABLE loc AS
-        SELECT source, image_key, arg_min(tar_path, tar_path || lpad(CAST(t.offset AS VARCHAR), 20, '0')) AS tar_path,
-               arg_min(t.offset, tar_path || lpad(CAST(t.offset AS VARCHAR), 20, '0')) AS img_offset,
-               arg_min(t.size, tar_path || lpad(CAST(t.offset AS VARCHAR), 20, '0')) AS img_size
-        FROM downloaded st JOIN tar_index t USING (source, shard_key)
-        GROUP BY source, image_key""")
-    con.execute("""
-        CREATE TEMP TABLE img AS
-        SELECT r.*, l.tar_path, l.img_offset, l.img_size
-        FROM (SELECT DISTINCT ON (source, image_key) * FROM raw_img ORDER BY source, image_key, url) r
-        LEFT JOIN loc l USING (source, image_key)""")
-    con.unregister("tar_index")
+    try:
+        # One location per image: the first success in (tar, offset) order when downloaded twice;
+        # one row per image (the first url when images.parquet repeats a key).
+        con.execute(f"""
+            CREATE TEMP TABLE img AS
+            WITH loc AS (SELECT source, image_key, min({{'p': t.tar_path, 'o': t.offset, 's': t.size}}) AS l
+                         FROM ({status_sql}) st JOIN tar_index t USING (source, shard_key)
+                         GROUP BY source, image_key)
+            SELECT r.*, loc.l.p AS tar_path, loc.l.o AS img_offset, loc.l.s AS img_size
+            FROM (SELECT DISTINCT ON (source, image_key) * FROM ({' UNION ALL '.join(img_parts)})
+                  ORDER BY source, image_key, url) r
+            LEFT JOIN loc USING (source, image_key)""")
+    finally:
+        con.unregister("tar_index")
+    return any_boxes and bool(con.execute("SELECT count(*) FROM cap WHERE x IS NOT NULL").fetchall()[0][0])
 
 
 def _load_translations(con, tsets) -> None:
@@ -407,16 +455,17 @@ def _load_translations(con, tsets) -> None:
     for lang, ts in tsets.items():
         for rank, t in enumerate(ts):
             f = "[" + ", ".join(_sql_str(x) for x in t.files) + "]"
-            cols = _columns(con, f"read_parquet({f}, union_by_name=true)")
+            cols = _columns(t.files)
             for need in ("text_sha", "tgt_text", "ok"):
                 if need not in cols:
                     raise CCRKError(f"translation parts in {t.path} lack column {need}")
-            scores = ", ".join(f"CAST({c} AS {'BOOLEAN' if c in ('script_ok', 'empty', 'truncated') else 'DOUBLE'}) AS {c}"
-                               if c in cols else f"NULL AS {c}" for c in SCORE_COLUMNS)
-            lang_filter = f"WHERE tgt_lang = {_sql_str(lang)}" if "tgt_lang" in cols else ""
+            scores = ", ".join(f"CAST({c} AS {_score_type(c)}) AS {c}" if c in cols else f"NULL::{_score_type(c)} AS {c}"
+                               for c in SCORE_COLUMNS)
+            lang_filter = f"AND tgt_lang = {_sql_str(lang)}" if "tgt_lang" in cols else ""
             parts.append(f"SELECT CAST(text_sha AS VARCHAR) AS text_sha, {_sql_str(lang)} AS lang, "
                          f"CAST(tgt_text AS VARCHAR) AS tgt_text, coalesce(CAST(ok AS BOOLEAN), false) AS ok, "
-                         f"{scores}, {rank} AS set_rank FROM read_parquet({f}, union_by_name=true) {lang_filter}")
+                         f"{scores}, {rank} AS set_rank FROM read_parquet({f}, union_by_name=true) "
+                         f"WHERE tgt_text IS NOT NULL {lang_filter}")
     sets = [(lang, rank, t.model_id, t.decode_id) for lang, ts in tsets.items() for rank, t in enumerate(ts)]
     con.execute("CREATE TEMP TABLE tsets (lang VARCHAR, set_rank INTEGER, model_id VARCHAR, decode_id VARCHAR)")
     if sets:
@@ -427,10 +476,10 @@ def _load_translations(con, tsets) -> None:
                     "truncated BOOLEAN, set_rank INTEGER)")
         return
     con.execute(f"""CREATE TEMP TABLE best AS SELECT * FROM ({' UNION ALL '.join(parts)})
-                     WHERE text_sha IN (SELECT text_sha FROM cap) AND tgt_text IS NOT NULL""")
+                     WHERE text_sha IN (SELECT text_sha FROM cap)""")
     # Several translations of one text into one language (several sets, or repeats): keep an ok one
     # first, then the preferred set, then a fixed tie-break. Usually there are none (a window is slow).
-    if con.execute("SELECT count(*) FROM (SELECT 1 FROM best GROUP BY text_sha, lang HAVING count(*) > 1)").fetchall()[0][0]:
+    if con.execute("SELECT count(*) > count(DISTINCT (text_sha, lang)) FROM best").fetchall()[0][0]:
         con.execute("""
             CREATE OR REPLACE TEMP TABLE best AS
             SELECT * EXCLUDE (rn) FROM (
@@ -461,13 +510,16 @@ def _json_num_sql(expr: str) -> str:
             f"ELSE CAST({expr} AS VARCHAR) END")
 
 
-def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, drops: Counter, on_plan=None) -> int:
-    """The language policy, drop counting and each sample's json, as DuckDB queries over whole
-    columns (no per-row Python); writes the plan, the caption rows and the drop counts."""
+def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, boxes, lineage, on_plan=None,
+              keep_draft=False) -> tuple[int, tuple[str, str] | None]:
+    """The language policy and drop counting as DuckDB queries over whole columns; each sample's
+    json from per-caption SQL fragments joined per sample by Arrow (no per-row Python). Writes the
+    plan, then the manifest's plan-determined tables."""
+    from storage import manifest
+
     others = [lang for lang in langs if lang != SOURCE_LANG]
     has_en = SOURCE_LANG in langs
     need = len(langs) if min_langs is None else min_langs
-    boxes = bool(con.execute("SELECT count(*) FROM cap WHERE x IS NOT NULL").fetchall()[0][0])
     # Per caption and language i: miss (no translation), flag (removed as not ok), pres (kept).
     empty = "(norm IS NULL OR norm = '')"
     miss = [f"(tx{i} IS NULL OR tx{i} = '')" for i in range(len(others))]
@@ -477,18 +529,23 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, dr
     any_flag = " OR ".join(flag) or "false"
     short = "'below_min_langs'" if min_langs is not None else \
         f"CASE WHEN {any_flag} THEN 'flagged_translation' ELSE 'missing_language' END"
-    # One narrow row per caption of a downloaded image (wide temp tables cost ~1 us per value).
+    # One narrow row per caption of a downloaded image.
     tx = "".join(f", t{i}.tgt_text AS tx{i}, coalesce(t{i}.ok, false) AS ok{i}" for i in range(len(others)))
     joins = " ".join(f"LEFT JOIN best t{i} ON t{i}.text_sha = c.text_sha AND t{i}.lang = {_sql_str(lang)}"
                      for i, lang in enumerate(others))
     box_cols = "".join(f", c.{b}" for b in BOX_COLUMNS) if boxes else ""
     con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE cj AS
+        CREATE TEMP TABLE cj AS
         SELECT *, CASE WHEN {empty} THEN 'empty_caption' WHEN {n_present} < {need} THEN {short} END AS drop_reason
         FROM (SELECT c.source, c.image_key, c.caption_id, c.norm, c.text_sha{box_cols}{tx}
               FROM img i JOIN cap c ON c.source = i.source AND c.image_key = i.image_key {joins}
               WHERE i.tar_path IS NOT NULL)""")
-    counts = ["SELECT 'caption', drop_reason, NULL, count(*) FROM cj WHERE drop_reason IS NOT NULL GROUP BY drop_reason"]
+    counts = ["""SELECT 'image', 'no_image', NULL, count(*) FROM img WHERE tar_path IS NULL""",
+              """SELECT 'image', 'no_captions', NULL, count(*) FROM img i WHERE tar_path IS NOT NULL
+                 AND NOT EXISTS (SELECT 1 FROM cap c WHERE c.source = i.source AND c.image_key = i.image_key)""",
+              """SELECT 'caption', 'no_image', NULL, count(*) FROM cap c WHERE NOT EXISTS
+                 (SELECT 1 FROM img i WHERE i.source = c.source AND i.image_key = c.image_key AND i.tar_path IS NOT NULL)""",
+              "SELECT 'caption', drop_reason, NULL, count(*) FROM cj WHERE drop_reason IS NOT NULL GROUP BY drop_reason"]
     for i, lang in enumerate(others):
         counts.append(f"SELECT 'translation', 'missing', {_sql_str(lang)}, "
                       f"count(*) FILTER (WHERE NOT {empty} AND {miss[i]}) FROM cj")
@@ -496,115 +553,149 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, dr
                       f"count(*) FILTER (WHERE NOT {empty} AND {flag[i]}) FROM cj")
     counts.append("SELECT 'image', 'all_captions_dropped', NULL, count(*) FROM "
                   "(SELECT 1 FROM cj GROUP BY source, image_key HAVING bool_and(drop_reason IS NOT NULL))")
+    drops: Counter = Counter()
     for unit, reason, lang, n in con.execute(" UNION ALL ".join(counts)).fetchall():
-        drops[(unit, reason, lang or "")] += n
+        if n:
+            drops[(unit, reason, lang or "")] += n
+    drop_rows = [{"unit": u, "reason": r, "lang": lang or None, "count": c} for (u, r, lang), c in sorted(drops.items())]
 
-    # Each sample's json, keys sorted as json.dumps(sort_keys=True) writes them: a caption is an
-    # object of its kept languages; boxes (a list with null for captions without one) only when any.
+    # Each kept caption's json fragments, in dataset order: samples by their seeded draw, a
+    # sample's captions by caption id. Keys sorted as json.dumps(sort_keys=True) writes them: a
+    # caption is an object of its kept languages; boxes (a list with null for captions without one)
+    # only when the sample has any.
     present = {SOURCE_LANG: ("true", "norm")} if has_en else {}
     present.update({lang: (pres[i], f"tx{i}") for i, lang in enumerate(others)})
     cap_json = "'{' || concat_ws(',', " + ", ".join(
         f"CASE WHEN {p} THEN {_sql_str(json.dumps(lang, ensure_ascii=False) + ':')} || {_json_str_sql(t)} END"
         for lang, (p, t) in sorted(present.items())) + ") || '}'"
     order = "length(caption_id), caption_id"
-    box_json, box_present = "NULL::VARCHAR", "false"
+    box_json, box_present, box_order = "''", "false", ""
     if boxes:
         box_json = "CASE WHEN x IS NULL THEN 'null' ELSE '{' || concat_ws(',', " + ", ".join(
             f"CASE WHEN {c} IS NOT NULL THEN '\"{c}\":' || {_json_num_sql(c)} END" for c in sorted(BOX_COLUMNS)) \
             + ") || '}' END"
         box_present = "x IS NOT NULL"
-    common = ", ".join(f"CASE WHEN bool_and({present[lang][0]}) THEN {_sql_str(lang)} END" for lang in langs)
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE samples AS
-        SELECT i.source, i.image_key, i.url, i.source_id, i.tar_path, i.img_offset, i.img_size, k.n_captions, k.langs,
-               '{{' || CASE WHEN k.boxes IS NOT NULL THEN '"boxes":[' || k.boxes || '],' ELSE '' END
-                    || '"caption_ids":[' || k.ids || '],"captions":[' || k.caps || ']'
-                    || CASE WHEN i.height IS NOT NULL THEN ',"height":' || CAST(i.height AS VARCHAR) ELSE '' END
-                    || ',"image_key":' || {_json_str_sql('i.image_key')}
-                    || ',"source":' || {_json_str_sql('i.source')}
-                    || ',"source_id":' || coalesce({_json_str_sql('i.source_id')}, 'null')
-                    || ',"url":' || coalesce({_json_str_sql('i.url')}, 'null')
-                    || CASE WHEN i.width IS NOT NULL THEN ',"width":' || CAST(i.width AS VARCHAR) ELSE '' END
-                    || '}}' AS meta,
-               md5({_sql_str(str(seed))} || ':' || i.source || ':' || i.image_key) AS draw
-        FROM (SELECT source, image_key, n AS n_captions,
-                     array_to_string(list_transform(parts, lambda p: p.c), ',') AS caps,
-                     array_to_string(list_transform(parts, lambda p: p.i), ',') AS ids,
-                     CASE WHEN has_boxes THEN array_to_string(list_transform(parts, lambda p: p.b), ',') END AS boxes,
-                     langs
-              FROM (SELECT source, image_key, count(*) AS n, bool_or({box_present}) AS has_boxes,
-                           concat_ws(',', {common}) AS langs,
-                           list({{'c': {cap_json}, 'i': coalesce({_json_str_sql('caption_id')}, 'null'),
-                                  'b': {box_json}}} ORDER BY {order}) AS parts
-                    FROM cj WHERE drop_reason IS NULL GROUP BY source, image_key)) k
-        JOIN img i USING (source, image_key)""")
-    redo = con.execute("SELECT source, image_key, meta FROM samples WHERE contains(meta, '\\u00')").fetchall()
-    if redo:
-        con.register("exact_meta", pa.table({"source": [r[0] for r in redo], "image_key": [r[1] for r in redo],
-                                             "meta": [_exact_json(r[2]) for r in redo]}))
-        try:
-            con.execute("UPDATE samples s SET meta = e.meta FROM exact_meta e "
-                        "WHERE s.source = e.source AND s.image_key = e.image_key")
-        finally:
-            con.unregister("exact_meta")
-    n = con.execute("SELECT count(*) FROM samples").fetchall()[0][0]
-    for (unit, reason, lang), count in list(drops.items()):
-        if count == 0:
-            del drops[(unit, reason, lang)]
-    if n == 0:
+        box_order = ", " + ", ".join(f"c.{b}" for b in BOX_COLUMNS)
+    mask = " + ".join(f"CASE WHEN {present[lang][0]} THEN {1 << j} ELSE 0 END" for j, lang in enumerate(langs))
+    rows = _arrow(con.sql(f"""
+        SELECT c.rowid AS rid, c.source, c.image_key, i.url, i.source_id, i.tar_path, i.img_offset, i.img_size,
+               {cap_json} AS cap_json, coalesce({_json_str_sql('c.caption_id')}, 'null') AS id_json,
+               {box_json} AS box_json, {box_present} AS has_box, CAST({mask} AS INTEGER) AS mask,
+               CASE WHEN i.height IS NOT NULL THEN ',"height":' || CAST(i.height AS VARCHAR) ELSE '' END
+                 || ',"image_key":' || {_json_str_sql('i.image_key')}
+                 || ',"source":' || {_json_str_sql('i.source')}
+                 || ',"source_id":' || coalesce({_json_str_sql('i.source_id')}, 'null')
+                 || ',"url":' || coalesce({_json_str_sql('i.url')}, 'null')
+                 || CASE WHEN i.width IS NOT NULL THEN ',"width":' || CAST(i.width AS VARCHAR) ELSE '' END
+                 || '}}' AS tail
+        FROM cj c JOIN img i USING (source, image_key)
+        WHERE c.drop_reason IS NULL
+        ORDER BY md5({_sql_str(str(seed))} || ':' || c.source || ':' || c.image_key), c.source, c.image_key,
+                 length(c.caption_id), c.caption_id, c.norm{box_order}"""))
+    if rows.num_rows == 0:
         top = ", ".join(f"{r} ({u}): {c}" for (u, r, _), c in drops.most_common(4) if c)
         raise CCRKError(f"no samples left after the join and the language policy ({top or 'no inputs'})")
-
-    # Seeded order, then the sample keys (storage.shards.safe_key: the one definition).
-    order_t = _arrow(con.sql("SELECT source, image_key FROM samples ORDER BY draw, source, image_key"))
-    keys = safe_keys(order_t.column("image_key").to_pylist())
-    con.register("sample_keys", pa.table({"source": order_t.column("source"), "image_key": order_t.column("image_key"),
-                                          "key": keys, "idx": pa.array(range(n), pa.int64())}))
-    try:
-        con.execute("CREATE OR REPLACE TEMP TABLE sample_keys_t AS SELECT * FROM sample_keys")
-    finally:
-        con.unregister("sample_keys")
-    if len(set(keys)) != n:
-        dup = con.execute("""SELECT key, source, image_key FROM sample_keys_t WHERE key IN
-                             (SELECT key FROM sample_keys_t GROUP BY key HAVING count(*) > 1)
-                             ORDER BY idx LIMIT 1 OFFSET 1""").fetchall()[0]
-        raise CCRKError(f"two images map to the sample key {dup[0]!r} (source {dup[1]}, image_key {dup[2]!r}): "
-                        "image keys must be unique")
-    plan = _arrow(con.sql(f"""
-        SELECT k.idx, k.idx // {int(shard_size)} AS shard, k.key, s.source, s.image_key, s.source_id, s.url,
-               s.tar_path, s.img_offset, s.img_size, s.n_captions, s.langs,
-               CAST(encode(s.meta) AS BLOB) AS meta_json, CAST(octet_length(encode(s.meta)) AS BIGINT) AS json_size
-        FROM sample_keys_t k JOIN samples s USING (source, image_key) ORDER BY k.idx"""))
-    _write_staging(os.path.join(staging, "plan.parquet"), lambda tmp: pq.write_table(plan, tmp))
+    plan, kept = _plan_table(rows, langs, shard_size)
+    n = plan.num_rows
     if on_plan is not None:
-        on_plan(os.path.dirname(staging), plan)  # e.g. start writing shards while the rest is assembled
+        on_plan(os.path.dirname(staging), plan)  # e.g. start writing shards while the rest is written
+    if not keep_draft:
+        _write_staging(os.path.join(staging, "plan.parquet"), lambda tmp: pq.write_table(plan, tmp))
 
-    # The caption rows of the manifest: English (the normalised source text) and each kept translation.
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE kept AS
-        SELECT k.key, CAST(row_number() OVER (PARTITION BY c.source, c.image_key ORDER BY {order}) - 1 AS BIGINT)
-                      AS caption_index, c.* EXCLUDE (source, image_key, drop_reason)
-        FROM cj c JOIN sample_keys_t k USING (source, image_key) WHERE c.drop_reason IS NULL""")
-    rows = [f"SELECT key, caption_index, caption_id, {i} AS li, {t} AS text, text_sha FROM kept WHERE {p}"
-            for i, (p, t) in enumerate([("true", "norm")] * has_en + [(pres[i], f"tx{i}") for i in range(len(others))])]
-    lang_of = " ".join(f"WHEN {i} THEN {_sql_str(lang)}" for i, lang in enumerate(([SOURCE_LANG] * has_en) + others))
+    # The manifest's caption rows: English (the normalised source text) and each kept translation.
+    con.register("kept_rows", kept)
+    try:
+        con.execute("CREATE TEMP TABLE kept AS SELECT k.key, k.caption_index, c.* EXCLUDE (source, image_key, "
+                    "drop_reason) FROM kept_rows k JOIN cj c ON c.rowid = k.rid")
+    finally:
+        con.unregister("kept_rows")
     scores = ", ".join(f"b.{c}" for c in SCORE_COLUMNS)
-    parts = [f"""SELECT r.key, r.caption_index, r.caption_id, l.lang, r.text,
-                        CASE WHEN l.lang = {_sql_str(SOURCE_LANG)} THEN 'source' ELSE s.model_id END AS model_id,
-                        s.decode_id, {scores},
-                        CASE WHEN l.lang = {_sql_str(SOURCE_LANG)} THEN true ELSE b.ok END AS ok
-                 FROM ({' UNION ALL '.join(rows)}) r JOIN (SELECT CASE li {lang_of} END AS lang, li
-                                                          FROM range({len(rows)}) t(li)) l USING (li)
-                 LEFT JOIN best b ON l.lang <> {_sql_str(SOURCE_LANG)} AND b.text_sha = r.text_sha AND b.lang = l.lang
-                 LEFT JOIN tsets s ON s.lang = b.lang AND s.set_rank = b.set_rank"""]
-    caps = os.path.join(staging, "captions.parquet")
-    _write_staging(caps, lambda tmp: con.execute(
-        f"COPY ({parts[0]}) "
-        f"TO {_sql_str(tmp)} (FORMAT parquet)"))
-    _write_staging_json(os.path.join(staging, "drops.json"),
-                        [{"unit": u, "reason": r, "lang": lang or None, "count": c}
-                         for (u, r, lang), c in sorted(drops.items())])
-    return n
+    nulls = ", ".join(f"NULL::{_score_type(c)} AS {c}" for c in SCORE_COLUMNS)
+    parts = []
+    if has_en:
+        parts.append(f"SELECT key, caption_index, caption_id, {_sql_str(SOURCE_LANG)} AS lang, norm AS text, "
+                     f"'source' AS model_id, NULL::VARCHAR AS decode_id, {nulls}, true AS ok FROM kept")
+    for i, lang in enumerate(others):
+        parts.append(f"""SELECT k.key, k.caption_index, k.caption_id, {_sql_str(lang)} AS lang, k.tx{i} AS text,
+                                s.model_id, s.decode_id, {scores}, b.ok
+                         FROM kept k LEFT JOIN best b ON b.text_sha = k.text_sha AND b.lang = {_sql_str(lang)}
+                         LEFT JOIN tsets s ON s.lang = b.lang AND s.set_rank = b.set_rank
+                         WHERE {pres[i]}""")
+    captions_sql = f"SELECT * FROM ({' UNION ALL '.join(parts)}) ORDER BY key, caption_index, lang"
+    samples = plan.select(["idx", "key", "shard", "source", "image_key", "source_id", "url", "n_captions", "langs"])
+    members = manifest.planned_members(plan)
+    samples = samples.set_column(2, "shard", pa.array([shard_name(s) for s in range(plan.column("shard")[-1].as_py() + 1)])
+                                 .take(plan.column("shard")))
+    for c in ("jpg_offset", "jpg_size", "json_offset", "json_size"):
+        samples = samples.append_column(c, members.column(c))
+    draft_path = os.path.join(staging, f".tmp-{os.getpid()}-{manifest.PARTIAL}")
+    alias = manifest.open_draft(con, draft_path)
+    try:
+        manifest.write_plan_tables(con, alias, samples, captions_sql, drop_rows, lineage["rows"])
+        if keep_draft:
+            return n, (alias, draft_path)
+    except BaseException:
+        con.execute(f"DETACH {alias}")
+        raise
+    con.execute(f"DETACH {alias}")
+    os.replace(draft_path, os.path.join(staging, manifest.PARTIAL))
+    return n, None
+
+
+def _plan_table(rows: pa.Table, langs, shard_size: int) -> tuple[pa.Table, pa.Table]:
+    """The plan (one row per sample, in dataset order, with its json) from the kept captions' rows
+    in dataset order; and (rid, key, caption_index) of every kept caption."""
+    import pyarrow.compute as pc
+
+    n_rows = rows.num_rows
+    src, ik = rows.column("source").combine_chunks(), rows.column("image_key").combine_chunks()
+    new = np.ones(n_rows, dtype=bool)
+    if n_rows > 1:
+        new[1:] = pc.or_(pc.not_equal(src[1:], src[:-1]), pc.not_equal(ik[1:], ik[:-1])).to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(new)
+    offsets = pa.array(np.append(starts, n_rows).astype(np.int32))
+    first = pa.array(starts)
+
+    def joined(column: str) -> pa.Array:
+        return pc.binary_join(pa.ListArray.from_arrays(offsets, rows.column(column).combine_chunks()), ",")
+
+    n_caps = np.diff(np.append(starts, n_rows))
+    mask = np.bitwise_and.reduceat(rows.column("mask").to_numpy(), starts)
+    names = {m: ",".join(lang for j, lang in enumerate(langs) if m >> j & 1) for m in np.unique(mask).tolist()}
+    has_box = np.logical_or.reduceat(rows.column("has_box").to_numpy(zero_copy_only=False), starts)
+    boxes = pc.if_else(pa.array(has_box), pc.binary_join_element_wise('"boxes":[', joined("box_json"), "],", ""), "")
+    meta = pc.binary_join_element_wise("{", boxes, '"caption_ids":[', joined("id_json"), '],"captions":[',
+                                       joined("cap_json"), "]", rows.column("tail").combine_chunks().take(first), "")
+    redo = np.flatnonzero(pc.match_substring(meta, "\\u00").to_numpy(zero_copy_only=False))
+    if len(redo):
+        fixed = meta.to_pylist()
+        for r in redo.tolist():
+            fixed[r] = _exact_json(fixed[r])
+        meta = pa.array(fixed, pa.string())
+    meta = meta.cast(pa.binary())
+    take = lambda c: rows.column(c).combine_chunks().take(first)  # noqa: E731
+    image_keys = take("image_key")
+    keys = safe_keys(image_keys.to_pylist())
+    n = len(keys)
+    if len(set(keys)) != n:
+        seen: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            if k in seen:
+                raise CCRKError(f"two images map to the sample key {k!r} (source {take('source')[i]}, image_key "
+                                f"{image_keys[i]!r}): image keys must be unique")
+            seen[k] = i
+    idx = np.arange(n, dtype=np.int64)
+    key_arr = pa.array(keys, pa.string())
+    plan = pa.table({
+        "idx": idx, "shard": idx // int(shard_size), "key": key_arr, "source": take("source"), "image_key": image_keys,
+        "source_id": take("source_id"), "url": take("url"), "tar_path": take("tar_path"),
+        "img_offset": take("img_offset"), "img_size": take("img_size"), "n_captions": n_caps.astype(np.int64),
+        "langs": pa.array([names[m] for m in mask.tolist()], pa.string()), "meta_json": meta,
+        "json_size": pc.binary_length(meta).cast(pa.int64())})
+    sample_of_row = np.repeat(idx, n_caps)
+    kept = pa.table({"rid": rows.column("rid"), "key": key_arr.take(pa.array(sample_of_row)),
+                     "caption_index": np.arange(n_rows, dtype=np.int64) - np.repeat(starts, n_caps)})
+    return plan, kept
 
 
 def _arrow(rel) -> pa.Table:
@@ -636,6 +727,7 @@ def _write_staging_json(path: str, obj) -> None:
             f.write(data)
 
     _write_staging(path, write)
+
 
 
 # --------------------------------------------------------------------------- step 2: shards
@@ -708,29 +800,32 @@ def _write_shard(dataset_path: str, sid: int, rows: pa.Table) -> dict:
 
 
 def finalize_build(dataset_path: str, record_catalog: bool = True, root: str | None = None,
-                   engine=None, pending=None) -> BuildResult:
-    """Write the manifest, sizes.json, wids index and ``_COMPLETE``; record the catalog entry.
-    ``pending``: a callable waiting for shards still being written; the manifest tables that do
-    not need them are written meanwhile."""
-    from storage.manifest import write_manifest
+                   engine=None, pending=None, draft: tuple[str, str] | None = None) -> BuildResult:
+    """Complete the manifest (shards, info), write sizes.json, the wids index and ``_COMPLETE``;
+    record the catalog entry. ``pending``: a callable waiting for shards still being written.
+    ``draft``: the plan's manifest draft still ATTACHed to ``engine`` (``plan_build(keep_draft=True)``);
+    otherwise ``_build/manifest.partial.duckdb`` is completed."""
+    from storage.manifest import finish_draft, write_manifest
 
     staging = os.path.join(dataset_path, STAGING)
     lineage = json.load(open(os.path.join(staging, "lineage.json")))
-    plan_n = pq.ParquetFile(os.path.join(staging, "plan.parquet")).metadata.num_rows
 
     def shard_records() -> list[dict]:
         if pending is not None:
             pending()
-        shards = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(staging, "shard-*.tar.index.json")))]
-        if sum(s["n_samples"] for s in shards) != plan_n:
-            raise CCRKError(f"{dataset_path}: shards hold {sum(s['n_samples'] for s in shards)} samples but the plan "
-                            f"has {plan_n}; run the build again to finish the missing shards")
-        return shards
+        return [json.load(open(f)) for f in sorted(glob.glob(os.path.join(staging, "shard-*.tar.index.json")))]
 
-    s = write_manifest(dataset_path, shard_records if pending is not None else shard_records(), lineage,
-                       engine=engine)
+    if draft is not None:
+        con = engine.cursor()
+        try:
+            s = finish_draft(con, draft[0], draft[1], dataset_path, shard_records, lineage)
+        finally:
+            con.close()
+    else:
+        s = write_manifest(dataset_path, shard_records, lineage, engine=engine)
     atomic.write_json(os.path.join(dataset_path, COMPLETE), {
-        "name": lineage["name"], "version": lineage["version"], "n_samples": plan_n, "n_shards": s["n_shards"]})
+        "name": lineage["name"], "version": lineage["version"], "n_samples": s["n_samples"],
+        "n_shards": s["n_shards"]})
     shutil.rmtree(staging, ignore_errors=True)
     if record_catalog:
         Catalog(root, engine).record(Artifact(
@@ -760,27 +855,33 @@ def build_dataset(root=None, name: str = "default", sources=("cc3m", "sbu", "vg"
                   langs=("en", "es", "id", "ru", "tr"), min_langs: int | None = None, drop_flagged: bool = False,
                   shard_size: int = 1000, seed: int = 0, source_versions: dict | None = None,
                   translations=None, progress=None) -> BuildResult:
-    """The whole build in this process (the Prefect flow runs the same three steps as tasks)."""
+    """The whole build in this process (the Prefect flow runs the same three steps as tasks), with
+    one DuckDB instance for the plan, the manifest and the catalog, and the steps overlapped: shards
+    are written (in background threads) as soon as the plan exists, while the manifest's caption
+    rows and the other tables that need no shard result go into the manifest draft."""
     from concurrent.futures import ThreadPoolExecutor
 
-    engine = duckdb.connect()  # one DuckDB instance for the plan, the manifest and the catalog
+    engine = duckdb.connect()
     background = ThreadPoolExecutor(1)
     writing = []
 
     def start_shards(dataset_path: str, table: pa.Table) -> None:
-        # Shards depend on the plan alone: write them while the plan's caption rows are assembled.
         n_shards = int(table.column("shard")[-1].as_py()) + 1
         writing.append(background.submit(write_shard_group, dataset_path, range(n_shards), progress, None, table))
 
+    plan = None
     try:
         plan = plan_build(root, name, sources, langs, min_langs, drop_flagged, shard_size, seed,
-                          source_versions, translations, engine=engine, on_plan=start_shards)
+                          source_versions, translations, engine=engine, on_plan=start_shards, keep_draft=True)
         if plan.skipped:
             return skipped_result(plan)
         if not writing:
             write_shard_group(plan.path, range(plan.n_shards), progress=progress)
+        draft, plan.draft = plan.draft, None
         return finalize_build(plan.path, root=plan.root, engine=engine,
-                              pending=lambda: [f.result() for f in writing])
+                              pending=lambda: [f.result() for f in writing], draft=draft)
     finally:
         background.shutdown(wait=True)
+        if plan is not None and plan.draft is not None:
+            engine.execute(f"DETACH {plan.draft[0]}")
         engine.close()

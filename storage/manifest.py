@@ -31,88 +31,161 @@ def manifest_path(dataset_path: str) -> str:
     return os.path.join(dataset_path, MANIFEST)
 
 
-def write_manifest(dataset_path: str, shards, lineage: dict, engine=None) -> dict:
-    """Write sizes.json, the wids index and manifest.duckdb (atomically, the manifest last); return
-    the :func:`summary` of it. ``shards``: the shard records, or a callable returning them, called
-    once the tables that do not need them are written (shards may still be being written till then).
+PARTIAL = "manifest.partial.duckdb"  # in the staging dir: the tables the plan alone determines
+SAMPLE_COLUMNS = ("idx", "key", "shard", "source", "image_key", "source_id", "url", "n_captions", "langs",
+                  "jpg_offset", "jpg_size", "json_offset", "json_size")
 
-    Sample offsets come from each shard record's ``members`` (``[key, jpg_offset, jpg_size,
-    json_offset, json_size]``) when given, else from the plan's image and json sizes laid out by
-    :func:`storage.shards.shard_layout` (how the build writes shards). ``engine``: a DuckDB
-    connection whose instance to use (the manifest is ATTACHed to it) instead of a new one."""
-    staging = os.path.join(dataset_path, "_build")
-    pending = shards if callable(shards) else None
-    plan_path = os.path.join(staging, "plan.parquet")
-    if pending is None and all("members" in s for s in shards):
-        members = {k: [] for k in ("key", "jpg_offset", "jpg_size", "json_offset", "json_size")}
-        for s in shards:
-            for m in s["members"]:  # [key, jpg_offset, jpg_size, json_offset, json_size]
-                for k, v in zip(members, m):
-                    members[k].append(v)
-        member_refs = pa.table(members)
-    else:
-        member_refs, planned_bytes = _planned_members(plan_path)
-    drops = json.load(open(os.path.join(staging, "drops.json")))
+
+def open_draft(con, path: str) -> str:
+    """ATTACH a new manifest database file at ``path`` (removed first if a killed build left it) to
+    ``con``'s DuckDB instance; returns its alias. Tables go in with :func:`write_plan_tables` and
+    :func:`finish_draft`."""
+    for stale in (path, path + ".wal"):
+        if os.path.exists(stale):
+            os.unlink(stale)
+    alias = "manifest_" + os.urandom(6).hex()
+    con.execute(f"ATTACH {_sql_str(path)} AS {alias}")
+    return alias
+
+
+def write_plan_tables(con, alias: str, samples: pa.Table, captions_sql: str, drops: list[dict],
+                      lineage_rows: list) -> None:
+    """The manifest tables that need no shard result: ``samples`` (``samples``: an Arrow table with
+    :data:`SAMPLE_COLUMNS`, in dataset order), ``captions`` (from ``captions_sql``, a query ``con``
+    can run -- it may read ``con``'s temp tables), ``lang_counts``, ``drops`` and ``lineage``."""
     drop_table = pa.table({"unit": pa.array([d["unit"] for d in drops], pa.string()),
                            "reason": pa.array([d["reason"] for d in drops], pa.string()),
                            "lang": pa.array([d["lang"] for d in drops], pa.string()),
                            "count": pa.array([d["count"] for d in drops], pa.int64())})
-    rows = lineage["rows"]
-    lineage_table = pa.table({"kind": [r[0] for r in rows], "name": [r[1] for r in rows], "value": [r[2] for r in rows]})
+    lineage_table = pa.table({"kind": pa.array([r[0] for r in lineage_rows], pa.string()),
+                              "name": pa.array([r[1] for r in lineage_rows], pa.string()),
+                              "value": pa.array([r[2] for r in lineage_rows], pa.string())})
+    views = {"draft_samples": samples.select(list(SAMPLE_COLUMNS)), "draft_drops": drop_table,
+             "draft_lineage": lineage_table}
+    for name, table in views.items():
+        con.register(name, table)
+    try:
+        con.execute(f"CREATE TABLE {alias}.samples AS SELECT * FROM draft_samples")
+        con.execute(f"CREATE TABLE {alias}.captions AS {captions_sql}")
+        con.execute(f"CREATE TABLE {alias}.drops AS SELECT * FROM draft_drops ORDER BY unit, reason, lang")
+        con.execute(f"CREATE TABLE {alias}.lineage AS SELECT * FROM draft_lineage")
+        con.execute(f"""CREATE TABLE {alias}.lang_counts AS
+                        SELECT lang, count(*) AS captions, count(DISTINCT key) AS samples
+                        FROM {alias}.captions GROUP BY lang ORDER BY lang""")
+    finally:
+        for name in views:
+            con.unregister(name)
+
+
+def finish_draft(con, alias: str, path: str, dataset_path: str, shards, lineage: dict,
+                 check_layout: bool = True) -> dict:
+    """Add ``shards`` and ``info`` to the attached draft, write sizes.json and the wids index, close
+    the draft (checkpoint, fsync) and rename it to ``manifest.duckdb``; returns the :func:`summary`.
+    ``shards``: the shard records, or a callable returning them (called here, last: shards may
+    still be being written till then). ``check_layout``: each shard's recorded size must be the one
+    the samples' offsets lay out (how the build writes shards)."""
+    from storage.shards import BLOCK, RECORD
+
     final = manifest_path(dataset_path)
+    try:
+        n, planned = con.execute(f"SELECT count(*), count(DISTINCT shard) FROM {alias}.samples").fetchall()[0]
+        layout = dict(con.execute(f"""SELECT shard, max(json_offset + json_size + ({BLOCK} - json_size % {BLOCK}) % {BLOCK})
+                                      FROM {alias}.samples GROUP BY shard""").fetchall())
+        shards = sorted(shards() if callable(shards) else shards, key=lambda s: s["name"])
+        if sum(s["n_samples"] for s in shards) != n or len(shards) != planned:
+            raise CCRKError(f"{dataset_path}: {len(shards)} shards hold {sum(s['n_samples'] for s in shards)} samples "
+                            f"but the plan has {n} in {planned}; run the build again to finish the missing shards")
+        for s in shards:
+            end = layout.get(s["name"])
+            total = None if end is None else end + 2 * BLOCK + (-(end + 2 * BLOCK) % RECORD)
+            if check_layout and s["bytes"] != total:
+                raise CCRKError(f"{s['name']}: {s['bytes']} bytes recorded but the plan lays out {total}; build again")
+        _write_shard_indexes(dataset_path, shards, lineage)
+        con.register("draft_shards", pa.table({
+            "name": pa.array([s["name"] for s in shards], pa.string()),
+            "n_samples": pa.array([s["n_samples"] for s in shards], pa.int64()),
+            "bytes": pa.array([s["bytes"] for s in shards], pa.int64()),
+            "sha256": pa.array([s["sha256"] for s in shards], pa.string())}))
+        try:
+            con.execute(f"CREATE TABLE {alias}.shards AS SELECT * FROM draft_shards ORDER BY name")
+        finally:
+            con.unregister("draft_shards")
+        con.execute(f"CREATE TABLE {alias}.info AS SELECT ? AS name, ? AS version, ? AS n_samples, ? AS n_shards, "
+                    "? AS bytes, ? AS code_version",
+                    [lineage["name"], lineage["version"], n, len(shards), sum(s["bytes"] for s in shards),
+                     CODE_VERSION])
+        out = _summary(con, alias)
+    except BaseException:
+        con.execute(f"DETACH {alias}")
+        raise
+    con.execute(f"DETACH {alias}")  # checkpoints into the file
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(path, final)
+    return out
+
+
+def write_manifest(dataset_path: str, shards, lineage: dict, engine=None) -> dict:
+    """Write sizes.json, the wids index and manifest.duckdb (the manifest last, atomically); return
+    the :func:`summary` of it. ``shards``: the shard records, or a callable returning them.
+
+    The tables the plan determines come from ``_build/manifest.partial.duckdb`` when the build's
+    plan step wrote it; otherwise from the staging files ``plan.parquet``, ``captions.parquet`` and
+    ``drops.json``, with sample offsets from each shard record's ``members`` (``[key, jpg_offset,
+    jpg_size, json_offset, json_size]``) when given, else from the plan's image and json sizes laid
+    out by :func:`storage.shards.shard_layout` (how the build writes shards). ``engine``: a DuckDB
+    connection whose instance to use instead of a new one."""
+    staging = os.path.join(dataset_path, "_build")
+    partial = os.path.join(staging, PARTIAL)
     own = engine is None
     con = duckdb.connect() if own else engine.cursor()
     try:
-        with atomic.atomic_path(final) as tmp:
-            os.unlink(tmp)  # duckdb wants to create the file itself
-            con.execute(f"ATTACH {_sql_str(tmp)} AS manifest_db")
-            try:
-                con.execute("USE manifest_db")
-                con.register("member_refs", member_refs)
-                con.register("drop_rows", drop_table)
-                con.register("lineage_rows", lineage_table)
-                plan = _sql_str(plan_path)
-                caps = _sql_str(os.path.join(staging, "captions.parquet"))
-                con.execute(f"""
-                    CREATE TABLE samples AS
-                    SELECT p.idx, p.key, printf('shard-%05d.tar', p.shard) AS shard, p.source, p.image_key, p.source_id,
-                           p.url, p.n_captions, p.langs, m.jpg_offset, m.jpg_size, m.json_offset, m.json_size
-                    FROM read_parquet({plan}) p JOIN member_refs m USING (key) ORDER BY p.idx""")
-                con.execute(f"CREATE TABLE captions AS SELECT * FROM read_parquet({caps}) ORDER BY key, caption_index, lang")
-                con.execute("CREATE TABLE drops AS SELECT * FROM drop_rows ORDER BY unit, reason, lang")
-                con.execute("CREATE TABLE lineage AS SELECT * FROM lineage_rows")
-                con.execute("""CREATE TABLE lang_counts AS SELECT lang, count(*) AS captions, count(DISTINCT key) AS samples
-                               FROM captions GROUP BY lang ORDER BY lang""")
-                n = con.execute("SELECT count(*) FROM samples").fetchall()[0][0]
-                if n != member_refs.num_rows:
-                    raise CCRKError(f"{dataset_path}: {member_refs.num_rows} samples in shards but {n} matched the plan")
-                shards = sorted(pending() if pending else shards, key=lambda s: s["name"])
-                if pending or not all("members" in s for s in shards):
-                    recorded = {s["name"]: s["bytes"] for s in shards}
-                    for name, total in planned_bytes.items():
-                        if recorded.get(name) != total:
-                            raise CCRKError(f"{name}: {recorded.get(name)} bytes recorded but the plan lays out "
-                                            f"{total}; build again")
-                _write_shard_indexes(dataset_path, shards, lineage)
-                con.register("shard_rows", pa.table({
-                    "name": pa.array([s["name"] for s in shards], pa.string()),
-                    "n_samples": pa.array([s["n_samples"] for s in shards], pa.int64()),
-                    "bytes": pa.array([s["bytes"] for s in shards], pa.int64()),
-                    "sha256": pa.array([s["sha256"] for s in shards], pa.string())}))
-                con.execute("CREATE TABLE shards AS SELECT * FROM shard_rows ORDER BY name")
-                con.execute("CREATE TABLE info AS SELECT ? AS name, ? AS version, ? AS n_samples, ? AS n_shards, "
-                            "? AS bytes, ? AS code_version",
-                            [lineage["name"], lineage["version"], n, len(shards), sum(s["bytes"] for s in shards),
-                             CODE_VERSION])
-                out = _summary(con)
-                for view in ("member_refs", "shard_rows", "drop_rows", "lineage_rows"):
-                    con.unregister(view)
-            finally:
-                con.execute("USE memory")
-                con.execute("DETACH manifest_db")
+        if os.path.exists(partial):
+            alias = "manifest_" + os.urandom(6).hex()
+            con.execute(f"ATTACH {_sql_str(partial)} AS {alias}")
+            return finish_draft(con, alias, partial, dataset_path, shards, lineage)
+        import pyarrow.parquet as pq
+
+        plan = pq.read_table(os.path.join(staging, "plan.parquet")).sort_by("idx")
+        with_members = not callable(shards) and all("members" in s for s in shards)
+        if with_members:
+            members = {k: [] for k in ("key", "jpg_offset", "jpg_size", "json_offset", "json_size")}
+            for s in shards:
+                for m in s["members"]:
+                    for k, v in zip(members, m):
+                        members[k].append(v)
+            member_refs = pa.table(members)
+        else:
+            member_refs = planned_members(plan)
+        con.register("draft_plan", plan)
+        con.register("draft_members", member_refs)
+        try:
+            samples = con.sql("""
+                SELECT p.idx, p.key, printf('shard-%05d.tar', p.shard) AS shard, p.source, p.image_key, p.source_id,
+                       p.url, p.n_captions, p.langs, m.jpg_offset, m.jpg_size, m.json_offset, m.json_size
+                FROM draft_plan p JOIN draft_members m USING (key) ORDER BY p.idx""").to_arrow_table()
+        finally:
+            con.unregister("draft_plan")
+            con.unregister("draft_members")
+        if samples.num_rows != member_refs.num_rows:
+            raise CCRKError(f"{dataset_path}: {member_refs.num_rows} samples in shards but {samples.num_rows} "
+                            "matched the plan")
+        drops = json.load(open(os.path.join(staging, "drops.json")))
+        caps = _sql_str(os.path.join(staging, "captions.parquet"))
+        tmp = os.path.join(staging, f".tmp-{os.getpid()}-{MANIFEST}")
+        alias = open_draft(con, tmp)
+        try:
+            write_plan_tables(con, alias, samples, f"SELECT * FROM read_parquet({caps}) ORDER BY key, caption_index, lang",
+                              drops, lineage["rows"])
+        except BaseException:
+            con.execute(f"DETACH {alias}")
+            raise
+        return finish_draft(con, alias, tmp, dataset_path, shards, lineage, check_layout=not with_members)
     finally:
         con.close()
-    return out
 
 
 def _write_shard_indexes(dataset_path: str, shards: list[dict], lineage: dict) -> None:
@@ -130,28 +203,24 @@ def _sql_str(s: str) -> str:
     return "'" + str(s).replace("'", "''") + "'"
 
 
-def _planned_members(plan_path: str) -> tuple[pa.Table, dict[str, int]]:
-    """Each sample's member offsets from the plan's sizes in shard order (the build's layout,
-    :func:`storage.shards.shard_layout`), and each shard's size by that layout."""
+def planned_members(plan: pa.Table) -> pa.Table:
+    """Each sample's member offsets (key, jpg_offset, jpg_size, json_offset, json_size) from the
+    plan's image and json sizes in dataset order, laid out shard by shard as the build writes them
+    (:func:`storage.shards.shard_layout`). ``plan``: sorted by ``idx``."""
     import numpy as np
-    import pyarrow.parquet as pq
 
-    from storage.shards import BLOCK, shard_layout, shard_name
+    from storage.shards import BLOCK, shard_layout
 
-    plan = pq.read_table(plan_path, columns=["idx", "shard", "key", "img_size", "json_size"]).sort_by("idx")
     shard = plan.column("shard").to_numpy()
     jpg = plan.column("img_size").to_numpy().astype(np.int64)
     js = plan.column("json_size").to_numpy().astype(np.int64)
     starts = np.empty(len(jpg), dtype=np.int64)
-    sizes = {}
     cuts = np.flatnonzero(np.diff(shard)) + 1
     for lo, hi in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [len(jpg)]))):
-        st, total = shard_layout(jpg[lo:hi], js[lo:hi])
-        sizes[shard_name(int(shard[lo]))] = total
-        starts[lo:hi] = st[:-1]
+        starts[lo:hi] = shard_layout(jpg[lo:hi], js[lo:hi])[0][:-1]
     jpg_offset = starts + BLOCK
     return pa.table({"key": plan.column("key"), "jpg_offset": jpg_offset, "jpg_size": jpg,
-                     "json_offset": jpg_offset + jpg + (-jpg % BLOCK) + BLOCK, "json_size": js}), sizes
+                     "json_offset": jpg_offset + jpg + (-jpg % BLOCK) + BLOCK, "json_size": js})
 
 
 def connect(dataset_path: str) -> duckdb.DuckDBPyConnection:
@@ -170,13 +239,14 @@ def summary(dataset_path: str) -> dict:
         con.close()
 
 
-def _summary(con) -> dict:
-    name, version, n, n_shards, nbytes, code = con.execute("SELECT * FROM info").fetchall()[0]
-    langs = dict(con.execute("SELECT lang, captions FROM lang_counts ORDER BY lang").fetchall())
+def _summary(con, db: str | None = None) -> dict:
+    p = f"{db}." if db else ""
+    name, version, n, n_shards, nbytes, code = con.execute(f"SELECT * FROM {p}info").fetchall()[0]
+    langs = dict(con.execute(f"SELECT lang, captions FROM {p}lang_counts ORDER BY lang").fetchall())
     drops = [{"unit": u, "reason": r, "lang": lang, "count": c}
-             for u, r, lang, c in con.execute("SELECT unit, reason, lang, count FROM drops").fetchall()]
-    by_source = dict(con.execute("SELECT source, count(*) FROM samples GROUP BY source ORDER BY source").fetchall())
-    lineage = [list(r) for r in con.execute("SELECT kind, name, value FROM lineage").fetchall()]
+             for u, r, lang, c in con.execute(f"SELECT unit, reason, lang, count FROM {p}drops").fetchall()]
+    by_source = dict(con.execute(f"SELECT source, count(*) FROM {p}samples GROUP BY source ORDER BY source").fetchall())
+    lineage = [list(r) for r in con.execute(f"SELECT kind, name, value FROM {p}lineage").fetchall()]
     return {"name": name, "version": version, "n_samples": n, "n_shards": n_shards, "bytes": nbytes,
             "code_version": code, "captions_by_lang": langs, "drops": drops, "samples_by_source": by_source,
             "lineage": lineage}

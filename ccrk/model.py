@@ -51,6 +51,16 @@ class CCRKModel(nn.Module):
         embeds = self.text.encode(input_ids, attention_mask)
         return embeds, F.normalize(self.text_proj(embeds[:, 0]).float(), dim=-1)
 
+    def encode_text_cls(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """(state, text_feat [B, E]): the contrastive feature alone, the last text layer run at CLS
+        only; ``text_tokens(state, rows)`` then gives chosen rows' token embeddings (training)."""
+        cls, state = self.text.encode_cls(input_ids, attention_mask)
+        return state, F.normalize(self.text_proj(cls).float(), dim=-1)
+
+    def text_tokens(self, state, rows: torch.Tensor) -> torch.Tensor:
+        """``encode_text(...)[0][rows]`` from an ``encode_text_cls`` state: [R, L, D]."""
+        return self.text.finish(state, rows)
+
     def fuse(self, image_embeds, image_atts, text_embeds, text_atts) -> torch.Tensor:
         return self.text.fuse(text_embeds, text_atts, image_embeds, image_atts)
 

@@ -57,7 +57,10 @@ class CCRKObjective(nn.Module):
         b, k, length = ids.shape
         # The K captions of every image are encoded as one batch; missing ones are skipped.
         flat_valid = valid.reshape(-1)
-        text_embeds_v, text_feat_v = m.encode_text(ids.reshape(-1, length)[flat_valid], atts.reshape(-1, length)[flat_valid])
+        # Their last text layer runs at CLS only: most captions feed the contrastive loss alone, and
+        # MITM asks for the few rows it uses (m.text_tokens).
+        text_state, text_feat_v = m.encode_text_cls(ids.reshape(-1, length)[flat_valid],
+                                                    atts.reshape(-1, length)[flat_valid])
         text_feat = text_feat_v.new_zeros(b * k, text_feat_v.shape[-1])
         text_feat[flat_valid] = text_feat_v
         text_feat = text_feat.reshape(b, k, -1)
@@ -75,7 +78,7 @@ class CCRKObjective(nn.Module):
                 pos_k = losses.sample(losses.positive_weights(sim_own, valid, temp, cfg["itm_positive"] == "hard"), gen)
             pos_rows = row_of[torch.arange(b, device=ids.device), pos_k]
             if w["itm"] > 0:
-                out["itm"] = self._itm(image_embeds, image_feat, text_embeds_v, text_feat_v,
+                out["itm"] = self._itm(image_embeds, image_feat, text_state, text_feat_v,
                                        atts.reshape(-1, length)[flat_valid], row_of, pos_rows, temp, gen)
                 total = total + w["itm"] * out["itm"]
             if w["mlm"] > 0:
@@ -90,7 +93,7 @@ class CCRKObjective(nn.Module):
         out["loss"] = total
         return out
 
-    def _itm(self, image_embeds, image_feat, text_embeds, text_feat, text_atts, row_of, pos_rows, temp, gen):
+    def _itm(self, image_embeds, image_feat, text_state, text_feat, text_atts, row_of, pos_rows, temp, gen):
         """Positive (image, hard-positive caption) pairs vs a hard negative caption per image and a hard
         negative image per positive caption: 2-way cross-entropy on the ITM head, both directions."""
         b = image_embeds.shape[0]
@@ -104,7 +107,9 @@ class CCRKObjective(nn.Module):
                                                               temp, hard), gen)
         image_all = torch.cat([image_embeds, image_embeds, image_embeds[neg_image]])
         text_rows = torch.cat([pos_rows, neg_text, pos_rows])
-        logits = self.model.itm_logits(image_all, None, *_trim_padding(text_embeds[text_rows], text_atts[text_rows]))
+        used, where = torch.unique(text_rows, return_inverse=True)
+        text_embeds = self.model.text_tokens(text_state, used)[where]
+        logits = self.model.itm_logits(image_all, None, *_trim_padding(text_embeds, text_atts[text_rows]))
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
         return nn.functional.cross_entropy(logits, labels)
 

@@ -74,6 +74,28 @@ def test_packed_text_layers_equal_the_padded_layers(tiny):
     assert torch.allclose(g_packed, g_padded, atol=1e-4, rtol=1e-4)
 
 
+def test_cls_only_last_layer_gives_the_same_features_tokens_and_gradients(tiny):
+    """Training encodes the K captions with the last text layer at CLS only, then asks for the rows
+    MITM uses: the same features, token embeddings and gradients as the full encoder."""
+    model, tok, _ = tiny
+    enc = tok(["a red circle", "una estrella verde pequeña a la izquierda", "круг", "a small heart"], padding=True,
+              return_tensors="pt")
+    ids, att = enc["input_ids"], enc["attention_mask"]
+    rows = torch.tensor([3, 1, 3])
+    full_embeds, full_feat = model.encode_text(ids, att)
+    state, feat = model.encode_text_cls(ids, att)
+    tokens = model.text_tokens(state, rows)
+    assert torch.allclose(feat, full_feat, atol=1e-6)
+    assert torch.allclose(tokens, full_embeds[rows], atol=1e-5)
+    params = [model.text.text_layers[-1].intermediate.dense.weight, model.text.text_layers[0].attention.self.key.weight,
+              model.text_proj.weight]
+    probe = torch.randn(3, *tokens.shape[1:])
+    g_full = torch.autograd.grad(full_feat.square().sum() + (full_embeds[rows] * probe).sum(), params)
+    g_cls = torch.autograd.grad(feat.square().sum() + (tokens * probe).sum(), params)
+    for a, b in zip(g_full, g_cls):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_itm_head_learns_an_image_text_interaction():
     """Every caption is a positive with its image and a negative with the next one, and every image
     the reverse: neither side alone predicts the label, so the loss falls only through the fusion

@@ -62,16 +62,45 @@ def _packed_layer(layer, x: torch.Tensor, real: torch.Tensor, n: int, length: in
     padded. Same weights and the same result as ``layer(padded, attention_mask=mask)`` on real tokens."""
     sa = layer.attention.self
     heads, head = sa.num_attention_heads, sa.attention_head_size
-
-    def split(t: torch.Tensor) -> torch.Tensor:
-        grid = t.new_zeros(n * length, t.shape[-1]).index_copy(0, real, t)
-        return grid.view(n, length, heads, head).transpose(1, 2)
-
-    attn = F.scaled_dot_product_attention(split(sa.query(x)), split(sa.key(x)), split(sa.value(x)), attn_mask=mask,
-                                          dropout_p=sa.dropout.p if sa.training else 0.0, scale=sa.scaling)
+    q, k, v = (_heads(proj(x), real, n, length, heads) for proj in (sa.query, sa.key, sa.value))
+    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=sa.dropout.p if sa.training else 0.0,
+                                          scale=sa.scaling)
     attn = attn.transpose(1, 2).reshape(n * length, heads * head).index_select(0, real)
     x = layer.attention.output(attn, x)
     return layer.output(layer.intermediate(x), x)
+
+
+def _unpack(x: torch.Tensor, real: torch.Tensor, n: int, length: int) -> torch.Tensor:
+    """Packed tokens [T, D] back to the padded [n, length, D] grid (zeros at padding)."""
+    return x.new_zeros(n * length, x.shape[-1]).index_copy(0, real, x).view(n, length, x.shape[-1])
+
+
+def _heads(t: torch.Tensor, real: torch.Tensor, n: int, length: int, heads: int) -> torch.Tensor:
+    """Packed [T, D] projections as padded attention heads [n, heads, length, D / heads]."""
+    return _unpack(t, real, n, length).view(n, length, heads, -1).transpose(1, 2)
+
+
+def _cls_layer(layer, x: torch.Tensor, real: torch.Tensor, n: int, length: int, mask, cls_rows: torch.Tensor) -> torch.Tensor:
+    """One text-only layer's output at the CLS token of each of the ``n`` sequences: [n, D]. Keys and
+    values come from every token (packed ``x``); the rest of the layer runs on the CLS rows only."""
+    sa = layer.attention.self
+    heads, head = sa.num_attention_heads, sa.attention_head_size
+    cls = x.index_select(0, cls_rows)
+    query = sa.query(cls).view(n, heads, 1, head)
+    attn = F.scaled_dot_product_attention(query, _heads(sa.key(x), real, n, length, heads),
+                                          _heads(sa.value(x), real, n, length, heads), attn_mask=mask,
+                                          dropout_p=sa.dropout.p if sa.training else 0.0, scale=sa.scaling)
+    cls = layer.attention.output(attn.reshape(n, heads * head), cls)
+    return layer.output(layer.intermediate(cls), cls)
+
+
+class TextState:
+    """The text encoder between its last two text-only layers, packed (see ``encode_cls``)."""
+
+    def __init__(self, x: torch.Tensor, real: torch.Tensor, attention_mask: torch.Tensor, n: int, length: int):
+        self.x, self.real, self.attention_mask, self.n, self.length = x, real, attention_mask, n, length
+        # Where each sequence's first (CLS) token lies among the packed tokens.
+        self.cls_rows = torch.searchsorted(real, torch.arange(n, device=real.device) * length)
 
 
 class TextFusionEncoder(nn.Module):
@@ -161,7 +190,39 @@ class TextFusionEncoder(nn.Module):
         x = h.reshape(n * length, width).index_select(0, real)
         for layer in self.text_layers:
             x = _packed_layer(layer, x, real, n, length, mask)
-        return x.new_zeros(n * length, width).index_copy(0, real, x).view(n, length, width)
+        return _unpack(x, real, n, length)
+
+    def encode_cls(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, "TextState"]:
+        """The text-only layers' CLS output [B, D] -- what the contrastive feature needs -- and the
+        state from which :meth:`finish` gives chosen rows' every token.
+
+        The last text layer computes its keys and values for every token but its query,
+        feed-forward and layer norms for the CLS token alone: with K captions per image, most
+        captions feed the contrastive loss only, and MITM reads a few rows (:meth:`finish`).
+        ``encode_cls(...)[0] == encode(...)[:, 0]`` and ``finish(state, rows) == encode(...)[rows]``."""
+        h = self.embeddings(input_ids=input_ids)
+        n, length, width = h.shape
+        real = torch.nonzero(attention_mask.reshape(-1)).squeeze(1)
+        mask = _bool_mask(attention_mask)
+        x = h.reshape(n * length, width).index_select(0, real)
+        for layer in self.text_layers[:-1]:
+            x = _packed_layer(layer, x, real, n, length, mask)
+        state = TextState(x, real, attention_mask, n, length)
+        if not len(self.text_layers):
+            return x.index_select(0, state.cls_rows), state
+        return _cls_layer(self.text_layers[-1], x, real, n, length, mask, state.cls_rows), state
+
+    def finish(self, state: "TextState", rows: torch.Tensor) -> torch.Tensor:
+        """Every token of the text-only layers' output for captions ``rows`` of ``state``: [R, L, D]."""
+        grid = _unpack(state.x, state.real, state.n, state.length)[rows]
+        if not len(self.text_layers):
+            return grid
+        atts = state.attention_mask[rows]
+        r, length, width = grid.shape
+        real = torch.nonzero(atts.reshape(-1)).squeeze(1)
+        x = grid.reshape(r * length, width).index_select(0, real)
+        x = _packed_layer(self.text_layers[-1], x, real, r, length, _bool_mask(atts))
+        return _unpack(x, real, r, length)
 
     def fuse(self, text_embeds, text_atts, image_embeds, image_atts=None) -> torch.Tensor:
         """Fusion layers: text tokens attend to themselves and to the image tokens: [B, L, D]."""

@@ -3,6 +3,8 @@
 Writes a synthetic source (>= 5,000 images in img2dataset shards of 1,000, one caption each,
 translations in four languages), then times, best of ``--repeat``:
   copy   -- ``shutil.copyfile`` of the source image shards (the bytes the build reads and writes)
+  plan   -- the plan step alone, as the Prefect flow runs it (DuckDB join, policy, sample json,
+            plan.parquet and the manifest draft) -- a diagnostic row
   shards -- the shard-writing step alone (plan already made)
   build  -- the whole build: DuckDB join + language policy, shards, manifest, catalog
 Prints a table of throughputs and ratios; the last line is the whole build against the copy:
@@ -116,6 +118,10 @@ def main(argv=None) -> int:
             r = build_dataset(root, **kw)
             assert r.n_samples == args.images, r
 
+        def plan_only():
+            shutil.rmtree(os.path.join(root, "datasets"), ignore_errors=True)
+            plan_build(root, **kw)
+
         def shards_only():
             shutil.rmtree(os.path.join(root, "datasets"), ignore_errors=True)
             plan = plan_build(root, **kw)
@@ -126,8 +132,10 @@ def main(argv=None) -> int:
         t_copy = best(copy, args.repeat)
         t_build = best(build, args.repeat)
         t_shards = min(shards_only() for _ in range(args.repeat))
+        t_plan = best(plan_only, args.repeat)
         n = args.images
-        rows = [("copy (shutil.copyfile + fsync)", t_copy), ("shards step (read, tar, sha256, fsync)", t_shards),
+        rows = [("copy (shutil.copyfile + fsync)", t_copy), ("plan step (join, policy, json, manifest draft)", t_plan),
+                ("shards step (read, tar, sha256, fsync)", t_shards),
                 ("whole build (join, policy, shards, manifest)", t_build)]
         print(f"{n} images, {src_bytes / 1e6:.1f} MB of image shards, {args.image_size}px JPEGs, best of {args.repeat}")
         print(f"{'step':48s} {'seconds':>8s} {'images/s':>10s} {'MB/s':>8s} {'vs copy':>8s}")

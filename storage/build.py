@@ -4,17 +4,21 @@ policy, write deterministic shards, then the manifest -- ``<root>/datasets/<name
 Three steps, each safe to kill and re-run (the Prefect flow runs them as tasks):
 
 1. :func:`plan_build` -- DuckDB joins the sources' ``images.parquet``, ``captions.parquet`` and
-   img2dataset status parquet with the translation store; the language policy, the drop counts by
-   reason and each sample's json are whole-column SQL (no per-row Python). The outcome (one row
-   per sample, in seeded order, with its json) goes to ``_build/plan.parquet``.
+   img2dataset status parquet with the translation store; the language policy and the drop counts
+   are whole-column SQL, each sample's json is per-caption SQL fragments joined per sample by Arrow
+   (no per-row Python). The outcome (one row per sample, in seeded order, with its json) goes to
+   ``_build/plan.parquet``, and the manifest tables it determines (samples with their offsets,
+   captions, per-language counts, drops, lineage) to ``_build/manifest.partial.duckdb``.
 2. :func:`write_shard_group` -- writes some shards from the plan (temp file, fsync, rename); a shard
    whose ``_build/<shard>.index.json`` exists is done and skipped on resume.
-3. :func:`finalize_build` -- ``manifest.duckdb``, ``shards/sizes.json``, the wids index, then the
-   ``_COMPLETE`` marker (last), then the catalog entry.
+3. :func:`finalize_build` -- completes the manifest (shards, info) into ``manifest.duckdb``, writes
+   ``shards/sizes.json``, the wids index, then the ``_COMPLETE`` marker (last), then the catalog entry.
 
 :func:`build_dataset` runs the three in one process with one DuckDB instance (the manifest and
-the catalog are ATTACHed to it) and overlaps them: shards are written as soon as the plan exists,
-while the caption rows and the manifest tables that need no shard result are written.
+the catalog are ATTACHed to it) and overlaps them: shards are written in background threads as
+soon as the plan exists, while the manifest's plan-determined tables are written (and
+checkpointed) into the manifest file itself, which is completed after the shards. A killed build
+re-plans (same inputs, same plan) and writes only the shards not yet done.
 
 Language policy (explicit, counted): a caption keeps the requested languages it has. A translation
 with ``ok = false`` is kept unless ``drop_flagged``. A caption needs every requested language
@@ -36,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage import atomic, layout
@@ -417,8 +422,9 @@ def _load_sources(con, srcs, tar_index, tsets) -> bool:
     con.execute(f"""
         CREATE TEMP TABLE cap AS
         SELECT *, CASE WHEN norm IS NOT NULL THEN sha256(norm) END AS text_sha
-        FROM (SELECT *, CASE WHEN regexp_full_match(caption, '[ -~]*')
-                             THEN trim(regexp_replace(caption, ' {{2,}}', ' ', 'g'), ' ') END AS norm
+        FROM (SELECT *, CASE WHEN NOT regexp_full_match(caption, '[ -~]*') THEN NULL
+                             WHEN contains(caption, '  ') OR starts_with(caption, ' ') OR ends_with(caption, ' ')
+                             THEN trim(regexp_replace(caption, ' {{2,}}', ' ', 'g'), ' ') ELSE caption END AS norm
               FROM ({' UNION ALL '.join(cap_parts)}))""")
     texts = [r[0] for r in con.execute("SELECT DISTINCT caption FROM cap WHERE norm IS NULL AND caption IS NOT NULL").fetchall()]
     if texts:
@@ -553,11 +559,14 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, bo
                       f"count(*) FILTER (WHERE NOT {empty} AND {flag[i]}) FROM cj")
     counts.append("SELECT 'image', 'all_captions_dropped', NULL, count(*) FROM "
                   "(SELECT 1 FROM cj GROUP BY source, image_key HAVING bool_and(drop_reason IS NOT NULL))")
-    drops: Counter = Counter()
-    for unit, reason, lang, n in con.execute(" UNION ALL ".join(counts)).fetchall():
-        if n:
-            drops[(unit, reason, lang or "")] += n
-    drop_rows = [{"unit": u, "reason": r, "lang": lang or None, "count": c} for (u, r, lang), c in sorted(drops.items())]
+
+    def count_drops() -> tuple[Counter, list[dict]]:
+        drops: Counter = Counter()
+        for unit, reason, lang, n in con.execute(" UNION ALL ".join(counts)).fetchall():
+            if n:
+                drops[(unit, reason, lang or "")] += n
+        return drops, [{"unit": u, "reason": r, "lang": lang or None, "count": c}
+                       for (u, r, lang), c in sorted(drops.items())]
 
     # Each kept caption's json fragments, in dataset order: samples by their seeded draw, a
     # sample's captions by caption id. Keys sorted as json.dumps(sort_keys=True) writes them: a
@@ -575,8 +584,10 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, bo
             f"CASE WHEN {c} IS NOT NULL THEN '\"{c}\":' || {_json_num_sql(c)} END" for c in sorted(BOX_COLUMNS)) \
             + ") || '}' END"
         box_present = "x IS NOT NULL"
-        box_order = ", " + ", ".join(f"c.{b}" for b in BOX_COLUMNS)
+        box_order = "".join(f", c.{b}" for b in BOX_COLUMNS)
     mask = " + ".join(f"CASE WHEN {present[lang][0]} THEN {1 << j} ELSE 0 END" for j, lang in enumerate(langs))
+    # Sorted here (Arrow) rather than by DuckDB: sorting the wide rows costs more than the query.
+    sort_cols = ["draw", "source", "image_key", "cid_len", "caption_id", "norm"] + (list(BOX_COLUMNS) if boxes else [])
     rows = _arrow(con.sql(f"""
         SELECT c.rowid AS rid, c.source, c.image_key, i.url, i.source_id, i.tar_path, i.img_offset, i.img_size,
                {cap_json} AS cap_json, coalesce({_json_str_sql('c.caption_id')}, 'null') AS id_json,
@@ -587,52 +598,65 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, bo
                  || ',"source_id":' || coalesce({_json_str_sql('i.source_id')}, 'null')
                  || ',"url":' || coalesce({_json_str_sql('i.url')}, 'null')
                  || CASE WHEN i.width IS NOT NULL THEN ',"width":' || CAST(i.width AS VARCHAR) ELSE '' END
-                 || '}}' AS tail
+                 || '}}' AS tail,
+               md5({_sql_str(str(seed))} || ':' || c.source || ':' || c.image_key) AS draw,
+               length(c.caption_id) AS cid_len, c.caption_id, c.norm{box_order}
         FROM cj c JOIN img i USING (source, image_key)
-        WHERE c.drop_reason IS NULL
-        ORDER BY md5({_sql_str(str(seed))} || ':' || c.source || ':' || c.image_key), c.source, c.image_key,
-                 length(c.caption_id), c.caption_id, c.norm{box_order}"""))
+        WHERE c.drop_reason IS NULL"""))
     if rows.num_rows == 0:
+        drops, _ = count_drops()
         top = ", ".join(f"{r} ({u}): {c}" for (u, r, _), c in drops.most_common(4) if c)
         raise CCRKError(f"no samples left after the join and the language policy ({top or 'no inputs'})")
+    rows = rows.take(pc.sort_indices(rows, sort_keys=[(c, "ascending") for c in sort_cols]))  # nulls last, as DuckDB
     plan, kept = _plan_table(rows, langs, shard_size)
     n = plan.num_rows
-    if on_plan is not None:
-        on_plan(os.path.dirname(staging), plan)  # e.g. start writing shards while the rest is written
-    if not keep_draft:
-        _write_staging(os.path.join(staging, "plan.parquet"), lambda tmp: pq.write_table(plan, tmp))
-
-    # The manifest's caption rows: English (the normalised source text) and each kept translation.
-    con.register("kept_rows", kept)
-    try:
-        con.execute("CREATE TEMP TABLE kept AS SELECT k.key, k.caption_index, c.* EXCLUDE (source, image_key, "
-                    "drop_reason) FROM kept_rows k JOIN cj c ON c.rowid = k.rid")
-    finally:
-        con.unregister("kept_rows")
-    scores = ", ".join(f"b.{c}" for c in SCORE_COLUMNS)
-    nulls = ", ".join(f"NULL::{_score_type(c)} AS {c}" for c in SCORE_COLUMNS)
-    parts = []
-    if has_en:
-        parts.append(f"SELECT key, caption_index, caption_id, {_sql_str(SOURCE_LANG)} AS lang, norm AS text, "
-                     f"'source' AS model_id, NULL::VARCHAR AS decode_id, {nulls}, true AS ok FROM kept")
-    for i, lang in enumerate(others):
-        parts.append(f"""SELECT k.key, k.caption_index, k.caption_id, {_sql_str(lang)} AS lang, k.tx{i} AS text,
-                                s.model_id, s.decode_id, {scores}, b.ok
-                         FROM kept k LEFT JOIN best b ON b.text_sha = k.text_sha AND b.lang = {_sql_str(lang)}
-                         LEFT JOIN tsets s ON s.lang = b.lang AND s.set_rank = b.set_rank
-                         WHERE {pres[i]}""")
-    captions_sql = f"SELECT * FROM ({' UNION ALL '.join(parts)}) ORDER BY key, caption_index, lang"
+    # What the manifest needs from Python goes into DuckDB before shards are written: from then on
+    # the manifest is pure SQL (a DuckDB scan of an Arrow table needs the GIL, which the shard
+    # threads keep busy).
     samples = plan.select(["idx", "key", "shard", "source", "image_key", "source_id", "url", "n_captions", "langs"])
     members = manifest.planned_members(plan)
     samples = samples.set_column(2, "shard", pa.array([shard_name(s) for s in range(plan.column("shard")[-1].as_py() + 1)])
                                  .take(plan.column("shard")))
     for c in ("jpg_offset", "jpg_size", "json_offset", "json_size"):
         samples = samples.append_column(c, members.column(c))
+    for name, table in (("plan_samples", samples), ("kept_rows", kept)):
+        con.register(f"{name}_view", table)
+        try:
+            con.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM {name}_view")
+        finally:
+            con.unregister(f"{name}_view")
+    if on_plan is not None:
+        on_plan(os.path.dirname(staging), plan)  # e.g. start writing shards while the rest is written
+    if not keep_draft:
+        _write_staging(os.path.join(staging, "plan.parquet"), lambda tmp: pq.write_table(plan, tmp))
+    _, drop_rows = count_drops()  # only the manifest needs them: counted while shards are written
+
+    # The manifest's caption rows: English (the normalised source text) and each kept translation,
+    # ordered by (key, caption_index, lang) through integer ranks (cheaper to sort than strings).
+    con.execute("CREATE TEMP TABLE kept AS SELECT k.key, k.key_rank, k.caption_index, c.* EXCLUDE (source, image_key, "
+                "drop_reason) FROM kept_rows k JOIN cj c ON c.rowid = k.rid")
+    lang_rank = {lang: r for r, lang in enumerate(sorted(langs))}
+    scores = ", ".join(f"b.{c}" for c in SCORE_COLUMNS)
+    nulls = ", ".join(f"NULL::{_score_type(c)} AS {c}" for c in SCORE_COLUMNS)
+    parts = []
+    if has_en:
+        parts.append(f"SELECT key_rank, {lang_rank[SOURCE_LANG]} AS lang_rank, key, caption_index, caption_id, "
+                     f"{_sql_str(SOURCE_LANG)} AS lang, norm AS text, "
+                     f"'source' AS model_id, NULL::VARCHAR AS decode_id, {nulls}, true AS ok FROM kept")
+    for i, lang in enumerate(others):
+        parts.append(f"""SELECT k.key_rank, {lang_rank[lang]} AS lang_rank, k.key, k.caption_index, k.caption_id,
+                                {_sql_str(lang)} AS lang, k.tx{i} AS text, s.model_id, s.decode_id, {scores}, b.ok
+                         FROM kept k LEFT JOIN best b ON b.text_sha = k.text_sha AND b.lang = {_sql_str(lang)}
+                         LEFT JOIN tsets s ON s.lang = b.lang AND s.set_rank = b.set_rank
+                         WHERE {pres[i]}""")
+    captions_sql = (f"SELECT * EXCLUDE (key_rank, lang_rank) FROM ({' UNION ALL '.join(parts)}) "
+                    "ORDER BY key_rank, caption_index, lang_rank")
     draft_path = os.path.join(staging, f".tmp-{os.getpid()}-{manifest.PARTIAL}")
     alias = manifest.open_draft(con, draft_path)
     try:
-        manifest.write_plan_tables(con, alias, samples, captions_sql, drop_rows, lineage["rows"])
+        manifest.write_plan_tables(con, alias, "SELECT * FROM plan_samples", captions_sql, drop_rows, lineage["rows"])
         if keep_draft:
+            con.execute(f"CHECKPOINT {alias}")  # written now, while shards are; closing it later is quick
             return n, (alias, draft_path)
     except BaseException:
         con.execute(f"DETACH {alias}")
@@ -693,7 +717,11 @@ def _plan_table(rows: pa.Table, langs, shard_size: int) -> tuple[pa.Table, pa.Ta
         "langs": pa.array([names[m] for m in mask.tolist()], pa.string()), "meta_json": meta,
         "json_size": pc.binary_length(meta).cast(pa.int64())})
     sample_of_row = np.repeat(idx, n_caps)
-    kept = pa.table({"rid": rows.column("rid"), "key": key_arr.take(pa.array(sample_of_row)),
+    key_rank = np.empty(n, dtype=np.int64)
+    key_rank[pc.sort_indices(key_arr).to_numpy()] = idx  # keys are unique: the rank orders them
+    sample_of_row = pa.array(sample_of_row)
+    kept = pa.table({"rid": rows.column("rid"), "key": key_arr.take(sample_of_row),
+                     "key_rank": pa.array(key_rank).take(sample_of_row),
                      "caption_index": np.arange(n_rows, dtype=np.int64) - np.repeat(starts, n_caps)})
     return plan, kept
 

@@ -48,11 +48,11 @@ def open_draft(con, path: str) -> str:
     return alias
 
 
-def write_plan_tables(con, alias: str, samples: pa.Table, captions_sql: str, drops: list[dict],
+def write_plan_tables(con, alias: str, samples_sql: str, captions_sql: str, drops: list[dict],
                       lineage_rows: list) -> None:
-    """The manifest tables that need no shard result: ``samples`` (``samples``: an Arrow table with
-    :data:`SAMPLE_COLUMNS`, in dataset order), ``captions`` (from ``captions_sql``, a query ``con``
-    can run -- it may read ``con``'s temp tables), ``lang_counts``, ``drops`` and ``lineage``."""
+    """The manifest tables that need no shard result: ``samples`` (from ``samples_sql``: the
+    :data:`SAMPLE_COLUMNS`, in dataset order), ``captions`` (from ``captions_sql``), ``lang_counts``,
+    ``drops`` and ``lineage``. The queries may read ``con``'s temp tables."""
     drop_table = pa.table({"unit": pa.array([d["unit"] for d in drops], pa.string()),
                            "reason": pa.array([d["reason"] for d in drops], pa.string()),
                            "lang": pa.array([d["lang"] for d in drops], pa.string()),
@@ -60,12 +60,11 @@ def write_plan_tables(con, alias: str, samples: pa.Table, captions_sql: str, dro
     lineage_table = pa.table({"kind": pa.array([r[0] for r in lineage_rows], pa.string()),
                               "name": pa.array([r[1] for r in lineage_rows], pa.string()),
                               "value": pa.array([r[2] for r in lineage_rows], pa.string())})
-    views = {"draft_samples": samples.select(list(SAMPLE_COLUMNS)), "draft_drops": drop_table,
-             "draft_lineage": lineage_table}
+    views = {"draft_drops": drop_table, "draft_lineage": lineage_table}
     for name, table in views.items():
         con.register(name, table)
     try:
-        con.execute(f"CREATE TABLE {alias}.samples AS SELECT * FROM draft_samples")
+        con.execute(f"CREATE TABLE {alias}.samples AS SELECT {', '.join(SAMPLE_COLUMNS)} FROM ({samples_sql})")
         con.execute(f"CREATE TABLE {alias}.captions AS {captions_sql}")
         con.execute(f"CREATE TABLE {alias}.drops AS SELECT * FROM draft_drops ORDER BY unit, reason, lang")
         con.execute(f"CREATE TABLE {alias}.lineage AS SELECT * FROM draft_lineage")
@@ -177,12 +176,16 @@ def write_manifest(dataset_path: str, shards, lineage: dict, engine=None) -> dic
         caps = _sql_str(os.path.join(staging, "captions.parquet"))
         tmp = os.path.join(staging, f".tmp-{os.getpid()}-{MANIFEST}")
         alias = open_draft(con, tmp)
+        con.register("draft_samples", samples)
         try:
-            write_plan_tables(con, alias, samples, f"SELECT * FROM read_parquet({caps}) ORDER BY key, caption_index, lang",
+            write_plan_tables(con, alias, "SELECT * FROM draft_samples",
+                              f"SELECT * FROM read_parquet({caps}) ORDER BY key, caption_index, lang",
                               drops, lineage["rows"])
         except BaseException:
             con.execute(f"DETACH {alias}")
             raise
+        finally:
+            con.unregister("draft_samples")
         return finish_draft(con, alias, tmp, dataset_path, shards, lineage, check_layout=not with_members)
     finally:
         con.close()

@@ -11,29 +11,18 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 import tarfile
-import types
-import unicodedata
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 
 def ensure_normalize():
-    """``translation.normalize.normalize``; a stand-in with the contract's rule (NFC, collapsed
-    whitespace, strip) only while the translation stage has not landed it."""
-    try:
-        from translation.normalize import normalize
-        return normalize
-    except ImportError:
-        def normalize(text: str) -> str:
-            return " ".join(unicodedata.normalize("NFC", text).split())
+    """``translation.normalize.normalize`` (the one caption normalisation; kept as a function for
+    the modules that call it)."""
+    from translation.normalize import normalize
 
-        mod = types.ModuleType("translation.normalize")
-        mod.normalize = normalize
-        sys.modules["translation.normalize"] = mod
-        return normalize
+    return normalize
 
 
 def sha(text: str) -> str:

@@ -672,7 +672,7 @@ def _plan_table(rows: pa.Table, langs, shard_size: int) -> tuple[pa.Table, pa.Ta
     import pyarrow.compute as pc
 
     n_rows = rows.num_rows
-    src, ik = rows.column("source").combine_chunks(), rows.column("image_key").combine_chunks()
+    src, ik = _flat(rows.column("source")), _flat(rows.column("image_key"))
     new = np.ones(n_rows, dtype=bool)
     if n_rows > 1:
         new[1:] = pc.or_(pc.not_equal(src[1:], src[:-1]), pc.not_equal(ik[1:], ik[:-1])).to_numpy(zero_copy_only=False)
@@ -680,24 +680,32 @@ def _plan_table(rows: pa.Table, langs, shard_size: int) -> tuple[pa.Table, pa.Ta
     offsets = pa.array(np.append(starts, n_rows).astype(np.int32))
     first = pa.array(starts)
 
+    # The json columns as one string type: large_string when they pass 2 GB (32-bit offsets).
+    json_cols = ("box_json", "id_json", "cap_json", "tail")
+    text = pa.large_string() if sum(rows.column(c).nbytes for c in json_cols) >= (1 << 31) - (1 << 24) else pa.string()
+    lit = lambda v: pa.scalar(v, text)  # noqa: E731
+
     def joined(column: str) -> pa.Array:
-        return pc.binary_join(pa.ListArray.from_arrays(offsets, rows.column(column).combine_chunks()), ",")
+        values = rows.column(column).cast(text).combine_chunks()
+        return pc.binary_join(pa.ListArray.from_arrays(offsets, values), lit(","))
 
     n_caps = np.diff(np.append(starts, n_rows))
     mask = np.bitwise_and.reduceat(rows.column("mask").to_numpy(), starts)
     names = {m: ",".join(lang for j, lang in enumerate(langs) if m >> j & 1) for m in np.unique(mask).tolist()}
     has_box = np.logical_or.reduceat(rows.column("has_box").to_numpy(zero_copy_only=False), starts)
-    boxes = pc.if_else(pa.array(has_box), pc.binary_join_element_wise('"boxes":[', joined("box_json"), "],", ""), "")
-    meta = pc.binary_join_element_wise("{", boxes, '"caption_ids":[', joined("id_json"), '],"captions":[',
-                                       joined("cap_json"), "]", rows.column("tail").combine_chunks().take(first), "")
+    boxes = pc.if_else(pa.array(has_box), pc.binary_join_element_wise(lit('"boxes":['), joined("box_json"), lit("],"),
+                                                                        lit("")), lit(""))
+    meta = pc.binary_join_element_wise(lit("{"), boxes, lit('"caption_ids":['), joined("id_json"),
+                                       lit('],"captions":['), joined("cap_json"), lit("]"),
+                                       rows.column("tail").cast(text).combine_chunks().take(first), lit(""))
     redo = np.flatnonzero(pc.match_substring(meta, "\\u00").to_numpy(zero_copy_only=False))
     if len(redo):
         fixed = meta.to_pylist()
         for r in redo.tolist():
             fixed[r] = _exact_json(fixed[r])
-        meta = pa.array(fixed, pa.string())
-    meta = meta.cast(pa.binary())
-    take = lambda c: rows.column(c).combine_chunks().take(first)  # noqa: E731
+        meta = pa.array(fixed, text)
+    meta = meta.cast(pa.large_binary() if text == pa.large_string() else pa.binary())
+    take = lambda c: _flat(rows.column(c)).take(first)  # noqa: E731
     image_keys = take("image_key")
     keys = safe_keys(image_keys.to_pylist())
     n = len(keys)
@@ -724,6 +732,13 @@ def _plan_table(rows: pa.Table, langs, shard_size: int) -> tuple[pa.Table, pa.Ta
                      "key_rank": pa.array(key_rank).take(sample_of_row),
                      "caption_index": np.arange(n_rows, dtype=np.int64) - np.repeat(starts, n_caps)})
     return plan, kept
+
+
+def _flat(column: pa.ChunkedArray) -> pa.Array:
+    """One contiguous array; strings as large_string when they pass 2 GB (32-bit offsets)."""
+    if pa.types.is_string(column.type) and column.nbytes >= (1 << 31) - (1 << 24):
+        column = column.cast(pa.large_string())
+    return column.combine_chunks()
 
 
 def _arrow(rel) -> pa.Table:

@@ -19,7 +19,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(_REPO, "tests"))
+sys.path.insert(0, _REPO)  # before benchmarks/ (whose translation.py would shadow the translation package)
 
 
 def photo_jpeg(i: int, size: int) -> bytes:

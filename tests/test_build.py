@@ -6,7 +6,7 @@ import tarfile
 import duckdb
 import pytest
 
-from klingual_fixtures import DECODE, MODEL, ensure_normalize, tiny_corpus, write_source
+from klingual_fixtures import DECODE, MODEL, ensure_normalize, tiny_corpus, write_source, write_translations
 from storage.build import build_dataset, plan_build, write_shard_group
 from storage.catalog import Catalog
 from storage.errors import CCRKError
@@ -233,3 +233,23 @@ def test_catalog_calls_through_the_build_engine_see_the_same_artifacts(root):
         assert engine.execute("SELECT count(*) FROM duckdb_databases() WHERE NOT internal").fetchall()[0][0] == 1
     finally:
         engine.close()
+
+
+def test_captions_find_their_translations_under_every_whitespace_and_unicode_form(root):
+    """The build normalises printable-ASCII captions in SQL and the rest with translation.normalize;
+    either way a caption's key must be the translation store's (text_sha of normalize(text))."""
+    from translation.normalize import normalize
+
+    captions = ["  a red   circle ", "a blue\tsquare", "a green\u00a0star", "un caf\u00e9  noir", "e\u0301tude bleue",
+                "plain caption", "tab\t and  spaces\n"]
+    write_source(root, "coco", "ws", [{"id": i, "captions": [c]} for i, c in enumerate(captions)])
+    write_translations(root, MODEL, DECODE, "es", {c: (f"es {i}", True) for i, c in enumerate(captions)})
+    r = build_dataset(root, name="ws", sources=["coco"], langs="en,es", shard_size=10)
+    assert r.n_samples == len(captions) and not _drops(r)
+    got = {}
+    with tarfile.open(os.path.join(r.path, "shards", "shard-00000.tar")) as tar:
+        for m in tar.getmembers():
+            if m.name.endswith(".json"):
+                cap = json.load(tar.extractfile(m))["captions"][0]
+                got[cap["en"]] = cap["es"]
+    assert got == {normalize(c): f"es {i}" for i, c in enumerate(captions)}

@@ -6,6 +6,8 @@ negatives, masking) so that a resumed run draws what the uninterrupted run would
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -55,12 +57,18 @@ class CCRKObjective(nn.Module):
         image_embeds, image_feat = m.encode_image(batch["pixel_values"])
         ids, atts, valid = batch["input_ids"], batch["attention_mask"], batch["text_valid"]
         b, k, length = ids.shape
-        # The K captions of every image are encoded as one batch; missing ones are skipped.
+        # The K captions of every image are encoded as one batch; missing ones are skipped. MITM
+        # reads at most 2B of them: with more captions than that (or no MITM), their last text layer
+        # runs at CLS only and MITM asks for the rows it uses (m.text_tokens); with fewer (K <= 2)
+        # the full encoder costs less than running that layer twice.
         flat_valid = valid.reshape(-1)
-        # Their last text layer runs at CLS only: most captions feed the contrastive loss alone, and
-        # MITM asks for the few rows it uses (m.text_tokens).
-        text_state, text_feat_v = m.encode_text_cls(ids.reshape(-1, length)[flat_valid],
-                                                    atts.reshape(-1, length)[flat_valid])
+        v_ids, v_atts = ids.reshape(-1, length)[flat_valid], atts.reshape(-1, length)[flat_valid]
+        if v_ids.shape[0] > 2 * b or not (cfg["fusion"] and w["itm"] > 0):
+            text_state, text_feat_v = m.encode_text_cls(v_ids, v_atts)
+            text_tokens = functools.partial(m.text_tokens, text_state)
+        else:
+            text_embeds_v, text_feat_v = m.encode_text(v_ids, v_atts)
+            text_tokens = text_embeds_v.__getitem__
         text_feat = text_feat_v.new_zeros(b * k, text_feat_v.shape[-1])
         text_feat[flat_valid] = text_feat_v
         text_feat = text_feat.reshape(b, k, -1)
@@ -78,8 +86,8 @@ class CCRKObjective(nn.Module):
                 pos_k = losses.sample(losses.positive_weights(sim_own, valid, temp, cfg["itm_positive"] == "hard"), gen)
             pos_rows = row_of[torch.arange(b, device=ids.device), pos_k]
             if w["itm"] > 0:
-                out["itm"] = self._itm(image_embeds, image_feat, text_state, text_feat_v,
-                                       atts.reshape(-1, length)[flat_valid], row_of, pos_rows, temp, gen)
+                out["itm"] = self._itm(image_embeds, image_feat, text_tokens, text_feat_v,
+                                       v_atts, row_of, pos_rows, temp, gen)
                 total = total + w["itm"] * out["itm"]
             if w["mlm"] > 0:
                 if cfg["mlm_caption"] == "uniform":
@@ -87,13 +95,12 @@ class CCRKObjective(nn.Module):
                     mlm_rows = row_of[torch.arange(b, device=ids.device), mlm_k]
                 else:
                     mlm_rows = pos_rows
-                out["mlm"] = self._mlm(image_embeds, ids.reshape(-1, length)[flat_valid][mlm_rows],
-                                       atts.reshape(-1, length)[flat_valid][mlm_rows], gen)
+                out["mlm"] = self._mlm(image_embeds, v_ids[mlm_rows], v_atts[mlm_rows], gen)
                 total = total + w["mlm"] * out["mlm"]
         out["loss"] = total
         return out
 
-    def _itm(self, image_embeds, image_feat, text_state, text_feat, text_atts, row_of, pos_rows, temp, gen):
+    def _itm(self, image_embeds, image_feat, text_tokens, text_feat, text_atts, row_of, pos_rows, temp, gen):
         """Positive (image, hard-positive caption) pairs vs a hard negative caption per image and a hard
         negative image per positive caption: 2-way cross-entropy on the ITM head, both directions."""
         b = image_embeds.shape[0]
@@ -108,7 +115,7 @@ class CCRKObjective(nn.Module):
         image_all = torch.cat([image_embeds, image_embeds, image_embeds[neg_image]])
         text_rows = torch.cat([pos_rows, neg_text, pos_rows])
         used, where = torch.unique(text_rows, return_inverse=True)
-        text_embeds = self.model.text_tokens(text_state, used)[where]
+        text_embeds = text_tokens(used)[where]
         logits = self.model.itm_logits(image_all, None, *_trim_padding(text_embeds, text_atts[text_rows]))
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
         return nn.functional.cross_entropy(logits, labels)

@@ -95,7 +95,7 @@ def _cls_layer(layer, x: torch.Tensor, real: torch.Tensor, n: int, length: int, 
 
 
 class TextState:
-    """The text encoder between its last two text-only layers, packed (see ``encode_cls``)."""
+    """Packed text tokens between two text-only layers (see ``TextFusionEncoder.encode_cls``)."""
 
     def __init__(self, x: torch.Tensor, real: torch.Tensor, attention_mask: torch.Tensor, n: int, length: int):
         self.x, self.real, self.attention_mask, self.n, self.length = x, real, attention_mask, n, length
@@ -173,26 +173,26 @@ class TextFusionEncoder(nn.Module):
         self.lm_head.decoder.weight = self.embeddings.word_embeddings.weight
         return set(loaded) | {"lm_head.decoder.weight"}
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Text-only layers: [B, L, D] (zeros at padding positions when there is padding).
-
-        With padding, the layers run on the real tokens only (see :func:`_packed_layer`): the K
-        captions of an image differ in length across languages, and padding all of them to the
-        longest one would spend most of the text encoder's work on padding."""
+    def _pack(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextState:
+        """The embeddings of the real tokens, packed [T, D], before any text layer."""
         h = self.embeddings(input_ids=input_ids)
-        mask = _bool_mask(attention_mask)
-        if mask is None:
-            for layer in self.text_layers:
-                h = layer(h, attention_mask=None)
-            return h
         n, length, width = h.shape
         real = torch.nonzero(attention_mask.reshape(-1)).squeeze(1)
-        x = h.reshape(n * length, width).index_select(0, real)
-        for layer in self.text_layers:
-            x = _packed_layer(layer, x, real, n, length, mask)
-        return _unpack(x, real, n, length)
+        return TextState(h.reshape(n * length, width).index_select(0, real), real, attention_mask, n, length)
 
-    def encode_cls(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, "TextState"]:
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text-only layers: [B, L, D] (zeros at padding positions).
+
+        The layers run on the real tokens only (see :func:`_packed_layer`): the K captions of an
+        image differ in length across languages, and padding all of them to the longest one would
+        spend much of the text encoder's work on padding."""
+        s = self._pack(input_ids, attention_mask)
+        mask, x = _bool_mask(attention_mask), s.x
+        for layer in self.text_layers:
+            x = _packed_layer(layer, x, s.real, s.n, s.length, mask)
+        return _unpack(x, s.real, s.n, s.length)
+
+    def encode_cls(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, TextState]:
         """The text-only layers' CLS output [B, D] -- what the contrastive feature needs -- and the
         state from which :meth:`finish` gives chosen rows' every token.
 
@@ -200,23 +200,15 @@ class TextFusionEncoder(nn.Module):
         feed-forward and layer norms for the CLS token alone: with K captions per image, most
         captions feed the contrastive loss only, and MITM reads a few rows (:meth:`finish`).
         ``encode_cls(...)[0] == encode(...)[:, 0]`` and ``finish(state, rows) == encode(...)[rows]``."""
-        h = self.embeddings(input_ids=input_ids)
-        n, length, width = h.shape
-        real = torch.nonzero(attention_mask.reshape(-1)).squeeze(1)
+        s = self._pack(input_ids, attention_mask)
         mask = _bool_mask(attention_mask)
-        x = h.reshape(n * length, width).index_select(0, real)
         for layer in self.text_layers[:-1]:
-            x = _packed_layer(layer, x, real, n, length, mask)
-        state = TextState(x, real, attention_mask, n, length)
-        if not len(self.text_layers):
-            return x.index_select(0, state.cls_rows), state
-        return _cls_layer(self.text_layers[-1], x, real, n, length, mask, state.cls_rows), state
+            s.x = _packed_layer(layer, s.x, s.real, s.n, s.length, mask)
+        return _cls_layer(self.text_layers[-1], s.x, s.real, s.n, s.length, mask, s.cls_rows), s
 
-    def finish(self, state: "TextState", rows: torch.Tensor) -> torch.Tensor:
+    def finish(self, state: TextState, rows: torch.Tensor) -> torch.Tensor:
         """Every token of the text-only layers' output for captions ``rows`` of ``state``: [R, L, D]."""
         grid = _unpack(state.x, state.real, state.n, state.length)[rows]
-        if not len(self.text_layers):
-            return grid
         atts = state.attention_mask[rows]
         r, length, width = grid.shape
         real = torch.nonzero(atts.reshape(-1)).squeeze(1)

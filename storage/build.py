@@ -33,6 +33,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pathlib
 import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -364,8 +365,8 @@ def cached_tar_index(tar: str) -> tuple[list[str], list[int], list[int]]:
     index = index_source_tar(tar)
     keys, offsets, sizes = list(index), [v[0] for v in index.values()], [v[1] for v in index.values()]
     try:
-        _write_staging(cache, lambda tmp: open(tmp, "w").write(
-            json.dumps({"stamp": stamp, "keys": keys, "offsets": offsets, "sizes": sizes})))
+        data = json.dumps({"stamp": stamp, "keys": keys, "offsets": offsets, "sizes": sizes})
+        _write_staging(cache, lambda tmp: pathlib.Path(tmp).write_text(data))
     except OSError:
         pass
     return keys, offsets, sizes

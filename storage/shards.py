@@ -117,15 +117,17 @@ def ustar_headers(names: list[str], sizes) -> np.ndarray:
     return out
 
 
+_SAFE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def is_safe_key(k: str) -> bool:
+    """``safe_key(k) == k``, without building it (this runs for every sample)."""
+    return bool(k) and len(k) <= MAX_KEY_LEN and _SAFE.fullmatch(k) is not None
+
+
 def safe_keys(raw_keys) -> list[str]:
     """:func:`safe_key` of many keys: already-safe keys (nearly all) pass through untouched."""
-    out = []
-    for k in raw_keys:
-        out.append(k if k and len(k) <= MAX_KEY_LEN and _SAFE.fullmatch(k) else safe_key(k))
-    return out
-
-
-_SAFE = re.compile(r"[A-Za-z0-9_-]+")
+    return [k if is_safe_key(k) else safe_key(k) for k in raw_keys]
 
 
 def shard_layout(jpg_sizes, json_sizes) -> tuple[np.ndarray, int]:
@@ -174,8 +176,8 @@ def write_planned_shard(path: str, keys: list[str], sources: list[str], src_offs
     n = len(keys)
     if len(set(keys)) != n:
         raise ValueError(f"duplicate sample key in {path}")
-    for k in keys:  # safe_key(k) == k, spelled out (this runs for every sample)
-        if not (k and len(k) <= MAX_KEY_LEN and _SAFE.fullmatch(k)):
+    for k in keys:
+        if not is_safe_key(k):
             raise ValueError(f"unsafe sample key {k!r}")
     src_sizes = np.asarray(src_sizes, dtype=np.int64)
     json_sizes = np.fromiter((len(m) for m in metas), dtype=np.int64, count=n)

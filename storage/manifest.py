@@ -14,7 +14,6 @@ Tables in ``manifest.duckdb``:
 """
 from __future__ import annotations
 
-import json
 import os
 
 import duckdb
@@ -128,65 +127,45 @@ def finish_draft(con, alias: str, path: str, dataset_path: str, shards, lineage:
 
 
 def write_manifest(dataset_path: str, shards, lineage: dict, engine=None) -> dict:
-    """Write sizes.json, the wids index and manifest.duckdb (the manifest last, atomically); return
-    the :func:`summary` of it. ``shards``: the shard records, or a callable returning them.
-
-    The tables the plan determines come from ``_build/manifest.partial.duckdb`` when the build's
-    plan step wrote it; otherwise from the staging files ``plan.parquet``, ``captions.parquet`` and
-    ``drops.json``, with sample offsets from each shard record's ``members`` (``[key, jpg_offset,
-    jpg_size, json_offset, json_size]``) when given, else from the plan's image and json sizes laid
-    out by :func:`storage.shards.shard_layout` (how the build writes shards). ``engine``: a DuckDB
-    connection whose instance to use instead of a new one."""
-    staging = os.path.join(dataset_path, "_build")
-    partial = os.path.join(staging, PARTIAL)
-    own = engine is None
-    con = duckdb.connect() if own else engine.cursor()
+    """Complete the plan's manifest draft ``_build/manifest.partial.duckdb`` (shards, info), write
+    sizes.json and the wids index; the manifest last, atomically. Returns the :func:`summary`.
+    ``shards``: the shard records, or a callable returning them. ``engine``: a DuckDB connection
+    whose instance to use instead of a new one."""
+    partial = os.path.join(dataset_path, "_build", PARTIAL)
+    if not os.path.exists(partial):
+        raise CCRKError(f"{dataset_path}: no {PARTIAL} in _build/; run the build again to plan it")
+    con = duckdb.connect() if engine is None else engine.cursor()
     try:
-        if os.path.exists(partial):
-            alias = "manifest_" + os.urandom(6).hex()
-            con.execute(f"ATTACH {_sql_str(partial)} AS {alias}")
-            return finish_draft(con, alias, partial, dataset_path, shards, lineage)
-        import pyarrow.parquet as pq
+        alias = "manifest_" + os.urandom(6).hex()
+        con.execute(f"ATTACH {_sql_str(partial)} AS {alias}")
+        return finish_draft(con, alias, partial, dataset_path, shards, lineage)
+    finally:
+        con.close()
 
-        plan = pq.read_table(os.path.join(staging, "plan.parquet")).sort_by("idx")
-        with_members = not callable(shards) and all("members" in s for s in shards)
-        if with_members:
-            members = {k: [] for k in ("key", "jpg_offset", "jpg_size", "json_offset", "json_size")}
-            for s in shards:
-                for m in s["members"]:
-                    for k, v in zip(members, m):
-                        members[k].append(v)
-            member_refs = pa.table(members)
-        else:
-            member_refs = planned_members(plan)
-        con.register("draft_plan", plan)
-        con.register("draft_members", member_refs)
-        try:
-            samples = con.sql("""
-                SELECT p.idx, p.key, printf('shard-%05d.tar', p.shard) AS shard, p.source, p.image_key, p.source_id,
-                       p.url, p.n_captions, p.langs, m.jpg_offset, m.jpg_size, m.json_offset, m.json_size
-                FROM draft_plan p JOIN draft_members m USING (key) ORDER BY p.idx""").to_arrow_table()
-        finally:
-            con.unregister("draft_plan")
-            con.unregister("draft_members")
-        if samples.num_rows != member_refs.num_rows:
-            raise CCRKError(f"{dataset_path}: {member_refs.num_rows} samples in shards but {samples.num_rows} "
-                            "matched the plan")
-        drops = json.load(open(os.path.join(staging, "drops.json")))
-        caps = _sql_str(os.path.join(staging, "captions.parquet"))
-        tmp = os.path.join(staging, f".tmp-{os.getpid()}-{MANIFEST}")
+
+def write_manifest_tables(dataset_path: str, samples: pa.Table, captions: pa.Table, drops: list[dict],
+                          shards: list[dict], lineage: dict) -> dict:
+    """The manifest of shards written by other means than the build (e.g. test datasets) from
+    in-memory tables: ``samples`` with the :data:`SAMPLE_COLUMNS` (offsets included), ``captions``
+    with at least key, caption_index, lang, text. Returns the :func:`summary`."""
+    os.makedirs(dataset_path, exist_ok=True)
+    tmp = os.path.join(dataset_path, f".tmp-{os.getpid()}-{MANIFEST}")
+    con = duckdb.connect()
+    try:
         alias = open_draft(con, tmp)
         con.register("draft_samples", samples)
+        con.register("draft_captions", captions)
         try:
-            write_plan_tables(con, alias, "SELECT * FROM draft_samples",
-                              f"SELECT * FROM read_parquet({caps}) ORDER BY key, caption_index, lang",
-                              drops, lineage["rows"])
+            write_plan_tables(con, alias, "SELECT * FROM draft_samples ORDER BY idx",
+                              "SELECT * FROM draft_captions ORDER BY key, caption_index, lang", drops,
+                              lineage["rows"])
         except BaseException:
             con.execute(f"DETACH {alias}")
             raise
         finally:
             con.unregister("draft_samples")
-        return finish_draft(con, alias, tmp, dataset_path, shards, lineage, check_layout=not with_members)
+            con.unregister("draft_captions")
+        return finish_draft(con, alias, tmp, dataset_path, shards, lineage, check_layout=False)
     finally:
         con.close()
 

@@ -43,15 +43,13 @@ def draw_scene(scene, side: int = 64) -> Image.Image:
 def make_klingual_dataset(out_dir: str, n_images: int = 64, seed: int = 0, per_shard: int = 32,
                           drop_prob: float = 0.0, side: int = 64) -> str:
     """A dataset dir as the build stage writes it: shards by KLingualShardWriter, manifest by
-    storage.manifest.write_manifest. ``drop_prob`` removes non-English captions at random (K varies)."""
+    storage.manifest.write_manifest_tables. ``drop_prob`` removes non-English captions at random (K varies)."""
     import pyarrow as pa
 
-    from storage import atomic
-    from storage.manifest import write_manifest
+    from storage.manifest import write_manifest_tables
     from storage.shards import KLingualShardWriter, shard_name
 
     rng = random.Random(seed)
-    staging = os.path.join(out_dir, "_build")
     plan = {k: [] for k in ("idx", "key", "shard", "source", "image_key", "source_id", "url", "n_captions", "langs")}
     caps = {k: [] for k in ("key", "caption_index", "lang", "text")}
     shards = []
@@ -80,8 +78,10 @@ def make_klingual_dataset(out_dir: str, n_images: int = 64, seed: int = 0, per_s
         info = writer.close()
         shards.append({"name": info.name, "n_samples": info.n_samples, "bytes": info.bytes, "sha256": info.sha256,
                        "members": [[m.key, m.jpg_offset, m.jpg_size, m.json_offset, m.json_size] for m in info.members]})
-    atomic.write_parquet(pa.table(plan), os.path.join(staging, "plan.parquet"))
-    atomic.write_parquet(pa.table(caps), os.path.join(staging, "captions.parquet"))
-    atomic.write_json(os.path.join(staging, "drops.json"), [])
-    write_manifest(out_dir, shards, {"name": "test", "version": f"test{seed}", "rows": [["test", "seed", str(seed)]]})
+    offsets = {m[0]: m[1:] for s in shards for m in s["members"]}  # key -> jpg/json offsets and sizes
+    for j, name in enumerate(("jpg_offset", "jpg_size", "json_offset", "json_size")):
+        plan[name] = [offsets[k][j] for k in plan["key"]]
+    plan["shard"] = [shard_name(s) for s in plan["shard"]]
+    write_manifest_tables(out_dir, pa.table(plan), pa.table(caps), [], shards,
+                          {"name": "test", "version": f"test{seed}", "rows": [["test", "seed", str(seed)]]})
     return out_dir

@@ -1,5 +1,6 @@
 """`ccrk export`: parquet per language (no image bytes), a dataset card, croissant.json."""
 import os
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -50,7 +51,18 @@ def test_dataset_card_has_a_hugging_face_header_and_licences(exported):
     assert "missing_language" in body
 
 
-def test_croissant_metadata_validates_and_reads(exported):
+@pytest.fixture
+def absl_to_real_stderr():
+    """mlcroissant brings absl, whose log handler keeps the stream that was sys.stderr at import:
+    under pytest, this test's capture, closed afterwards. Point it at the real stderr again, or a
+    later test that logs through it fails with "I/O operation on closed file"."""
+    yield
+    absl_logging = sys.modules.get("absl.logging")
+    if absl_logging is not None:
+        absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
+
+def test_croissant_metadata_validates_and_reads(exported, absl_to_real_stderr):
     mlc = pytest.importorskip("mlcroissant")
     ds = mlc.Dataset(jsonld=os.path.join(exported, "croissant.json"))
     records = list(ds.records("ru"))

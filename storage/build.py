@@ -48,6 +48,7 @@ from storage import atomic, layout
 from storage.catalog import Artifact, Catalog
 from storage.errors import CCRKError
 from storage.languages import SOURCE_LANG, parse_langs
+from storage.manifest import SCORE_COLUMNS, score_type as _score_type
 from storage.shards import safe_keys, shard_layout, shard_name, write_planned_shard
 from storage.versioning import CODE_VERSION, content_version, files_sha256, text_sha
 
@@ -56,7 +57,6 @@ MANIFEST = "manifest.duckdb"
 STAGING = "_build"
 WIDS_INDEX = "wids-index.json"
 SIZES = "sizes.json"
-SCORE_COLUMNS = ("uniformity", "copy_sim", "len_ratio", "script_ok", "empty", "truncated")
 BOX_COLUMNS = ("region_id", "x", "y", "w", "h")
 
 
@@ -308,6 +308,10 @@ def _sql_str(s: str) -> str:
     return "'" + str(s).replace("'", "''") + "'"
 
 
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed, lineage, engine=None,
           on_plan=None, keep_draft=False) -> tuple[int, tuple[str, str] | None]:
     # A cursor of the caller's DuckDB instance when given (creating an instance costs ~60 ms); its
@@ -537,7 +541,8 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, bo
     short = "'below_min_langs'" if min_langs is not None else \
         f"CASE WHEN {any_flag} THEN 'flagged_translation' ELSE 'missing_language' END"
     # One narrow row per caption of a downloaded image.
-    tx = "".join(f", t{i}.tgt_text AS tx{i}, coalesce(t{i}.ok, false) AS ok{i}" for i in range(len(others)))
+    tx = "".join(f", t{i}.tgt_text AS tx{i}, coalesce(t{i}.ok, false) AS ok{i}, t{i}.set_rank AS set{i}"
+                 + "".join(f", t{i}.{c} AS {c}{i}" for c in SCORE_COLUMNS) for i in range(len(others)))
     joins = " ".join(f"LEFT JOIN best t{i} ON t{i}.text_sha = c.text_sha AND t{i}.lang = {_sql_str(lang)}"
                      for i, lang in enumerate(others))
     box_cols = "".join(f", c.{b}" for b in BOX_COLUMNS) if boxes else ""
@@ -632,30 +637,23 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, bo
         _write_staging(os.path.join(staging, "plan.parquet"), lambda tmp: pq.write_table(plan, tmp))
     _, drop_rows = count_drops()  # only the manifest needs them: counted while shards are written
 
-    # The manifest's caption rows: English (the normalised source text) and each kept translation,
-    # ordered by (key, caption_index, lang) through integer ranks (cheaper to sort than strings).
-    con.execute("CREATE TEMP TABLE kept AS SELECT k.key, k.key_rank, k.caption_index, c.* EXCLUDE (source, image_key, "
-                "drop_reason) FROM kept_rows k JOIN cj c ON c.rowid = k.rid")
-    lang_rank = {lang: r for r, lang in enumerate(sorted(langs))}
-    scores = ", ".join(f"b.{c}" for c in SCORE_COLUMNS)
-    nulls = ", ".join(f"NULL::{_score_type(c)} AS {c}" for c in SCORE_COLUMNS)
-    parts = []
-    if has_en:
-        parts.append(f"SELECT key_rank, {lang_rank[SOURCE_LANG]} AS lang_rank, key, caption_index, caption_id, "
-                     f"{_sql_str(SOURCE_LANG)} AS lang, norm AS text, "
-                     f"'source' AS model_id, NULL::VARCHAR AS decode_id, {nulls}, true AS ok FROM kept")
+    # The manifest's caption rows: one per kept caption, in (key, caption_index) order through the
+    # keys' integer ranks (cheaper to sort than strings), with English (the normalised source text)
+    # and each language's kept translation, its ok flag, set and scores (set where the language is kept).
+    cols = [f"norm AS {_ident(f'text_{SOURCE_LANG}')}"] if has_en else []
     for i, lang in enumerate(others):
-        parts.append(f"""SELECT k.key_rank, {lang_rank[lang]} AS lang_rank, k.key, k.caption_index, k.caption_id,
-                                {_sql_str(lang)} AS lang, k.tx{i} AS text, s.model_id, s.decode_id, {scores}, b.ok
-                         FROM kept k LEFT JOIN best b ON b.text_sha = k.text_sha AND b.lang = {_sql_str(lang)}
-                         LEFT JOIN tsets s ON s.lang = b.lang AND s.set_rank = b.set_rank
-                         WHERE {pres[i]}""")
-    captions_sql = (f"SELECT * EXCLUDE (key_rank, lang_rank) FROM ({' UNION ALL '.join(parts)}) "
-                    "ORDER BY key_rank, caption_index, lang_rank")
+        for name, _ in manifest.caption_text_columns(lang, True):
+            field = name[: -len(lang) - 1]
+            src = {"text": f"tx{i}", "ok": f"ok{i}", "set": f"set{i}"}.get(field, f"{field}{i}")
+            cols.append(f"CASE WHEN {pres[i]} THEN {src} END AS {_ident(name)}")
+    caption_texts_sql = (f"SELECT k.key, k.caption_index, c.caption_id, {', '.join(cols)} "
+                         "FROM kept_rows k JOIN cj c ON c.rowid = k.rid ORDER BY k.key_rank, k.caption_index")
+    sets = con.execute("SELECT lang, set_rank, model_id, decode_id FROM tsets ORDER BY lang, set_rank").fetchall()
     draft_path = os.path.join(staging, f".tmp-{os.getpid()}-{manifest.PARTIAL}")
     alias = manifest.open_draft(con, draft_path)
     try:
-        manifest.write_plan_tables(con, alias, "SELECT * FROM plan_samples", captions_sql, drop_rows, lineage["rows"])
+        manifest.write_plan_tables(con, alias, "SELECT * FROM plan_samples", caption_texts_sql, langs, sets,
+                                   drop_rows, lineage["rows"], SOURCE_LANG)
         if keep_draft:
             con.execute(f"CHECKPOINT {alias}")  # written now, while shards are; closing it later is quick
             return n, (alias, draft_path)
@@ -745,10 +743,6 @@ def _flat(column: pa.ChunkedArray) -> pa.Array:
 def _arrow(rel) -> pa.Table:
     out = rel.arrow()
     return out if isinstance(out, pa.Table) else out.read_all()
-
-
-def _score_type(column: str) -> str:
-    return "BOOLEAN" if column in ("script_ok", "empty", "truncated") else "DOUBLE"
 
 
 def _write_staging(path: str, write) -> None:

@@ -5,7 +5,12 @@ Tables in ``manifest.duckdb``:
 - ``samples``   (idx, key, shard, source, image_key, source_id, url, n_captions, langs,
                  jpg_offset, jpg_size, json_offset, json_size) -- offsets let readers seek a sample
 - ``shards``    (name, n_samples, bytes, sha256)
-- ``captions``  (key, caption_index, caption_id, lang, text, model_id, decode_id, scores..., ok)
+- ``captions``  (key, caption_index, caption_id, lang, text, model_id, decode_id, scores..., ok) -- a
+                 view: one row per caption and language, ordered by (key, caption_index, lang), over
+- ``caption_texts`` (key, caption_index, caption_id, then per language L: ``text_L`` and, translated,
+                 ``ok_L``, ``set_L`` and the score columns ``<score>_L``) -- one row per caption, as
+                 the build has them (five rows' worth of values written once, unsorted by language)
+- ``translation_sets`` (lang, set_rank, model_id, decode_id) -- what ``set_L`` points at
 - ``lang_counts`` (lang, captions, samples)
 - ``drops``     (unit, reason, lang, count) -- every dropped image / caption / translation
 - ``lineage``   (kind, name, value) -- source versions, translation model/decode ids, policy, code
@@ -21,6 +26,7 @@ import pyarrow as pa
 
 from storage import atomic
 from storage.errors import CCRKError
+from storage.languages import SOURCE_LANG
 from storage.versioning import CODE_VERSION
 
 MANIFEST = "manifest.duckdb"
@@ -31,6 +37,7 @@ def manifest_path(dataset_path: str) -> str:
 
 
 PARTIAL = "manifest.partial.duckdb"  # in the staging dir: the tables the plan alone determines
+SCORE_COLUMNS = ("uniformity", "copy_sim", "len_ratio", "script_ok", "empty", "truncated")
 SAMPLE_COLUMNS = ("idx", "key", "shard", "source", "image_key", "source_id", "url", "n_captions", "langs",
                   "jpg_offset", "jpg_size", "json_offset", "json_size")
 
@@ -47,11 +54,55 @@ def open_draft(con, path: str) -> str:
     return alias
 
 
-def write_plan_tables(con, alias: str, samples_sql: str, captions_sql: str, drops: list[dict],
-                      lineage_rows: list) -> None:
+def score_type(column: str) -> str:
+    return "BOOLEAN" if column in ("script_ok", "empty", "truncated") else "DOUBLE"
+
+
+def caption_text_columns(lang: str, translated: bool) -> list[tuple[str, str]]:
+    """The ``caption_texts`` columns of one language: (name, SQL type)."""
+    cols = [(f"text_{lang}", "VARCHAR")]
+    if translated:
+        cols += [(f"ok_{lang}", "BOOLEAN"), (f"set_{lang}", "INTEGER")]
+        cols += [(f"{c}_{lang}", score_type(c)) for c in SCORE_COLUMNS]
+    return cols
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def captions_view_sql(langs, source_lang: str = SOURCE_LANG) -> str:
+    """The ``captions`` view over ``caption_texts``: a caption's row for language L exists where
+    ``text_L`` is set. Unqualified names bind in the view's own database (however it is attached)."""
+    parts = []
+    for lang in sorted(langs):
+        text = _ident(f"text_{lang}")
+        if lang == source_lang:
+            scores = ", ".join(f"NULL::{score_type(c)} AS {c}" for c in SCORE_COLUMNS)
+            parts.append(f"SELECT key, caption_index, caption_id, {_sql_str(lang)} AS lang, {text} AS text, "
+                         f"'source' AS model_id, NULL::VARCHAR AS decode_id, {scores}, true AS ok "
+                         f"FROM caption_texts WHERE {text} IS NOT NULL")
+        else:
+            scores = ", ".join(f"c.{_ident(f'{x}_{lang}')} AS {x}" for x in SCORE_COLUMNS)
+            parts.append(f"SELECT c.key, c.caption_index, c.caption_id, {_sql_str(lang)} AS lang, c.{text} AS text, "
+                         f"s.model_id, s.decode_id, {scores}, c.{_ident(f'ok_{lang}')} AS ok "
+                         f"FROM caption_texts c LEFT JOIN translation_sets s ON s.lang = {_sql_str(lang)} "
+                         f"AND s.set_rank = c.{_ident(f'set_{lang}')} WHERE c.{text} IS NOT NULL")
+    return f"SELECT * FROM ({' UNION ALL '.join(parts)}) ORDER BY key, caption_index, lang"
+
+
+def write_plan_tables(con, alias: str, samples_sql: str, caption_texts_sql: str, langs, sets: list[tuple],
+                      drops: list[dict], lineage_rows: list, source_lang: str = SOURCE_LANG) -> None:
     """The manifest tables that need no shard result: ``samples`` (from ``samples_sql``: the
-    :data:`SAMPLE_COLUMNS`, in dataset order), ``captions`` (from ``captions_sql``), ``lang_counts``,
-    ``drops`` and ``lineage``. The queries may read ``con``'s temp tables."""
+    :data:`SAMPLE_COLUMNS`, in dataset order), ``caption_texts`` (from ``caption_texts_sql``: key,
+    caption_index, caption_id and each language's :func:`caption_text_columns`, in (key,
+    caption_index) order), ``translation_sets`` (``sets``: (lang, set_rank, model_id, decode_id)
+    rows), the ``captions`` view, ``lang_counts``, ``drops`` and ``lineage``. The queries may read
+    ``con``'s temp tables.
+
+    Captions are stored one row per caption rather than per caption and language: the build has
+    them that way, and writing (and compressing) five times the rows, sorted by language, cost more
+    than the rest of the manifest together; the ``captions`` view gives the per-language rows."""
     drop_table = pa.table({"unit": pa.array([d["unit"] for d in drops], pa.string()),
                            "reason": pa.array([d["reason"] for d in drops], pa.string()),
                            "lang": pa.array([d["lang"] for d in drops], pa.string()),
@@ -59,17 +110,25 @@ def write_plan_tables(con, alias: str, samples_sql: str, captions_sql: str, drop
     lineage_table = pa.table({"kind": pa.array([r[0] for r in lineage_rows], pa.string()),
                               "name": pa.array([r[1] for r in lineage_rows], pa.string()),
                               "value": pa.array([r[2] for r in lineage_rows], pa.string())})
-    views = {"draft_drops": drop_table, "draft_lineage": lineage_table}
+    set_table = pa.table({"lang": pa.array([r[0] for r in sets], pa.string()),
+                          "set_rank": pa.array([r[1] for r in sets], pa.int32()),
+                          "model_id": pa.array([r[2] for r in sets], pa.string()),
+                          "decode_id": pa.array([r[3] for r in sets], pa.string())})
+    views = {"draft_drops": drop_table, "draft_lineage": lineage_table, "draft_sets": set_table}
     for name, table in views.items():
         con.register(name, table)
     try:
         con.execute(f"CREATE TABLE {alias}.samples AS SELECT {', '.join(SAMPLE_COLUMNS)} FROM ({samples_sql})")
-        con.execute(f"CREATE TABLE {alias}.captions AS {captions_sql}")
+        con.execute(f"CREATE TABLE {alias}.caption_texts AS {caption_texts_sql}")
+        con.execute(f"CREATE TABLE {alias}.translation_sets AS SELECT * FROM draft_sets ORDER BY lang, set_rank")
+        con.execute(f"CREATE VIEW {alias}.captions AS {captions_view_sql(langs, source_lang)}")
         con.execute(f"CREATE TABLE {alias}.drops AS SELECT * FROM draft_drops ORDER BY unit, reason, lang")
         con.execute(f"CREATE TABLE {alias}.lineage AS SELECT * FROM draft_lineage")
-        con.execute(f"""CREATE TABLE {alias}.lang_counts AS
-                        SELECT lang, count(*) AS captions, count(DISTINCT key) AS samples
-                        FROM {alias}.captions GROUP BY lang ORDER BY lang""")
+        counts = " UNION ALL ".join(
+            f"SELECT {_sql_str(lang)} AS lang, count({_ident(f'text_{lang}')}) AS captions, "
+            f"count(DISTINCT key) FILTER (WHERE {_ident(f'text_{lang}')} IS NOT NULL) AS samples "
+            f"FROM {alias}.caption_texts" for lang in sorted(langs))
+        con.execute(f"CREATE TABLE {alias}.lang_counts AS SELECT * FROM ({counts}) WHERE captions > 0 ORDER BY lang")
     finally:
         for name in views:
             con.unregister(name)
@@ -147,7 +206,8 @@ def write_manifest_tables(dataset_path: str, samples: pa.Table, captions: pa.Tab
                           shards: list[dict], lineage: dict) -> dict:
     """The manifest of shards written by other means than the build (e.g. test datasets) from
     in-memory tables: ``samples`` with the :data:`SAMPLE_COLUMNS` (offsets included), ``captions``
-    with at least key, caption_index, lang, text. Returns the :func:`summary`."""
+    with key, caption_index, lang, text (and optionally caption_id, ok and the
+    :data:`SCORE_COLUMNS`), one row per caption and language. Returns the :func:`summary`."""
     os.makedirs(dataset_path, exist_ok=True)
     tmp = os.path.join(dataset_path, f".tmp-{os.getpid()}-{MANIFEST}")
     con = duckdb.connect()
@@ -156,8 +216,19 @@ def write_manifest_tables(dataset_path: str, samples: pa.Table, captions: pa.Tab
         con.register("draft_samples", samples)
         con.register("draft_captions", captions)
         try:
-            write_plan_tables(con, alias, "SELECT * FROM draft_samples ORDER BY idx",
-                              "SELECT * FROM draft_captions ORDER BY key, caption_index, lang", drops,
+            # Per language: its text and, where the table has them, ok and the scores.
+            langs = sorted(set(captions.column("lang").to_pylist()))
+            have = set(captions.column_names)
+            cols = ["key", "caption_index",
+                    "any_value(caption_id) AS caption_id" if "caption_id" in have else "NULL::VARCHAR AS caption_id"]
+            for lang in langs:
+                for name, typ in caption_text_columns(lang, lang != SOURCE_LANG):
+                    src = "text" if name == f"text_{lang}" else name[: -len(lang) - 1]
+                    value = f"any_value({src}) FILTER (WHERE lang = {_sql_str(lang)})" if src in have else "NULL"
+                    cols.append(f"CAST({value} AS {typ}) AS {_ident(name)}")
+            texts_sql = (f"SELECT {', '.join(cols)} FROM draft_captions GROUP BY key, caption_index "
+                         "ORDER BY key, caption_index")
+            write_plan_tables(con, alias, "SELECT * FROM draft_samples ORDER BY idx", texts_sql, langs, [], drops,
                               lineage["rows"])
         except BaseException:
             con.execute(f"DETACH {alias}")

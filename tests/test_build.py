@@ -253,3 +253,29 @@ def test_captions_find_their_translations_under_every_whitespace_and_unicode_for
                 cap = json.load(tar.extractfile(m))["captions"][0]
                 got[cap["en"]] = cap["es"]
     assert got == {normalize(c): f"es {i}" for i, c in enumerate(captions)}
+
+
+def test_manifest_captions_view_lists_every_kept_caption_language_of_the_shards(root):
+    """The manifest keeps one row per caption (caption_texts) and a ``captions`` view with one row
+    per caption and language: exactly the texts the shards' json carry, under any attach name."""
+    tiny_corpus(root)
+    r = build_dataset(root, **{**ARGS, "min_langs": 2})  # some captions keep two of the three languages
+    want = []
+    for name in sorted(os.listdir(os.path.join(r.path, "shards"))):
+        if name.endswith(".tar"):
+            with tarfile.open(os.path.join(r.path, "shards", name)) as tar:
+                for m in tar.getmembers():
+                    if m.name.endswith(".json"):
+                        for ci, cap in enumerate(json.loads(tar.extractfile(m).read())["captions"]):
+                            want += [(m.name[:-5], ci, lang, text) for lang, text in cap.items()]
+    assert {lang for _, _, lang, _ in want} == {"en", "es", "ru"}
+    assert any(len({w[2] for w in want if w[:2] == key[:2]}) == 2 for key in want)  # a caption lacking one
+    con = duckdb.connect()
+    con.execute(f"ATTACH '{os.path.join(r.path, 'manifest.duckdb')}' AS another_name (READ_ONLY)")
+    rows = con.execute("SELECT key, caption_index, lang, text, model_id, ok FROM another_name.captions").fetchall()
+    assert [row[:4] for row in rows] == sorted(want)
+    assert all((model, ok) == ("source", True) for _, _, lang, _, model, ok in rows if lang == "en")
+    assert all(model == MODEL for _, _, lang, _, model, _ in rows if lang != "en")
+    counts = dict(con.execute("SELECT lang, captions FROM another_name.lang_counts").fetchall())
+    assert counts == {lang: sum(w[2] == lang for w in want) for lang in ("en", "es", "ru")}
+    assert r.captions_by_lang == counts

@@ -226,8 +226,9 @@ def plan_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "
     plan-determined tables (``_build/manifest.partial.duckdb``, completed by :func:`finalize_build`).
 
     ``engine``: a DuckDB connection whose instance the plan's queries may use. ``on_plan``: called
-    with the dataset path and the plan (an Arrow table, as in ``plan.parquet``) as soon as the plan
-    exists, before the manifest tables are written (e.g. to start writing shards).
+    with the dataset path, each chunk of the plan in dataset order (an Arrow table, rows as in
+    ``plan.parquet``; None for a chunk without samples) and whether it is the last, as soon as the
+    chunk is planned (e.g. to start writing the shards it completes).
     ``keep_draft`` (with ``engine``): leave the manifest draft ATTACHed to ``engine`` for
     :func:`finalize_build` to complete (``BuildPlan.draft``) and skip ``plan.parquet`` -- for one
     process running every step (:func:`build_dataset`); a re-run plans again anyway."""
@@ -324,7 +325,7 @@ def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed
     try:
         tar_index = pool.submit(_index_tars, srcs)
         con.execute("SET threads TO 2")
-        boxes = _load_sources(con, srcs, tar_index, tsets)
+        boxes = _load_sources(con, srcs, tar_index, tsets, seed)
         return _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, boxes, lineage,
                          on_plan, keep_draft)
     finally:
@@ -391,11 +392,12 @@ def _index_tars(srcs) -> pa.Table:
                                                 ("tar_path", pa.string()), ("offset", pa.int64()), ("size", pa.int64())]))
 
 
-def _load_sources(con, srcs, tar_index, tsets) -> bool:
+def _load_sources(con, srcs, tar_index, tsets, seed: int = 0) -> bool:
     """Temp tables ``img`` (one row per image, with its location in a source tar when it has one),
     ``cap`` (captions, normalised, keyed by text_sha) and the translations (:func:`_load_translations`).
     ``tar_index``: a future of :func:`_index_tars`, running in a thread meanwhile (the DuckDB
-    queries here release the GIL); it is waited for last. Returns whether any caption has a box."""
+    queries here release the GIL); it is waited for last. ``img.draw`` orders the dataset's samples
+    (a hash of the seed and the image). Returns whether any caption has a box."""
     img_parts, cap_parts, status_parts, any_boxes = [], [], [], False
     for s in srcs:
         ipath, cpath = os.path.join(s.path, "images.parquet"), os.path.join(s.path, "captions.parquet")
@@ -452,7 +454,8 @@ def _load_sources(con, srcs, tar_index, tsets) -> bool:
             WITH loc AS (SELECT source, image_key, min({{'p': t.tar_path, 'o': t.offset, 's': t.size}}) AS l
                          FROM ({status_sql}) st JOIN tar_index t USING (source, shard_key)
                          GROUP BY source, image_key)
-            SELECT r.*, loc.l.p AS tar_path, loc.l.o AS img_offset, loc.l.s AS img_size
+            SELECT r.*, loc.l.p AS tar_path, loc.l.o AS img_offset, loc.l.s AS img_size,
+                   md5({_sql_str(str(seed))} || ':' || r.source || ':' || r.image_key) AS draw
             FROM (SELECT DISTINCT ON (source, image_key) * FROM ({' UNION ALL '.join(img_parts)})
                   ORDER BY source, image_key, url) r
             LEFT JOIN loc USING (source, image_key)""")
@@ -546,12 +549,17 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, bo
     joins = " ".join(f"LEFT JOIN best t{i} ON t{i}.text_sha = c.text_sha AND t{i}.lang = {_sql_str(lang)}"
                      for i, lang in enumerate(others))
     box_cols = "".join(f", c.{b}" for b in BOX_COLUMNS) if boxes else ""
-    con.execute(f"""
-        CREATE TEMP TABLE cj AS
+
+    def cj_rows(chunk: int, lo: str | None, hi: str | None) -> str:
+        """The ``cj`` rows of the images whose draw is in [lo, hi) (None: unbounded)."""
+        where = "".join(f" AND i.draw {op} {_sql_str(v)}" for op, v in ((">=", lo), ("<", hi)) if v is not None)
+        return f"""
         SELECT *, CASE WHEN {empty} THEN 'empty_caption' WHEN {n_present} < {need} THEN {short} END AS drop_reason
-        FROM (SELECT c.source, c.image_key, c.caption_id, c.norm, c.text_sha{box_cols}{tx}
+        FROM (SELECT c.source, c.image_key, c.caption_id, c.norm, c.text_sha{box_cols}{tx}, {chunk} AS chunk
               FROM img i JOIN cap c ON c.source = i.source AND c.image_key = i.image_key {joins}
-              WHERE i.tar_path IS NOT NULL)""")
+              WHERE i.tar_path IS NOT NULL{where})"""
+
+    con.execute(f"CREATE TEMP TABLE cj AS {cj_rows(0, None, None)} LIMIT 0")
     counts = ["""SELECT 'image', 'no_image', NULL, count(*) FROM img WHERE tar_path IS NULL""",
               """SELECT 'image', 'no_captions', NULL, count(*) FROM img i WHERE tar_path IS NOT NULL
                  AND NOT EXISTS (SELECT 1 FROM cap c WHERE c.source = i.source AND c.image_key = i.image_key)""",
@@ -594,7 +602,7 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, bo
     mask = " + ".join(f"CASE WHEN {present[lang][0]} THEN {1 << j} ELSE 0 END" for j, lang in enumerate(langs))
     # Sorted here (Arrow) rather than by DuckDB: sorting the wide rows costs more than the query.
     sort_cols = ["draw", "source", "image_key", "cid_len", "caption_id", "norm"] + (list(BOX_COLUMNS) if boxes else [])
-    rows = _arrow(con.sql(f"""
+    rows_sql = f"""
         SELECT c.rowid AS rid, c.source, c.image_key, i.url, i.source_id, i.tar_path, i.img_offset, i.img_size,
                {cap_json} AS cap_json, coalesce({_json_str_sql('c.caption_id')}, 'null') AS id_json,
                {box_json} AS box_json, {box_present} AS has_box, CAST({mask} AS INTEGER) AS mask,
@@ -605,20 +613,43 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, bo
                  || ',"url":' || coalesce({_json_str_sql('i.url')}, 'null')
                  || CASE WHEN i.width IS NOT NULL THEN ',"width":' || CAST(i.width AS VARCHAR) ELSE '' END
                  || '}}' AS tail,
-               md5({_sql_str(str(seed))} || ':' || c.source || ':' || c.image_key) AS draw,
+               i.draw,
                length(c.caption_id) AS cid_len, c.caption_id, c.norm{box_order}
         FROM cj c JOIN img i USING (source, image_key)
-        WHERE c.drop_reason IS NULL"""))
-    if rows.num_rows == 0:
+        WHERE c.drop_reason IS NULL AND c.chunk = ?"""
+
+    # The dataset in chunks of its seeded order (draw ranges of 1, 2, 4, ... shards' worth of images):
+    # each chunk's captions are joined, its samples' json made and handed to ``on_plan`` (which may
+    # start writing the shards it completes) while the next chunk is planned.
+    draws = _arrow(con.sql("SELECT draw FROM img WHERE tar_path IS NOT NULL ORDER BY draw")).column(0)
+    cuts, size = [], int(shard_size)
+    while size < len(draws):
+        cuts.append(draws[size].as_py())
+        size = 2 * size + int(shard_size)
+    bounds = list(zip([None] + cuts, cuts + [None]))
+    plans, kept_parts, seen, n = [], [], set(), 0
+    for chunk, (lo, hi) in enumerate(bounds):
+        con.execute(f"INSERT INTO cj {cj_rows(chunk, lo, hi)}")
+        rows = _arrow(con.sql(rows_sql, params=[chunk]))
+        if rows.num_rows:
+            rows = rows.take(pc.sort_indices(rows, sort_keys=[(c, "ascending") for c in sort_cols]))  # nulls last
+            part, kept_part = _plan_table(rows, langs, shard_size, n, seen)
+            plans.append(part)
+            kept_parts.append(kept_part)
+            n += part.num_rows
+        if on_plan is not None:
+            on_plan(os.path.dirname(staging), part if rows.num_rows else None, chunk == len(bounds) - 1)
+    if n == 0:
         drops, _ = count_drops()
         top = ", ".join(f"{r} ({u}): {c}" for (u, r, _), c in drops.most_common(4) if c)
         raise CCRKError(f"no samples left after the join and the language policy ({top or 'no inputs'})")
-    rows = rows.take(pc.sort_indices(rows, sort_keys=[(c, "ascending") for c in sort_cols]))  # nulls last, as DuckDB
-    plan, kept = _plan_table(rows, langs, shard_size)
-    n = plan.num_rows
-    # What the manifest needs from Python goes into DuckDB before shards are written: from then on
-    # the manifest is pure SQL (a DuckDB scan of an Arrow table needs the GIL, which the shard
-    # threads keep busy).
+    plan = pa.concat_tables(plans)
+    key_rank = np.empty(n, dtype=np.int64)
+    key_rank[pc.sort_indices(plan.column("key")).to_numpy()] = np.arange(n)  # keys are unique: the rank orders them
+    kept = pa.concat_tables(kept_parts)
+    kept = kept.append_column("key_rank", pa.array(key_rank).take(kept.column("sample")))
+    # What the manifest needs from Python goes into DuckDB first: from then on the manifest is pure
+    # SQL (a DuckDB scan of an Arrow table needs the GIL, which the shard threads keep busy).
     samples = plan.select(["idx", "key", "shard", "source", "image_key", "source_id", "url", "n_captions", "langs"])
     members = manifest.planned_members(plan)
     samples = samples.set_column(2, "shard", pa.array([shard_name(s) for s in range(plan.column("shard")[-1].as_py() + 1)])
@@ -631,8 +662,6 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, bo
             con.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM {name}_view")
         finally:
             con.unregister(f"{name}_view")
-    if on_plan is not None:
-        on_plan(os.path.dirname(staging), plan)  # e.g. start writing shards while the rest is written
     if not keep_draft:
         _write_staging(os.path.join(staging, "plan.parquet"), lambda tmp: pq.write_table(plan, tmp))
     _, drop_rows = count_drops()  # only the manifest needs them: counted while shards are written
@@ -649,7 +678,8 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, bo
     caption_texts_sql = (f"SELECT k.key, k.caption_index, c.caption_id, {', '.join(cols)} "
                          "FROM kept_rows k JOIN cj c ON c.rowid = k.rid ORDER BY k.key_rank, k.caption_index")
     sets = con.execute("SELECT lang, set_rank, model_id, decode_id FROM tsets ORDER BY lang, set_rank").fetchall()
-    draft_path = os.path.join(staging, f".tmp-{os.getpid()}-{manifest.PARTIAL}")
+    scratch = manifest.scratch_draft_path(2 * int(pc.sum(plan.column("json_size")).as_py())) if keep_draft else None
+    draft_path = scratch or os.path.join(staging, f".tmp-{os.getpid()}-{manifest.PARTIAL}")
     alias = manifest.open_draft(con, draft_path)
     try:
         manifest.write_plan_tables(con, alias, "SELECT * FROM plan_samples", caption_texts_sql, langs, sets,
@@ -659,15 +689,18 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, bo
             return n, (alias, draft_path)
     except BaseException:
         con.execute(f"DETACH {alias}")
+        manifest.discard_draft(draft_path)
         raise
     con.execute(f"DETACH {alias}")
     os.replace(draft_path, os.path.join(staging, manifest.PARTIAL))
     return n, None
 
 
-def _plan_table(rows: pa.Table, langs, shard_size: int) -> tuple[pa.Table, pa.Table]:
-    """The plan (one row per sample, in dataset order, with its json) from the kept captions' rows
-    in dataset order; and (rid, key, caption_index) of every kept caption."""
+def _plan_table(rows: pa.Table, langs, shard_size: int, start: int = 0,
+                seen: set | None = None) -> tuple[pa.Table, pa.Table]:
+    """The plan (one row per sample, in dataset order, with its json; the first is sample
+    ``start``) from the kept captions' rows in dataset order; and (rid, key, caption_index, sample)
+    of every kept caption. ``seen``: the sample keys of earlier chunks (updated)."""
     import pyarrow.compute as pc
 
     n_rows = rows.num_rows
@@ -708,14 +741,16 @@ def _plan_table(rows: pa.Table, langs, shard_size: int) -> tuple[pa.Table, pa.Ta
     image_keys = take("image_key")
     keys = safe_keys(image_keys.to_pylist())
     n = len(keys)
-    if len(set(keys)) != n:
-        seen: dict[str, int] = {}
+    seen = set() if seen is None else seen
+    if len(set(keys)) != n or not seen.isdisjoint(keys):
+        these: set[str] = set()
         for i, k in enumerate(keys):
-            if k in seen:
+            if k in these or k in seen:
                 raise CCRKError(f"two images map to the sample key {k!r} (source {take('source')[i]}, image_key "
                                 f"{image_keys[i]!r}): image keys must be unique")
-            seen[k] = i
-    idx = np.arange(n, dtype=np.int64)
+            these.add(k)
+    seen.update(keys)
+    idx = np.arange(start, start + n, dtype=np.int64)
     key_arr = pa.array(keys, pa.string())
     plan = pa.table({
         "idx": idx, "shard": idx // int(shard_size), "key": key_arr, "source": take("source"), "image_key": image_keys,
@@ -723,13 +758,10 @@ def _plan_table(rows: pa.Table, langs, shard_size: int) -> tuple[pa.Table, pa.Ta
         "img_offset": take("img_offset"), "img_size": take("img_size"), "n_captions": n_caps.astype(np.int64),
         "langs": pa.array([names[m] for m in mask.tolist()], pa.string()), "meta_json": meta,
         "json_size": pc.binary_length(meta).cast(pa.int64())})
-    sample_of_row = np.repeat(idx, n_caps)
-    key_rank = np.empty(n, dtype=np.int64)
-    key_rank[pc.sort_indices(key_arr).to_numpy()] = idx  # keys are unique: the rank orders them
-    sample_of_row = pa.array(sample_of_row)
-    kept = pa.table({"rid": rows.column("rid"), "key": key_arr.take(sample_of_row),
-                     "key_rank": pa.array(key_rank).take(sample_of_row),
-                     "caption_index": np.arange(n_rows, dtype=np.int64) - np.repeat(starts, n_caps)})
+    sample_of_row = pa.array(np.repeat(idx, n_caps))
+    kept = pa.table({"rid": rows.column("rid"), "key": key_arr.take(pa.array(np.repeat(np.arange(n), n_caps))),
+                     "caption_index": np.arange(n_rows, dtype=np.int64) - np.repeat(starts, n_caps),
+                     "sample": sample_of_row})
     return plan, kept
 
 
@@ -894,18 +926,31 @@ def build_dataset(root=None, name: str = "default", sources=("cc3m", "sbu", "vg"
                   shard_size: int = 1000, seed: int = 0, source_versions: dict | None = None,
                   translations=None, progress=None) -> BuildResult:
     """The whole build in this process (the Prefect flow runs the same three steps as tasks), with
-    one DuckDB instance for the plan, the manifest and the catalog, and the steps overlapped: shards
-    are written (in background threads) as soon as the plan exists, while the manifest's caption
-    rows and the other tables that need no shard result go into the manifest draft."""
+    one DuckDB instance for the plan, the manifest and the catalog, and the steps overlapped: each
+    shard is written (in background threads) as soon as the plan has its samples -- the plan comes
+    in chunks of the seeded order -- while the rest is planned and the manifest's tables that need no
+    shard result go into the manifest draft."""
     from concurrent.futures import ThreadPoolExecutor
 
     engine = duckdb.connect()
-    background = ThreadPoolExecutor(1)
-    writing = []
+    pool = ThreadPoolExecutor(8)  # shard writers: reads, writes, fsync and sha256 release the GIL
+    writing, held = [], []
 
-    def start_shards(dataset_path: str, table: pa.Table) -> None:
-        n_shards = int(table.column("shard")[-1].as_py()) + 1
-        writing.append(background.submit(write_shard_group, dataset_path, range(n_shards), progress, None, table))
+    def start_shards(dataset_path: str, part: pa.Table | None, last: bool) -> None:
+        """Write each shard as soon as the plan has all its samples."""
+        if part is not None:
+            held.append(part)
+        if not held:
+            return
+        rows = pa.concat_tables(held) if len(held) > 1 else held[0]
+        shard = rows.column("shard").to_numpy()
+        cut = len(shard)
+        if not last and np.count_nonzero(shard == shard[-1]) < shard_size:
+            cut = int(np.searchsorted(shard, shard[-1], "left"))  # the last shard waits for its other samples
+        held[:] = [rows.slice(cut)] if cut < len(shard) else []
+        for sid in np.unique(shard[:cut]).tolist():
+            lo, hi = int(np.searchsorted(shard, sid, "left")), int(np.searchsorted(shard, sid, "right"))
+            writing.append(pool.submit(write_shard_group, dataset_path, [sid], progress, 1, rows.slice(lo, hi - lo)))
 
     plan = None
     try:
@@ -919,7 +964,10 @@ def build_dataset(root=None, name: str = "default", sources=("cc3m", "sbu", "vg"
         return finalize_build(plan.path, root=plan.root, engine=engine,
                               pending=lambda: [f.result() for f in writing], draft=draft)
     finally:
-        background.shutdown(wait=True)
+        pool.shutdown(wait=True)
         if plan is not None and plan.draft is not None:
             engine.execute(f"DETACH {plan.draft[0]}")
+            from storage.manifest import discard_draft
+
+            discard_draft(plan.draft[1])
         engine.close()

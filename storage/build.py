@@ -483,7 +483,7 @@ def _load_translations(con, tsets) -> None:
     sets = [(lang, rank, t.model_id, t.decode_id) for lang, ts in tsets.items() for rank, t in enumerate(ts)]
     con.execute("CREATE TEMP TABLE tsets (lang VARCHAR, set_rank INTEGER, model_id VARCHAR, decode_id VARCHAR)")
     if sets:
-        con.executemany("INSERT INTO tsets VALUES (?, ?, ?, ?)", sets)
+        con.execute("INSERT INTO tsets VALUES " + ", ".join("(?, ?, ?, ?)" for _ in sets), [v for row in sets for v in row])
     if not parts:
         con.execute("CREATE TEMP TABLE best (text_sha VARCHAR, lang VARCHAR, tgt_text VARCHAR, ok BOOLEAN, "
                     "uniformity DOUBLE, copy_sim DOUBLE, len_ratio DOUBLE, script_ok BOOLEAN, empty BOOLEAN, "
@@ -559,7 +559,6 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, bo
               FROM img i JOIN cap c ON c.source = i.source AND c.image_key = i.image_key {joins}
               WHERE i.tar_path IS NOT NULL{where})"""
 
-    con.execute(f"CREATE TEMP TABLE cj AS {cj_rows(0, None, None)} LIMIT 0")
     counts = ["""SELECT 'image', 'no_image', NULL, count(*) FROM img WHERE tar_path IS NULL""",
               """SELECT 'image', 'no_captions', NULL, count(*) FROM img i WHERE tar_path IS NOT NULL
                  AND NOT EXISTS (SELECT 1 FROM cap c WHERE c.source = i.source AND c.image_key = i.image_key)""",
@@ -629,7 +628,7 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, bo
     bounds = list(zip([None] + cuts, cuts + [None]))
     plans, kept_parts, seen, n = [], [], set(), 0
     for chunk, (lo, hi) in enumerate(bounds):
-        con.execute(f"INSERT INTO cj {cj_rows(chunk, lo, hi)}")
+        con.execute(f"{'INSERT INTO cj' if chunk else 'CREATE TEMP TABLE cj AS'} {cj_rows(chunk, lo, hi)}")
         rows = _arrow(con.sql(rows_sql, params=[chunk]))
         if rows.num_rows:
             rows = rows.take(pc.sort_indices(rows, sort_keys=[(c, "ascending") for c in sort_cols]))  # nulls last

@@ -279,3 +279,33 @@ def test_manifest_captions_view_lists_every_kept_caption_language_of_the_shards(
     counts = dict(con.execute("SELECT lang, captions FROM another_name.lang_counts").fetchall())
     assert counts == {lang: sum(w[2] == lang for w in want) for lang in ("en", "es", "ru")}
     assert r.captions_by_lang == counts
+
+
+def test_manifest_draft_in_scratch_space_is_cleaned_up_and_optional(root, monkeypatch, tmp_path):
+    """The in-process build drafts its manifest in scratch space (a memory filesystem) and copies it
+    into the dataset at the end: nothing of it stays behind, a draft left by a dead build is
+    removed, and without usable scratch space the draft goes beside the shards instead."""
+    from storage import manifest
+
+    scratch = tmp_path / "shm"
+    scratch.mkdir()
+    monkeypatch.setattr(manifest, "SCRATCH_DIR", str(scratch))
+    dead = 2 ** 22 + 12345  # above any pid this machine hands out
+    stale = scratch / f"ccrk-manifest-{dead}-abc.duckdb"
+    stale.write_bytes(b"left by a killed build")
+    (scratch / "someone-elses-file").write_bytes(b"x")
+    used = []
+    real = manifest.scratch_draft_path
+    monkeypatch.setattr(manifest, "scratch_draft_path", lambda n: used.append(real(n)) or used[-1])
+    tiny_corpus(root)
+    r = build_dataset(root, **ARGS)
+    assert used and used[0].startswith(str(scratch))
+    assert sorted(os.listdir(scratch)) == ["someone-elses-file"]
+    con = duckdb.connect(os.path.join(r.path, "manifest.duckdb"), read_only=True)
+    assert con.execute("SELECT count(*) FROM samples").fetchone()[0] == r.n_samples == 5
+    con.close()
+
+    monkeypatch.setattr(manifest, "SCRATCH_DIR", str(tmp_path / "missing"))
+    other = build_dataset(root, **{**ARGS, "seed": 1})
+    assert used[-1] is None and other.n_samples == 5
+    assert manifest.summary(other.path)["n_samples"] == 5

@@ -6,7 +6,12 @@ translations in four languages), then times, best of ``--repeat``:
   plan   -- the plan step alone, as the Prefect flow runs it (DuckDB join, policy, sample json,
             plan.parquet and the manifest draft) -- a diagnostic row
   shards -- the shard-writing step alone (plan already made)
-  build  -- the whole build: DuckDB join + language policy, shards, manifest, catalog
+  flow   -- with ``--flow``: the Prefect flow ``ccrk build`` runs (plan task, shard-group tasks,
+            finalize task, one after another, plus orchestration) -- a diagnostic row
+  build  -- the whole build in one process (``storage.build.build_dataset``): the DuckDB join and
+            language policy in chunks of the seeded order, each shard written as soon as its
+            samples are planned, the manifest drafted meanwhile, the catalog record
+Each timed run starts with the previous output deleted and the page cache synced (untimed).
 Prints a table of throughputs and ratios; the last line is the whole build against the copy:
 ``throughput_vs_copy=X.XX`` (images/s of build divided by images/s of copy).
 """
@@ -85,14 +90,30 @@ def make_source(root: str, n: int, image_size: int, per_tar: int = 1000, distinc
     return sorted(os.path.join(d, "shards", f) for f in os.listdir(os.path.join(d, "shards")) if f.endswith(".tar"))
 
 
-def best(fn, repeat: int) -> float:
+def best(fn, repeat: int, clear) -> float:
+    """Best of ``repeat`` timed calls of ``fn``; ``clear`` (untimed) removes the previous output first."""
     times = []
     for _ in range(repeat):
+        clear()  # deleting the last run's 100+ MB is not part of either job (it costs ~0.1 s here)
         os.sync()  # no writeback of earlier runs' (or the source's) dirty pages during the timed one
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def flow_time(root: str, kw: dict, repeat: int, clear) -> float:
+    """Best time of the Prefect flow ``ccrk build`` runs (plan task, shard-group tasks, finalize
+    task: the same steps, not overlapped, plus Prefect's orchestration), on a throwaway server."""
+    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ccrk-prefect-"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        from flows.build import build_flow
+
+        args = {**kw, "langs": kw["langs"].split(",")}
+        return best(lambda: build_flow(root=root, **args), repeat, clear)
 
 
 def main(argv=None) -> int:
@@ -102,6 +123,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--distinct", type=int, default=1000, help="distinct synthetic photos, reused in turn")
+    ap.add_argument("--flow", action="store_true",
+                    help="also time `ccrk build`'s Prefect flow (a diagnostic row; starts a local Prefect server)")
     args = ap.parse_args(argv)
     if args.images < 5000:
         print("note: the issue asks for >= 5,000 images", file=sys.stderr)
@@ -112,8 +135,13 @@ def main(argv=None) -> int:
         src_bytes = sum(os.path.getsize(t) for t in tars)
         out = os.path.join(root, "copy")
 
-        def copy():
+        def clear_copy():
             shutil.rmtree(out, ignore_errors=True)
+
+        def clear_build():
+            shutil.rmtree(os.path.join(root, "datasets"), ignore_errors=True)
+
+        def copy():
             os.makedirs(out)
             for t in tars:
                 shutil.copyfile(t, os.path.join(out, os.path.basename(t)))
@@ -124,30 +152,31 @@ def main(argv=None) -> int:
         kw = dict(name="bench", sources=["cc3m"], langs="en,es,id,ru,tr", shard_size=args.shard_size)
 
         def build():
-            shutil.rmtree(os.path.join(root, "datasets"), ignore_errors=True)
             r = build_dataset(root, **kw)
             assert r.n_samples == args.images, r
 
         def plan_only():
-            shutil.rmtree(os.path.join(root, "datasets"), ignore_errors=True)
             plan_build(root, **kw)
 
         def shards_only():
-            shutil.rmtree(os.path.join(root, "datasets"), ignore_errors=True)
+            clear_build()
             plan = plan_build(root, **kw)
             os.sync()
             t0 = time.perf_counter()
             write_shard_group(plan.path, range(plan.n_shards))
             return time.perf_counter() - t0
 
-        t_copy = best(copy, args.repeat)
-        t_build = best(build, args.repeat)
+        t_copy = best(copy, args.repeat, clear_copy)
+        t_build = best(build, args.repeat, clear_build)
         t_shards = min(shards_only() for _ in range(args.repeat))
-        t_plan = best(plan_only, args.repeat)
+        t_plan = best(plan_only, args.repeat, clear_build)
+        t_flow = flow_time(root, kw, args.repeat, clear_build) if args.flow else None
         n = args.images
         rows = [("copy (shutil.copyfile + fsync)", t_copy), ("plan step (join, policy, json, manifest draft)", t_plan),
                 ("shards step (read, tar, sha256, fsync)", t_shards),
                 ("whole build (join, policy, shards, manifest)", t_build)]
+        if t_flow is not None:
+            rows.insert(-1, ("ccrk build flow (Prefect tasks, not overlapped)", t_flow))
         print(f"{n} images, {src_bytes / 1e6:.1f} MB of image shards, {args.image_size}px JPEGs, best of {args.repeat}")
         print(f"{'step':48s} {'seconds':>8s} {'images/s':>10s} {'MB/s':>8s} {'vs copy':>8s}")
         for name, t in rows:

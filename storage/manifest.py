@@ -67,7 +67,8 @@ def caption_text_columns(lang: str, translated: bool) -> list[tuple[str, str]]:
     return cols
 
 
-def _ident(name: str) -> str:
+def sql_ident(name: str) -> str:
+    """``name`` as a quoted SQL identifier."""
     return '"' + name.replace('"', '""') + '"'
 
 
@@ -76,18 +77,18 @@ def captions_view_sql(langs, source_lang: str = SOURCE_LANG) -> str:
     ``text_L`` is set. Unqualified names bind in the view's own database (however it is attached)."""
     parts = []
     for lang in sorted(langs):
-        text = _ident(f"text_{lang}")
+        text = sql_ident(f"text_{lang}")
         if lang == source_lang:
             scores = ", ".join(f"NULL::{score_type(c)} AS {c}" for c in SCORE_COLUMNS)
             parts.append(f"SELECT key, caption_index, caption_id, {_sql_str(lang)} AS lang, {text} AS text, "
                          f"'source' AS model_id, NULL::VARCHAR AS decode_id, {scores}, true AS ok "
                          f"FROM caption_texts WHERE {text} IS NOT NULL")
         else:
-            scores = ", ".join(f"c.{_ident(f'{x}_{lang}')} AS {x}" for x in SCORE_COLUMNS)
+            scores = ", ".join(f"c.{sql_ident(f'{x}_{lang}')} AS {x}" for x in SCORE_COLUMNS)
             parts.append(f"SELECT c.key, c.caption_index, c.caption_id, {_sql_str(lang)} AS lang, c.{text} AS text, "
-                         f"s.model_id, s.decode_id, {scores}, c.{_ident(f'ok_{lang}')} AS ok "
+                         f"s.model_id, s.decode_id, {scores}, c.{sql_ident(f'ok_{lang}')} AS ok "
                          f"FROM caption_texts c LEFT JOIN translation_sets s ON s.lang = {_sql_str(lang)} "
-                         f"AND s.set_rank = c.{_ident(f'set_{lang}')} WHERE c.{text} IS NOT NULL")
+                         f"AND s.set_rank = c.{sql_ident(f'set_{lang}')} WHERE c.{text} IS NOT NULL")
     return f"SELECT * FROM ({' UNION ALL '.join(parts)}) ORDER BY key, caption_index, lang"
 
 
@@ -125,8 +126,8 @@ def write_plan_tables(con, alias: str, samples_sql: str, caption_texts_sql: str,
         con.execute(f"CREATE TABLE {alias}.drops AS SELECT * FROM draft_drops ORDER BY unit, reason, lang")
         con.execute(f"CREATE TABLE {alias}.lineage AS SELECT * FROM draft_lineage")
         counts = " UNION ALL ".join(
-            f"SELECT {_sql_str(lang)} AS lang, count({_ident(f'text_{lang}')}) AS captions, "
-            f"count(DISTINCT key) FILTER (WHERE {_ident(f'text_{lang}')} IS NOT NULL) AS samples "
+            f"SELECT {_sql_str(lang)} AS lang, count({sql_ident(f'text_{lang}')}) AS captions, "
+            f"count(DISTINCT key) FILTER (WHERE {sql_ident(f'text_{lang}')} IS NOT NULL) AS samples "
             f"FROM {alias}.caption_texts" for lang in sorted(langs))
         con.execute(f"CREATE TABLE {alias}.lang_counts AS SELECT * FROM ({counts}) WHERE captions > 0 ORDER BY lang")
     finally:
@@ -278,7 +279,7 @@ def write_manifest_tables(dataset_path: str, samples: pa.Table, captions: pa.Tab
                 for name, typ in caption_text_columns(lang, lang != SOURCE_LANG):
                     src = "text" if name == f"text_{lang}" else name[: -len(lang) - 1]
                     value = f"any_value({src}) FILTER (WHERE lang = {_sql_str(lang)})" if src in have else "NULL"
-                    cols.append(f"CAST({value} AS {typ}) AS {_ident(name)}")
+                    cols.append(f"CAST({value} AS {typ}) AS {sql_ident(name)}")
             texts_sql = (f"SELECT {', '.join(cols)} FROM draft_captions GROUP BY key, caption_index "
                          "ORDER BY key, caption_index")
             write_plan_tables(con, alias, "SELECT * FROM draft_samples ORDER BY idx", texts_sql, langs, [], drops,

@@ -175,11 +175,11 @@ def finish_draft(con, alias: str, path: str, dataset_path: str, shards, lineage:
         out = _summary(con, alias)
     except BaseException:
         con.execute(f"DETACH {alias}")
-        if os.path.dirname(os.path.abspath(path)) == SCRATCH_DIR:
+        if _in_scratch(path):
             discard_draft(path)  # a staging draft stays for the next attempt; a scratch one would leak
         raise
     con.execute(f"DETACH {alias}")  # checkpoints into the file
-    if os.stat(path).st_dev != os.stat(dataset_path).st_dev:  # a scratch draft (scratch_draft_path)
+    if _in_scratch(path):  # copied to the dataset's filesystem, fsynced there
         import shutil
 
         with atomic.atomic_path(final) as tmp:
@@ -218,6 +218,10 @@ def scratch_draft_path(estimate_bytes: int) -> str | None:
     except OSError:
         return None
     return os.path.join(SCRATCH_DIR, f"ccrk-manifest-{os.getpid()}-{os.urandom(6).hex()}.duckdb")
+
+
+def _in_scratch(path: str) -> bool:
+    return os.path.dirname(os.path.abspath(path)) == os.path.abspath(SCRATCH_DIR)
 
 
 def _alive(pid: int) -> bool:

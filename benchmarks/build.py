@@ -6,9 +6,8 @@ translations in four languages), then times, best of ``--repeat``:
   plan   -- the plan step alone, as the Prefect flow runs it (DuckDB join, policy, sample json,
             plan.parquet and the manifest draft) -- a diagnostic row
   shards -- the shard-writing step alone (plan already made)
-  flow   -- with ``--flow``: the Prefect flow ``ccrk build`` runs, with shard-group tasks (plan,
-            shard tasks and finalize one after another, plus orchestration) and with
-            ``--shards-per-task 0`` (one task running the whole build) -- diagnostic rows
+  flow   -- with ``--flow``: the Prefect flow ``ccrk build`` runs (plan task, shard-group tasks,
+            finalize task, one after another, plus orchestration) -- a diagnostic row
   build  -- the whole build in one process (``storage.build.build_dataset``): the DuckDB join and
             language policy in chunks of the seeded order, each shard written as soon as its
             samples are planned, the manifest drafted meanwhile, the catalog record
@@ -103,10 +102,9 @@ def best(fn, repeat: int, clear) -> float:
     return min(times)
 
 
-def flow_times(root: str, kw: dict, repeat: int, clear) -> tuple[float, float]:
-    """Best times of the Prefect flow ``ccrk build`` runs, on a throwaway server: with shard-group
-    tasks (plan task, shard tasks, finalize task: the steps one after another, plus orchestration)
-    and with ``--shards-per-task 0`` (one task, shards written as they are planned)."""
+def flow_time(root: str, kw: dict, repeat: int, clear) -> float:
+    """Best time of the Prefect flow ``ccrk build`` runs (plan task, shard-group tasks, finalize
+    task: the same steps, not overlapped, plus Prefect's orchestration), on a throwaway server."""
     os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ccrk-prefect-"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.testing.utilities import prefect_test_harness
@@ -115,8 +113,7 @@ def flow_times(root: str, kw: dict, repeat: int, clear) -> tuple[float, float]:
         from flows.build import build_flow
 
         args = {**kw, "langs": kw["langs"].split(",")}
-        return (best(lambda: build_flow(root=root, **args), repeat, clear),
-                best(lambda: build_flow(root=root, shards_per_task=0, **args), repeat, clear))
+        return best(lambda: build_flow(root=root, **args), repeat, clear)
 
 
 def main(argv=None) -> int:
@@ -127,7 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--distinct", type=int, default=1000, help="distinct synthetic photos, reused in turn")
     ap.add_argument("--flow", action="store_true",
-                    help="also time `ccrk build`'s Prefect flow (diagnostic rows; starts a local Prefect server)")
+                    help="also time `ccrk build`'s Prefect flow (a diagnostic row; starts a local Prefect server)")
     args = ap.parse_args(argv)
     if args.images < 5000:
         print("note: the issue asks for >= 5,000 images", file=sys.stderr)
@@ -173,14 +170,13 @@ def main(argv=None) -> int:
         t_build = best(build, args.repeat, clear_build)
         t_shards = min(shards_only() for _ in range(args.repeat))
         t_plan = best(plan_only, args.repeat, clear_build)
-        t_flows = flow_times(root, kw, args.repeat, clear_build) if args.flow else None
+        t_flow = flow_time(root, kw, args.repeat, clear_build) if args.flow else None
         n = args.images
         rows = [("copy (shutil.copyfile + fsync)", t_copy), ("plan step (join, policy, json, manifest draft)", t_plan),
                 ("shards step (read, tar, sha256, fsync)", t_shards),
                 ("whole build (join, policy, shards, manifest)", t_build)]
-        if t_flows is not None:
-            rows[-1:-1] = [("ccrk build (Prefect flow, shard-group tasks)", t_flows[0]),
-                           ("ccrk build --shards-per-task 0 (one task)", t_flows[1])]
+        if t_flow is not None:
+            rows.insert(-1, ("ccrk build flow (Prefect tasks, not overlapped)", t_flow))
         print(f"{n} images, {src_bytes / 1e6:.1f} MB of image shards, {args.image_size}px JPEGs, best of {args.repeat}")
         print(f"{'step':48s} {'seconds':>8s} {'images/s':>10s} {'MB/s':>8s} {'vs copy':>8s}")
         for name, t in rows:

@@ -1,6 +1,4 @@
 """Prefect flow for ``ccrk build``: plan (the DuckDB join), one task per group of shards, finalize.
-With ``shards_per_task <= 0`` one task does it all, writing each shard as soon as it is planned
-(:func:`storage.build.build_dataset`): faster on one machine, where nothing is gained by tasks.
 
 Thin: every step is a :mod:`storage.build` function; re-running after a kill redoes only the
 shards that are not written yet, and a finished version is a no-op that says so.
@@ -40,25 +38,9 @@ def shards_task(dataset_path: str, shard_ids: list[int]) -> list[dict]:
     return [{k: v for k, v in d.items() if k != "members"} for d in done]
 
 
-@task(name="build-dataset-in-one-task", cache_policy=NO_CACHE)
-def pipelined_task(**kwargs) -> build.BuildResult:
-    """The whole build in this task: shards written as soon as their samples are planned."""
-    return build.build_dataset(progress=_progress, **kwargs)
-
-
 @task(name="finalize-dataset", cache_policy=NO_CACHE)
 def finalize_task(dataset_path: str, root: str) -> build.BuildResult:
     return build.finalize_build(dataset_path, root=root)
-
-
-def _build_in_tasks(args: dict, shards_per_task: int) -> build.BuildResult:
-    plan = plan_task(**args)
-    if plan.skipped:
-        return build.skipped_result(plan)
-    futures = [shards_task.submit(plan.path, group) for group in build.shard_groups(plan.n_shards, shards_per_task)]
-    for f in futures:
-        f.result()
-    return finalize_task(plan.path, plan.root)
 
 
 @flow(name="build-dataset")
@@ -67,13 +49,17 @@ def build_flow(root: str | None = None, name: str = "default", sources: list[str
                drop_flagged: bool = False, shard_size: int = 1000, seed: int = 0,
                source_versions: dict | None = None, translations: list[str] | None = None,
                shards_per_task: int = 16) -> dict:
-    args = dict(root=root, name=name, sources=list(sources), langs=list(langs), min_langs=min_langs,
-                drop_flagged=drop_flagged, shard_size=shard_size, seed=seed, source_versions=source_versions,
-                translations=translations)
-    if shards_per_task <= 0:  # one task plans and writes every shard, overlapped (one machine)
-        result = pipelined_task(**args)
+    plan = plan_task(root=root, name=name, sources=list(sources), langs=list(langs), min_langs=min_langs,
+                     drop_flagged=drop_flagged, shard_size=shard_size, seed=seed,
+                     source_versions=source_versions, translations=translations)
+    if plan.skipped:
+        result = build.skipped_result(plan)
     else:
-        result = _build_in_tasks(args, shards_per_task)
+        futures = [shards_task.submit(plan.path, group)
+                   for group in build.shard_groups(plan.n_shards, shards_per_task)]
+        for f in futures:
+            f.result()
+        result = finalize_task(plan.path, plan.root)
     publish_table(f"dataset-{name}-drops", result.drops or [{"unit": "-", "reason": "none", "lang": None, "count": 0}],
                   description="rows dropped by the language policy and the join, by reason")
     publish_markdown(f"dataset-{name}-summary",

@@ -309,27 +309,3 @@ def test_manifest_draft_in_scratch_space_is_cleaned_up_and_optional(root, monkey
     other = build_dataset(root, **{**ARGS, "seed": 1})
     assert used[-1] is None and other.n_samples == 5
     assert manifest.summary(other.path)["n_samples"] == 5
-
-
-def test_cli_build_in_one_task_writes_the_same_dataset_as_shard_tasks(tmp_path, capsys):
-    """``--shards-per-task 0``: one Prefect task plans and writes every shard, overlapped; the
-    dataset (version, shard bytes, manifest counts) is the one the task-per-group flow writes."""
-    from ccrk.cli import main
-    from storage.manifest import summary
-
-    paths = {}
-    for per_task in ("0", "2"):
-        root = str(tmp_path / f"per-task-{per_task}")
-        tiny_corpus(root)
-        argv = ["build", "--root", root, "--name", "cli", "--sources", "coco,vg", "--langs", "en,es,ru",
-                "--min-langs", "2", "--shard-size", "2", "--shards-per-task", per_task]
-        assert main(argv) == 0
-        assert "built dataset cli" in capsys.readouterr().out
-        (paths[per_task],) = [os.path.join(root, "datasets", "cli", v) for v in os.listdir(os.path.join(root, "datasets", "cli"))]
-        if per_task == "0":
-            assert main(argv) == 0 and "nothing to do" in capsys.readouterr().out
-    one, tasks = paths["0"], paths["2"]
-    assert os.path.basename(one) == os.path.basename(tasks)
-    assert _shard_bytes(one) == _shard_bytes(tasks) and len(_shard_bytes(one)) == 3
-    a, b = summary(one), summary(tasks)
-    assert (a["n_samples"], a["captions_by_lang"], a["drops"]) == (b["n_samples"], b["captions_by_lang"], b["drops"])

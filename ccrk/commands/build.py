@@ -22,9 +22,7 @@ def add_parser(sub) -> None:
                    help="use this source version instead of the catalog's latest (repeatable)")
     p.add_argument("--translations", action="append", default=None, metavar="MODEL_ID/DECODE_ID",
                    help="use only these translation sets, in this priority order (repeatable; default: all)")
-    p.add_argument("--shards-per-task", type=int, default=16,
-                   help="shards written by one Prefect task; 0: one task plans and writes every shard, "
-                        "starting each as soon as its samples are planned (fastest on one machine)")
+    p.add_argument("--shards-per-task", type=int, default=16, help="shards written by one Prefect task")
     p.set_defaults(func=run)
 
 

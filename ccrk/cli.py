@@ -10,6 +10,7 @@ import importlib
 import os
 import pkgutil
 import sys
+from contextlib import contextmanager, nullcontext
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -37,6 +38,24 @@ def add_root_argument(parser: argparse.ArgumentParser) -> None:
                         help="data root (fsspec path; default $CCRK_ROOT or ./data)")
 
 
+@contextmanager
+def local_flow_runs():
+    """Flows run from the command line without flow-run heartbeats, unless
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY (or its legacy name) is set.
+
+    Heartbeats let a server mark a deployment's crashed run; a run started here is watched by the
+    caller. Prefect 3.8's heartbeat thread sleeps in 1-second steps and every flow waits for it on
+    exit, which added up to 1 s to each stage (an empty flow took 1.09 s). Deployment runs do not
+    come through here and keep their heartbeats."""
+    if {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY"} & set(os.environ):
+        yield
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     from storage.errors import CCRKError
 
@@ -46,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
-        code = args.func(args)
+        with local_flow_runs() if getattr(args, "runs_flows", False) else nullcontext():
+            code = args.func(args)
         return int(code or 0)
     except CCRKError as exc:
         if args.debug:

@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="with --executor ray: a running cluster (HOST:PORT, ray://HOST:10001 or auto); "
                         "default: a local cluster for this run")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, runs_flows=True)
 
 
 def print_summary(summary: dict) -> None:

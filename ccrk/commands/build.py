@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--translations", action="append", default=None, metavar="MODEL_ID/DECODE_ID",
                    help="use only these translation sets, in this priority order (repeatable; default: all)")
     p.add_argument("--shards-per-task", type=int, default=16, help="shards written by one Prefect task")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, runs_flows=True)
 
 
 def print_dataset_summary(result: dict) -> None:

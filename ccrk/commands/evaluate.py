@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     add_root_argument(p)
     add_benchmark_arguments(p)
     p.add_argument("--batch-size", type=int, default=64)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, runs_flows=True)
 
 
 def device_of(args) -> str:

@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="default 3e-5 (few-shot 1e-5)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-evaluate", action="store_true", help="fine-tune only")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, runs_flows=True)
 
 
 def run(args) -> int:

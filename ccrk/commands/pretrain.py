@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the run's latest checkpoint (also automatic when one exists)")
     p.add_argument("--seed", type=int, default=None, help="override the config's seed")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, runs_flows=True)
 
 
 def run(args) -> int:

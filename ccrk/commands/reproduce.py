@@ -8,7 +8,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("reproduce", help="run the whole chain (acquire -> translate -> build -> pretrain -> evaluate)")
     add_root_argument(p)
     p.add_argument("--config", default="configs/demo.yaml", help="reproduction config (configs/demo.yaml, ccr10-e.yaml)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, runs_flows=True)
 
 
 def run(args) -> int:

@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("--import", dest="import_path", default=None, metavar="FILE",
                    help="import existing translations (JSON lines or parquet) instead of translating")
     p.add_argument("--name", default=None, help="with --import: the import's name (model_id import:NAME)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, runs_flows=True)
 
 
 def run(args) -> int:

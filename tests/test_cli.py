@@ -5,7 +5,7 @@ def test_flows_run_from_the_command_line_skip_heartbeats_unless_asked_for(monkey
     """Prefect's heartbeat thread holds every flow's exit up to a second; runs started by ``ccrk``
     go without it, unless PREFECT_FLOWS_HEARTBEAT_FREQUENCY asks for heartbeats explicitly."""
     from prefect import flow
-    from prefect.settings import get_current_settings
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 
     from ccrk.cli import build_parser, local_flow_runs
 
@@ -15,16 +15,15 @@ def test_flows_run_from_the_command_line_skip_heartbeats_unless_asked_for(monkey
 
     monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", raising=False)
     monkeypatch.delenv("PREFECT_RUNNER_HEARTBEAT_FREQUENCY", raising=False)
-    assert get_current_settings().flows.heartbeat_frequency is not None  # Prefect's default: on
-    empty()  # the ephemeral server is up
-    with local_flow_runs():
-        assert get_current_settings().flows.heartbeat_frequency is None
-        assert empty() == 1
-    assert get_current_settings().flows.heartbeat_frequency is not None
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 180}):  # Prefect's default: on
+        with local_flow_runs():
+            assert get_current_settings().flows.heartbeat_frequency is None
+            assert empty() == 1
+        assert get_current_settings().flows.heartbeat_frequency == 180
 
-    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")
-    with local_flow_runs():
-        assert get_current_settings().flows.heartbeat_frequency is not None
+        monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")
+        with local_flow_runs():
+            assert get_current_settings().flows.heartbeat_frequency == 180
 
     parser = build_parser()
     flows = {"acquire", "translate", "build", "pretrain", "evaluate", "finetune", "reproduce"}

@@ -18,6 +18,7 @@ Prints a table of throughputs and ratios; the last line is the whole build again
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import sys
@@ -49,12 +50,10 @@ def make_source(root: str, n: int, image_size: int, per_tar: int = 1000, distinc
     """``distinct`` photos are drawn (the slow part) and reused in turn: the build only moves bytes."""
     from klingual_fixtures import ensure_normalize, write_source, write_translations
 
-    photos: dict[int, bytes] = {}
+    photo = functools.lru_cache(maxsize=None)(photo_jpeg)
 
     def make_jpeg(i: int, size: int) -> bytes:
-        if i % distinct not in photos:
-            photos[i % distinct] = photo_jpeg(i % distinct, size)
-        return photos[i % distinct]
+        return photo(i % distinct, size)
 
     ensure_normalize()
     images = [{"id": i, "captions": [f"photo number {i} of a scene with {i % 7} objects"]} for i in range(n)]

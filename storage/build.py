@@ -15,9 +15,11 @@ Three steps, each safe to kill and re-run (the Prefect flow runs them as tasks):
    ``shards/sizes.json``, the wids index, then the ``_COMPLETE`` marker (last), then the catalog entry.
 
 :func:`build_dataset` runs the three in one process with one DuckDB instance (the manifest and
-the catalog are ATTACHed to it) and overlaps them: shards are written in background threads as
-soon as the plan exists, while the manifest's plan-determined tables are written (and
-checkpointed) into the manifest file itself, which is completed after the shards. A killed build
+the catalog are ATTACHed to it) and overlaps them: the plan is made in chunks of the seeded order,
+each shard is written in a background thread as soon as its samples are planned, and the
+manifest's plan-determined tables are drafted meanwhile (in memory: see
+:func:`storage.manifest.scratch_draft_path`), then completed and copied into the dataset after the
+shards. A killed build
 re-plans (same inputs, same plan) and writes only the shards not yet done.
 
 Language policy (explicit, counted): a caption keeps the requested languages it has. A translation
@@ -322,7 +324,7 @@ def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed
         tar_index = pool.submit(_index_tars, srcs)
         con.execute("SET threads TO 2")
         boxes = _load_sources(con, srcs, tar_index, tsets, seed)
-        return _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, boxes, lineage,
+        return _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, boxes, lineage,
                          on_plan, keep_draft)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -520,7 +522,7 @@ def _json_num_sql(expr: str) -> str:
             f"ELSE CAST({expr} AS VARCHAR) END")
 
 
-def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, boxes, lineage, on_plan=None,
+def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, boxes, lineage, on_plan=None,
               keep_draft=False) -> tuple[int, tuple[str, str] | None]:
     """The language policy and drop counting as DuckDB queries over whole columns; each sample's
     json from per-caption SQL fragments joined per sample by Arrow (no per-row Python). Writes the
@@ -666,10 +668,9 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, seed, bo
     # and each language's kept translation, its ok flag, set and scores (set where the language is kept).
     cols = [f"norm AS {_ident(f'text_{SOURCE_LANG}')}"] if has_en else []
     for i, lang in enumerate(others):
-        for name, _ in manifest.caption_text_columns(lang, True):
-            field = name[: -len(lang) - 1]
-            src = {"text": f"tx{i}", "ok": f"ok{i}", "set": f"set{i}"}.get(field, f"{field}{i}")
-            cols.append(f"CASE WHEN {pres[i]} THEN {src} END AS {_ident(name)}")
+        for field, _ in manifest.caption_text_fields(True):
+            src = {"text": f"tx{i}"}.get(field, f"{field}{i}")
+            cols.append(f"CASE WHEN {pres[i]} THEN {src} END AS {_ident(f'{field}_{lang}')}")
     caption_texts_sql = (f"SELECT k.key, k.caption_index, c.caption_id, {', '.join(cols)} "
                          "FROM kept_rows k JOIN cj c ON c.rowid = k.rid ORDER BY k.key_rank, k.caption_index")
     sets = con.execute("SELECT lang, set_rank, model_id, decode_id FROM tsets ORDER BY lang, set_rank").fetchall()
@@ -696,8 +697,6 @@ def _plan_table(rows: pa.Table, langs, shard_size: int, start: int = 0,
     """The plan (one row per sample, in dataset order, with its json; the first is sample
     ``start``) from the kept captions' rows in dataset order; and (rid, key, caption_index, sample)
     of every kept caption. ``seen``: the sample keys of earlier chunks (updated)."""
-    import pyarrow.compute as pc
-
     n_rows = rows.num_rows
     src, ik = _flat(rows.column("source")), _flat(rows.column("image_key"))
     new = np.ones(n_rows, dtype=bool)

@@ -58,13 +58,13 @@ def score_type(column: str) -> str:
     return "BOOLEAN" if column in ("script_ok", "empty", "truncated") else "DOUBLE"
 
 
-def caption_text_columns(lang: str, translated: bool) -> list[tuple[str, str]]:
-    """The ``caption_texts`` columns of one language: (name, SQL type)."""
-    cols = [(f"text_{lang}", "VARCHAR")]
+def caption_text_fields(translated: bool) -> list[tuple[str, str]]:
+    """The ``caption_texts`` fields of one language, (field, SQL type); language L's column of
+    field F is ``F_L``. English has its text only; a translation also its ok flag, set and scores."""
+    fields = [("text", "VARCHAR")]
     if translated:
-        cols += [(f"ok_{lang}", "BOOLEAN"), (f"set_{lang}", "INTEGER")]
-        cols += [(f"{c}_{lang}", score_type(c)) for c in SCORE_COLUMNS]
-    return cols
+        fields += [("ok", "BOOLEAN"), ("set", "INTEGER")] + [(c, score_type(c)) for c in SCORE_COLUMNS]
+    return fields
 
 
 def sql_ident(name: str) -> str:
@@ -96,7 +96,7 @@ def write_plan_tables(con, alias: str, samples_sql: str, caption_texts_sql: str,
                       drops: list[dict], lineage_rows: list, source_lang: str = SOURCE_LANG) -> None:
     """The manifest tables that need no shard result: ``samples`` (from ``samples_sql``: the
     :data:`SAMPLE_COLUMNS`, in dataset order), ``caption_texts`` (from ``caption_texts_sql``: key,
-    caption_index, caption_id and each language's :func:`caption_text_columns`, in (key,
+    caption_index, caption_id and each language's :func:`caption_text_fields`, in (key,
     caption_index) order), ``translation_sets`` (``sets``: (lang, set_rank, model_id, decode_id)
     rows), the ``captions`` view, ``lang_counts``, ``drops`` and ``lineage``. The queries may read
     ``con``'s temp tables.
@@ -280,10 +280,9 @@ def write_manifest_tables(dataset_path: str, samples: pa.Table, captions: pa.Tab
             cols = ["key", "caption_index",
                     "any_value(caption_id) AS caption_id" if "caption_id" in have else "NULL::VARCHAR AS caption_id"]
             for lang in langs:
-                for name, typ in caption_text_columns(lang, lang != SOURCE_LANG):
-                    src = "text" if name == f"text_{lang}" else name[: -len(lang) - 1]
-                    value = f"any_value({src}) FILTER (WHERE lang = {_sql_str(lang)})" if src in have else "NULL"
-                    cols.append(f"CAST({value} AS {typ}) AS {sql_ident(name)}")
+                for field, typ in caption_text_fields(lang != SOURCE_LANG):
+                    value = f"any_value({field}) FILTER (WHERE lang = {_sql_str(lang)})" if field in have else "NULL"
+                    cols.append(f"CAST({value} AS {typ}) AS {sql_ident(f'{field}_{lang}')}")
             texts_sql = (f"SELECT {', '.join(cols)} FROM draft_captions GROUP BY key, caption_index "
                          "ORDER BY key, caption_index")
             write_plan_tables(con, alias, "SELECT * FROM draft_samples ORDER BY idx", texts_sql, langs, [], drops,

@@ -195,7 +195,10 @@ def policy_params(langs, min_langs, drop_flagged, shard_size, seed) -> dict:
 
 def dataset_version(sources: list[SourceInput], tsets: dict[str, list[TranslationSet]], params: dict) -> str:
     parents = [f"source:{s.name}:{s.version}" for s in sources]
-    parents += [f"translation:{t.set_id}/{t.lang}:{t.content_id}" for ts in tsets.values() for t in ts]
+    # A language with several translation sets: their order of preference decides which
+    # translation a caption gets, so it is part of the version (one set: nothing to order).
+    parents += [f"translation:{t.set_id}/{t.lang}:{t.content_id}" + (f"#{rank}" if len(ts) > 1 else "")
+                for ts in tsets.values() for rank, t in enumerate(ts)]
     return content_version("dataset", parents, params, CODE_VERSION)
 
 

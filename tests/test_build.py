@@ -255,6 +255,35 @@ def test_captions_find_their_translations_under_every_whitespace_and_unicode_for
     assert got == {normalize(c): f"es {i}" for i, c in enumerate(captions)}
 
 
+def test_several_translation_sets_follow_the_chosen_preference_and_it_is_in_the_version(root):
+    """Two sets translate the same captions into es: an ok translation wins over a flagged one,
+    then the preferred set (sorted ids by default, else the --translations order); the preference
+    is part of the version, so building with the other order is not mistaken for a no-op."""
+    captions = ["a red circle", "a blue square", "a green star"]
+    write_source(root, "coco", "sets", [{"id": i, "captions": [c]} for i, c in enumerate(captions)])
+    write_translations(root, "mA", "d", "es", {"a red circle": ("A rojo", True), "a blue square": ("A azul", False),
+                                               "a green star": ("A verde", True)})
+    write_translations(root, "mB", "d", "es", {"a red circle": ("B rojo", True), "a blue square": ("B azul", True)})
+    args = dict(name="sets", sources=["coco"], langs="en,es", shard_size=10)
+
+    def es_of(result):
+        with tarfile.open(os.path.join(result.path, "shards", "shard-00000.tar")) as tar:
+            metas = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+        return {m["captions"][0]["en"]: m["captions"][0]["es"] for m in metas}
+
+    default = build_dataset(root, **args)
+    assert es_of(default) == {"a red circle": "A rojo", "a blue square": "B azul", "a green star": "A verde"}
+    b_first = build_dataset(root, **args, translations=["mB/d", "mA/d"])
+    assert not b_first.skipped and b_first.version != default.version
+    assert es_of(b_first) == {"a red circle": "B rojo", "a blue square": "B azul", "a green star": "A verde"}
+    assert build_dataset(root, **args, translations=["mA/d", "mB/d"]).version == default.version
+    con = duckdb.connect(os.path.join(b_first.path, "manifest.duckdb"), read_only=True)
+    try:
+        assert con.execute("SELECT model_id FROM translation_sets ORDER BY set_rank").fetchall() == [("mB",), ("mA",)]
+    finally:
+        con.close()
+
+
 def test_manifest_captions_view_lists_every_kept_caption_language_of_the_shards(root):
     """The manifest keeps one row per caption (caption_texts) and a ``captions`` view with one row
     per caption and language: exactly the texts the shards' json carry, under any attach name."""

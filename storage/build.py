@@ -326,8 +326,8 @@ def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed
     try:
         tar_index = pool.submit(_index_tars, srcs)
         con.execute("SET threads TO 2")
-        boxes = _load_sources(con, srcs, tar_index, tsets, seed)
-        return _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, boxes, lineage,
+        boxes = _load_sources(con, srcs, tar_index, seed)
+        return _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, boxes, lineage,
                          on_plan, keep_draft)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -393,9 +393,9 @@ def _index_tars(srcs) -> pa.Table:
                                                 ("tar_path", pa.string()), ("offset", pa.int64()), ("size", pa.int64())]))
 
 
-def _load_sources(con, srcs, tar_index, tsets, seed: int = 0) -> bool:
-    """Temp tables ``img`` (one row per image, with its location in a source tar when it has one),
-    ``cap`` (captions, normalised, keyed by text_sha) and the translations (:func:`_load_translations`).
+def _load_sources(con, srcs, tar_index, seed: int = 0) -> bool:
+    """Temp tables ``img`` (one row per image, with its location in a source tar when it has one)
+    and ``cap`` (captions, normalised, keyed by text_sha).
     ``tar_index``: a future of :func:`_index_tars`, running in a thread meanwhile (the DuckDB
     queries here release the GIL); it is waited for last. ``img.draw`` orders the dataset's samples
     (a hash of the seed and the image). Returns whether any caption has a box."""
@@ -443,7 +443,6 @@ def _load_sources(con, srcs, tar_index, tsets, seed: int = 0) -> bool:
             con.execute("UPDATE cap SET norm = s.norm, text_sha = s.text_sha FROM shas s WHERE cap.caption = s.caption")
         finally:
             con.unregister("shas")
-    _load_translations(con, tsets)
     status_sql = " UNION ALL ".join(status_parts) or \
         "SELECT NULL::VARCHAR AS source, NULL::VARCHAR AS shard_key, NULL::VARCHAR AS image_key WHERE false"
     con.register("tar_index", tar_index.result())
@@ -465,43 +464,57 @@ def _load_sources(con, srcs, tar_index, tsets, seed: int = 0) -> bool:
     return any_boxes and bool(con.execute("SELECT count(*) FROM cap WHERE x IS NOT NULL").fetchall()[0][0])
 
 
-def _load_translations(con, tsets) -> None:
-    parts = []
-    for lang, ts in tsets.items():
-        for rank, t in enumerate(ts):
+def _load_translations(con, tsets, langs, dedupe: bool = False) -> dict[str, str]:
+    """Per target language of ``langs``, the SQL relation of its translations (text_sha, tgt_text,
+    ok, the scores, set_rank) to join the captions with; and the temp table ``tsets`` (the sets).
+
+    A language with one translation set reads its parquet parts straight into the join (nothing is
+    materialised): :func:`_assemble` checks that no caption found two translations there. A
+    language with several sets -- or every language, with ``dedupe`` (a text translated twice in
+    one set) -- goes through the temp table ``best``, which keeps one translation per text and
+    language: an ok one first, then the preferred set, then a fixed tie-break."""
+    if not dedupe:  # (the first call)
+        sets = [(lang, rank, t.model_id, t.decode_id) for lang, ts in tsets.items() for rank, t in enumerate(ts)]
+        con.execute("CREATE TEMP TABLE tsets (lang VARCHAR, set_rank INTEGER, model_id VARCHAR, decode_id VARCHAR)")
+        if sets:
+            con.execute("INSERT INTO tsets VALUES " + ", ".join("(?, ?, ?, ?)" for _ in sets), [v for row in sets for v in row])
+    score_types = {c: _score_type(c) for c in SCORE_COLUMNS}
+    rels, best_parts = {}, []
+    for lang in langs:
+        if lang == SOURCE_LANG:
+            continue
+        parts = []
+        for rank, t in enumerate(tsets.get(lang, [])):
             f = "[" + ", ".join(_sql_str(x) for x in t.files) + "]"
             cols = _columns(t.files)
             for need in ("text_sha", "tgt_text", "ok"):
                 if need not in cols:
                     raise CCRKError(f"translation parts in {t.path} lack column {need}")
-            scores = ", ".join(f"CAST({c} AS {_score_type(c)}) AS {c}" if c in cols else f"NULL::{_score_type(c)} AS {c}"
-                               for c in SCORE_COLUMNS)
+            scores = ", ".join(f"CAST({c} AS {ty}) AS {c}" if c in cols else f"NULL::{ty} AS {c}"
+                               for c, ty in score_types.items())
             lang_filter = f"AND tgt_lang = {_sql_str(lang)}" if "tgt_lang" in cols else ""
             parts.append(f"SELECT CAST(text_sha AS VARCHAR) AS text_sha, {_sql_str(lang)} AS lang, "
                          f"CAST(tgt_text AS VARCHAR) AS tgt_text, coalesce(CAST(ok AS BOOLEAN), false) AS ok, "
                          f"{scores}, {rank} AS set_rank FROM read_parquet({f}, union_by_name=true) "
                          f"WHERE tgt_text IS NOT NULL {lang_filter}")
-    sets = [(lang, rank, t.model_id, t.decode_id) for lang, ts in tsets.items() for rank, t in enumerate(ts)]
-    con.execute("CREATE TEMP TABLE tsets (lang VARCHAR, set_rank INTEGER, model_id VARCHAR, decode_id VARCHAR)")
-    if sets:
-        con.execute("INSERT INTO tsets VALUES " + ", ".join("(?, ?, ?, ?)" for _ in sets), [v for row in sets for v in row])
-    if not parts:
-        con.execute("CREATE TEMP TABLE best (text_sha VARCHAR, lang VARCHAR, tgt_text VARCHAR, ok BOOLEAN, "
-                    "uniformity DOUBLE, copy_sim DOUBLE, len_ratio DOUBLE, script_ok BOOLEAN, empty BOOLEAN, "
-                    "truncated BOOLEAN, set_rank INTEGER)")
-        return
-    con.execute(f"""CREATE TEMP TABLE best AS SELECT * FROM ({' UNION ALL '.join(parts)})
-                     WHERE text_sha IN (SELECT text_sha FROM cap)""")
-    # Several translations of one text into one language (several sets, or repeats): keep an ok one
-    # first, then the preferred set, then a fixed tie-break. Usually there are none (a window is slow).
-    if con.execute("SELECT count(*) > count(DISTINCT (text_sha, lang)) FROM best").fetchall()[0][0]:
-        con.execute("""
+        if not parts:
+            rels[lang] = ("(SELECT NULL::VARCHAR AS text_sha, NULL::VARCHAR AS tgt_text, NULL::BOOLEAN AS ok, "
+                          + ", ".join(f"NULL::{ty} AS {c}" for c, ty in score_types.items())
+                          + ", NULL::INTEGER AS set_rank WHERE false)")
+        elif len(parts) == 1 and not dedupe:
+            rels[lang] = f"({parts[0]})"
+        else:
+            best_parts += parts
+            rels[lang] = f"(SELECT * EXCLUDE (lang) FROM best WHERE lang = {_sql_str(lang)})"
+    if best_parts:
+        con.execute(f"""
             CREATE OR REPLACE TEMP TABLE best AS
             SELECT * EXCLUDE (rn) FROM (
               SELECT *, row_number() OVER (PARTITION BY text_sha, lang
                                            ORDER BY (tgt_text IS NOT NULL AND ok) DESC, set_rank, tgt_text) AS rn
-              FROM best)
+              FROM ({' UNION ALL '.join(best_parts)}) WHERE text_sha IN (SELECT text_sha FROM cap))
             WHERE rn = 1""")
+    return rels
 
 
 def _json_str_sql(expr: str) -> str:
@@ -525,7 +538,7 @@ def _json_num_sql(expr: str) -> str:
             f"ELSE CAST({expr} AS VARCHAR) END")
 
 
-def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, boxes, lineage, on_plan=None,
+def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, boxes, lineage, on_plan=None,
               keep_draft=False) -> tuple[int, tuple[str, str] | None]:
     """The language policy and drop counting as DuckDB queries over whole columns; each sample's
     json from per-caption SQL fragments joined per sample by Arrow (no per-row Python). Writes the
@@ -544,21 +557,26 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, boxes, l
     any_flag = " OR ".join(flag) or "false"
     short = "'below_min_langs'" if min_langs is not None else \
         f"CASE WHEN {any_flag} THEN 'flagged_translation' ELSE 'missing_language' END"
-    # One narrow row per caption of a downloaded image.
+    # ``cj``: one row per caption of a downloaded image, with its image's columns, its translations
+    # and why it is dropped (NULL: kept) -- one join for the whole dataset.
     tx = "".join(f", t{i}.tgt_text AS tx{i}, coalesce(t{i}.ok, false) AS ok{i}, t{i}.set_rank AS set{i}"
                  + "".join(f", t{i}.{c} AS {c}{i}" for c in SCORE_COLUMNS) for i in range(len(others)))
-    joins = " ".join(f"LEFT JOIN best t{i} ON t{i}.text_sha = c.text_sha AND t{i}.lang = {_sql_str(lang)}"
-                     for i, lang in enumerate(others))
     box_cols = "".join(f", c.{b}" for b in BOX_COLUMNS) if boxes else ""
 
-    def cj_rows(chunk: int, lo: str | None, hi: str | None) -> str:
-        """The ``cj`` rows of the images whose draw is in [lo, hi) (None: unbounded)."""
-        where = "".join(f" AND i.draw {op} {_sql_str(v)}" for op, v in ((">=", lo), ("<", hi)) if v is not None)
-        return f"""
-        SELECT *, CASE WHEN {empty} THEN 'empty_caption' WHEN {n_present} < {need} THEN {short} END AS drop_reason
-        FROM (SELECT c.source, c.image_key, c.caption_id, c.norm, c.text_sha{box_cols}{tx}, {chunk} AS chunk
-              FROM img i JOIN cap c ON c.source = i.source AND c.image_key = i.image_key {joins}
-              WHERE i.tar_path IS NOT NULL{where})"""
+    def make_cj(rels: dict[str, str]) -> bool:
+        """Creates ``cj``; False when some caption found two translations into one language."""
+        joins = " ".join(f"LEFT JOIN {rels[lang]} t{i} ON t{i}.text_sha = c.text_sha" for i, lang in enumerate(others))
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE cj AS
+            SELECT *, CASE WHEN {empty} THEN 'empty_caption' WHEN {n_present} < {need} THEN {short} END AS drop_reason
+            FROM (SELECT c.rowid AS cap_row, c.source, c.image_key, c.caption_id, c.norm, c.text_sha{box_cols}{tx},
+                         i.url, i.source_id, i.tar_path, i.img_offset, i.img_size, i.width, i.height, i.draw
+                  FROM img i JOIN cap c ON c.source = i.source AND c.image_key = i.image_key {joins}
+                  WHERE i.tar_path IS NOT NULL)""")
+        return con.execute("SELECT count(*) = count(DISTINCT cap_row) FROM cj").fetchall()[0][0]
+
+    if not make_cj(_load_translations(con, tsets, langs)):
+        make_cj(_load_translations(con, tsets, langs, dedupe=True))
 
     counts = ["""SELECT 'image', 'no_image', NULL, count(*) FROM img WHERE tar_path IS NULL""",
               """SELECT 'image', 'no_captions', NULL, count(*) FROM img i WHERE tar_path IS NOT NULL
@@ -603,42 +621,44 @@ def _assemble(con, staging, langs, min_langs, drop_flagged, shard_size, boxes, l
     # Sorted here (Arrow) rather than by DuckDB: sorting the wide rows costs more than the query.
     sort_cols = ["draw", "source", "image_key", "cid_len", "caption_id", "norm"] + (list(BOX_COLUMNS) if boxes else [])
     rows_sql = f"""
-        SELECT c.rowid AS rid, c.source, c.image_key, i.url, i.source_id, i.tar_path, i.img_offset, i.img_size,
+        SELECT c.rowid AS rid, c.source, c.image_key, c.url, c.source_id, c.tar_path, c.img_offset, c.img_size,
                {cap_json} AS cap_json, coalesce({_json_str_sql('c.caption_id')}, 'null') AS id_json,
                {box_json} AS box_json, {box_present} AS has_box, CAST({mask} AS INTEGER) AS mask,
-               CASE WHEN i.height IS NOT NULL THEN ',"height":' || CAST(i.height AS VARCHAR) ELSE '' END
-                 || ',"image_key":' || {_json_str_sql('i.image_key')}
-                 || ',"source":' || {_json_str_sql('i.source')}
-                 || ',"source_id":' || coalesce({_json_str_sql('i.source_id')}, 'null')
-                 || ',"url":' || coalesce({_json_str_sql('i.url')}, 'null')
-                 || CASE WHEN i.width IS NOT NULL THEN ',"width":' || CAST(i.width AS VARCHAR) ELSE '' END
+               CASE WHEN c.height IS NOT NULL THEN ',"height":' || CAST(c.height AS VARCHAR) ELSE '' END
+                 || ',"image_key":' || {_json_str_sql('c.image_key')}
+                 || ',"source":' || {_json_str_sql('c.source')}
+                 || ',"source_id":' || coalesce({_json_str_sql('c.source_id')}, 'null')
+                 || ',"url":' || coalesce({_json_str_sql('c.url')}, 'null')
+                 || CASE WHEN c.width IS NOT NULL THEN ',"width":' || CAST(c.width AS VARCHAR) ELSE '' END
                  || '}}' AS tail,
-               i.draw,
+               c.draw,
                length(c.caption_id) AS cid_len, c.caption_id, c.norm{box_order}
-        FROM cj c JOIN img i USING (source, image_key)
-        WHERE c.drop_reason IS NULL AND c.chunk = ?"""
+        FROM cj c
+        WHERE c.drop_reason IS NULL"""
 
-    # The dataset in chunks of its seeded order (draw ranges of 1, 2, 4, ... shards' worth of images):
-    # each chunk's captions are joined, its samples' json made and handed to ``on_plan`` (which may
-    # start writing the shards it completes) while the next chunk is planned.
-    draws = _arrow(con.sql("SELECT draw FROM img WHERE tar_path IS NOT NULL ORDER BY draw")).column(0)
-    cuts, size = [], int(shard_size)
-    while size < len(draws):
-        cuts.append(draws[size].as_py())
+    # Every kept caption's json fragments in one query, in dataset order; then the samples' json in
+    # chunks of that order (1, 2, 4, ... shards' worth of samples), each handed to ``on_plan`` (which
+    # may start writing the shards it completes) before the next chunk is made.
+    rows = _arrow(con.sql(rows_sql))
+    rows = rows.take(pc.sort_indices(rows, sort_keys=[(c, "ascending") for c in sort_cols]))  # nulls last
+    starts = _sample_starts(rows)
+    ends, size = [], int(shard_size)
+    while size < len(starts):
+        ends.append(int(starts[size]))
         size = 2 * size + int(shard_size)
-    bounds = list(zip([None] + cuts, cuts + [None]))
-    plans, kept_parts, seen, n = [], [], set(), 0
-    for chunk, (lo, hi) in enumerate(bounds):
-        con.execute(f"{'INSERT INTO cj' if chunk else 'CREATE TEMP TABLE cj AS'} {cj_rows(chunk, lo, hi)}")
-        rows = _arrow(con.sql(rows_sql, params=[chunk]))
-        if rows.num_rows:
-            rows = rows.take(pc.sort_indices(rows, sort_keys=[(c, "ascending") for c in sort_cols]))  # nulls last
-            part, kept_part = _plan_table(rows, langs, shard_size, n, seen)
+    ends.append(rows.num_rows)
+    plans, kept_parts, seen, n, lo = [], [], set(), 0, 0
+    for chunk, hi in enumerate(ends):
+        part = None
+        if hi > lo:
+            part, kept_part = _plan_table(rows.slice(lo, hi - lo), langs, shard_size, n, seen)
             plans.append(part)
             kept_parts.append(kept_part)
             n += part.num_rows
         if on_plan is not None:
-            on_plan(os.path.dirname(staging), part if rows.num_rows else None, chunk == len(bounds) - 1)
+            on_plan(os.path.dirname(staging), part, chunk == len(ends) - 1)
+        lo = hi
+    del rows
     if n == 0:
         drops, _ = count_drops()
         top = ", ".join(f"{r} ({u}): {c}" for (u, r, _), c in drops.most_common(4) if c)
@@ -701,11 +721,7 @@ def _plan_table(rows: pa.Table, langs, shard_size: int, start: int = 0,
     ``start``) from the kept captions' rows in dataset order; and (rid, key, caption_index, sample)
     of every kept caption. ``seen``: the sample keys of earlier chunks (updated)."""
     n_rows = rows.num_rows
-    src, ik = _flat(rows.column("source")), _flat(rows.column("image_key"))
-    new = np.ones(n_rows, dtype=bool)
-    if n_rows > 1:
-        new[1:] = pc.or_(pc.not_equal(src[1:], src[:-1]), pc.not_equal(ik[1:], ik[:-1])).to_numpy(zero_copy_only=False)
-    starts = np.flatnonzero(new)
+    starts = _sample_starts(rows)
     offsets = pa.array(np.append(starts, n_rows).astype(np.int32))
     first = pa.array(starts)
 
@@ -760,6 +776,16 @@ def _plan_table(rows: pa.Table, langs, shard_size: int, start: int = 0,
                      "caption_index": np.arange(n_rows, dtype=np.int64) - np.repeat(starts, n_caps),
                      "sample": sample_of_row})
     return plan, kept
+
+
+def _sample_starts(rows: pa.Table) -> np.ndarray:
+    """The first row of each sample in rows grouped by image (source, image_key)."""
+    n_rows = rows.num_rows
+    src, ik = _flat(rows.column("source")), _flat(rows.column("image_key"))
+    new = np.ones(n_rows, dtype=bool)
+    if n_rows > 1:
+        new[1:] = pc.or_(pc.not_equal(src[1:], src[:-1]), pc.not_equal(ik[1:], ik[:-1])).to_numpy(zero_copy_only=False)
+    return np.flatnonzero(new)
 
 
 def _flat(column: pa.ChunkedArray) -> pa.Array:

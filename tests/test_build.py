@@ -284,6 +284,21 @@ def test_several_translation_sets_follow_the_chosen_preference_and_it_is_in_the_
         con.close()
 
 
+def test_a_text_translated_twice_in_one_set_keeps_one_translation(root):
+    """A set whose parts translate a text twice (a re-run, an import): the caption still gets one
+    translation -- an ok one over a flagged one, else the first by text -- and one sample."""
+    captions = ["a red circle", "a blue square"]
+    write_source(root, "coco", "dup", [{"id": i, "captions": [c]} for i, c in enumerate(captions)])
+    write_translations(root, MODEL, DECODE, "es", {"a red circle": ("rojo malo", False), "a blue square": ("azul b", True)})
+    write_translations(root, MODEL, DECODE, "es", {"a red circle": ("rojo", True), "a blue square": ("azul a", True)},
+                       part=1)
+    r = build_dataset(root, name="dup", sources=["coco"], langs="en,es", shard_size=10, drop_flagged=True)
+    assert r.n_samples == 2 and r.captions_by_lang == {"en": 2, "es": 2} and not _drops(r)
+    with tarfile.open(os.path.join(r.path, "shards", "shard-00000.tar")) as tar:
+        metas = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+    assert sorted(c["es"] for m in metas for c in m["captions"]) == ["azul a", "rojo"]
+
+
 def test_manifest_captions_view_lists_every_kept_caption_language_of_the_shards(root):
     """The manifest keeps one row per caption (caption_texts) and a ``captions`` view with one row
     per caption and language: exactly the texts the shards' json carry, under any attach name."""

@@ -557,8 +557,8 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
     any_flag = " OR ".join(flag) or "false"
     short = "'below_min_langs'" if min_langs is not None else \
         f"CASE WHEN {any_flag} THEN 'flagged_translation' ELSE 'missing_language' END"
-    # ``cj``: one row per caption of a downloaded image, with its image's columns, its translations
-    # and why it is dropped (NULL: kept) -- one join for the whole dataset.
+    # ``cj``: one row per caption of a downloaded image, with its translations and why it is dropped
+    # (NULL: kept) -- one join for the whole dataset.
     tx = "".join(f", t{i}.tgt_text AS tx{i}, coalesce(t{i}.ok, false) AS ok{i}, t{i}.set_rank AS set{i}"
                  + "".join(f", t{i}.{c} AS {c}{i}" for c in SCORE_COLUMNS) for i in range(len(others)))
     box_cols = "".join(f", c.{b}" for b in BOX_COLUMNS) if boxes else ""
@@ -569,8 +569,7 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE cj AS
             SELECT *, CASE WHEN {empty} THEN 'empty_caption' WHEN {n_present} < {need} THEN {short} END AS drop_reason
-            FROM (SELECT c.rowid AS cap_row, c.source, c.image_key, c.caption_id, c.norm, c.text_sha{box_cols}{tx},
-                         i.url, i.source_id, i.tar_path, i.img_offset, i.img_size, i.width, i.height, i.draw
+            FROM (SELECT c.rowid AS cap_row, c.source, c.image_key, c.caption_id, c.norm, c.text_sha{box_cols}{tx}
                   FROM img i JOIN cap c ON c.source = i.source AND c.image_key = i.image_key {joins}
                   WHERE i.tar_path IS NOT NULL)""")
         return con.execute("SELECT count(*) = count(DISTINCT cap_row) FROM cj").fetchall()[0][0]
@@ -621,19 +620,19 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
     # Sorted here (Arrow) rather than by DuckDB: sorting the wide rows costs more than the query.
     sort_cols = ["draw", "source", "image_key", "cid_len", "caption_id", "norm"] + (list(BOX_COLUMNS) if boxes else [])
     rows_sql = f"""
-        SELECT c.rowid AS rid, c.source, c.image_key, c.url, c.source_id, c.tar_path, c.img_offset, c.img_size,
+        SELECT c.rowid AS rid, c.source, c.image_key, i.url, i.source_id, i.tar_path, i.img_offset, i.img_size,
                {cap_json} AS cap_json, coalesce({_json_str_sql('c.caption_id')}, 'null') AS id_json,
                {box_json} AS box_json, {box_present} AS has_box, CAST({mask} AS INTEGER) AS mask,
-               CASE WHEN c.height IS NOT NULL THEN ',"height":' || CAST(c.height AS VARCHAR) ELSE '' END
-                 || ',"image_key":' || {_json_str_sql('c.image_key')}
-                 || ',"source":' || {_json_str_sql('c.source')}
-                 || ',"source_id":' || coalesce({_json_str_sql('c.source_id')}, 'null')
-                 || ',"url":' || coalesce({_json_str_sql('c.url')}, 'null')
-                 || CASE WHEN c.width IS NOT NULL THEN ',"width":' || CAST(c.width AS VARCHAR) ELSE '' END
+               CASE WHEN i.height IS NOT NULL THEN ',"height":' || CAST(i.height AS VARCHAR) ELSE '' END
+                 || ',"image_key":' || {_json_str_sql('i.image_key')}
+                 || ',"source":' || {_json_str_sql('i.source')}
+                 || ',"source_id":' || coalesce({_json_str_sql('i.source_id')}, 'null')
+                 || ',"url":' || coalesce({_json_str_sql('i.url')}, 'null')
+                 || CASE WHEN i.width IS NOT NULL THEN ',"width":' || CAST(i.width AS VARCHAR) ELSE '' END
                  || '}}' AS tail,
-               c.draw,
+               i.draw,
                length(c.caption_id) AS cid_len, c.caption_id, c.norm{box_order}
-        FROM cj c
+        FROM cj c JOIN img i USING (source, image_key)
         WHERE c.drop_reason IS NULL"""
 
     # Every kept caption's json fragments in one query, in dataset order; then the samples' json in

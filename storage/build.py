@@ -50,7 +50,7 @@ from storage import atomic, layout
 from storage.catalog import Artifact, Catalog
 from storage.errors import CCRKError
 from storage.languages import SOURCE_LANG, parse_langs
-from storage.manifest import SCORE_COLUMNS, score_type as _score_type, sql_ident as _ident
+from storage.manifest import SCORE_COLUMNS, score_type as _score_type, sql_ident as _ident, sql_str as _sql_str
 from storage.shards import safe_keys, shard_layout, shard_name, write_planned_shard
 from storage.versioning import CODE_VERSION, content_version, files_sha256, text_sha
 
@@ -308,10 +308,6 @@ def _columns(files: list[str]) -> set[str]:
         except (OSError, pa.ArrowException) as exc:
             raise CCRKError(f"{f} is not a readable parquet file: {exc}") from exc
     return out
-
-
-def _sql_str(s: str) -> str:
-    return "'" + str(s).replace("'", "''") + "'"
 
 
 def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed, lineage, engine=None,

@@ -78,7 +78,7 @@ def export_dataset(dataset_dir: str, out_dir: str) -> dict:
                       FROM captions t JOIN samples s ON s.key = t.key
                       LEFT JOIN captions en ON en.key = t.key AND en.caption_index = t.caption_index AND en.lang = 'en'
                       WHERE t.lang = ? ORDER BY s.idx, t.caption_index
-                    ) TO '{tmp.replace("'", "''")}' (FORMAT parquet)""", [lang])
+                    ) TO {manifest.sql_str(tmp)} (FORMAT parquet)""", [lang])
             files[f"data/{lang}.parquet"] = con.execute(
                 "SELECT count(*) FROM captions WHERE lang = ?", [lang]).fetchone()[0]
     finally:

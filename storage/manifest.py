@@ -50,7 +50,7 @@ def open_draft(con, path: str) -> str:
         if os.path.exists(stale):
             os.unlink(stale)
     alias = "manifest_" + os.urandom(6).hex()
-    con.execute(f"ATTACH {_sql_str(path)} AS {alias}")
+    con.execute(f"ATTACH {sql_str(path)} AS {alias}")
     return alias
 
 
@@ -72,6 +72,11 @@ def sql_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def sql_str(value) -> str:
+    """``value`` as a SQL string literal."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 def captions_view_sql(langs, source_lang: str = SOURCE_LANG) -> str:
     """The ``captions`` view over ``caption_texts``: a caption's row for language L exists where
     ``text_L`` is set. Unqualified names bind in the view's own database (however it is attached)."""
@@ -80,14 +85,14 @@ def captions_view_sql(langs, source_lang: str = SOURCE_LANG) -> str:
         text = sql_ident(f"text_{lang}")
         if lang == source_lang:
             scores = ", ".join(f"NULL::{score_type(c)} AS {c}" for c in SCORE_COLUMNS)
-            parts.append(f"SELECT key, caption_index, caption_id, {_sql_str(lang)} AS lang, {text} AS text, "
+            parts.append(f"SELECT key, caption_index, caption_id, {sql_str(lang)} AS lang, {text} AS text, "
                          f"'source' AS model_id, NULL::VARCHAR AS decode_id, {scores}, true AS ok "
                          f"FROM caption_texts WHERE {text} IS NOT NULL")
         else:
             scores = ", ".join(f"c.{sql_ident(f'{x}_{lang}')} AS {x}" for x in SCORE_COLUMNS)
-            parts.append(f"SELECT c.key, c.caption_index, c.caption_id, {_sql_str(lang)} AS lang, c.{text} AS text, "
+            parts.append(f"SELECT c.key, c.caption_index, c.caption_id, {sql_str(lang)} AS lang, c.{text} AS text, "
                          f"s.model_id, s.decode_id, {scores}, c.{sql_ident(f'ok_{lang}')} AS ok "
-                         f"FROM caption_texts c LEFT JOIN translation_sets s ON s.lang = {_sql_str(lang)} "
+                         f"FROM caption_texts c LEFT JOIN translation_sets s ON s.lang = {sql_str(lang)} "
                          f"AND s.set_rank = c.{sql_ident(f'set_{lang}')} WHERE c.{text} IS NOT NULL")
     return f"SELECT * FROM ({' UNION ALL '.join(parts)}) ORDER BY key, caption_index, lang"
 
@@ -126,7 +131,7 @@ def write_plan_tables(con, alias: str, samples_sql: str, caption_texts_sql: str,
         con.execute(f"CREATE TABLE {alias}.drops AS SELECT * FROM draft_drops ORDER BY unit, reason, lang")
         con.execute(f"CREATE TABLE {alias}.lineage AS SELECT * FROM draft_lineage")
         counts = " UNION ALL ".join(
-            f"SELECT {_sql_str(lang)} AS lang, count({sql_ident(f'text_{lang}')}) AS captions, "
+            f"SELECT {sql_str(lang)} AS lang, count({sql_ident(f'text_{lang}')}) AS captions, "
             f"count(DISTINCT key) FILTER (WHERE {sql_ident(f'text_{lang}')} IS NOT NULL) AS samples "
             f"FROM {alias}.caption_texts" for lang in sorted(langs))
         con.execute(f"CREATE TABLE {alias}.lang_counts AS SELECT * FROM ({counts}) WHERE captions > 0 ORDER BY lang")
@@ -254,7 +259,7 @@ def write_manifest(dataset_path: str, shards, lineage: dict, engine=None) -> dic
     con = duckdb.connect() if engine is None else engine.cursor()
     try:
         alias = "manifest_" + os.urandom(6).hex()
-        con.execute(f"ATTACH {_sql_str(partial)} AS {alias}")
+        con.execute(f"ATTACH {sql_str(partial)} AS {alias}")
         return finish_draft(con, alias, partial, dataset_path, shards, lineage)
     finally:
         con.close()
@@ -281,7 +286,7 @@ def write_manifest_tables(dataset_path: str, samples: pa.Table, captions: pa.Tab
                     "any_value(caption_id) AS caption_id" if "caption_id" in have else "NULL::VARCHAR AS caption_id"]
             for lang in langs:
                 for field, typ in caption_text_fields(lang != SOURCE_LANG):
-                    value = f"any_value({field}) FILTER (WHERE lang = {_sql_str(lang)})" if field in have else "NULL"
+                    value = f"any_value({field}) FILTER (WHERE lang = {sql_str(lang)})" if field in have else "NULL"
                     cols.append(f"CAST({value} AS {typ}) AS {sql_ident(f'{field}_{lang}')}")
             texts_sql = (f"SELECT {', '.join(cols)} FROM draft_captions GROUP BY key, caption_index "
                          "ORDER BY key, caption_index")
@@ -307,10 +312,6 @@ def _write_shard_indexes(dataset_path: str, shards: list[dict], lineage: dict) -
         "version": lineage["version"],
         "shardlist": [{"url": s["name"], "nsamples": s["n_samples"], "filesize": s["bytes"], "sha256": s["sha256"]}
                       for s in shards]})
-
-
-def _sql_str(s: str) -> str:
-    return "'" + str(s).replace("'", "''") + "'"
 
 
 def planned_members(plan: pa.Table) -> pa.Table:

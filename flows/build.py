@@ -1,10 +1,17 @@
-"""Prefect flow for ``ccrk build``: plan (the DuckDB join), one task per group of shards, finalize.
+"""Prefect flow for ``ccrk build``: resolve (inputs and version), plan (the DuckDB join), one task
+per group of shards, finalize.
 
 Thin: every step is a :mod:`storage.build` function; re-running after a kill redoes only the
-shards that are not written yet, and a finished version is a no-op that says so.
+shards that are not written yet, and a finished version is a no-op that says so. The shard tasks
+do not wait for the whole plan: the plan task hands out each group of shards as soon as all their
+samples are planned (``storage.build.plan_resolved(parts_dir=...)``), and the flow submits their
+tasks while the plan goes on.
 """
 from __future__ import annotations
 
+import os
+import threading
+import uuid
 from contextlib import contextmanager
 
 from prefect import flow, task
@@ -27,14 +34,25 @@ def shard_progress(callback):
         _progress = None
 
 
+@task(name="resolve-dataset", cache_policy=NO_CACHE)
+def resolve_task(**kwargs) -> build.ResolvedBuild:
+    return build.resolve_build(**kwargs)
+
+
 @task(name="plan-dataset", cache_policy=NO_CACHE)
-def plan_task(**kwargs) -> build.BuildPlan:
-    return build.plan_build(**kwargs)
+def plan_task(resolved: build.ResolvedBuild, parts_dir: str | None = None) -> build.BuildPlan:
+    return build.plan_resolved(resolved, parts_dir=parts_dir)
 
 
 @task(name="write-shards", cache_policy=NO_CACHE)
-def shards_task(dataset_path: str, shard_ids: list[int]) -> list[dict]:
-    done = build.write_shard_group(dataset_path, shard_ids, progress=_progress)
+def shards_task(dataset_path: str, shard_ids: list[int], part: str | None = None) -> list[dict]:
+    """``part``: the plan rows of these shards (a file of ``parts_dir``); else ``_build/plan.parquet``."""
+    plan = None
+    if part is not None:
+        import pyarrow.parquet as pq
+
+        plan = pq.read_table(part, filters=[("shard", "in", list(shard_ids))]).sort_by("idx")
+    done = build.write_shard_group(dataset_path, shard_ids, progress=_progress, plan=plan)
     return [{k: v for k, v in d.items() if k != "members"} for d in done]
 
 
@@ -49,16 +67,14 @@ def build_flow(root: str | None = None, name: str = "default", sources: list[str
                drop_flagged: bool = False, shard_size: int = 1000, seed: int = 0,
                source_versions: dict | None = None, translations: list[str] | None = None,
                shards_per_task: int = 16) -> dict:
-    plan = plan_task(root=root, name=name, sources=list(sources), langs=list(langs), min_langs=min_langs,
-                     drop_flagged=drop_flagged, shard_size=shard_size, seed=seed,
-                     source_versions=source_versions, translations=translations)
+    resolved = resolve_task(root=root, name=name, sources=list(sources), langs=list(langs), min_langs=min_langs,
+                            drop_flagged=drop_flagged, shard_size=shard_size, seed=seed,
+                            source_versions=source_versions, translations=translations)
+    plan = resolved.plan
     if plan.skipped:
         result = build.skipped_result(plan)
     else:
-        futures = [shards_task.submit(plan.path, group)
-                   for group in build.shard_groups(plan.n_shards, shards_per_task)]
-        for f in futures:
-            f.result()
+        plan = _plan_and_write_shards(resolved, shards_per_task)
         result = finalize_task(plan.path, plan.root)
     publish_table(f"dataset-{name}-drops", result.drops or [{"unit": "-", "reason": "none", "lang": None, "count": 0}],
                   description="rows dropped by the language policy and the join, by reason")
@@ -68,3 +84,31 @@ def build_flow(root: str | None = None, name: str = "default", sources: list[str
                      + "\n".join(f"- {lang}: {n} captions" for lang, n in result.captions_by_lang.items()))
     publish_link(f"dataset-{name}", result.path, description=f"dataset {name} {result.version}")
     return result.as_dict()
+
+
+def _plan_and_write_shards(resolved: build.ResolvedBuild, shards_per_task: int) -> build.BuildPlan:
+    """The plan task, and the shard tasks of each group of shards as soon as the plan hands them out
+    (its part files); returns the plan once it and every shard task are done."""
+    path = resolved.plan.path
+    parts = os.path.join(path, build.STAGING, f"parts-{uuid.uuid4().hex[:12]}")
+    planned = threading.Event()
+    plan_future = plan_task.submit(resolved, parts)
+    plan_future.add_done_callback(lambda _: planned.set())
+    futures, taken = [], set()
+
+    def submit_ready() -> None:
+        for rows, shards in build.ready_parts(parts, taken):
+            futures.extend(shards_task.submit(path, group, rows) for group in build.shard_groups(shards, shards_per_task))
+
+    try:
+        while not planned.wait(0.02):
+            submit_ready()
+        plan = plan_future.result()
+        submit_ready()
+    finally:
+        for f in futures:  # written shards are kept (a re-run skips them), so let them finish
+            f.wait()
+    for f in futures:
+        f.result()
+    return plan
+

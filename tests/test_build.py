@@ -187,6 +187,44 @@ def test_cli_build_runs_the_flow_and_prints_the_summary(root, capsys):
     assert "nothing to do" in capsys.readouterr().out
 
 
+def test_flow_starts_shard_tasks_from_plan_parts_and_matches_the_in_process_build(tmp_path, monkeypatch):
+    """The flow's shard tasks start from the parts the plan task hands out (here one shard each,
+    several per task); its dataset is byte for byte the in-process build's, and no staging is left."""
+    import flows.build as flow_module
+    from flows.build import build_flow
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    tiny_corpus(a)
+    tiny_corpus(b)
+    args = {**ARGS, "shard_size": 1}
+    parts_seen = []
+    real_shards_task = flow_module.shards_task
+
+    class Recording:
+        @staticmethod
+        def submit(path, group, part=None):
+            parts_seen.append((tuple(group), part))
+            return real_shards_task.submit(path, group, part)
+
+    monkeypatch.setattr(flow_module, "shards_task", Recording)
+    flowed = build_flow(root=a, **{**args, "langs": args["langs"].split(",")}, shards_per_task=2)
+    local = build_dataset(b, **args)
+    assert flowed["version"] == local.version and flowed["n_samples"] == local.n_samples == 5
+    assert _shard_bytes(flowed["path"]) == _shard_bytes(local.path)
+    assert sorted(s for group, _ in parts_seen for s in group) == list(range(5))
+    assert all(len(group) <= 2 and part and "/_build/parts-" in part for group, part in parts_seen)
+    assert sorted(os.listdir(flowed["path"])) == ["_COMPLETE", "manifest.duckdb", "shards"]
+    tables = ("samples", "captions", "shards", "lang_counts", "drops")
+    ca = duckdb.connect(os.path.join(flowed["path"], "manifest.duckdb"), read_only=True)
+    cb = duckdb.connect(os.path.join(local.path, "manifest.duckdb"), read_only=True)
+    try:
+        for t in tables:
+            assert ca.execute(f"SELECT * FROM {t}").fetchall() == cb.execute(f"SELECT * FROM {t}").fetchall(), t
+    finally:
+        ca.close()
+        cb.close()
+
+
 def test_planned_shard_writer_matches_the_reference_writer(tmp_path):
     """The build's fast writer (image bytes straight from the source tars, numpy headers) writes
     exactly the bytes KLingualShardWriter writes for the same samples; the tar index finds them."""

@@ -6,8 +6,9 @@ translations in four languages), then times, best of ``--repeat``:
   plan   -- the plan step alone, as the Prefect flow runs it (DuckDB join, policy, sample json,
             plan.parquet and the manifest draft) -- a diagnostic row
   shards -- the shard-writing step alone (plan already made)
-  flow   -- with ``--flow``: the Prefect flow ``ccrk build`` runs (plan task, shard-group tasks,
-            finalize task, one after another, plus orchestration) -- a diagnostic row
+  flow   -- with ``--flow``: the Prefect flow ``ccrk build`` runs (resolve task, plan task, the
+            shard-group tasks started from the plan's parts while it runs, finalize task, plus
+            Prefect's orchestration) -- a diagnostic row
   build  -- the whole build in one process (``storage.build.build_dataset``): the DuckDB join and
             language policy in chunks of the seeded order, each shard written as soon as its
             samples are planned, the manifest drafted meanwhile, the catalog record
@@ -102,8 +103,8 @@ def best(fn, repeat: int, clear) -> float:
 
 
 def flow_time(root: str, kw: dict, repeat: int, clear) -> float:
-    """Best time of the Prefect flow ``ccrk build`` runs (plan task, shard-group tasks, finalize
-    task: the same steps, not overlapped, plus Prefect's orchestration), on a throwaway server."""
+    """Best time of the Prefect flow ``ccrk build`` runs (the same steps as tasks, the shard tasks
+    started from the plan's parts, plus Prefect's orchestration), on a throwaway server."""
     os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ccrk-prefect-"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.testing.utilities import prefect_test_harness
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
                 ("shards step (read, tar, sha256, fsync)", t_shards),
                 ("whole build (join, policy, shards, manifest)", t_build)]
         if t_flow is not None:
-            rows.insert(-1, ("ccrk build flow (Prefect tasks, not overlapped)", t_flow))
+            rows.insert(-1, ("ccrk build flow (Prefect tasks)", t_flow))
         print(f"{n} images, {src_bytes / 1e6:.1f} MB of image shards, {args.image_size}px JPEGs, best of {args.repeat}")
         print(f"{'step':48s} {'seconds':>8s} {'images/s':>10s} {'MB/s':>8s} {'vs copy':>8s}")
         for name, t in rows:

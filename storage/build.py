@@ -671,11 +671,15 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
     others = [lang for lang in langs if lang != SOURCE_LANG]
     has_en = SOURCE_LANG in langs
     need = len(langs) if min_langs is None else min_langs
-    # Per caption and language i: miss (no translation), flag (removed as not ok), pres (kept).
+    # Per caption and language i, columns of cj: miss{i} (no translation), flag{i} (removed as not
+    # ok), keep{i} (kept) -- computed once, so that later queries stay small (planning a query costs
+    # more than running it at small sizes).
     empty = "(norm IS NULL OR norm = '')"
-    miss = [f"(tx{i} IS NULL OR tx{i} = '')" for i in range(len(others))]
-    flag = [f"(NOT {miss[i]} AND NOT ok{i} AND {str(bool(drop_flagged)).upper()})" for i in range(len(others))]
-    pres = [f"(NOT {miss[i]} AND NOT {flag[i]})" for i in range(len(others))]
+    n_others = range(len(others))
+    miss, flag, pres = [f"miss{i}" for i in n_others], [f"flag{i}" for i in n_others], [f"keep{i}" for i in n_others]
+    miss_sql = ", ".join(f"(tx{i} IS NULL OR tx{i} = '') AS miss{i}" for i in n_others)
+    flag_sql = ", ".join(f"(NOT miss{i} AND NOT ok{i} AND {str(bool(drop_flagged)).upper()}) AS flag{i}" for i in n_others)
+    keep_sql = ", ".join(f"(NOT miss{i} AND NOT flag{i}) AS keep{i}" for i in n_others)
     n_present = " + ".join([str(int(has_en))] + [f"CAST({p} AS INTEGER)" for p in pres])
     any_flag = " OR ".join(flag) or "false"
     short = "'below_min_langs'" if min_langs is not None else \
@@ -689,12 +693,15 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
     def make_cj(rels: dict[str, str]) -> bool:
         """Creates ``cj``; False when some caption found two translations into one language."""
         joins = " ".join(f"LEFT JOIN {rels[lang]} t{i} ON t{i}.text_sha = c.text_sha" for i, lang in enumerate(others))
+        joined = f"""SELECT c.rowid AS cap_row, c.source, c.image_key, c.caption_id, c.norm, c.text_sha{box_cols}{tx}
+                      FROM img i JOIN cap c ON c.source = i.source AND c.image_key = i.image_key {joins}
+                      WHERE i.tar_path IS NOT NULL"""
+        if others:
+            joined = f"SELECT *, {keep_sql} FROM (SELECT *, {flag_sql} FROM (SELECT *, {miss_sql} FROM ({joined})))"
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE cj AS
             SELECT *, CASE WHEN {empty} THEN 'empty_caption' WHEN {n_present} < {need} THEN {short} END AS drop_reason
-            FROM (SELECT c.rowid AS cap_row, c.source, c.image_key, c.caption_id, c.norm, c.text_sha{box_cols}{tx}
-                  FROM img i JOIN cap c ON c.source = i.source AND c.image_key = i.image_key {joins}
-                  WHERE i.tar_path IS NOT NULL)""")
+            FROM ({joined})""")
         return con.execute("SELECT count(*) = count(DISTINCT cap_row) FROM cj").fetchall()[0][0]
 
     if not make_cj(_load_translations(con, tsets, langs)):

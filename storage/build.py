@@ -41,6 +41,7 @@ import os
 import pathlib
 import shutil
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import duckdb
@@ -226,14 +227,9 @@ class ResolvedBuild:
     """A build's inputs, resolved, and its version (:func:`resolve_build`); ``plan.skipped`` when that
     version is already built and verifies."""
     plan: BuildPlan
-    langs: tuple
-    min_langs: int | None
-    drop_flagged: bool
-    shard_size: int
-    seed: int
     srcs: list[SourceInput] = field(default_factory=list)
     tsets: dict[str, list[TranslationSet]] = field(default_factory=dict)
-    lineage: dict = field(default_factory=dict)
+    lineage: dict = field(default_factory=dict)  # its "params" hold the policy (policy_params)
 
 
 def is_complete(dataset_path: str) -> bool:
@@ -256,14 +252,9 @@ def resolve_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg"
         raise CCRKError(f"--min-langs {min_langs} must be between 1 and the {len(langs)} requested languages")
     if shard_size < 1:
         raise CCRKError(f"--shard-size {shard_size} must be positive")
-    own = engine is None
-    engine = duckdb.connect() if own else engine  # one instance for the catalog lookups (~13 ms each)
-    try:
-        srcs = resolve_sources(root, sources, source_versions, engine)
-        tsets = discover_translations(root, langs, translations, engine)
-    finally:
-        if own:
-            engine.close()
+    with _duckdb(engine) as con:
+        srcs = resolve_sources(root, sources, source_versions, con)
+        tsets = discover_translations(root, langs, translations, con)
     if min_langs is None:
         lacking = [lang for lang in langs if lang != SOURCE_LANG and lang not in tsets]
         if lacking:
@@ -272,16 +263,13 @@ def resolve_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg"
     params = policy_params(langs, min_langs, drop_flagged, shard_size, seed)
     version = dataset_version(srcs, tsets, params)
     path = layout.dataset_dir(root, name, version)
-    policy = dict(langs=langs, min_langs=min_langs, drop_flagged=bool(drop_flagged), shard_size=int(shard_size),
-                  seed=int(seed))
     if is_complete(path):
         from storage.verify import verify_dataset
 
         report = verify_dataset(path, deep=False)
         if report.ok:
             return ResolvedBuild(BuildPlan(root, name, version, path, True, report.n_samples, report.n_shards,
-                                           f"dataset {name} {version} is already built and verifies: nothing to do"),
-                                 **policy)
+                                           f"dataset {name} {version} is already built and verifies: nothing to do"))
         # A damaged build: forget it was complete and write it again (same bytes).
         for f in (COMPLETE, MANIFEST):
             if os.path.exists(os.path.join(path, f)):
@@ -294,8 +282,7 @@ def resolve_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg"
                                  | {v for ts in tsets.values() for t in ts for v in t.artifact_versions}),
                "sources": [asdict(s) for s in srcs]}
     _write_staging_json(os.path.join(staging, "lineage.json"), lineage)
-    return ResolvedBuild(BuildPlan(root, name, version, path, False), **policy, srcs=srcs, tsets=tsets,
-                         lineage=lineage)
+    return ResolvedBuild(BuildPlan(root, name, version, path, False), srcs, tsets, lineage)
 
 
 def plan_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "coco"),
@@ -331,13 +318,16 @@ def plan_resolved(resolved: ResolvedBuild, engine=None, on_plan=None, keep_draft
     r, p = resolved, resolved.plan
     if p.skipped:
         return p
+    params = r.lineage["params"]
+    shard_size, min_langs = params["shard_size"], None if params["min_langs"] == "all" else params["min_langs"]
     staging = os.path.join(p.path, STAGING)
     if parts_dir is not None:
-        on_plan = _PartWriter(parts_dir, r.shard_size, on_plan)
+        on_plan = _PartWriter(parts_dir, shard_size, on_plan)
     keep_draft = keep_draft and engine is not None
-    n_samples, draft = _plan(staging, r.srcs, r.tsets, r.langs, r.min_langs, r.drop_flagged, r.shard_size, r.seed,
-                             r.lineage, engine, on_plan, keep_draft, write_plan=parts_dir is None and not keep_draft)
-    n_shards = -(-n_samples // r.shard_size)
+    n_samples, draft = _plan(staging, r.srcs, r.tsets, params["langs"], min_langs, params["drop_flagged"], shard_size,
+                             params["seed"], r.lineage, engine, on_plan, keep_draft,
+                             write_plan=parts_dir is None and not keep_draft)
+    n_shards = -(-n_samples // shard_size)
     return BuildPlan(p.root, p.name, p.version, p.path, False, n_samples, n_shards,
                      f"planned {n_samples} samples in {n_shards} shards", draft)
 
@@ -426,6 +416,17 @@ def _lineage_rows(name, version, srcs, tsets, params) -> list[list[str]]:
     return rows
 
 
+@contextmanager
+def _duckdb(engine=None):
+    """A connection to ``engine``'s DuckDB instance (a cursor), or to a new one when None (creating
+    an instance costs ~13 ms: one per step, not one per catalog or manifest call); closed after."""
+    con = duckdb.connect() if engine is None else engine.cursor()
+    try:
+        yield con
+    finally:
+        con.close()
+
+
 def _columns(files: list[str]) -> set[str]:
     """The union of the parquet files' column names (footers only)."""
     out: set[str] = set()
@@ -439,22 +440,19 @@ def _columns(files: list[str]) -> set[str]:
 
 def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed, lineage, engine=None,
           on_plan=None, keep_draft=False, write_plan=True) -> tuple[int, tuple[str, str] | None]:
-    # A cursor of the caller's DuckDB instance when given (creating an instance costs ~60 ms); its
-    # temp tables vanish with it.
+    # The plan's temp tables vanish with its connection.
     from concurrent.futures import ThreadPoolExecutor
 
-    own = engine is None
-    con = duckdb.connect() if own else engine.cursor()
     pool = ThreadPoolExecutor(1)
     try:
-        tar_index = pool.submit(_index_tars, srcs)
-        con.execute("SET threads TO 2")
-        boxes = _load_sources(con, srcs, tar_index, seed)
-        return _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, boxes, lineage,
-                         on_plan, keep_draft, write_plan)
+        with _duckdb(engine) as con:
+            tar_index = pool.submit(_index_tars, srcs)
+            con.execute("SET threads TO 2")
+            boxes = _load_sources(con, srcs, tar_index, seed)
+            return _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, boxes, lineage,
+                             on_plan, keep_draft, write_plan)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        con.close()
 
 
 def _finished_shards(source_path: str, ext: str) -> list[str]:
@@ -589,18 +587,13 @@ def _load_sources(con, srcs, tar_index, seed: int = 0) -> bool:
 
 def _load_translations(con, tsets, langs, dedupe: bool = False) -> dict[str, str]:
     """Per target language of ``langs``, the SQL relation of its translations (text_sha, tgt_text,
-    ok, the scores, set_rank) to join the captions with; and the temp table ``tsets`` (the sets).
+    ok, the scores, set_rank) to join the captions with.
 
     A language with one translation set reads its parquet parts straight into the join (nothing is
     materialised): :func:`_assemble` checks that no caption found two translations there. A
     language with several sets -- or every language, with ``dedupe`` (a text translated twice in
     one set) -- goes through the temp table ``best``, which keeps one translation per text and
     language: an ok one first, then the preferred set, then a fixed tie-break."""
-    if not dedupe:  # (the first call)
-        sets = [(lang, rank, t.model_id, t.decode_id) for lang, ts in tsets.items() for rank, t in enumerate(ts)]
-        con.execute("CREATE TEMP TABLE tsets (lang VARCHAR, set_rank INTEGER, model_id VARCHAR, decode_id VARCHAR)")
-        if sets:
-            con.execute("INSERT INTO tsets VALUES " + ", ".join("(?, ?, ?, ?)" for _ in sets), [v for row in sets for v in row])
     score_types = {c: _score_type(c) for c in SCORE_COLUMNS}
     rels, best_parts = {}, []
     for lang in langs:
@@ -825,7 +818,7 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
             cols.append(f"CASE WHEN {pres[i]} THEN {src} END AS {_ident(f'{field}_{lang}')}")
     caption_texts_sql = (f"SELECT k.key, k.caption_index, c.caption_id, {', '.join(cols)} "
                          "FROM kept_rows k JOIN cj c ON c.rowid = k.rid ORDER BY k.key_rank, k.caption_index")
-    sets = con.execute("SELECT lang, set_rank, model_id, decode_id FROM tsets ORDER BY lang, set_rank").fetchall()
+    sets = sorted((lang, rank, t.model_id, t.decode_id) for lang, ts in tsets.items() for rank, t in enumerate(ts))
     # Drafted in memory when there is room (see manifest.scratch_draft_path): shards may be being
     # written meanwhile, by this process or by shard tasks.
     scratch = manifest.scratch_draft_path(2 * int(pc.sum(plan.column("json_size")).as_py()))
@@ -842,13 +835,11 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
         manifest.discard_draft(draft_path)
         raise
     con.execute(f"DETACH {alias}")
-    if scratch:  # into staging (no fsync: a lost staging file is planned again)
-        try:
-            _write_staging(os.path.join(staging, manifest.PARTIAL), lambda tmp: shutil.copyfile(scratch, tmp))
-        finally:
-            manifest.discard_draft(scratch)
-    else:
-        os.replace(draft_path, os.path.join(staging, manifest.PARTIAL))
+    try:  # no fsync: a lost staging file is planned again
+        manifest.place_draft(draft_path, os.path.join(staging, manifest.PARTIAL), durable=False)
+    except BaseException:
+        manifest.discard_draft(draft_path)
+        raise
     return n, None
 
 
@@ -964,8 +955,8 @@ def _write_staging_json(path: str, obj) -> None:
 
 
 def shard_groups(shard_ids, shards_per_task: int) -> list[list[int]]:
-    """``shard_ids`` (a sequence, or a count: ``range(n)``) in groups of ``shards_per_task``: one task each."""
-    ids = list(range(shard_ids)) if isinstance(shard_ids, int) else [int(s) for s in shard_ids]
+    """``shard_ids`` in groups of ``shards_per_task``: one task each."""
+    ids = [int(s) for s in shard_ids]
     per = max(1, int(shards_per_task))
     return [ids[i:i + per] for i in range(0, len(ids), per)]
 
@@ -1037,18 +1028,12 @@ def finalize_build(dataset_path: str, record_catalog: bool = True, root: str | N
     record the catalog entry. ``pending``: a callable waiting for shards still being written.
     ``draft``: the plan's manifest draft still ATTACHed to ``engine`` (``plan_build(keep_draft=True)``);
     otherwise ``_build/manifest.partial.duckdb`` is completed."""
-    if engine is not None:
-        return _finalize(dataset_path, record_catalog, root, engine, pending, draft)
-    engine = duckdb.connect()  # one instance for the manifest and the catalog (~13 ms each)
-    try:
-        return _finalize(dataset_path, record_catalog, root, engine, pending, draft)
-    finally:
-        engine.close()
+    with _duckdb(engine) as con:  # one instance for the manifest and the catalog
+        return _finalize(dataset_path, record_catalog, root, con, pending, draft)
 
 
-def _finalize(dataset_path: str, record_catalog: bool, root: str | None, engine, pending,
+def _finalize(dataset_path: str, record_catalog: bool, root: str | None, con, pending,
               draft: tuple[str, str] | None) -> BuildResult:
-    """See :func:`finalize_build` (``engine`` given)."""
     from storage.manifest import finish_draft, write_manifest
 
     staging = os.path.join(dataset_path, STAGING)
@@ -1060,19 +1045,15 @@ def _finalize(dataset_path: str, record_catalog: bool, root: str | None, engine,
         return [json.load(open(f)) for f in sorted(glob.glob(os.path.join(staging, "shard-*.tar.index.json")))]
 
     if draft is not None:
-        con = engine.cursor()
-        try:
-            s = finish_draft(con, draft[0], draft[1], dataset_path, shard_records, lineage)
-        finally:
-            con.close()
+        s = finish_draft(con, draft[0], draft[1], dataset_path, shard_records, lineage)
     else:
-        s = write_manifest(dataset_path, shard_records, lineage, engine=engine)
+        s = write_manifest(dataset_path, shard_records, lineage, engine=con)
     atomic.write_json(os.path.join(dataset_path, COMPLETE), {
         "name": lineage["name"], "version": lineage["version"], "n_samples": s["n_samples"],
         "n_shards": s["n_shards"]})
     shutil.rmtree(staging, ignore_errors=True)
     if record_catalog:
-        Catalog(root, engine).record(Artifact(
+        Catalog(root, con).record(Artifact(
             version=lineage["version"], kind="dataset", name=lineage["name"], path=dataset_path,
             params=lineage["params"], parents=lineage["parents"],
             stats={"n_samples": s["n_samples"], "n_shards": s["n_shards"], "bytes": s["bytes"],

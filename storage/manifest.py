@@ -184,20 +184,36 @@ def finish_draft(con, alias: str, path: str, dataset_path: str, shards, lineage:
             discard_draft(path)  # a staging draft stays for the next attempt; a scratch one would leak
         raise
     con.execute(f"DETACH {alias}")  # checkpoints into the file
-    if _in_scratch(path):  # copied to the dataset's filesystem, fsynced there
+    place_draft(path, final, durable=True)
+    return out
+
+
+def place_draft(path: str, dest: str, durable: bool) -> None:
+    """Move a detached draft to ``dest``, atomically: a scratch draft is copied there and removed,
+    any other renamed. ``durable``: fsynced first (the dataset's manifest; not a staging file)."""
+    if _in_scratch(path):
         import shutil
 
-        with atomic.atomic_path(final) as tmp:
-            shutil.copyfile(path, tmp)
+        if durable:
+            with atomic.atomic_path(dest) as tmp:
+                shutil.copyfile(path, tmp)
+        else:
+            tmp = os.path.join(os.path.dirname(dest), f".tmp-{os.getpid()}-{os.path.basename(dest)}")
+            try:
+                shutil.copyfile(path, tmp)
+                os.replace(tmp, dest)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
         discard_draft(path)
-        return out
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(path, final)
-    return out
+        return
+    if durable:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.replace(path, dest)
 
 
 SCRATCH_DIR = "/dev/shm"  # a memory filesystem: fsync there costs nothing

@@ -237,7 +237,8 @@ def test_planned_shard_writer_matches_the_reference_writer(tmp_path):
     src = str(tmp_path / "src.tar")
     with tarfile.open(src, "w", format=tarfile.USTAR_FORMAT) as tar:
         for i in range(30):
-            for name, blob in ((f"{i:09d}.jpg", make_jpeg(i)), (f"{i:09d}.json", b"{}")):
+            # Image 0 is empty (no data block at all): layouts must not assume one.
+            for name, blob in ((f"{i:09d}.jpg", make_jpeg(i) if i else b""), (f"{i:09d}.json", b"{}")):
                 info = tarfile.TarInfo(name)
                 info.size = len(blob)
                 tar.addfile(info, __import__("io").BytesIO(blob))
@@ -246,6 +247,8 @@ def test_planned_shard_writer_matches_the_reference_writer(tmp_path):
     keys = [f"k-{i}" for i in range(30)][::-1]
     where = [index[f"{i:09d}"] for i in range(30)][::-1]
     metas = [json.dumps({"i": i, "t": "ü" * i}).encode() for i in range(30)]
+    metas[3] = json.dumps({"t": "x" * 503}).encode()  # exactly one block: no padding after it
+    assert len(metas[3]) == 512
     ref = KLingualShardWriter(str(tmp_path / "ref.tar"))
     for key, (off, size), meta in zip(keys, where, metas):
         with open(src, "rb") as f:

@@ -169,11 +169,11 @@ def write_planned_shard(path: str, keys: list[str], sources: list[str], src_offs
     """Write one shard whose images lie in other tars (image ``i``: ``src_sizes[i]`` bytes at
     ``src_offsets[i]`` of file ``sources[i]``). Samples are laid out chunk by chunk in one reused
     buffer (about ``chunk_bytes``; a bigger sample gets a chunk of its own). Every tar member starts
-    on a 512-byte block, so the buffer is seen as blocks: a chunk is zeroed, its headers (from
-    :func:`ustar_headers`) and its json blocks go in with one numpy assignment each, and each image
-    is read once, by ``preadv`` straight into its place -- the only per-sample Python. Each chunk is
-    hashed while it is hot in cache, written, and its writeback started; one fsync, then the
-    rename. Byte-identical to :class:`KLingualShardWriter` given the same samples; ``members`` is
+    on a 512-byte block, so the buffer is seen as blocks: a chunk's headers (from
+    :func:`ustar_headers`), its json blocks (padded) and the zeros under each image's padding go in
+    with one numpy assignment each, and each image is read once, by ``preadv`` straight into its
+    place -- the only per-sample Python. Each chunk is hashed while it is hot in cache, written,
+    and its writeback started; one fsync, then the rename. Byte-identical to :class:`KLingualShardWriter` given the same samples; ``members`` is
     left empty (the layout is :func:`shard_layout`)."""
     n = len(keys)
     if len(set(keys)) != n:
@@ -211,9 +211,14 @@ def write_planned_shard(path: str, keys: list[str], sources: list[str], src_offs
             while j < n and st[j + 1] - base <= chunk_bytes:
                 j += 1
             fill = (total if j >= n else st[j]) - base
-            blocks[:fill // BLOCK] = 0
+            if j >= n:  # end of archive: two zero blocks, padded to a whole record
+                blocks[(st[n] - base) // BLOCK:fill // BLOCK] = 0
             if j > i:
                 at = first[i:j] - base // BLOCK
+                # Zeroed: each image's last block, where the image's padding lies (the reads fill
+                # the rest); every other block of the chunk is written whole below.
+                ends = (at + img_blocks[i:j])[img_blocks[i:j] > 0]
+                blocks[ends] = 0
                 blocks[at] = headers[2 * i:2 * j:2]
                 json_at = at + 1 + img_blocks[i:j]
                 blocks[json_at] = headers[2 * i + 1:2 * j:2]

@@ -255,10 +255,12 @@ def test_planned_shard_writer_matches_the_reference_writer(tmp_path):
             f.seek(off)
             ref.add(key, f.read(size), meta)
     ref_info = ref.close()
-    info = write_planned_shard(str(tmp_path / "fast.tar"), keys, [src] * 30, [w[0] for w in where],
-                               [w[1] for w in where], metas, chunk_bytes=4096)  # many small chunks
-    assert open(tmp_path / "fast.tar", "rb").read() == open(tmp_path / "ref.tar", "rb").read()
-    assert (info.bytes, info.sha256) == (ref_info.bytes, ref_info.sha256)
+    # Chunks of a few samples, and samples each bigger than a chunk (one chunk each).
+    for chunk_bytes in (4096, 1):
+        info = write_planned_shard(str(tmp_path / "fast.tar"), keys, [src] * 30, [w[0] for w in where],
+                                   [w[1] for w in where], metas, chunk_bytes=chunk_bytes)
+        assert open(tmp_path / "fast.tar", "rb").read() == open(tmp_path / "ref.tar", "rb").read()
+        assert (info.bytes, info.sha256) == (ref_info.bytes, ref_info.sha256)
     starts, total = shard_layout([w[1] for w in where], [len(m) for m in metas])
     assert total == ref_info.bytes and [int(s) + 512 for s in starts[:-1]] == [m.jpg_offset for m in ref_info.members]
 

@@ -173,8 +173,9 @@ def write_planned_shard(path: str, keys: list[str], sources: list[str], src_offs
     :func:`ustar_headers`), its json blocks (padded) and the zeros under each image's padding go in
     with one numpy assignment each, and each image is read once, by ``preadv`` straight into its
     place -- the only per-sample Python. Each chunk is hashed while it is hot in cache, written,
-    and its writeback started; one fsync, then the rename. Byte-identical to :class:`KLingualShardWriter` given the same samples; ``members`` is
-    left empty (the layout is :func:`shard_layout`)."""
+    and its writeback started; one fsync, then the rename. Byte-identical to
+    :class:`KLingualShardWriter` given the same samples; ``members`` is left empty (the layout is
+    :func:`shard_layout`)."""
     n = len(keys)
     if len(set(keys)) != n:
         raise ValueError(f"duplicate sample key in {path}")

@@ -447,12 +447,20 @@ def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed
     try:
         with _duckdb(engine) as con:
             tar_index = pool.submit(_index_tars, srcs)
-            con.execute("SET threads TO 2")
+            con.execute(f"SET threads TO {_plan_threads()}")
             boxes = _load_sources(con, srcs, tar_index, seed)
             return _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, boxes, lineage,
                              on_plan, keep_draft, write_plan)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _plan_threads() -> int:
+    """DuckDB threads for the plan: half the CPUs. Shards are written while the plan is still
+    being made (and its manifest tables after it), and the shard threads keep the other half busy;
+    on a 2-core machine a second DuckDB thread only contends with them (measured: the build used
+    about 10% less CPU with one)."""
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def _finished_shards(source_path: str, ext: str) -> list[str]:

@@ -459,7 +459,7 @@ def _plan_threads() -> int:
     """DuckDB threads for the plan: half the CPUs. Shards are written while the plan is still
     being made (and its manifest tables after it), and the shard threads keep the other half busy;
     on a 2-core machine a second DuckDB thread only contends with them (measured: the build used
-    about 10% less CPU with one)."""
+    5-10% less CPU with one)."""
     return max(1, (os.cpu_count() or 2) // 2)
 
 

@@ -187,12 +187,16 @@ def write_planned_shard(path: str, keys: list[str], sources: list[str], src_offs
     names = [f"{k}{ext}" for k in keys for ext in (".jpg", ".json")]
     headers = ustar_headers(names, np.stack([src_sizes, json_sizes], axis=1).reshape(-1))
     starts, total = shard_layout(src_sizes, json_sizes)
-    # In blocks: sample i is [jpg header][image: img_blocks[i]][json header][json: json_blocks[i]].
-    first = starts[:-1] // BLOCK
+    # In blocks: sample i is [jpg header][image: img_blocks[i]][json header][json: json_blocks[i]];
+    # where each of them lies in the shard (block numbers), and its json blocks' source rows.
     img_blocks, json_blocks = -(-src_sizes // BLOCK), -(-json_sizes // BLOCK)
+    jpg_at = starts[:-1] // BLOCK
+    img_end = (jpg_at + img_blocks)[img_blocks > 0]  # an image's last block: its padding lies there
+    img_from = np.concatenate([[0], np.cumsum(img_blocks > 0)])
+    json_at = jpg_at + img_blocks + 1
+    json_from = np.concatenate([[0], np.cumsum(json_blocks)])
+    json_dst = np.repeat(json_at + 1 - json_from[:-1], json_blocks) + np.arange(json_from[-1])
     json_data = np.frombuffer(b"".join(m + _ZERO[:-len(m) % BLOCK] for m in metas), dtype=np.uint8).reshape(-1, BLOCK)
-    json_from = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(json_blocks, out=json_from[1:])
     st, ss, offs = starts.tolist(), src_sizes.tolist(), [int(x) for x in src_offsets]
     biggest = int((starts[1:] - starts[:-1]).max()) if n else 0
     buf = bytearray(max(int(chunk_bytes), biggest) + 2 * BLOCK + RECORD)  # also holds the archive's end
@@ -214,18 +218,13 @@ def write_planned_shard(path: str, keys: list[str], sources: list[str], src_offs
             fill = (total if j >= n else st[j]) - base
             if j >= n:  # end of archive: two zero blocks, padded to a whole record
                 blocks[(st[n] - base) // BLOCK:fill // BLOCK] = 0
-            if j > i:
-                at = first[i:j] - base // BLOCK
-                # Zeroed: each image's last block, where the image's padding lies (the reads fill
-                # the rest); every other block of the chunk is written whole below.
-                ends = (at + img_blocks[i:j])[img_blocks[i:j] > 0]
-                blocks[ends] = 0
-                blocks[at] = headers[2 * i:2 * j:2]
-                json_at = at + 1 + img_blocks[i:j]
-                blocks[json_at] = headers[2 * i + 1:2 * j:2]
-                counts = json_blocks[i:j]
-                within = np.arange(int(json_from[j] - json_from[i])) - np.repeat(json_from[i:j] - json_from[i], counts)
-                blocks[np.repeat(json_at + 1, counts) + within] = json_data[json_from[i]:json_from[j]]
+            # Zeroed: each image's last block (the read fills all but its padding); every other
+            # block of the chunk is written whole.
+            b0 = base // BLOCK
+            blocks[img_end[img_from[i]:img_from[j]] - b0] = 0
+            blocks[jpg_at[i:j] - b0] = headers[2 * i:2 * j:2]
+            blocks[json_at[i:j] - b0] = headers[2 * i + 1:2 * j:2]
+            blocks[json_dst[json_from[i]:json_from[j]] - b0] = json_data[json_from[i]:json_from[j]]
             for k in range(i, j):
                 fd = fds.get(sources[k])
                 if fd is None:

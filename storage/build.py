@@ -448,11 +448,32 @@ def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed
         with _duckdb(engine) as con:
             tar_index = pool.submit(_index_tars, srcs)
             con.execute(f"SET threads TO {_plan_threads()}")
+            # Temp tables beyond the memory limit spill here (DuckDB's default: .tmp in the cwd).
+            con.execute(f"SET temp_directory = {_sql_str(os.path.join(staging, 'duckdb-tmp'))}")
+            try:
+                con.execute(f"SET memory_limit = {_sql_str(plan_memory_limit())}")
+            except duckdb.Error as exc:
+                raise CCRKError(f"CCRK_BUILD_MEMORY={plan_memory_limit()!r} is not a DuckDB memory size: {exc}") from None
             boxes = _load_sources(con, srcs, tar_index, seed)
             return _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, boxes, lineage,
                              on_plan, keep_draft, write_plan)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def plan_memory_limit() -> str:
+    """DuckDB's memory limit while planning: ``CCRK_BUILD_MEMORY`` (a DuckDB size, e.g. ``8GB``)
+    or a third of the machine's memory (DuckDB's own default is 80%; the plan's Arrow buckets, the
+    shard writers and the manifest draft need the rest). Beyond it the temp tables spill to
+    ``_build/duckdb-tmp``."""
+    value = os.environ.get("CCRK_BUILD_MEMORY", "").strip()
+    if value:
+        return value
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return "80%"
+    return f"{max(256, total // 3 >> 20)}MB"
 
 
 def _plan_threads() -> int:
@@ -508,18 +529,19 @@ def cached_tar_index(tar: str) -> tuple[list[str], list[int], list[int]]:
 
 
 def _index_tars(srcs) -> pa.Table:
-    """Where every image lies in its source's finished img2dataset tars (headers only)."""
-    loc_rows = {"source": [], "shard_key": [], "tar_path": [], "offset": [], "size": []}
+    """Where every image lies in its source's finished img2dataset tars (headers only). Built tar by
+    tar as Arrow arrays (no Python object per image beyond one tar's)."""
+    schema = pa.schema([("source", pa.string()), ("shard_key", pa.string()), ("tar_path", pa.string()),
+                        ("offset", pa.int64()), ("size", pa.int64())])
+    parts = [schema.empty_table()]
     for s in srcs:
         for tar in _finished_shards(s.path, ".tar"):
             keys, offsets, sizes = cached_tar_index(tar)
-            loc_rows["source"] += [s.name] * len(keys)
-            loc_rows["shard_key"] += keys
-            loc_rows["tar_path"] += [tar] * len(keys)
-            loc_rows["offset"] += offsets
-            loc_rows["size"] += sizes
-    return pa.table(loc_rows, schema=pa.schema([("source", pa.string()), ("shard_key", pa.string()),
-                                                ("tar_path", pa.string()), ("offset", pa.int64()), ("size", pa.int64())]))
+            n = len(keys)
+            parts.append(pa.table([pa.repeat(pa.scalar(s.name, pa.string()), n), pa.array(keys, pa.string()),
+                                   pa.repeat(pa.scalar(tar, pa.string()), n), pa.array(offsets, pa.int64()),
+                                   pa.array(sizes, pa.int64())], schema=schema))
+    return pa.concat_tables(parts)
 
 
 def _load_sources(con, srcs, tar_index, seed: int = 0) -> bool:
@@ -766,58 +788,71 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
         FROM cj c JOIN img i USING (source, image_key)
         WHERE c.drop_reason IS NULL"""
 
-    # Every kept caption's json fragments in one query, in dataset order; then the samples' json in
-    # chunks of that order (1, 2, 4, ... shards' worth of samples), each handed to ``on_plan`` (which
-    # may start writing the shards it completes) before the next chunk is made.
-    rows = _arrow(con.sql(rows_sql))
-    rows = rows.take(pc.sort_indices(rows, sort_keys=[(c, "ascending") for c in sort_cols]))  # nulls last
-    starts = _sample_starts(rows)
-    ends, size = [], int(shard_size)
-    while size < len(starts):
-        ends.append(int(starts[size]))
-        size = 2 * size + int(shard_size)
-    ends.append(rows.num_rows)
-    plans, kept_parts, seen, n, lo = [], [], set(), 0, 0
-    for chunk, hi in enumerate(ends):
-        part = None
-        if hi > lo:
-            part, kept_part = _plan_table(rows.slice(lo, hi - lo), langs, shard_size, n, seen)
-            plans.append(part)
-            kept_parts.append(kept_part)
-            n += part.num_rows
-        if on_plan is not None:
-            on_plan(os.path.dirname(staging), part, chunk == len(ends) - 1)
-        lo = hi
-    del rows
+    # The kept captions' json fragments in dataset order, bucket by bucket: the samples are ordered
+    # by their draw (an md5 in hex) first, so buckets of draw-prefix ranges, taken in turn, are that
+    # order in pieces -- memory holds one bucket's rows, whatever the dataset's size (one bucket up
+    # to PLAN_BUCKET_ROWS kept captions). Each bucket's samples are planned in chunks (1, 2, 4, ...
+    # shards' worth of samples overall), each handed to ``on_plan`` (which may start writing the
+    # shards it completes) before the next is made; what the manifest needs of them goes into
+    # DuckDB temp tables (which spill to disk) bucket by bucket.
+    n_kept = con.execute("SELECT count(*) FROM cj WHERE drop_reason IS NULL").fetchall()[0][0]
+    buckets = _draw_buckets(n_kept, plan_bucket_rows())
+    plan_writer = _PlanWriter(os.path.join(staging, "plan.parquet")) if write_plan else None
+    n, json_bytes, carry, next_cut, step = 0, 0, (-1, 0), int(shard_size), int(shard_size)
+    try:
+        for b, where in enumerate(buckets):
+            last_bucket = b == len(buckets) - 1
+            rows = _arrow(con.sql(rows_sql + where))
+            rows = rows.take(pc.sort_indices(rows, sort_keys=[(c, "ascending") for c in sort_cols]))  # nulls last
+            starts = _sample_starts(rows)
+            ends = []
+            while next_cut - n < len(starts):
+                ends.append(int(starts[next_cut - n]))
+                next_cut += next_cut + step
+            ends.append(rows.num_rows)
+            samples_parts, kept_parts, lo = [], [], 0
+            for hi in ends:
+                last = last_bucket and hi == ends[-1]
+                part = None
+                if hi > lo:
+                    part, kept_part = _plan_table(rows.slice(lo, hi - lo), langs, shard_size, n)
+                    members, carry = manifest.planned_members(part, carry)
+                    samples_parts.append(_samples_part(part, members))
+                    kept_parts.append(kept_part)
+                    json_bytes += int(pc.sum(part.column("json_size")).as_py())
+                    n += part.num_rows
+                    if plan_writer is not None:
+                        plan_writer.write(part)
+                elif not last:
+                    continue
+                if on_plan is not None:
+                    on_plan(os.path.dirname(staging), part, last)
+                lo = hi
+            del rows, part
+            # What the manifest needs from Python goes into DuckDB now: from then on the manifest is
+            # pure SQL (a DuckDB scan of an Arrow table needs the GIL, which the shard threads keep busy).
+            for name, parts in (("plan_samples", samples_parts), ("kept_rows", kept_parts)):
+                if parts:
+                    _append_temp(con, name, pa.concat_tables(parts))
+        if plan_writer is not None:
+            plan_writer.close()
+    finally:
+        if plan_writer is not None:
+            plan_writer.abort()
     if n == 0:
         drops, _ = count_drops()
         top = ", ".join(f"{r} ({u}): {c}" for (u, r, _), c in drops.most_common(4) if c)
         raise CCRKError(f"no samples left after the join and the language policy ({top or 'no inputs'})")
-    plan = pa.concat_tables(plans)
-    key_rank = np.empty(n, dtype=np.int64)
-    key_rank[pc.sort_indices(plan.column("key")).to_numpy()] = np.arange(n)  # keys are unique: the rank orders them
-    kept = pa.concat_tables(kept_parts)
-    kept = kept.append_column("key_rank", pa.array(key_rank).take(kept.column("sample")))
-    # What the manifest needs from Python goes into DuckDB first: from then on the manifest is pure
-    # SQL (a DuckDB scan of an Arrow table needs the GIL, which the shard threads keep busy).
-    samples = plan.select(["idx", "key", "shard", "source", "image_key", "source_id", "url", "n_captions", "langs"])
-    members = manifest.planned_members(plan)
-    samples = samples.set_column(2, "shard", pa.array([shard_name(s) for s in range(plan.column("shard")[-1].as_py() + 1)])
-                                 .take(plan.column("shard")))
-    for c in ("jpg_offset", "jpg_size", "json_offset", "json_size"):
-        samples = samples.append_column(c, members.column(c))
-    for name, table in (("plan_samples", samples), ("kept_rows", kept)):
-        con.register(f"{name}_view", table)
-        try:
-            con.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM {name}_view")
-        finally:
-            con.unregister(f"{name}_view")
-    if write_plan:
-        _write_staging(os.path.join(staging, "plan.parquet"), lambda tmp: pq.write_table(plan, tmp))
+    if len(buckets) > 1 or n > int(shard_size):  # keys are checked within each chunk as it is planned
+        dup = con.execute("SELECT key FROM plan_samples GROUP BY key HAVING count(*) > 1 LIMIT 1").fetchall()
+        if dup:
+            same = con.execute("SELECT source, image_key FROM plan_samples WHERE key = ? ORDER BY idx",
+                               [dup[0][0]]).fetchall()
+            raise CCRKError(f"two images map to the sample key {dup[0][0]!r} ({', '.join(f'source {s}, image_key {k!r}' for s, k in same)}): "
+                            "image keys must be unique")
     _, drop_rows = count_drops()  # only the manifest needs them: counted while shards are written
 
-    # The manifest's caption rows: one per kept caption, in (key, caption_index) order through the
-    # keys' integer ranks (cheaper to sort than strings), with English (the normalised source text)
+    # The manifest's caption rows: one per kept caption, in (key, caption_index) order, with English (the normalised source text)
     # and each language's kept translation, its ok flag, set and scores (set where the language is kept).
     cols = [f"norm AS {_ident(f'text_{SOURCE_LANG}')}"] if has_en else []
     for i, lang in enumerate(others):
@@ -825,11 +860,11 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
             src = {"text": f"tx{i}"}.get(field, f"{field}{i}")
             cols.append(f"CASE WHEN {pres[i]} THEN {src} END AS {_ident(f'{field}_{lang}')}")
     caption_texts_sql = (f"SELECT k.key, k.caption_index, c.caption_id, {', '.join(cols)} "
-                         "FROM kept_rows k JOIN cj c ON c.rowid = k.rid ORDER BY k.key_rank, k.caption_index")
+                         "FROM kept_rows k JOIN cj c ON c.rowid = k.rid ORDER BY k.key, k.caption_index")
     sets = sorted((lang, rank, t.model_id, t.decode_id) for lang, ts in tsets.items() for rank, t in enumerate(ts))
     # Drafted in memory when there is room (see manifest.scratch_draft_path): shards may be being
     # written meanwhile, by this process or by shard tasks.
-    scratch = manifest.scratch_draft_path(2 * int(pc.sum(plan.column("json_size")).as_py()))
+    scratch = manifest.scratch_draft_path(2 * json_bytes)
     draft_path = scratch or os.path.join(staging, f".tmp-{os.getpid()}-{manifest.PARTIAL}")
     alias = manifest.open_draft(con, draft_path)
     try:
@@ -849,6 +884,79 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
         manifest.discard_draft(draft_path)
         raise
     return n, None
+
+
+PLAN_BUCKET_ROWS = 100_000  # kept captions per bucket of the plan (held in memory: about 3 KB each at 5 languages)
+
+
+def plan_bucket_rows() -> int:
+    """Kept captions per bucket of the plan: ``CCRK_PLAN_BUCKET_ROWS`` or :data:`PLAN_BUCKET_ROWS`."""
+    value = os.environ.get("CCRK_PLAN_BUCKET_ROWS", "")
+    try:
+        return max(1, int(value)) if value else PLAN_BUCKET_ROWS
+    except ValueError:
+        raise CCRKError(f"CCRK_PLAN_BUCKET_ROWS={value!r} is not a whole number") from None
+
+
+def _draw_buckets(n_rows: int, bucket_rows: int) -> list[str]:
+    """SQL conditions (to append to a WHERE) on the images' draw -- 32 hex digits of an md5 --
+    cutting ``n_rows`` rows into ranges of about ``bucket_rows`` each, in draw order. Cuts fall on
+    3-digit prefixes (4096 of them): an md5 spreads evenly over them."""
+    k = max(1, min(4096, -(-int(n_rows) // max(1, int(bucket_rows)))))
+    cuts = [f"{(4096 * j) // k:03x}" for j in range(1, k)]
+    out = []
+    for j in range(k):
+        cond = ([f"i.draw >= '{cuts[j - 1]}'"] if j else []) + ([f"i.draw < '{cuts[j]}'"] if j < k - 1 else [])
+        out.append("".join(f" AND {c}" for c in cond))
+    return out
+
+
+class _PlanWriter:
+    """``plan.parquet`` written chunk by chunk (under a temporary name, renamed on ``close``)."""
+
+    def __init__(self, path: str):
+        self.path, self.tmp, self.writer = path, os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}"), None
+
+    def write(self, part: pa.Table) -> None:
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.tmp, part.schema)
+        self.writer.write_table(part.cast(self.writer.schema))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+            os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def _samples_part(part: pa.Table, members: pa.Table) -> pa.Table:
+    """The manifest's sample rows (:data:`storage.manifest.SAMPLE_COLUMNS`) of a chunk of the plan."""
+    shard = part.column("shard").to_numpy()
+    first = int(shard[0])
+    names = pa.array([shard_name(s) for s in range(first, int(shard[-1]) + 1)]).take(pa.array(shard - first))
+    samples = part.select(["idx", "key", "shard", "source", "image_key", "source_id", "url", "n_captions", "langs"])
+    samples = samples.set_column(2, "shard", names)
+    for c in ("jpg_offset", "jpg_size", "json_offset", "json_size"):
+        samples = samples.append_column(c, members.column(c))
+    return samples
+
+
+def _append_temp(con, name: str, table: pa.Table) -> None:
+    """Append ``table`` to the temp table ``name`` (created by the first call)."""
+    con.register(f"{name}_view", table)
+    try:
+        exists = con.execute("SELECT count(*) FROM duckdb_tables() WHERE temporary AND table_name = ?", [name]).fetchall()[0][0]
+        con.execute(f"INSERT INTO {name} SELECT * FROM {name}_view" if exists
+                    else f"CREATE TEMP TABLE {name} AS SELECT * FROM {name}_view")
+    finally:
+        con.unregister(f"{name}_view")
 
 
 def _plan_table(rows: pa.Table, langs, shard_size: int, start: int = 0,
@@ -1093,7 +1201,7 @@ def build_dataset(root=None, name: str = "default", sources=("cc3m", "sbu", "vg"
     shard is written (in background threads) as soon as the plan has its samples -- the plan comes
     in chunks of the seeded order -- while the rest is planned and the manifest's tables that need no
     shard result go into the manifest draft."""
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     engine = duckdb.connect()
     pool = ThreadPoolExecutor(8)  # shard writers: reads, writes, fsync and sha256 release the GIL
@@ -1103,6 +1211,10 @@ def build_dataset(root=None, name: str = "default", sources=("cc3m", "sbu", "vg"
         """Write each shard as soon as the plan has all its samples."""
         rows = complete.add(part, last)
         for sid, shard_rows in split_shards(rows) if rows is not None else []:
+            # A queued shard holds its rows (the sample json): the plan waits while 16 are queued,
+            # so a plan faster than the disk never holds more than that in memory.
+            while len(queued := [f for f in writing[-32:] if not f.done()]) >= 16:
+                wait(queued, return_when=FIRST_COMPLETED)
             writing.append(pool.submit(write_shard_group, dataset_path, [sid], progress, 1, shard_rows))
 
     plan = None

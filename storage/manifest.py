@@ -330,10 +330,12 @@ def _write_shard_indexes(dataset_path: str, shards: list[dict], lineage: dict) -
                       for s in shards]})
 
 
-def planned_members(plan: pa.Table) -> pa.Table:
+def planned_members(plan: pa.Table, carry: tuple[int, int] = (-1, 0)) -> tuple[pa.Table, tuple[int, int]]:
     """Each sample's member offsets (key, jpg_offset, jpg_size, json_offset, json_size) from the
     plan's image and json sizes in dataset order, laid out shard by shard as the build writes them
-    (:func:`storage.shards.shard_layout`). ``plan``: sorted by ``idx``."""
+    (:func:`storage.shards.shard_layout`). ``plan``: sorted by ``idx``; it may be one chunk of the
+    plan: ``carry`` is (shard, end offset of its samples so far) from the chunk before, and the
+    carry after this chunk is returned with the table."""
     import numpy as np
 
     from storage.shards import BLOCK, shard_layout
@@ -344,10 +346,13 @@ def planned_members(plan: pa.Table) -> pa.Table:
     starts = np.empty(len(jpg), dtype=np.int64)
     cuts = np.flatnonzero(np.diff(shard)) + 1
     for lo, hi in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [len(jpg)]))):
-        starts[lo:hi] = shard_layout(jpg[lo:hi], js[lo:hi])[0][:-1]
+        at = shard_layout(jpg[lo:hi], js[lo:hi])[0] + (carry[1] if lo == 0 and shard[0] == carry[0] else 0)
+        starts[lo:hi] = at[:-1]
+        if hi == len(jpg):
+            carry = (int(shard[-1]), int(at[-1]))
     jpg_offset = starts + BLOCK
     return pa.table({"key": plan.column("key"), "jpg_offset": jpg_offset, "jpg_size": jpg,
-                     "json_offset": jpg_offset + jpg + (-jpg % BLOCK) + BLOCK, "json_size": js})
+                     "json_offset": jpg_offset + jpg + (-jpg % BLOCK) + BLOCK, "json_size": js}), carry
 
 
 def connect(dataset_path: str) -> duckdb.DuckDBPyConnection:

@@ -396,3 +396,91 @@ def test_manifest_draft_in_scratch_space_is_cleaned_up_and_optional(root, monkey
     other = build_dataset(root, **{**ARGS, "seed": 1})
     assert used[-1] is None and other.n_samples == 5
     assert manifest.summary(other.path)["n_samples"] == 5
+
+
+def _manifest_rows(path, tables=("samples", "caption_texts", "captions", "shards", "lang_counts", "drops")):
+    con = duckdb.connect(os.path.join(path, "manifest.duckdb"), read_only=True)
+    try:
+        return {t: con.execute(f"SELECT * FROM {t}").fetchall() for t in tables}
+    finally:
+        con.close()
+
+
+def test_plan_in_draw_buckets_with_spilling_gives_the_same_dataset(tmp_path, monkeypatch):
+    """A plan cut into buckets of the seeded order (here one kept caption each) under a small DuckDB
+    memory limit writes the same shards, plan and manifest as one bucket: bucket size only bounds
+    memory."""
+    import pyarrow.parquet as pq
+
+    import storage.build as build_module
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    tiny_corpus(a)
+    tiny_corpus(b)
+    counts = []
+    real = build_module._draw_buckets
+
+    def spy(n_rows, bucket_rows):
+        out = real(n_rows, bucket_rows)
+        counts.append(len(out))
+        return out
+
+    monkeypatch.setattr(build_module, "_draw_buckets", spy)
+    whole = build_dataset(a, **ARGS)
+    whole_plan = pq.read_table(os.path.join(plan_build(a, **{**ARGS, "name": "p"}).path, "_build", "plan.parquet"))
+    monkeypatch.setenv("CCRK_PLAN_BUCKET_ROWS", "1")
+    monkeypatch.setenv("CCRK_BUILD_MEMORY", "64MB")
+    cut = build_dataset(b, **ARGS)
+    cut_plan = pq.read_table(os.path.join(plan_build(b, **{**ARGS, "name": "p"}).path, "_build", "plan.parquet"))
+    assert counts == [1, 1, 7, 7]  # 7 kept captions
+    assert cut.version == whole.version and cut.n_samples == whole.n_samples == 5
+    assert _shard_bytes(cut.path) == _shard_bytes(whole.path)
+    assert _manifest_rows(cut.path) == _manifest_rows(whole.path)
+    assert cut_plan.drop(["tar_path"]).equals(whole_plan.drop(["tar_path"]))
+    assert [os.path.relpath(t, b) for t in cut_plan.column("tar_path").to_pylist()] == \
+        [os.path.relpath(t, a) for t in whole_plan.column("tar_path").to_pylist()]
+    assert not os.path.exists(os.path.join(cut.path, "_build"))  # the spill directory went with the staging
+
+
+def test_draw_buckets_cut_the_md5_range_in_order():
+    from storage.build import _draw_buckets
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE i AS SELECT md5(CAST(range AS VARCHAR)) AS draw FROM range(20000)")
+    for n_rows, per, expect in ((10, 100, 1), (1000, 100, 10), (10 ** 9, 1, 4096)):
+        buckets = _draw_buckets(n_rows, per)
+        assert len(buckets) == expect
+        parts = [con.execute(f"SELECT min(draw), max(draw), count(*) FROM i WHERE true{w}").fetchall()[0]
+                 for w in buckets]
+        assert sum(p[2] for p in parts) == 20000  # every draw in exactly one bucket
+        non_empty = [p for p in parts if p[2]]
+        assert all(x[1] < y[0] for x, y in zip(non_empty, non_empty[1:]))  # in draw order
+        if expect == 10:
+            assert all(1700 <= p[2] <= 2300 for p in parts)  # an md5 spreads evenly
+
+
+def test_two_images_with_one_sample_key_is_a_clear_error(root, monkeypatch):
+    """An unsafe image key is cleaned and given a hash; an image whose raw key is exactly that
+    cleaned name collides with it -- caught whether they fall in one chunk of the plan or not."""
+    import hashlib
+
+    digest = hashlib.sha1(b"coco-a b").hexdigest()[:10]
+    write_source(root, "coco", "c1", [{"id": "a b", "captions": ["a red circle"]},
+                                      {"id": f"a_b-{digest}", "captions": ["a blue square"]},
+                                      {"id": "c", "captions": ["a green star"]}])
+    with pytest.raises(CCRKError, match=f"two images map to the sample key 'coco-a_b-{digest}'"):
+        build_dataset(root, name="k", sources=["coco"], langs="en", shard_size=10)
+    monkeypatch.setenv("CCRK_PLAN_BUCKET_ROWS", "1")
+    with pytest.raises(CCRKError, match=f"two images map to the sample key 'coco-a_b-{digest}'.*image keys must be unique"):
+        build_dataset(root, name="k", sources=["coco"], langs="en", shard_size=1)
+
+
+def test_build_memory_setting_is_checked(root, monkeypatch):
+    tiny_corpus(root)
+    monkeypatch.setenv("CCRK_BUILD_MEMORY", "lots")
+    with pytest.raises(CCRKError, match="CCRK_BUILD_MEMORY='lots' is not a DuckDB memory size"):
+        build_dataset(root, **ARGS)
+    monkeypatch.setenv("CCRK_BUILD_MEMORY", "")
+    monkeypatch.setenv("CCRK_PLAN_BUCKET_ROWS", "many")
+    with pytest.raises(CCRKError, match="CCRK_PLAN_BUCKET_ROWS='many' is not a whole number"):
+        build_dataset(root, **ARGS)

@@ -798,7 +798,7 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
     n_kept = con.execute("SELECT count(*) FROM cj WHERE drop_reason IS NULL").fetchall()[0][0]
     buckets = _draw_buckets(n_kept, plan_bucket_rows())
     plan_writer = _PlanWriter(os.path.join(staging, "plan.parquet")) if write_plan else None
-    n, json_bytes, carry, next_cut, step = 0, 0, (-1, 0), int(shard_size), int(shard_size)
+    n, json_bytes, carry, next_cut, step, made = 0, 0, (-1, 0), int(shard_size), int(shard_size), set()
     try:
         for b, where in enumerate(buckets):
             last_bucket = b == len(buckets) - 1
@@ -810,12 +810,12 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
                 ends.append(int(starts[next_cut - n]))
                 next_cut += next_cut + step
             ends.append(rows.num_rows)
-            samples_parts, kept_parts, lo = [], [], 0
+            samples_parts, kept_parts, lo, seen = [], [], 0, set()  # seen: the bucket's keys
             for hi in ends:
                 last = last_bucket and hi == ends[-1]
                 part = None
                 if hi > lo:
-                    part, kept_part = _plan_table(rows.slice(lo, hi - lo), langs, shard_size, n)
+                    part, kept_part = _plan_table(rows.slice(lo, hi - lo), langs, shard_size, n, seen)
                     members, carry = manifest.planned_members(part, carry)
                     samples_parts.append(_samples_part(part, members))
                     kept_parts.append(kept_part)
@@ -833,7 +833,7 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
             # pure SQL (a DuckDB scan of an Arrow table needs the GIL, which the shard threads keep busy).
             for name, parts in (("plan_samples", samples_parts), ("kept_rows", kept_parts)):
                 if parts:
-                    _append_temp(con, name, pa.concat_tables(parts))
+                    _append_temp(con, name, pa.concat_tables(parts), made)
         if plan_writer is not None:
             plan_writer.close()
     finally:
@@ -843,7 +843,7 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
         drops, _ = count_drops()
         top = ", ".join(f"{r} ({u}): {c}" for (u, r, _), c in drops.most_common(4) if c)
         raise CCRKError(f"no samples left after the join and the language policy ({top or 'no inputs'})")
-    if len(buckets) > 1 or n > int(shard_size):  # keys are checked within each chunk as it is planned
+    if len(buckets) > 1:  # keys were checked within each bucket as it was planned
         dup = con.execute("SELECT key FROM plan_samples GROUP BY key HAVING count(*) > 1 LIMIT 1").fetchall()
         if dup:
             same = con.execute("SELECT source, image_key FROM plan_samples WHERE key = ? ORDER BY idx",
@@ -948,13 +948,13 @@ def _samples_part(part: pa.Table, members: pa.Table) -> pa.Table:
     return samples
 
 
-def _append_temp(con, name: str, table: pa.Table) -> None:
-    """Append ``table`` to the temp table ``name`` (created by the first call)."""
+def _append_temp(con, name: str, table: pa.Table, made: set) -> None:
+    """Append ``table`` to the temp table ``name``, creating it first unless it is in ``made`` (updated)."""
     con.register(f"{name}_view", table)
     try:
-        exists = con.execute("SELECT count(*) FROM duckdb_tables() WHERE temporary AND table_name = ?", [name]).fetchall()[0][0]
-        con.execute(f"INSERT INTO {name} SELECT * FROM {name}_view" if exists
+        con.execute(f"INSERT INTO {name} SELECT * FROM {name}_view" if name in made
                     else f"CREATE TEMP TABLE {name} AS SELECT * FROM {name}_view")
+        made.add(name)
     finally:
         con.unregister(f"{name}_view")
 

@@ -182,3 +182,13 @@ def test_missing_images_or_rows_or_stats_are_inconsistent(tmp_path):
     assert "rows" in check_shard(files)
     (tmp_path / "00000_stats.json").write_text('{"count": 5, "succ')  # killed while writing stats
     assert "stats" in check_shard(files)
+
+
+def test_a_busy_demo_port_is_one_clear_error(tmp_path):
+    from storage.errors import CCRKError
+
+    with serve(str(tmp_path)) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        with pytest.raises(CCRKError, match=f"127.0.0.1:{port}: the port is in use .*corpus.port"):
+            with serve(str(tmp_path), port=port):
+                pass

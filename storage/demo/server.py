@@ -20,6 +20,7 @@ each followed by a file path (``/bad/404/images/x.jpg``):
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import mimetypes
 import os
@@ -165,7 +166,16 @@ def serve(directory: str, port: int = 0, host: str = "127.0.0.1",
     """Serve ``directory`` (plus the bad-case routes) on ``host:port`` until the block exits."""
     state: dict[str, int] = {}
     handler = _make_handler(directory, slow_seconds, state, threading.Lock())
-    httpd = _Server((host, port), handler)
+    try:
+        httpd = _Server((host, port), handler)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        from storage.errors import CCRKError
+
+        raise CCRKError(f"cannot serve the demo corpus on {host}:{port}: the port is in use (another `make demo` "
+                        "or demo server still running?). Stop it, or set corpus.port in the config -- a new port "
+                        "changes the image urls, so the sources are acquired again under new versions") from None
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
                               name="ccrk-loopback-server", daemon=True)
     thread.start()

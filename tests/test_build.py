@@ -185,6 +185,9 @@ def test_cli_build_runs_the_flow_and_prints_the_summary(root, capsys):
     assert "built dataset cli" in out and "drops by reason" in out and "missing_language" in out
     assert main(argv) == 0
     assert "nothing to do" in capsys.readouterr().out
+    assert main([*argv[:4], "cli2", *argv[5:], "--memory", "lots"]) != 0
+    assert "CCRK_BUILD_MEMORY='lots' is not a DuckDB memory size" in capsys.readouterr().err
+    assert os.environ.get("CCRK_BUILD_MEMORY") != "lots"  # --memory holds for its own build only
 
 
 def test_flow_starts_shard_tasks_from_plan_parts_and_matches_the_in_process_build(tmp_path, monkeypatch):

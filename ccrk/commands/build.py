@@ -1,6 +1,9 @@
 """`ccrk build`: join sources, captions and translations into a versioned K-lingual dataset."""
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+
 
 def add_parser(sub) -> None:
     from ccrk.cli import add_root_argument
@@ -23,6 +26,11 @@ def add_parser(sub) -> None:
     p.add_argument("--translations", action="append", default=None, metavar="MODEL_ID/DECODE_ID",
                    help="use only these translation sets, in this priority order (repeatable; default: all)")
     p.add_argument("--shards-per-task", type=int, default=16, help="shards written by one Prefect task")
+    p.add_argument("--memory", default=None, metavar="SIZE",
+                   help="DuckDB's memory limit while planning, e.g. 8GB; beyond it temp tables spill to "
+                        "the dataset's _build/duckdb-tmp (default: CCRK_BUILD_MEMORY, else a third of RAM). "
+                        "The plan holds one bucket of CCRK_PLAN_BUCKET_ROWS kept captions (default 100000) "
+                        "in memory at a time")
     p.set_defaults(func=run, runs_flows=True)
 
 
@@ -52,7 +60,8 @@ def run(args) -> int:
         if not sep or not src or not ver:
             raise CCRKError(f"--source-version {item!r}: expected SOURCE=VERSION")
         versions[src.strip()] = ver.strip()
-    with progress_bar("build shards", None, unit="samples") as advance, shard_progress(advance):
+    with progress_bar("build shards", None, unit="samples") as advance, shard_progress(advance), \
+            _env("CCRK_BUILD_MEMORY", args.memory):  # read by the plan task, in this process
         result = build_flow(root=args.root, name=args.name, sources=list(parse_langs(args.sources)),
                             langs=list(parse_langs(args.langs)), min_langs=args.min_langs,
                             drop_flagged=args.drop_flagged, shard_size=args.shard_size, seed=args.seed,
@@ -60,3 +69,19 @@ def run(args) -> int:
                             shards_per_task=args.shards_per_task)
     print_dataset_summary(result)
     return 0
+
+
+@contextmanager
+def _env(name: str, value: str | None):
+    """``name`` set to ``value`` (unless None) in this process for the block, then as it was."""
+    old = os.environ.get(name)
+    if value:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old

@@ -27,6 +27,7 @@ def progress_bar(description: str, total: int | None, unit: str = "items") -> It
         def advance(n: int = 1) -> None:
             prog.advance(task, n)
 
+        advance.set_total = lambda n: prog.update(task, total=n)  # once it is known
         yield advance
 
 

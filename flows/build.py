@@ -25,7 +25,8 @@ _progress = None  # a callable(n_samples) while the CLI draws a progress bar
 
 @contextmanager
 def shard_progress(callback):
-    """Report each written shard's sample count to ``callback`` while a build runs here."""
+    """Report each written shard's sample count to ``callback`` while a build runs here (and the
+    number of samples planned to ``callback.set_total``, when it has one, as soon as it is known)."""
     global _progress
     _progress = callback
     try:
@@ -41,7 +42,8 @@ def resolve_task(**kwargs) -> build.ResolvedBuild:
 
 @task(name="plan-dataset", cache_policy=NO_CACHE)
 def plan_task(resolved: build.ResolvedBuild, parts_dir: str | None = None) -> build.BuildPlan:
-    return build.plan_resolved(resolved, parts_dir=parts_dir)
+    total = getattr(_progress, "set_total", None)
+    return build.plan_resolved(resolved, parts_dir=parts_dir, on_total=total)
 
 
 @task(name="write-shards", cache_policy=NO_CACHE)

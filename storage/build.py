@@ -308,13 +308,14 @@ def plan_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "
 
 
 def plan_resolved(resolved: ResolvedBuild, engine=None, on_plan=None, keep_draft: bool = False,
-                  parts_dir: str | None = None) -> BuildPlan:
+                  parts_dir: str | None = None, on_total=None) -> BuildPlan:
     """The plan of a resolved, not yet built version (:func:`plan_build` after :func:`resolve_build`).
 
     ``parts_dir``: also hand out the plan as it is made, for shard tasks that start before it is
     done (:func:`ready_parts`): each time some shards have all their samples planned, their rows go
     to ``part-NNNNN.parquet`` there, then ``part-NNNNN.json`` names the shards (written last, by a
-    rename); ``plan.parquet`` is then not written."""
+    rename); ``plan.parquet`` is then not written. ``on_total``: called with the number of samples
+    once the join and the language policy are done, before any is planned (for a progress bar)."""
     r, p = resolved, resolved.plan
     if p.skipped:
         return p
@@ -326,7 +327,7 @@ def plan_resolved(resolved: ResolvedBuild, engine=None, on_plan=None, keep_draft
     keep_draft = keep_draft and engine is not None
     n_samples, draft = _plan(staging, r.srcs, r.tsets, params["langs"], min_langs, params["drop_flagged"], shard_size,
                              params["seed"], r.lineage, engine, on_plan, keep_draft,
-                             write_plan=parts_dir is None and not keep_draft)
+                             write_plan=parts_dir is None and not keep_draft, on_total=on_total)
     n_shards = -(-n_samples // shard_size)
     return BuildPlan(p.root, p.name, p.version, p.path, False, n_samples, n_shards,
                      f"planned {n_samples} samples in {n_shards} shards", draft)
@@ -439,7 +440,7 @@ def _columns(files: list[str]) -> set[str]:
 
 
 def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed, lineage, engine=None,
-          on_plan=None, keep_draft=False, write_plan=True) -> tuple[int, tuple[str, str] | None]:
+          on_plan=None, keep_draft=False, write_plan=True, on_total=None) -> tuple[int, tuple[str, str] | None]:
     # The plan's temp tables vanish with its connection.
     from concurrent.futures import ThreadPoolExecutor
 
@@ -456,7 +457,7 @@ def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed
                 raise CCRKError(f"CCRK_BUILD_MEMORY={plan_memory_limit()!r} is not a DuckDB memory size: {exc}") from None
             boxes = _load_sources(con, srcs, tar_index, seed)
             return _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, boxes, lineage,
-                             on_plan, keep_draft, write_plan)
+                             on_plan, keep_draft, write_plan, on_total)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -685,7 +686,7 @@ def _json_num_sql(expr: str) -> str:
 
 
 def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, boxes, lineage, on_plan=None,
-              keep_draft=False, write_plan=True) -> tuple[int, tuple[str, str] | None]:
+              keep_draft=False, write_plan=True, on_total=None) -> tuple[int, tuple[str, str] | None]:
     """The language policy and drop counting as DuckDB queries over whole columns; each sample's
     json from per-caption SQL fragments joined per sample by Arrow (no per-row Python). Writes the
     plan, then the manifest's plan-determined tables."""
@@ -797,6 +798,9 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
     # DuckDB temp tables (which spill to disk) bucket by bucket.
     n_kept = con.execute("SELECT count(*) FROM cj WHERE drop_reason IS NULL").fetchall()[0][0]
     buckets = _draw_buckets(n_kept, plan_bucket_rows())
+    if on_total is not None:
+        on_total(con.execute("SELECT count(*) FROM (SELECT DISTINCT source, image_key FROM cj "
+                             "WHERE drop_reason IS NULL)").fetchall()[0][0])
     plan_writer = _PlanWriter(os.path.join(staging, "plan.parquet")) if write_plan else None
     n, json_bytes, carry, next_cut, step, made = 0, 0, (-1, 0), int(shard_size), int(shard_size), set()
     try:

@@ -41,9 +41,9 @@ def resolve_task(**kwargs) -> build.ResolvedBuild:
 
 
 @task(name="plan-dataset", cache_policy=NO_CACHE)
-def plan_task(resolved: build.ResolvedBuild, parts_dir: str | None = None) -> build.BuildPlan:
+def plan_task(resolved: build.ResolvedBuild, parts_dir: str | None = None, memory: str | None = None) -> build.BuildPlan:
     total = getattr(_progress, "set_total", None)
-    return build.plan_resolved(resolved, parts_dir=parts_dir, on_total=total)
+    return build.plan_resolved(resolved, parts_dir=parts_dir, on_total=total, memory=memory)
 
 
 @task(name="write-shards", cache_policy=NO_CACHE)
@@ -68,7 +68,7 @@ def build_flow(root: str | None = None, name: str = "default", sources: list[str
                langs: list[str] = ("en", "es", "id", "ru", "tr"), min_langs: int | None = None,
                drop_flagged: bool = False, shard_size: int = 1000, seed: int = 0,
                source_versions: dict | None = None, translations: list[str] | None = None,
-               shards_per_task: int = 16) -> dict:
+               shards_per_task: int = 16, memory: str | None = None) -> dict:
     resolved = resolve_task(root=root, name=name, sources=list(sources), langs=list(langs), min_langs=min_langs,
                             drop_flagged=drop_flagged, shard_size=shard_size, seed=seed,
                             source_versions=source_versions, translations=translations)
@@ -76,7 +76,7 @@ def build_flow(root: str | None = None, name: str = "default", sources: list[str
     if plan.skipped:
         result = build.skipped_result(plan)
     else:
-        plan = _plan_and_write_shards(resolved, shards_per_task)
+        plan = _plan_and_write_shards(resolved, shards_per_task, memory)
         result = finalize_task(plan.path, plan.root)
     publish_table(f"dataset-{name}-drops", result.drops or [{"unit": "-", "reason": "none", "lang": None, "count": 0}],
                   description="rows dropped by the language policy and the join, by reason")
@@ -88,13 +88,14 @@ def build_flow(root: str | None = None, name: str = "default", sources: list[str
     return result.as_dict()
 
 
-def _plan_and_write_shards(resolved: build.ResolvedBuild, shards_per_task: int) -> build.BuildPlan:
+def _plan_and_write_shards(resolved: build.ResolvedBuild, shards_per_task: int,
+                           memory: str | None = None) -> build.BuildPlan:
     """The plan task, and the shard tasks of each group of shards as soon as the plan hands them out
     (its part files); returns the plan once it and every shard task are done."""
     path = resolved.plan.path
     parts = os.path.join(path, build.STAGING, f"parts-{uuid.uuid4().hex[:12]}")
     planned = threading.Event()
-    plan_future = plan_task.submit(resolved, parts)
+    plan_future = plan_task.submit(resolved, parts, memory)
     plan_future.add_done_callback(lambda _: planned.set())
     futures, taken = [], set()
 

@@ -288,7 +288,8 @@ def resolve_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg"
 def plan_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "coco"),
                langs=("en", "es", "id", "ru", "tr"), min_langs: int | None = None, drop_flagged: bool = False,
                shard_size: int = 1000, seed: int = 0, source_versions: dict | None = None,
-               translations=None, engine=None, on_plan=None, keep_draft: bool = False) -> BuildPlan:
+               translations=None, engine=None, on_plan=None, keep_draft: bool = False,
+               memory: str | None = None) -> BuildPlan:
     """Resolve inputs, derive the version, and (unless already built) plan the samples: writes
     ``_build/plan.parquet`` (what the shard tasks read), ``_build/lineage.json`` and the manifest's
     plan-determined tables (``_build/manifest.partial.duckdb``, completed by :func:`finalize_build`).
@@ -299,23 +300,25 @@ def plan_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "
     chunk is planned (e.g. to start writing the shards it completes).
     ``keep_draft`` (with ``engine``): leave the manifest draft ATTACHed to ``engine`` for
     :func:`finalize_build` to complete (``BuildPlan.draft``) and skip ``plan.parquet`` -- for one
-    process running every step (:func:`build_dataset`); a re-run plans again anyway."""
+    process running every step (:func:`build_dataset`); a re-run plans again anyway. ``memory``:
+    DuckDB's limit while planning (:func:`plan_memory_limit`)."""
     resolved = resolve_build(root, name, sources, langs, min_langs, drop_flagged, shard_size, seed,
                              source_versions, translations, engine)
     if resolved.plan.skipped:
         return resolved.plan
-    return plan_resolved(resolved, engine, on_plan, keep_draft)
+    return plan_resolved(resolved, engine, on_plan, keep_draft, memory=memory)
 
 
 def plan_resolved(resolved: ResolvedBuild, engine=None, on_plan=None, keep_draft: bool = False,
-                  parts_dir: str | None = None, on_total=None) -> BuildPlan:
+                  parts_dir: str | None = None, on_total=None, memory: str | None = None) -> BuildPlan:
     """The plan of a resolved, not yet built version (:func:`plan_build` after :func:`resolve_build`).
 
     ``parts_dir``: also hand out the plan as it is made, for shard tasks that start before it is
     done (:func:`ready_parts`): each time some shards have all their samples planned, their rows go
     to ``part-NNNNN.parquet`` there, then ``part-NNNNN.json`` names the shards (written last, by a
     rename); ``plan.parquet`` is then not written. ``on_total``: called with the number of samples
-    once the join and the language policy are done, before any is planned (for a progress bar)."""
+    once the join and the language policy are done, before any is planned (for a progress bar).
+    ``memory``: DuckDB's limit while planning (:func:`plan_memory_limit`)."""
     r, p = resolved, resolved.plan
     if p.skipped:
         return p
@@ -327,7 +330,7 @@ def plan_resolved(resolved: ResolvedBuild, engine=None, on_plan=None, keep_draft
     keep_draft = keep_draft and engine is not None
     n_samples, draft = _plan(staging, r.srcs, r.tsets, params["langs"], min_langs, params["drop_flagged"], shard_size,
                              params["seed"], r.lineage, engine, on_plan, keep_draft,
-                             write_plan=parts_dir is None and not keep_draft, on_total=on_total)
+                             write_plan=parts_dir is None and not keep_draft, on_total=on_total, memory=memory)
     n_shards = -(-n_samples // shard_size)
     return BuildPlan(p.root, p.name, p.version, p.path, False, n_samples, n_shards,
                      f"planned {n_samples} samples in {n_shards} shards", draft)
@@ -440,7 +443,8 @@ def _columns(files: list[str]) -> set[str]:
 
 
 def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed, lineage, engine=None,
-          on_plan=None, keep_draft=False, write_plan=True, on_total=None) -> tuple[int, tuple[str, str] | None]:
+          on_plan=None, keep_draft=False, write_plan=True, on_total=None,
+          memory: str | None = None) -> tuple[int, tuple[str, str] | None]:
     # The plan's temp tables vanish with its connection.
     from concurrent.futures import ThreadPoolExecutor
 
@@ -451,10 +455,12 @@ def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed
             con.execute(f"SET threads TO {_plan_threads()}")
             # Temp tables beyond the memory limit spill here (DuckDB's default: .tmp in the cwd).
             con.execute(f"SET temp_directory = {_sql_str(os.path.join(staging, 'duckdb-tmp'))}")
+            limit = plan_memory_limit(memory)
             try:
-                con.execute(f"SET memory_limit = {_sql_str(plan_memory_limit())}")
+                con.execute(f"SET memory_limit = {_sql_str(limit)}")
             except duckdb.Error as exc:
-                raise CCRKError(f"CCRK_BUILD_MEMORY={plan_memory_limit()!r} is not a DuckDB memory size: {exc}") from None
+                raise CCRKError(f"build memory {limit!r} (--memory or CCRK_BUILD_MEMORY) is not a DuckDB "
+                                f"memory size such as 8GB: {exc}") from None
             boxes = _load_sources(con, srcs, tar_index, seed)
             return _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, boxes, lineage,
                              on_plan, keep_draft, write_plan, on_total)
@@ -462,12 +468,12 @@ def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def plan_memory_limit() -> str:
-    """DuckDB's memory limit while planning: ``CCRK_BUILD_MEMORY`` (a DuckDB size, e.g. ``8GB``)
-    or a third of the machine's memory (DuckDB's own default is 80%; the plan's Arrow buckets, the
+def plan_memory_limit(memory: str | None = None) -> str:
+    """DuckDB's memory limit while planning: ``memory`` (a DuckDB size, e.g. ``8GB``), else
+    ``CCRK_BUILD_MEMORY``, else a third of the machine's memory (DuckDB's own default is 80%; the plan's Arrow buckets, the
     shard writers and the manifest draft need the rest). Beyond it the temp tables spill to
     ``_build/duckdb-tmp``."""
-    value = os.environ.get("CCRK_BUILD_MEMORY", "").strip()
+    value = (memory or os.environ.get("CCRK_BUILD_MEMORY", "")).strip()
     if value:
         return value
     try:
@@ -919,7 +925,7 @@ class _PlanWriter:
     """``plan.parquet`` written chunk by chunk (under a temporary name, renamed on ``close``)."""
 
     def __init__(self, path: str):
-        self.path, self.tmp, self.writer = path, os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}"), None
+        self.path, self.tmp, self.writer = path, _staging_tmp(path), None
 
     def write(self, part: pa.Table) -> None:
         if self.writer is None:
@@ -1048,10 +1054,15 @@ def _arrow(rel) -> pa.Table:
     return out if isinstance(out, pa.Table) else out.read_all()
 
 
+def _staging_tmp(path: str) -> str:
+    """The temporary name a staging file is written under before its rename."""
+    return os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+
+
 def _write_staging(path: str, write) -> None:
     """Write a staging file under a temporary name, then rename: a killed build never leaves a
     half-written one. No fsync -- staging only spares work on resume; a lost file is rebuilt."""
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    tmp = _staging_tmp(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -1199,15 +1210,17 @@ def skipped_result(plan: BuildPlan) -> BuildResult:
 def build_dataset(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "coco"),
                   langs=("en", "es", "id", "ru", "tr"), min_langs: int | None = None, drop_flagged: bool = False,
                   shard_size: int = 1000, seed: int = 0, source_versions: dict | None = None,
-                  translations=None, progress=None) -> BuildResult:
+                  translations=None, progress=None, memory: str | None = None) -> BuildResult:
     """The whole build in this process (the Prefect flow runs the same three steps as tasks), with
     one DuckDB instance for the plan, the manifest and the catalog, and the steps overlapped: each
     shard is written (in background threads) as soon as the plan has its samples -- the plan comes
     in chunks of the seeded order -- while the rest is planned and the manifest's tables that need no
     shard result go into the manifest draft."""
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     engine = duckdb.connect()
+    queued = threading.Semaphore(16)
     pool = ThreadPoolExecutor(8)  # shard writers: reads, writes, fsync and sha256 release the GIL
     writing, complete = [], CompleteShards(shard_size)
 
@@ -1217,14 +1230,15 @@ def build_dataset(root=None, name: str = "default", sources=("cc3m", "sbu", "vg"
         for sid, shard_rows in split_shards(rows) if rows is not None else []:
             # A queued shard holds its rows (the sample json): the plan waits while 16 are queued,
             # so a plan faster than the disk never holds more than that in memory.
-            while len(queued := [f for f in writing[-32:] if not f.done()]) >= 16:
-                wait(queued, return_when=FIRST_COMPLETED)
+            queued.acquire()
             writing.append(pool.submit(write_shard_group, dataset_path, [sid], progress, 1, shard_rows))
+            writing[-1].add_done_callback(lambda _: queued.release())
 
     plan = None
     try:
         plan = plan_build(root, name, sources, langs, min_langs, drop_flagged, shard_size, seed,
-                          source_versions, translations, engine=engine, on_plan=start_shards, keep_draft=True)
+                          source_versions, translations, engine=engine, on_plan=start_shards, keep_draft=True,
+                          memory=memory)
         if plan.skipped:
             return skipped_result(plan)
         if not writing:

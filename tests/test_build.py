@@ -186,7 +186,7 @@ def test_cli_build_runs_the_flow_and_prints_the_summary(root, capsys):
     assert main(argv) == 0
     assert "nothing to do" in capsys.readouterr().out
     assert main([*argv[:4], "cli2", *argv[5:], "--memory", "lots"]) != 0
-    assert "CCRK_BUILD_MEMORY='lots' is not a DuckDB memory size" in capsys.readouterr().err
+    assert "build memory 'lots' (--memory or CCRK_BUILD_MEMORY) is not a DuckDB memory size" in capsys.readouterr().err
     assert os.environ.get("CCRK_BUILD_MEMORY") != "lots"  # --memory holds for its own build only
 
 
@@ -481,7 +481,7 @@ def test_two_images_with_one_sample_key_is_a_clear_error(root, monkeypatch):
 def test_build_memory_setting_is_checked(root, monkeypatch):
     tiny_corpus(root)
     monkeypatch.setenv("CCRK_BUILD_MEMORY", "lots")
-    with pytest.raises(CCRKError, match="CCRK_BUILD_MEMORY='lots' is not a DuckDB memory size"):
+    with pytest.raises(CCRKError, match=r"build memory 'lots' \(--memory or CCRK_BUILD_MEMORY\) is not a DuckDB memory size"):
         build_dataset(root, **ARGS)
     monkeypatch.setenv("CCRK_BUILD_MEMORY", "")
     monkeypatch.setenv("CCRK_PLAN_BUCKET_ROWS", "many")

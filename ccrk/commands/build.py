@@ -1,9 +1,6 @@
 """`ccrk build`: join sources, captions and translations into a versioned K-lingual dataset."""
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
-
 
 def add_parser(sub) -> None:
     from ccrk.cli import add_root_argument
@@ -60,28 +57,12 @@ def run(args) -> int:
         if not sep or not src or not ver:
             raise CCRKError(f"--source-version {item!r}: expected SOURCE=VERSION")
         versions[src.strip()] = ver.strip()
-    with progress_bar("build shards", None, unit="samples") as advance, shard_progress(advance), \
-            _env("CCRK_BUILD_MEMORY", args.memory):  # read by the plan task, in this process
+    with progress_bar("build shards", None, unit="samples") as advance, shard_progress(advance):
         result = build_flow(root=args.root, name=args.name, sources=list(parse_langs(args.sources)),
                             langs=list(parse_langs(args.langs)), min_langs=args.min_langs,
                             drop_flagged=args.drop_flagged, shard_size=args.shard_size, seed=args.seed,
                             source_versions=versions, translations=args.translations,
-                            shards_per_task=args.shards_per_task)
+                            shards_per_task=args.shards_per_task, memory=args.memory)
     print_dataset_summary(result)
     return 0
 
-
-@contextmanager
-def _env(name: str, value: str | None):
-    """``name`` set to ``value`` (unless None) in this process for the block, then as it was."""
-    old = os.environ.get(name)
-    if value:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if value:
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old

@@ -5,7 +5,8 @@ translations in four languages), then times, best of ``--repeat``:
   copy   -- ``shutil.copyfile`` of the source image shards (the bytes the build reads and writes)
   plan   -- the plan step alone, as the Prefect flow runs it (DuckDB join, policy, sample json,
             plan.parquet and the manifest draft) -- a diagnostic row
-  shards -- the shard-writing step alone (plan already made)
+  shards -- the shard-writing step alone (plan already made); and again with CCRK_DIRECT_IO=0
+            (shards written through the page cache rather than with O_DIRECT) -- a diagnostic row
   flow   -- with ``--flow``: the Prefect flow ``ccrk build`` runs (resolve task, plan task, the
             shard-group tasks started from the plan's parts while it runs, finalize task, plus
             Prefect's orchestration) -- a diagnostic row
@@ -160,22 +161,33 @@ def main(argv=None) -> int:
         def plan_only():
             plan_build(root, **kw)
 
-        def shards_only():
+        def shards_only(direct: str | None = None):
             clear_build()
             plan = plan_build(root, **kw)
             os.sync()
-            t0 = time.perf_counter()
-            write_shard_group(plan.path, range(plan.n_shards))
-            return time.perf_counter() - t0
+            before = os.environ.get("CCRK_DIRECT_IO")
+            if direct is not None:
+                os.environ["CCRK_DIRECT_IO"] = direct
+            try:
+                t0 = time.perf_counter()
+                write_shard_group(plan.path, range(plan.n_shards))
+                return time.perf_counter() - t0
+            finally:
+                if before is None:
+                    os.environ.pop("CCRK_DIRECT_IO", None)
+                else:
+                    os.environ["CCRK_DIRECT_IO"] = before
 
         t_copy = best(copy, args.repeat, clear_copy)
         t_build = best(build, args.repeat, clear_build)
         t_shards = min(shards_only() for _ in range(args.repeat))
+        t_shards_cached = min(shards_only("0") for _ in range(args.repeat))
         t_plan = best(plan_only, args.repeat, clear_build)
         t_flow = flow_time(root, kw, args.repeat, clear_build) if args.flow else None
         n = args.images
         rows = [("copy (shutil.copyfile + fsync)", t_copy), ("plan step (join, policy, json, manifest draft)", t_plan),
                 ("shards step (read, tar, sha256, fsync)", t_shards),
+                ("shards step through the page cache (no O_DIRECT)", t_shards_cached),
                 ("whole build (join, policy, shards, manifest)", t_build)]
         if t_flow is not None:
             rows.insert(-1, ("ccrk build flow (Prefect tasks)", t_flow))

@@ -252,20 +252,63 @@ def test_planned_shard_writer_matches_the_reference_writer(tmp_path):
     metas = [json.dumps({"i": i, "t": "ü" * i}).encode() for i in range(30)]
     metas[3] = json.dumps({"t": "x" * 503}).encode()  # exactly one block: no padding after it
     assert len(metas[3]) == 512
-    ref = KLingualShardWriter(str(tmp_path / "ref.tar"))
-    for key, (off, size), meta in zip(keys, where, metas):
-        with open(src, "rb") as f:
-            f.seek(off)
-            ref.add(key, f.read(size), meta)
-    ref_info = ref.close()
-    # Chunks of a few samples, and samples each bigger than a chunk (one chunk each).
-    for chunk_bytes in (4096, 1):
-        info = write_planned_shard(str(tmp_path / "fast.tar"), keys, [src] * 30, [w[0] for w in where],
-                                   [w[1] for w in where], metas, chunk_bytes=chunk_bytes)
-        assert open(tmp_path / "fast.tar", "rb").read() == open(tmp_path / "ref.tar", "rb").read()
-        assert (info.bytes, info.sha256) == (ref_info.bytes, ref_info.sha256)
+    sizes = []
+    for count in (3, 30):  # a shard of 3 ends off a 4 KiB block: the padded last O_DIRECT write is cut back
+        ref = KLingualShardWriter(str(tmp_path / "ref.tar"))
+        for key, (off, size), meta in zip(keys[:count], where[:count], metas[:count]):
+            with open(src, "rb") as f:
+                f.seek(off)
+                ref.add(key, f.read(size), meta)
+        ref_info = ref.close()
+        sizes.append(ref_info.bytes)
+        # Chunks of a few samples, samples each bigger than a chunk (one chunk each), and chunks
+        # that end off a 4 KiB block (the O_DIRECT writer carries the partial block into the next
+        # chunk); through O_DIRECT and through the page cache.
+        for direct in (True, False):
+            for chunk_bytes in (4096, 1, 6000, 1 << 20):
+                info = write_planned_shard(str(tmp_path / "fast.tar"), keys[:count], [src] * count,
+                                           [w[0] for w in where[:count]], [w[1] for w in where[:count]],
+                                           metas[:count], chunk_bytes=chunk_bytes, direct=direct)
+                assert open(tmp_path / "fast.tar", "rb").read() == open(tmp_path / "ref.tar", "rb").read(), \
+                    (count, direct, chunk_bytes)
+                assert (info.bytes, info.sha256) == (ref_info.bytes, ref_info.sha256)
+    assert sizes[0] % 4096
     starts, total = shard_layout([w[1] for w in where], [len(m) for m in metas])
     assert total == ref_info.bytes and [int(s) + 512 for s in starts[:-1]] == [m.jpg_offset for m in ref_info.members]
+
+
+def _fs_type(path: str) -> str:
+    """The filesystem type /proc/mounts gives for ``path`` (its longest mount point)."""
+    best, kind = "", ""
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, mnt, fs = line.split()[:3]
+            if (path + "/").startswith(mnt.rstrip("/") + "/") and len(mnt) >= len(best):
+                best, kind = mnt, fs
+    return kind
+
+
+def test_a_refused_direct_write_goes_through_the_page_cache(tmp_path):
+    """A write O_DIRECT cannot take (here a buffer off any block boundary) switches O_DIRECT off
+    and writes every byte anyway; a filesystem refusing O_DIRECT at open gets a plain fd."""
+    import mmap
+
+    from storage.shards import _open_output, _write_all
+
+    data = bytes(range(256)) * 41
+    buf = mmap.mmap(-1, 3 * 4096)
+    buf[1:1 + len(data)] = data
+    fd, direct = _open_output(str(tmp_path / "f"), True)
+    try:
+        still = _write_all(fd, memoryview(buf)[1:1 + len(data)], direct)
+    finally:
+        os.close(fd)
+    assert open(tmp_path / "f", "rb").read() == data
+    if _fs_type(str(tmp_path)) in ("ext4", "xfs", "btrfs"):  # they refuse a misaligned buffer
+        assert direct and not still
+    fd, direct = _open_output(str(tmp_path / "g"), False)
+    os.close(fd)
+    assert not direct
 
 
 def test_catalog_calls_through_the_build_engine_see_the_same_artifacts(root):

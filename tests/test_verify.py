@@ -126,3 +126,41 @@ def test_rebuild_repairs_a_damaged_version(built, tmp_path):
     assert not again.skipped and again.path == built
     assert verify_dataset(built).ok
     assert Catalog(root).get(again.version) is not None
+
+
+def test_a_jpeg_cut_short_inside_its_scan_does_not_decode(ds):
+    """Verify decodes JPEGs at 1/8 scale; the whole entropy-coded stream is still read, so an image
+    cut short inside its scan data is caught."""
+    import tarfile
+    with tarfile.open(shard(ds)) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    w = KLingualShardWriter(shard(ds))
+    for (jpg_name, jpg), (_, meta) in zip(members[::2], members[1::2]):
+        w.add(jpg_name[:-4], jpg[: len(jpg) * 2 // 3] if jpg_name == members[0][0] else jpg, meta)
+    w.close()
+    report = verify_dataset(ds)
+    assert "corrupted" in report.kinds()
+    assert "image does not decode" in next(p.detail for p in report.problems if p.kind == "corrupted")
+
+
+def test_workers_check_shards_at_once_and_report_in_shard_order(ds, capsys):
+    """Faults in several shards: the same problems, in the same order, with one worker or three;
+    progress counts every shard once."""
+    os.unlink(shard(ds, 0))
+    with open(shard(ds, 2), "r+b") as f:
+        f.truncate(700)
+    with open(shard(ds, 1), "rb") as f:
+        data = bytearray(f.read())
+    data[-1] = 1
+    with open(shard(ds, 1), "wb") as f:
+        f.write(bytes(data))
+    seen = []
+    reports = [verify_dataset(ds, workers=w, progress=seen.append) for w in (1, 3)]
+    as_rows = [[(p.kind, p.shard) for p in r.problems] for r in reports]
+    assert as_rows[0] == as_rows[1]
+    assert [s for _, s in as_rows[0]] == sorted(s for _, s in as_rows[0])  # shard order
+    assert {k for k, _ in as_rows[0]} >= {"missing_shard", "sha256_mismatch", "truncated"}
+    assert reports[0].bytes_read == reports[1].bytes_read and len(seen) == 2 * 3
+    assert main(["verify", ds, "--workers", "2"]) == 1
+    assert main(["verify", ds, "--workers", "0"]) == 2
+    assert "--workers 0 must be at least 1" in capsys.readouterr().err

@@ -6,6 +6,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("verify", help="re-read every shard of a dataset and report faults")
     p.add_argument("dataset_dir", help="a dataset version directory (datasets/<name>/<version>)")
     p.add_argument("--quick", action="store_true", help="sizes and sha256 only (do not parse samples)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="shards checked at once, in threads (default: one per CPU)")
     p.set_defaults(func=run)
 
 
@@ -16,7 +18,8 @@ def run(args) -> int:
 
     total = len(shard_records(args.dataset_dir))
     with progress_bar("verify shards", total, unit="shards") as advance:
-        report = verify_dataset(args.dataset_dir, deep=not args.quick, progress=advance)
+        report = verify_dataset(args.dataset_dir, deep=not args.quick, progress=advance,
+                                workers=args.workers)
     if report.ok:
         console.print(f"ok: {report.n_shards} shards, {report.n_samples} samples, "
                       f"{report.bytes_read:,} bytes verified in {report.path}")

@@ -7,7 +7,7 @@ one report comparing them side by side.
 paper scale (configs/ccr10-e.yaml): the same chain on the official metadata URLs (or local
 copies), a real M2M-100 directory and the full model, on a GPU host.
 
-Every stage is skipped when its artifact version already exists and verifies, so a second run is
+Every stage is skipped when its artifact version already exists and is complete, so a second run is
 fast and a killed run resumes where it stopped.
 """
 from __future__ import annotations

@@ -44,9 +44,11 @@ class VerifyReport:
         self.problems.append(Problem(kind, shard, detail))
 
 
-def verify_dataset(dataset_path: str, deep: bool = True, progress=None, workers: int | None = None) -> VerifyReport:
+def verify_dataset(dataset_path: str, deep: bool = True, progress=None, workers: int | None = None,
+                   contents: bool = True) -> VerifyReport:
     """Check every shard listed in the manifest (``deep``: parse every sample and decode images;
-    otherwise sizes and sha256 only) and report every problem found. Shards are checked by
+    otherwise sizes and sha256 only; ``contents=False``: no shard is read -- presence and sizes,
+    the marker and the index files) and report every problem found. Shards are checked by
     ``workers`` threads at once (default: one per CPU): sha256 and image decoding release the GIL.
     Problems are reported in shard order whatever the number of workers."""
     from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +67,7 @@ def verify_dataset(dataset_path: str, deep: bool = True, progress=None, workers:
         report.add("incomplete", "", "no _COMPLETE marker: the build did not finish")
     records = manifest.shard_records(dataset_path)
     keys_by_shard: dict[str, list[str]] = {}
+    deep = deep and contents
     if deep:
         con = manifest.connect(dataset_path)
         try:
@@ -84,12 +87,12 @@ def verify_dataset(dataset_path: str, deep: bool = True, progress=None, workers:
 
     def check(rec: dict) -> VerifyReport:
         one = VerifyReport(dataset_path)
-        _check_shard(os.path.join(shard_dir, rec["name"]), rec, keys_by_shard.get(rec["name"]), deep, one)
+        _check_shard(os.path.join(shard_dir, rec["name"]), rec, keys_by_shard.get(rec["name"]), deep, one, contents)
         if progress:
             progress(1)
         return one
 
-    n_workers = max(1, min(len(records), workers or os.cpu_count() or 1))
+    n_workers = max(1, min(len(records), workers or os.cpu_count() or 1)) if contents else 1
     if n_workers == 1:
         results = map(check, records)
         pool = None
@@ -123,10 +126,17 @@ def _check_indexes(shard_dir, records, report) -> None:
         report.add("index_mismatch", "wids-index.json", f"unreadable: {exc}")
 
 
-def _check_shard(path: str, rec: dict, keys: list[str] | None, deep: bool, report: VerifyReport) -> None:
+def _check_shard(path: str, rec: dict, keys: list[str] | None, deep: bool, report: VerifyReport,
+                 contents: bool = True) -> None:
     name = rec["name"]
     if not os.path.exists(path):
         report.add("missing_shard", name, "listed in the manifest but absent")
+        return
+    if not contents:
+        size = os.path.getsize(path)
+        if size != rec["bytes"]:
+            report.add("truncated" if size < rec["bytes"] else "size_mismatch", name,
+                       f"{size} bytes, manifest says {rec['bytes']}")
         return
     with open(path, "rb") as f:
         data = f.read()

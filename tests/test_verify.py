@@ -164,3 +164,38 @@ def test_workers_check_shards_at_once_and_report_in_shard_order(ds, capsys):
     assert main(["verify", ds, "--workers", "2"]) == 1
     assert main(["verify", ds, "--workers", "0"]) == 2
     assert "--workers 0 must be at least 1" in capsys.readouterr().err
+
+
+def test_contents_false_checks_presence_and_sizes_only(ds):
+    with open(shard(ds), "rb") as f:
+        data = bytearray(f.read())
+    data[-1] = 1                        # same size, other bytes
+    with open(shard(ds), "wb") as f:
+        f.write(bytes(data))
+    assert verify_dataset(ds, contents=False).ok
+    assert verify_dataset(ds, deep=False).kinds() == {"sha256_mismatch"}
+    with open(shard(ds), "r+b") as f:
+        f.truncate(700)
+    assert verify_dataset(ds, contents=False).kinds() == {"truncated"}
+    os.unlink(shard(ds))
+    assert verify_dataset(ds, contents=False).kinds() == {"missing_shard"}
+
+
+def test_a_no_op_rebuild_reads_no_shard(built):
+    """Building the same inputs again checks that every shard is there at its recorded size and
+    reads none (at scale hashing them all takes minutes): a same-size change is left to ccrk verify."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(built)))
+    with open(shard(built), "rb") as f:
+        original = f.read()
+    changed = bytearray(original)
+    changed[-1] = 1
+    try:
+        with open(shard(built), "wb") as f:
+            f.write(bytes(changed))
+        again = build_dataset(root, name="tiny", sources=["coco", "vg"], langs="en,es,ru", shard_size=2)
+        assert again.skipped and "ccrk verify" in again.message
+        assert verify_dataset(built).kinds() == {"sha256_mismatch"}
+    finally:
+        with open(shard(built), "wb") as f:
+            f.write(original)
+    assert verify_dataset(built).ok

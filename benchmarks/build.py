@@ -6,7 +6,9 @@ translations in four languages), then times, best of ``--repeat``:
   plan   -- the plan step alone, as the Prefect flow runs it (DuckDB join, policy, sample json,
             plan.parquet and the manifest draft) -- a diagnostic row
   shards -- the shard-writing step alone (plan already made); and again with CCRK_DIRECT_IO=0
-            (shards written through the page cache rather than with O_DIRECT) -- a diagnostic row
+            (shards written through the page cache rather than with O_DIRECT), and with the source
+            tars evicted from the page cache first (POSIX_FADV_DONTNEED: the images come from the
+            disk, as at a scale memory cannot hold) -- diagnostic rows
   flow   -- with ``--flow``: the Prefect flow ``ccrk build`` runs (resolve task, plan task, the
             shard-group tasks started from the plan's parts while it runs, finalize task, plus
             Prefect's orchestration) -- a diagnostic row
@@ -161,10 +163,21 @@ def main(argv=None) -> int:
         def plan_only():
             plan_build(root, **kw)
 
-        def shards_only(direct: str | None = None):
+        def evict_sources():
+            """The source tars out of the page cache (as after a reboot, or at a scale memory cannot hold)."""
+            for t in tars:
+                fd = os.open(t, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+        def shards_only(direct: str | None = None, cold: bool = False):
             clear_build()
             plan = plan_build(root, **kw)
             os.sync()
+            if cold:
+                evict_sources()
             before = os.environ.get("CCRK_DIRECT_IO")
             if direct is not None:
                 os.environ["CCRK_DIRECT_IO"] = direct
@@ -182,12 +195,14 @@ def main(argv=None) -> int:
         t_build = best(build, args.repeat, clear_build)
         t_shards = min(shards_only() for _ in range(args.repeat))
         t_shards_cached = min(shards_only("0") for _ in range(args.repeat))
+        t_shards_cold = min(shards_only(cold=True) for _ in range(args.repeat))
         t_plan = best(plan_only, args.repeat, clear_build)
         t_flow = flow_time(root, kw, args.repeat, clear_build) if args.flow else None
         n = args.images
         rows = [("copy (shutil.copyfile + fsync)", t_copy), ("plan step (join, policy, json, manifest draft)", t_plan),
                 ("shards step (read, tar, sha256, fsync)", t_shards),
                 ("shards step through the page cache (no O_DIRECT)", t_shards_cached),
+                ("shards step, source tars not in the page cache", t_shards_cold),
                 ("whole build (join, policy, shards, manifest)", t_build)]
         if t_flow is not None:
             rows.insert(-1, ("ccrk build flow (Prefect tasks)", t_flow))

@@ -273,6 +273,41 @@ def test_planned_shard_writer_matches_the_reference_writer(tmp_path):
                     (count, direct, chunk_bytes)
                 assert (info.bytes, info.sha256) == (ref_info.bytes, ref_info.sha256)
     assert sizes[0] % 4096
+    # The source tar out of the page cache: the first read misses (RWF_NOWAIT), and from then on
+    # each chunk's images are asked for ahead; or asked for from the start; or never. Same bytes.
+    for prefetch in (None, True, False):
+        fd = os.open(src, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        info = write_planned_shard(str(tmp_path / "fast.tar"), keys, [src] * 30, [w[0] for w in where],
+                                   [w[1] for w in where], metas, chunk_bytes=6000, prefetch=prefetch)
+        assert open(tmp_path / "fast.tar", "rb").read() == open(tmp_path / "ref.tar", "rb").read(), prefetch
+        assert info.sha256 == ref_info.sha256
+    # An image half in the page cache: the page-cache read stops short and the rest is read from
+    # the disk (into the right place).
+    big_src, blob = str(tmp_path / "big.tar"), os.urandom(40_000)
+    with tarfile.open(big_src, "w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("000000000.jpg")
+        info.size = len(blob)
+        tar.addfile(info, __import__("io").BytesIO(blob))
+    off, size = index_source_tar(big_src)["000000000"]
+    ref = KLingualShardWriter(str(tmp_path / "big-ref.tar"))
+    ref.add("big", blob, b"{}")
+    ref.close()
+    fd = os.open(big_src, os.O_RDONLY)
+    os.fsync(fd)
+    os.preadv(fd, [bytearray(size)], off)
+    os.posix_fadvise(fd, (off // 4096 + 2) * 4096, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    write_planned_shard(str(tmp_path / "big.out.tar"), ["big"], [big_src], [off], [size], [b"{}"])
+    assert open(tmp_path / "big.out.tar", "rb").read() == open(tmp_path / "big-ref.tar", "rb").read()
+    with open(src, "r+b") as f:  # a source cut short inside an image: a clear error either way
+        f.truncate(where[0][0] + where[0][1] // 2)  # where[0]: the tar's last image
+    for prefetch in (None, True):
+        with pytest.raises(ValueError, match="is truncated"):
+            write_planned_shard(str(tmp_path / "cut.tar"), keys[:1], [src], [where[0][0]], [where[0][1]],
+                                metas[:1], prefetch=prefetch)
     starts, total = shard_layout([w[1] for w in where], [len(m) for m in metas])
     assert total == ref_info.bytes and [int(s) + 512 for s in starts[:-1]] == [m.jpg_offset for m in ref_info.members]
 

@@ -64,8 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    runs_flows = getattr(args, "runs_flows", False)
+    from ccrk.prefect_api import early_server, use_server
+
+    server = early_server() if runs_flows else None  # comes up while the command imports its stage
     try:
-        with local_flow_runs() if getattr(args, "runs_flows", False) else nullcontext():
+        with use_server(server), local_flow_runs() if runs_flows else nullcontext():
             code = args.func(args)
         return int(code or 0)
     except CCRKError as exc:

@@ -122,6 +122,8 @@ def early_server() -> LocalAPIServer | None:
         return None
     if os.environ.get("PREFECT_SERVER_EPHEMERAL_ENABLED", "").strip().lower() in ("0", "false", "no", "off"):
         return None  # no temporary server wanted
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):
+        return None  # a torchrun worker other than rank 0: it runs no flow (ccrk pretrain)
     if os.environ.get("CCRK_PREFECT_EARLY_SERVER", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     server = LocalAPIServer()

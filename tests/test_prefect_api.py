@@ -28,7 +28,8 @@ def _servers_of(prefect_home: str) -> list[int]:
 
 def _ccrk(args, prefect_home, **env):
     full = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    full.update(PREFECT_HOME=prefect_home, PYTHONPATH=REPO, **env)
+    # INFO: the run's log lines are checked (`make test` exports PREFECT_LOGGING_LEVEL=WARNING).
+    full.update(PREFECT_HOME=prefect_home, PYTHONPATH=REPO, PREFECT_LOGGING_LEVEL="INFO", **env)
     return subprocess.run([sys.executable, "-m", "ccrk.cli", *args], cwd=REPO, env=full, capture_output=True,
                           text=True, timeout=600)
 

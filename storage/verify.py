@@ -49,7 +49,8 @@ def verify_dataset(dataset_path: str, deep: bool = True, progress=None, workers:
     """Check every shard listed in the manifest (``deep``: parse every sample and decode images;
     otherwise sizes and sha256 only; ``contents=False``: no shard is read -- presence and sizes,
     the marker and the index files) and report every problem found. Shards are checked by
-    ``workers`` threads at once (default: one per CPU): sha256 and image decoding release the GIL.
+    ``workers`` threads at once (default: one per CPU, at most 8): sha256 and image decoding
+    release the GIL.
     Problems are reported in shard order whatever the number of workers."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -92,7 +93,9 @@ def verify_dataset(dataset_path: str, deep: bool = True, progress=None, workers:
             progress(1)
         return one
 
-    n_workers = max(1, min(len(records), workers or os.cpu_count() or 1)) if contents else 1
+    # Each worker holds one whole shard in memory; past about 8 threads the GIL-bound parts (tar
+    # and json parsing) gain little more.
+    n_workers = max(1, min(len(records), workers or min(8, os.cpu_count() or 1))) if contents else 1
     if n_workers == 1:
         results = map(check, records)
         pool = None

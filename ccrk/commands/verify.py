@@ -7,7 +7,7 @@ def add_parser(sub) -> None:
     p.add_argument("dataset_dir", help="a dataset version directory (datasets/<name>/<version>)")
     p.add_argument("--quick", action="store_true", help="sizes and sha256 only (do not parse samples)")
     p.add_argument("--workers", type=int, default=None,
-                   help="shards checked at once, in threads (default: one per CPU)")
+                   help="shards checked at once, in threads (default: one per CPU, at most 8)")
     p.set_defaults(func=run)
 
 

@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+from unittest import mock
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(_REPO, "tests"))
@@ -178,18 +179,10 @@ def main(argv=None) -> int:
             os.sync()
             if cold:
                 evict_sources()
-            before = os.environ.get("CCRK_DIRECT_IO")
-            if direct is not None:
-                os.environ["CCRK_DIRECT_IO"] = direct
-            try:
+            with mock.patch.dict(os.environ, {} if direct is None else {"CCRK_DIRECT_IO": direct}):
                 t0 = time.perf_counter()
                 write_shard_group(plan.path, range(plan.n_shards))
                 return time.perf_counter() - t0
-            finally:
-                if before is None:
-                    os.environ.pop("CCRK_DIRECT_IO", None)
-                else:
-                    os.environ["CCRK_DIRECT_IO"] = before
 
         t_copy = best(copy, args.repeat, clear_copy)
         t_build = best(build, args.repeat, clear_build)

@@ -25,7 +25,9 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 
-PORT_IN_USE = 3  # uvicorn's exit status when it cannot bind
+from storage.switches import switched_off
+
+STARTUP_FAILED = 3  # uvicorn's exit status when it cannot start (a taken port among the causes)
 
 
 def _die_with_parent() -> None:
@@ -75,7 +77,7 @@ class LocalAPIServer:
         deadline, retries = time.monotonic() + timeout, 3
         while time.monotonic() < deadline:
             code = self.proc.poll()
-            if code == PORT_IN_USE and retries and "address already in use" in self._log_tail().lower():
+            if code == STARTUP_FAILED and retries and "address already in use" in self._log_tail().lower():
                 retries -= 1  # the port was taken meanwhile: another one
                 self.start()
                 continue
@@ -120,11 +122,11 @@ def early_server() -> LocalAPIServer | None:
     Prefect not yet imported (in-process callers such as tests have their own settings)."""
     if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
         return None
-    if os.environ.get("PREFECT_SERVER_EPHEMERAL_ENABLED", "").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off("PREFECT_SERVER_EPHEMERAL_ENABLED"):
         return None  # no temporary server wanted
     if os.environ.get("RANK", "0").strip() not in ("", "0"):
         return None  # a torchrun worker other than rank 0: it runs no flow (ccrk pretrain)
-    if os.environ.get("CCRK_PREFECT_EARLY_SERVER", "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off("CCRK_PREFECT_EARLY_SERVER"):
         return None
     server = LocalAPIServer()
     try:
@@ -152,8 +154,7 @@ def use_server(server: LocalAPIServer | None):
         yield
         return
     problem = server.wait_ready(float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
-    if problem:
-        server.stop()
+    if problem:  # wait_ready has stopped it
         print(f"ccrk: the early Prefect API server did not start ({problem}); "
               "Prefect starts its own temporary server instead", file=sys.stderr)
         yield

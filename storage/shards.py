@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from storage.switches import switched_off
+
 BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # 10240: tar archives are padded to a whole record
 MAX_KEY_LEN = 80  # ustar names hold 100 bytes; leave room for the extension
@@ -173,7 +175,7 @@ DIRECT_ALIGN = 4096  # O_DIRECT writes: file offsets, lengths and the buffer on 
 def direct_io_default() -> bool:
     """Whether shards are written with ``O_DIRECT`` unless told otherwise: yes, unless
     ``CCRK_DIRECT_IO=0`` (or ``false``/``no``/``off``)."""
-    return os.environ.get("CCRK_DIRECT_IO", "1").strip().lower() not in ("0", "false", "no", "off")
+    return not switched_off("CCRK_DIRECT_IO")
 
 
 def _open_output(path: str, direct: bool) -> tuple[int, bool]:

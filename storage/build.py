@@ -39,6 +39,7 @@ import glob
 import json
 import os
 import pathlib
+import re
 import shutil
 from collections import Counter
 from contextlib import contextmanager
@@ -179,7 +180,7 @@ def discover_translations(root: str, langs, chosen=None, engine=None) -> dict[st
     recorded = Catalog(root, engine).list("translation")
     for ts in sets.values():
         for t in ts:
-            t.content_id = files_sha256(t.files)[:16]
+            t.content_id = files_sha256(t.files, cached=True)[:16]
             matched = [a for a in recorded if _same_or_parent(a.path, t.path)]
             t.artifact_versions = sorted(a.version for a in matched)
             t.artifact_params = {a.version: a.params for a in matched}
@@ -505,38 +506,26 @@ def _finished_shards(source_path: str, ext: str) -> list[str]:
     return out
 
 
-TAR_INDEX_CACHE = 1  # the format of the cached tar indexes (bump to ignore old caches)
+TAR_INDEX_CACHE = 2  # the format of the cached tar indexes (bump to ignore old caches)
 
 
 def cached_tar_index(tar: str) -> tuple[list[str], list[int], list[int]]:
     """:func:`storage.shards.index_source_tar` of a finished source tar as (keys, data offsets,
-    sizes), cached beside it in ``.<name>.index.json`` (hidden: no shard glob sees it). Acquisition
-    never rewrites a tar once its ``_stats.json`` exists; the cache is used only while the tar's
-    size and mtime are the ones it was made from, and is written atomically (rename) -- where the
-    source directory is read-only it is simply not kept."""
+    sizes), cached beside it in ``.<name>.index.json`` (:func:`storage.sidecar.cached_beside`:
+    used only while the tar is the very file it was made from). Acquisition never rewrites a tar
+    once its ``_stats.json`` exists, so a build after the first reads headers no more."""
     from storage.shards import index_source_tar
+    from storage.sidecar import cached_beside
 
-    cache = os.path.join(os.path.dirname(tar), f".{os.path.basename(tar)}.index.json")
-    try:
-        st = os.stat(tar)
-    except OSError:
+    def index(path: str) -> dict:
+        found = index_source_tar(path)
+        return {"keys": list(found), "offsets": [v[0] for v in found.values()], "sizes": [v[1] for v in found.values()]}
+
+    if not os.path.exists(tar):
         return [], [], []
-    stamp = [TAR_INDEX_CACHE, st.st_size, st.st_mtime_ns]
-    try:
-        with open(cache, "rb") as f:
-            c = json.loads(f.read())
-        if c["stamp"] == stamp and len(c["keys"]) == len(c["offsets"]) == len(c["sizes"]):
-            return c["keys"], c["offsets"], c["sizes"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    index = index_source_tar(tar)
-    keys, offsets, sizes = list(index), [v[0] for v in index.values()], [v[1] for v in index.values()]
-    try:
-        data = json.dumps({"stamp": stamp, "keys": keys, "offsets": offsets, "sizes": sizes})
-        _write_staging(cache, lambda tmp: pathlib.Path(tmp).write_text(data))
-    except OSError:
-        pass
-    return keys, offsets, sizes
+    got = cached_beside(tar, "index", index, version=TAR_INDEX_CACHE,
+                        valid=lambda v: len(v["keys"]) == len(v["offsets"]) == len(v["sizes"]))
+    return got["keys"], got["offsets"], got["sizes"]
 
 
 def _index_tars(srcs) -> pa.Table:
@@ -684,6 +673,19 @@ def _json_str_sql(expr: str) -> str:
 def _exact_json(meta: str) -> str:
     """Python's own formatting of a sample json built by SQL (same content, same sorted keys)."""
     return json.dumps(json.loads(meta), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+_ESCAPE = re.compile(rb"\\u00")
+
+
+def _escaped_rows(meta: pa.Array) -> np.ndarray:
+    """The rows of the json strings ``meta`` holding a ``\\u00`` escape (rare): one regex scan of
+    the whole data buffer first (memchr-fast, no copy), the row-by-row match only when it finds
+    one (Arrow's per-row substring match costs ~8x more)."""
+    data = meta.buffers()[2]
+    if data is None or _ESCAPE.search(data) is None:
+        return np.empty(0, dtype=np.int64)
+    return np.flatnonzero(pc.match_substring(meta, "\\u00").to_numpy(zero_copy_only=False))
 
 
 def _json_num_sql(expr: str) -> str:
@@ -1001,7 +1003,7 @@ def _plan_table(rows: pa.Table, langs, shard_size: int, start: int = 0,
     meta = pc.binary_join_element_wise(lit("{"), boxes, lit('"caption_ids":['), joined("id_json"),
                                        lit('],"captions":['), joined("cap_json"), lit("]"),
                                        rows.column("tail").cast(text).combine_chunks().take(first), lit(""))
-    redo = np.flatnonzero(pc.match_substring(meta, "\\u00").to_numpy(zero_copy_only=False))
+    redo = _escaped_rows(meta)
     if len(redo):
         fixed = meta.to_pylist()
         for r in redo.tolist():

@@ -42,7 +42,16 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def files_sha256(paths: Iterable[str]) -> str:
-    """One digest over several files' digests (order-independent)."""
-    digests = sorted(file_sha256(p) for p in paths)
+def files_sha256(paths: Iterable[str], cached: bool = False) -> str:
+    """One digest over several files' digests (order-independent). ``cached`` (local files): each
+    file's digest is kept beside it (:func:`storage.sidecar.cached_beside`) and read back while the
+    file is unchanged -- a build reads its translation parts' bytes once, not on every run."""
+    if cached:
+        from storage import layout
+        from storage.sidecar import cached_beside
+
+        digest = lambda p: cached_beside(p, "sha256", file_sha256) if layout.is_local(p) else file_sha256(p)  # noqa: E731
+    else:
+        digest = file_sha256
+    digests = sorted(digest(p) for p in paths)
     return hashlib.sha256("".join(digests).encode()).hexdigest()

@@ -1,9 +1,12 @@
 """The build stage: a deterministic, versioned K-lingual dataset from sources + translations."""
+import glob
 import json
 import os
 import tarfile
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from klingual_fixtures import DECODE, MODEL, ensure_normalize, tiny_corpus, write_source, write_translations
@@ -45,6 +48,32 @@ def test_building_again_is_a_noop_that_says_so(root):
     assert "already built" in again.message and "nothing to do" in again.message
     assert again.version == first.version and again.n_samples == first.n_samples == 5
     assert mtimes == {f: os.stat(os.path.join(first.path, "shards", f)).st_mtime_ns for f in mtimes}
+
+
+def test_a_translation_part_rewritten_in_place_gives_a_new_version(root):
+    """A translation set's content id is the sha256 of its parts, kept beside each part after the
+    first build; a part rewritten with other translations -- same size, same mtime -- must still be
+    seen as new input, not read back from that cache."""
+    import time
+
+    tiny_corpus(root)
+    part = glob.glob(os.path.join(root, "translations", "**", "es", "part-00000.parquet"), recursive=True)[0]
+    plain = dict(compression="NONE", use_dictionary=False, write_statistics=False)  # size set by the lengths
+    pq.write_table(pq.read_table(part), part, **plain)
+    first = build_dataset(root, **ARGS)
+    assert os.path.exists(os.path.join(os.path.dirname(part), ".part-00000.parquet.sha256.json"))
+    assert build_dataset(root, **ARGS).skipped
+    st = os.stat(part)
+    time.sleep(0.05)
+    table = pq.read_table(part)
+    tgt = table.column("tgt_text").to_pylist()
+    table = table.set_column(table.schema.get_field_index("tgt_text"), "tgt_text",
+                             pa.array([t.swapcase() for t in tgt]))
+    pq.write_table(table, part, **plain)
+    os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(part).st_size == st.st_size and os.stat(part).st_mtime_ns == st.st_mtime_ns
+    again = build_dataset(root, **ARGS)
+    assert not again.skipped and again.version != first.version
 
 
 def test_every_drop_is_counted_by_reason(root):
@@ -377,6 +406,28 @@ def test_captions_find_their_translations_under_every_whitespace_and_unicode_for
                 cap = json.load(tar.extractfile(m))["captions"][0]
                 got[cap["en"]] = cap["es"]
     assert got == {normalize(c): f"es {i}" for i, c in enumerate(captions)}
+
+
+def test_sample_json_is_pythons_formatting_even_with_control_characters(root):
+    """Sample json is made by SQL (to_json), which writes some control-character escapes in upper-case
+    hex; such json is redone in Python, so every sample's bytes are json.dumps(sort_keys, compact,
+    ensure_ascii=False) of its content -- the plain captions' and the escaped ones' alike."""
+    captions = ["a red circle", "a blue square", "a green star", "a black dot"]
+    es = {"a red circle": "rojo\x1f", "a blue square": "azul\x01\x7f", "a green star": "verde \\u00e9",
+          "a black dot": "negro"}
+    write_source(root, "coco", "ctl", [{"id": i, "captions": [c]} for i, c in enumerate(captions)])
+    write_translations(root, MODEL, DECODE, "es", {c: (t, True) for c, t in es.items()})
+    r = build_dataset(root, name="ctl", sources=["coco"], langs="en,es", shard_size=10)
+    assert r.n_samples == len(captions)
+    seen = {}
+    with tarfile.open(os.path.join(r.path, "shards", "shard-00000.tar")) as tar:
+        for m in tar.getmembers():
+            if m.name.endswith(".json"):
+                raw = tar.extractfile(m).read()
+                meta = json.loads(raw)
+                assert raw == json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+                seen[meta["captions"][0]["en"]] = meta["captions"][0]["es"]
+    assert seen == es
 
 
 def test_several_translation_sets_follow_the_chosen_preference_and_it_is_in_the_version(root):

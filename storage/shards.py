@@ -15,6 +15,7 @@ import mmap
 import os
 import re
 import tarfile
+import threading
 import zlib
 from dataclasses import dataclass, field
 
@@ -207,6 +208,20 @@ def _write_all(fd: int, view: memoryview, direct: bool) -> bool:
     return direct
 
 
+_BUFFERS = threading.local()
+
+
+def _chunk_buffer(size: int) -> mmap.mmap:
+    """A page-aligned buffer (anonymous mmap, as ``O_DIRECT`` wants) of at least ``size`` bytes,
+    kept for the calling thread's next shard: a fresh one costs a page fault and a zeroed page per
+    4 KiB of it, for every shard. The writer sets every byte it writes out, so what an earlier
+    shard left in it never reaches a file (as between the chunks of one shard)."""
+    buf = getattr(_BUFFERS, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _BUFFERS.buf = mmap.mmap(-1, size)
+    return buf
+
+
 def write_planned_shard(path: str, keys: list[str], sources: list[str], src_offsets, src_sizes,
                         metas: list[bytes], chunk_bytes: int = 4 << 20, direct: bool | None = None,
                         prefetch: bool | None = None) -> ShardInfo:
@@ -259,7 +274,7 @@ def write_planned_shard(path: str, keys: list[str], sources: list[str], src_offs
     # Room for: the carried partial block, a chunk, the archive's end, the last write's padding.
     # Anonymous mmap: page-aligned, as O_DIRECT wants the buffer.
     room = max(int(chunk_bytes), biggest) + 2 * DIRECT_ALIGN + 2 * BLOCK + RECORD
-    buf = mmap.mmap(-1, room + (-room % DIRECT_ALIGN))
+    buf = _chunk_buffer(room + (-room % DIRECT_ALIGN))
     mv = memoryview(buf)
     blocks = np.frombuffer(buf, dtype=np.uint8).reshape(-1, BLOCK)
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")

@@ -4,7 +4,9 @@ The model keeps the full CCRk model's proportions (a 4-stage Swin image tower, a
 stack of XLM-R layers, text width = image width) scaled to a CPU; on a GPU ``--full`` uses the
 paper's Swin-B 224 + XLM-R-large-sized layers (random weights). Captions come from the demo
 grammar. Prints a table and, last, ``overhead_k6=X.XX overhead_k10=Y.YY``: the median over timed
-rounds of each round's K-step time over its K = 1 step time, minus one.
+rounds of each round's K-step time over its K = 1 step time, minus one. Before it,
+``flop_overhead_k6=... flop_overhead_k10=...``: the same ratio for the step's matrix arithmetic
+(counted once by torch's FLOP counter), the part of the overhead no kernel speed-up removes.
 """
 from __future__ import annotations
 
@@ -97,6 +99,17 @@ def main() -> None:
         sync()
         return time.perf_counter() - t0
 
+    def step_flops(batch) -> int:
+        """The step's matrix arithmetic (forward and backward; torch's FLOP counter: matmuls,
+        convolutions, attention), counted once -- not timed, and the same on every machine."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            objective(batch, 0)["loss"].backward()
+        opt.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
     ks = (1, 6, 10)
     batches = {k: make_batch(config, tok, k, b, device, args.phrases) for k in ks}
     # Pass 1, K ascending: warm-up and peak memory (the process's peak RSS only grows, so each K's
@@ -119,14 +132,20 @@ def main() -> None:
         shift = i % len(ks)
         for k in ks[shift:] + ks[:shift]:
             step_times[k].append(step(batches[k], i))
+    flops = {k: step_flops(batches[k]) for k in ks}
     best = {k: min(v) for k, v in step_times.items()}
     overhead = {k: statistics.median(t / t1 for t, t1 in zip(step_times[k], step_times[1])) - 1 for k in ks}
     rows = [(k, b, batches[k]["input_ids"].shape[-1], f"{best[k] * 1000:.0f}",
              f"{statistics.median(step_times[k]) * 1000:.0f}", f"{b / best[k]:.1f}", f"{peaks[k]:.0f}",
-             f"{best[k] / best[1] - 1:+.2f}", f"{overhead[k]:+.2f}") for k in ks]
+             f"{best[k] / best[1] - 1:+.2f}", f"{overhead[k]:+.2f}", f"{flops[k] / 1e9:.1f}",
+             f"{flops[k] / flops[1] - 1:+.2f}") for k in ks]
     print_table(f"1-to-K step cost ({'full' if args.full else 'CPU-scaled'} model, {device}, {args.steps} rounds)",
                 ["K", "images", "tokens", "best step ms", "median ms", "samples/s", "peak MiB",
-                 "best vs best", "overhead"], rows)
+                 "best vs best", "overhead", "GFLOP", "FLOP overhead"], rows)
+    # The arithmetic floor of the overhead: what the K captions add to the step's matrix work. Time
+    # can fall below it where the image tower runs less efficiently than the text layers (small
+    # matrices on a CPU), not far below it where both run near peak (the full model on a GPU).
+    print(f"flop_overhead_k6={flops[6] / flops[1] - 1:.2f} flop_overhead_k10={flops[10] / flops[1] - 1:.2f}")
     print(f"overhead_k6={overhead[6]:.2f} overhead_k10={overhead[10]:.2f}")
 
 

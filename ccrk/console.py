@@ -47,7 +47,18 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence]) ->
     for row in rows:
         # Text(), not str: data such as "captions [en]" must not be read as rich markup.
         table.add_row(*[Text(_fmt(v)) for v in row])
-    console.print(table)
+    need = console.measure(table, options=console.options.update(max_width=1000)).maximum
+    if console.is_terminal or need <= console.width:
+        console.print(table)
+        return
+    # A file or a pipe (a log, CI) has no width to keep to: rich would squeeze the table into 80
+    # columns and cut its cells to "…"; print it whole instead.
+    width = console.width
+    console.width = need
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 def print_mapping(title: str, mapping: dict) -> None:

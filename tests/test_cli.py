@@ -29,3 +29,24 @@ def test_flows_run_from_the_command_line_skip_heartbeats_unless_asked_for(monkey
     flows = {"acquire", "translate", "build", "pretrain", "evaluate", "finetune", "reproduce"}
     for verb, argv in (("build", ["build"]), ("catalog", ["catalog"]), ("verify", ["verify", "x"])):
         assert getattr(parser.parse_args(argv), "runs_flows", False) == (verb in flows)
+
+
+def test_tables_printed_to_a_file_keep_every_cell_whole(tmp_path):
+    """To a pipe or a log there is no width to keep to: a wide table comes out whole, not cut to
+    80 columns with "…" (benchmark tables and manifest summaries are read from logs)."""
+    import subprocess
+    import sys
+
+    code = ("from ccrk.console import print_table; "
+            "print_table('wide', ['a column heading', 'another column heading', 'third heading', 'fourth heading', "
+            "'fifth heading', 'sixth heading'], [('x' * 20, 'y' * 20, 1, 2, 3, 'captions [en]')]); "
+            "print_table('narrow', ['a', 'b'], [(1, 2)])")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "COLUMNS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=__import__("os").path.dirname(__import__("os").path.dirname(__file__))).stdout
+    assert "…" not in out
+    for cell in ("a column heading", "another column heading", "sixth heading", "x" * 20, "y" * 20, "captions [en]"):
+        assert cell in out
+    assert max(len(line) for line in out.splitlines()) > 80
+    narrow = out[out.index("narrow"):].splitlines()
+    assert max(len(line.rstrip()) for line in narrow) < 20  # a narrow table stays narrow

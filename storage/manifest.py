@@ -170,10 +170,11 @@ def finish_draft(con, alias: str, path: str, dataset_path: str, shards, lineage:
             "bytes": pa.array([s["bytes"] for s in shards], pa.int64()),
             "sha256": pa.array([s["sha256"] for s in shards], pa.string())}))
         try:
-            con.execute(f"CREATE TABLE {alias}.shards AS SELECT * FROM draft_shards ORDER BY name")
+            # OR REPLACE: a finalize killed after this statement may have left it committed.
+            con.execute(f"CREATE OR REPLACE TABLE {alias}.shards AS SELECT * FROM draft_shards ORDER BY name")
         finally:
             con.unregister("draft_shards")
-        con.execute(f"CREATE TABLE {alias}.info AS SELECT ? AS name, ? AS version, ? AS n_samples, ? AS n_shards, "
+        con.execute(f"CREATE OR REPLACE TABLE {alias}.info AS SELECT ? AS name, ? AS version, ? AS n_samples, ? AS n_shards, "
                     "? AS bytes, ? AS code_version",
                     [lineage["name"], lineage["version"], n, len(shards), sum(s["bytes"] for s in shards),
                      CODE_VERSION])
@@ -190,7 +191,13 @@ def finish_draft(con, alias: str, path: str, dataset_path: str, shards, lineage:
 
 def place_draft(path: str, dest: str, durable: bool) -> None:
     """Move a detached draft to ``dest``, atomically: a scratch draft is copied there and removed,
-    any other renamed. ``durable``: fsynced first (the dataset's manifest; not a staging file)."""
+    any other renamed. ``durable``: fsynced first (the dataset's manifest; not a staging file).
+    A WAL beside ``dest`` (left by a process killed while it wrote to the file now replaced) is
+    removed first: DuckDB would try to replay it into the new file and refuse to open it."""
+    try:
+        os.unlink(dest + ".wal")
+    except FileNotFoundError:
+        pass
     if _in_scratch(path):
         import shutil
 

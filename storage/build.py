@@ -38,7 +38,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import pathlib
 import re
 import shutil
 from collections import Counter
@@ -56,7 +55,7 @@ from storage.catalog import Artifact, Catalog
 from storage.errors import CCRKError
 from storage.languages import SOURCE_LANG, parse_langs
 from storage.manifest import SCORE_COLUMNS, score_type as _score_type, sql_ident as _ident, sql_str as _sql_str
-from storage.shards import safe_keys, shard_layout, shard_name, write_planned_shard
+from storage.shards import safe_keys, shard_name, write_planned_shard
 from storage.versioning import CODE_VERSION, content_version, files_sha256, text_sha
 
 COMPLETE = "_COMPLETE"
@@ -774,7 +773,6 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
     cap_json = "'{' || concat_ws(',', " + ", ".join(
         f"CASE WHEN {p} THEN {_sql_str(json.dumps(lang, ensure_ascii=False) + ':')} || {_json_str_sql(t)} END"
         for lang, (p, t) in sorted(present.items())) + ") || '}'"
-    order = "length(caption_id), caption_id"
     box_json, box_present, box_order = "''", "false", ""
     if boxes:
         box_json = "CASE WHEN x IS NULL THEN 'null' ELSE '{' || concat_ws(',', " + ", ".join(
@@ -876,9 +874,9 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
     # and each language's kept translation, its ok flag, set and scores (set where the language is kept).
     cols = [f"norm AS {_ident(f'text_{SOURCE_LANG}')}"] if has_en else []
     for i, lang in enumerate(others):
-        for field, _ in manifest.caption_text_fields(True):
-            src = {"text": f"tx{i}"}.get(field, f"{field}{i}")
-            cols.append(f"CASE WHEN {pres[i]} THEN {src} END AS {_ident(f'{field}_{lang}')}")
+        for name, _ in manifest.caption_text_fields(True):
+            src = {"text": f"tx{i}"}.get(name, f"{name}{i}")
+            cols.append(f"CASE WHEN {pres[i]} THEN {src} END AS {_ident(f'{name}_{lang}')}")
     caption_texts_sql = (f"SELECT k.key, k.caption_index, c.caption_id, {', '.join(cols)} "
                          "FROM kept_rows k JOIN cj c ON c.rowid = k.rid ORDER BY k.key, k.caption_index")
     sets = sorted((lang, rank, t.model_id, t.decode_id) for lang, ts in tsets.items() for rank, t in enumerate(ts))

@@ -4,7 +4,6 @@ Hugging Face YAML header, and ``croissant.json`` (MLCommons Croissant 1.0 JSON-L
 """
 from __future__ import annotations
 
-import json
 import os
 
 import yaml

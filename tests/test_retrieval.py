@@ -6,7 +6,6 @@ text), while its ITM head compares exact colours: ITC alone ranks every ground t
 re-ranking the top 2 by ITM puts every ground truth first.
 """
 import json
-import os
 
 import numpy as np
 import pytest

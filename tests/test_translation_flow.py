@@ -8,7 +8,6 @@ import sys
 import time
 
 import pyarrow.parquet as pq
-import pytest
 
 from storage.catalog import Catalog
 from storage.versioning import text_sha

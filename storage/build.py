@@ -806,12 +806,8 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
     # shards' worth of samples overall), each handed to ``on_plan`` (which may start writing the
     # shards it completes) before the next is made; what the manifest needs of them goes into
     # DuckDB temp tables (which spill to disk) bucket by bucket.
-    n_kept, n_images = con.execute("SELECT count(*), approx_count_distinct(hash(source, image_key)) FROM cj "
-                                   "WHERE drop_reason IS NULL").fetchall()[0]
-    # A small first bucket (about three shards' samples): the first shards start being written
-    # while the rest of the plan is still being queried.
-    lead = 3 * int(shard_size) * n_kept // max(1, n_images)
-    buckets = _draw_buckets(n_kept, plan_bucket_rows(), lead_rows=lead)
+    n_kept = con.execute("SELECT count(*) FROM cj WHERE drop_reason IS NULL").fetchall()[0][0]
+    buckets = _draw_buckets(n_kept, plan_bucket_rows())
     if on_total is not None:
         on_total(con.execute("SELECT count(*) FROM (SELECT DISTINCT source, image_key FROM cj "
                              "WHERE drop_reason IS NULL)").fetchall()[0][0])
@@ -916,17 +912,12 @@ def plan_bucket_rows() -> int:
         raise CCRKError(f"CCRK_PLAN_BUCKET_ROWS={value!r} is not a whole number") from None
 
 
-def _draw_buckets(n_rows: int, bucket_rows: int, lead_rows: int = 0) -> list[str]:
+def _draw_buckets(n_rows: int, bucket_rows: int) -> list[str]:
     """SQL conditions (to append to a WHERE) on the images' draw -- 32 hex digits of an md5 --
     cutting ``n_rows`` rows into ranges of about ``bucket_rows`` each, in draw order. Cuts fall on
-    3-digit prefixes (4096 of them): an md5 spreads evenly over them. ``lead_rows``: a first
-    bucket of about that many rows before the others, where it is under half of them (the plan's
-    first shards wait only for it)."""
-    n_rows, per = int(n_rows), max(1, int(bucket_rows))
-    lead = 4096 * int(lead_rows) // n_rows if 0 < 2 * int(lead_rows) < min(n_rows, per) else 0
-    k = max(1, min(4096 - lead, -(-(n_rows - n_rows * lead // 4096) // per)))
-    cuts = ([f"{lead:03x}"] if lead else []) + [f"{lead + ((4096 - lead) * j) // k:03x}" for j in range(1, k)]
-    k = len(cuts) + 1
+    3-digit prefixes (4096 of them): an md5 spreads evenly over them."""
+    k = max(1, min(4096, -(-int(n_rows) // max(1, int(bucket_rows)))))
+    cuts = [f"{(4096 * j) // k:03x}" for j in range(1, k)]
     out = []
     for j in range(k):
         cond = ([f"i.draw >= '{cuts[j - 1]}'"] if j else []) + ([f"i.draw < '{cuts[j]}'"] if j < k - 1 else [])

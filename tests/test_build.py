@@ -598,8 +598,8 @@ def test_plan_in_draw_buckets_with_spilling_gives_the_same_dataset(tmp_path, mon
     counts = []
     real = build_module._draw_buckets
 
-    def spy(n_rows, bucket_rows, **kw):
-        out = real(n_rows, bucket_rows, **kw)
+    def spy(n_rows, bucket_rows):
+        out = real(n_rows, bucket_rows)
         counts.append(len(out))
         return out
 
@@ -620,34 +620,6 @@ def test_plan_in_draw_buckets_with_spilling_gives_the_same_dataset(tmp_path, mon
     assert not os.path.exists(os.path.join(cut.path, "_build"))  # the spill directory went with the staging
 
 
-def test_a_lead_bucket_changes_nothing_but_when_the_first_shards_start(tmp_path, monkeypatch):
-    """The plan's first bucket holds about three shards' samples so that writing starts early; the
-    dataset is the one a single bucket gives, byte for byte."""
-    import storage.build as build_module
-
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    images = [{"id": i, "captions": [f"a red circle {i}"] + ([f"a blue square {i}"] if i % 3 else [])}
-              for i in range(80)]
-    for root in (a, b):
-        write_source(root, "coco", "lead", images)
-        write_translations(root, MODEL, DECODE, "es", {c: (f"es {c}", True) for im in images for c in im["captions"]})
-    args = dict(name="lead", sources=["coco"], langs="en,es", shard_size=3)
-    real, seen = build_module._draw_buckets, []
-
-    def spy(n_rows, bucket_rows, lead_rows=0):
-        seen.append(lead_rows)
-        return real(n_rows, bucket_rows, lead_rows)
-
-    monkeypatch.setattr(build_module, "_draw_buckets", spy)
-    led = build_dataset(a, **args)
-    assert 2 * seen[-1] < 133 and len(real(133, 100_000, seen[-1])) == 2  # 133 kept captions: a lead bucket
-    monkeypatch.setattr(build_module, "_draw_buckets", lambda n_rows, bucket_rows, lead_rows=0: real(n_rows, bucket_rows))
-    whole = build_dataset(b, **args)
-    assert led.version == whole.version and led.n_samples == whole.n_samples == 80
-    assert _shard_bytes(led.path) == _shard_bytes(whole.path)
-    assert _manifest_rows(led.path) == _manifest_rows(whole.path)
-
-
 def test_draw_buckets_cut_the_md5_range_in_order():
     from storage.build import _draw_buckets
 
@@ -663,18 +635,6 @@ def test_draw_buckets_cut_the_md5_range_in_order():
         assert all(x[1] < y[0] for x, y in zip(non_empty, non_empty[1:]))  # in draw order
         if expect == 10:
             assert all(1700 <= p[2] <= 2300 for p in parts)  # an md5 spreads evenly
-    # A lead bucket of about 1,000 rows first, then the rest as before; none where it would not be
-    # under half of the first bucket it is cut from.
-    for n_rows, per, lead, expect in ((20000, 100_000, 1000, 2), (20000, 5000, 1000, 5), (20000, 100_000, 12000, 1),
-                                      (20000, 1500, 1000, 14)):
-        buckets = _draw_buckets(n_rows, per, lead_rows=lead)
-        assert len(buckets) == expect, (n_rows, per, lead)
-        parts = [con.execute(f"SELECT min(draw), max(draw), count(*) FROM i WHERE true{w}").fetchall()[0]
-                 for w in buckets]
-        assert sum(p[2] for p in parts) == 20000
-        assert all(x[1] < y[0] for x, y in zip(parts, parts[1:]))
-        if expect > 1 and 2 * lead < per:
-            assert 800 <= parts[0][2] <= 1200
 
 
 def test_two_images_with_one_sample_key_is_a_clear_error(root, monkeypatch):

@@ -48,7 +48,8 @@ def cached_beside(path: str, tag: str, compute: Callable[[str], Any], version: i
     value = compute(path)
     if stamp is None or file_stamp(path, version) != stamp:  # changed while it was read: not kept
         return value
-    tmp = os.path.join(os.path.dirname(cache), f".tmp-{os.getpid()}-{os.path.basename(cache)}")
+    # Unique per writer (threads of one process may build at once); renamed over the sidecar.
+    tmp = os.path.join(os.path.dirname(cache), f".tmp-{os.getpid()}-{os.urandom(4).hex()}-{os.path.basename(cache)}")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(json.dumps({"stamp": stamp, "value": value}))

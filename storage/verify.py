@@ -135,21 +135,19 @@ def _check_shard(path: str, rec: dict, keys: list[str] | None, deep: bool, repor
     if not os.path.exists(path):
         report.add("missing_shard", name, "listed in the manifest but absent")
         return
-    if not contents:
-        size = os.path.getsize(path)
-        if size != rec["bytes"]:
-            report.add("truncated" if size < rec["bytes"] else "size_mismatch", name,
-                       f"{size} bytes, manifest says {rec['bytes']}")
-        return
-    with open(path, "rb") as f:
-        data = f.read()
-    report.bytes_read += len(data)
-    size = len(data)
+    data = None
+    if contents:
+        with open(path, "rb") as f:
+            data = f.read()
+        report.bytes_read += len(data)
+    size = len(data) if contents else os.path.getsize(path)
     shorter = size < rec["bytes"]
     if size != rec["bytes"]:
         # Shorter and unreadable is reported as truncated (below); otherwise the size is wrong.
-        if not shorter or not deep:
+        if not shorter or not deep or not contents:
             report.add("truncated" if shorter else "size_mismatch", name, f"{size} bytes, manifest says {rec['bytes']}")
+    if not contents:
+        return
     if hashlib.sha256(data).hexdigest() != rec["sha256"]:
         report.add("sha256_mismatch", name, "content differs from the manifest's sha256")
     if not deep:

@@ -301,7 +301,9 @@ def plan_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "
     ``engine``: a DuckDB connection whose instance the plan's queries may use. ``on_plan``: called
     with the dataset path, each chunk of the plan in dataset order (an Arrow table, rows as in
     ``plan.parquet``; None for a chunk without samples) and whether it is the last, as soon as the
-    chunk is planned (e.g. to start writing the shards it completes).
+    chunk is planned (e.g. to start writing the shards it completes); its ``next_bucket()``, if it
+    has one, is called before each bucket of the plan but the first (see :func:`_assemble`) -- the
+    place to wait when the shards fall behind, so that memory holds about one bucket.
     ``keep_draft`` (with ``engine``): leave the manifest draft ATTACHed to ``engine`` for
     :func:`finalize_build` to complete (``BuildPlan.draft``) and skip ``plan.parquet`` -- for one
     process running every step (:func:`build_dataset`); a re-run plans again anyway. ``memory``:
@@ -393,6 +395,10 @@ class _PartWriter:
         if self.then is not None:
             self.then(dataset_path, part, last)
 
+    def next_bucket(self) -> None:
+        if hasattr(self.then, "next_bucket"):
+            self.then.next_bucket()
+
 
 def ready_parts(parts_dir: str, taken: set) -> list[tuple[str, list[int]]]:
     """The plan parts written to ``parts_dir`` (:func:`plan_resolved`) and not in ``taken`` (updated),
@@ -456,7 +462,8 @@ def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed
     try:
         with _duckdb(engine) as con:
             tar_index = pool.submit(_index_tars, srcs)
-            con.execute(f"SET threads TO {_plan_threads()}")
+            # Every CPU till the first shards are being written (see _assemble), then half.
+            con.execute(f"SET threads TO {os.cpu_count() or 1}")
             # Temp tables beyond the memory limit spill here (DuckDB's default: .tmp in the cwd).
             con.execute(f"SET temp_directory = {_sql_str(os.path.join(staging, 'duckdb-tmp'))}")
             limit = plan_memory_limit(memory)
@@ -488,8 +495,9 @@ def plan_memory_limit(memory: str | None = None) -> str:
 
 
 def _plan_threads() -> int:
-    """DuckDB threads for the plan: half the CPUs. Shards are written while the plan is still
-    being made (and its manifest tables after it), and the shard threads keep the other half busy;
+    """DuckDB threads for the plan once shards are being written: half the CPUs. Shards are
+    written while the plan is still being made (and its manifest tables after it), and the shard
+    threads keep the other half busy;
     on a 2-core machine a second DuckDB thread only contends with them (measured: the build used
     5-10% less CPU with one)."""
     return max(1, (os.cpu_count() or 2) // 2)
@@ -806,8 +814,12 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
     # shards' worth of samples overall), each handed to ``on_plan`` (which may start writing the
     # shards it completes) before the next is made; what the manifest needs of them goes into
     # DuckDB temp tables (which spill to disk) bucket by bucket.
-    n_kept = con.execute("SELECT count(*) FROM cj WHERE drop_reason IS NULL").fetchall()[0][0]
-    buckets = _draw_buckets(n_kept, plan_bucket_rows())
+    n_kept, n_images = con.execute("SELECT count(*), approx_count_distinct(hash(source, image_key)) FROM cj "
+                                   "WHERE drop_reason IS NULL").fetchall()[0]
+    # A ramp of buckets from about three shards' samples up: the first shards start being written
+    # while the rest of the plan is still being queried.
+    lead = 3 * int(shard_size) * n_kept // max(1, n_images)
+    buckets = _draw_buckets(n_kept, plan_bucket_rows(), lead_rows=lead)
     if on_total is not None:
         on_total(con.execute("SELECT count(*) FROM (SELECT DISTINCT source, image_key FROM cj "
                              "WHERE drop_reason IS NULL)").fetchall()[0][0])
@@ -816,7 +828,11 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
     try:
         for b, where in enumerate(buckets):
             last_bucket = b == len(buckets) - 1
+            if b and hasattr(on_plan, "next_bucket"):
+                on_plan.next_bucket()  # e.g. wait till the shards of the last bucket are mostly written
             rows = _arrow(con.sql(rows_sql + where))
+            if b == 0:  # shards are written from now on: DuckDB leaves them the other half
+                con.execute(f"SET threads TO {_plan_threads()}")
             rows = rows.take(pc.sort_indices(rows, sort_keys=[(c, "ascending") for c in sort_cols]))  # nulls last
             starts = _sample_starts(rows)
             ends = []
@@ -912,15 +928,29 @@ def plan_bucket_rows() -> int:
         raise CCRKError(f"CCRK_PLAN_BUCKET_ROWS={value!r} is not a whole number") from None
 
 
-def _draw_buckets(n_rows: int, bucket_rows: int) -> list[str]:
+def _draw_buckets(n_rows: int, bucket_rows: int, lead_rows: int = 0, growth: int = 4) -> list[str]:
     """SQL conditions (to append to a WHERE) on the images' draw -- 32 hex digits of an md5 --
     cutting ``n_rows`` rows into ranges of about ``bucket_rows`` each, in draw order. Cuts fall on
-    3-digit prefixes (4096 of them): an md5 spreads evenly over them."""
-    k = max(1, min(4096, -(-int(n_rows) // max(1, int(bucket_rows)))))
-    cuts = [f"{(4096 * j) // k:03x}" for j in range(1, k)]
+    3-digit prefixes (4096 of them): an md5 spreads evenly over them.
+
+    ``lead_rows``: first a ramp of small buckets -- about ``lead_rows`` rows, then ``growth`` times
+    more each -- while a bucket is under ``bucket_rows`` and under half of the rows still to come.
+    The plan's first shards wait only for the first bucket, and the shards of each bucket are
+    being written while the next, larger one is queried."""
+    n_rows, per = max(1, int(n_rows)), max(1, int(bucket_rows))
+    rows = lambda p: p * n_rows // 4096  # noqa: E731 - about how many rows ``p`` prefixes hold
+    cuts, at = [], 0
+    p = max(1, 4096 * int(lead_rows) // n_rows) if lead_rows > 0 else 0
+    while p and rows(p) < per and 2 * p < 4096 - at:
+        at += p
+        cuts.append(at)
+        p *= growth
+    k = max(1, min(4096 - at, -(-rows(4096 - at) // per)))
+    cuts += [at + ((4096 - at) * j) // k for j in range(1, k)]
+    hexes = [f"{c:03x}" for c in cuts]
     out = []
-    for j in range(k):
-        cond = ([f"i.draw >= '{cuts[j - 1]}'"] if j else []) + ([f"i.draw < '{cuts[j]}'"] if j < k - 1 else [])
+    for j in range(len(hexes) + 1):
+        cond = ([f"i.draw >= '{hexes[j - 1]}'"] if j else []) + ([f"i.draw < '{hexes[j]}'"] if j < len(hexes) else [])
         out.append("".join(f" AND {c}" for c in cond))
     return out
 
@@ -1211,6 +1241,42 @@ def skipped_result(plan: BuildPlan) -> BuildResult:
     return _result(plan.path, plan.name, plan.version, True, summary(plan.path), plan.message)
 
 
+class _ShardStarter:
+    """``on_plan`` for :func:`build_dataset`: each shard is submitted to ``pool`` as soon as the plan
+    has all its samples (futures appended to ``writing``).
+
+    A queued shard holds its rows (the samples' json). Within a bucket of the plan every shard is
+    queued at once, so that the planner goes on -- to the next chunk, and after the last one to the
+    drop counts and the manifest draft -- while the shards are written; before the next bucket it
+    waits until at most ``backlog`` shards are queued, so a plan faster than the disk holds about
+    one bucket's shards in memory, whatever the dataset's size."""
+
+    def __init__(self, pool, writing: list, shard_size: int, progress=None, backlog: int = 16, write=None):
+        import threading
+
+        self.pool, self.writing, self.progress, self.backlog = pool, writing, progress, backlog
+        self.write = write_shard_group if write is None else write
+        self.complete = CompleteShards(shard_size)
+        self.queued, self.cv = 0, threading.Condition()
+
+    def __call__(self, dataset_path: str, part: pa.Table | None, last: bool) -> None:
+        rows = self.complete.add(part, last)
+        for sid, shard_rows in split_shards(rows) if rows is not None else []:
+            with self.cv:
+                self.queued += 1
+            self.writing.append(self.pool.submit(self.write, dataset_path, [sid], self.progress, 1, shard_rows))
+            self.writing[-1].add_done_callback(self._done)
+
+    def _done(self, _future) -> None:
+        with self.cv:
+            self.queued -= 1
+            self.cv.notify_all()
+
+    def next_bucket(self) -> None:
+        with self.cv:
+            self.cv.wait_for(lambda: self.queued <= self.backlog)
+
+
 def build_dataset(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "coco"),
                   langs=("en", "es", "id", "ru", "tr"), min_langs: int | None = None, drop_flagged: bool = False,
                   shard_size: int = 1000, seed: int = 0, source_versions: dict | None = None,
@@ -1220,24 +1286,12 @@ def build_dataset(root=None, name: str = "default", sources=("cc3m", "sbu", "vg"
     shard is written (in background threads) as soon as the plan has its samples -- the plan comes
     in chunks of the seeded order -- while the rest is planned and the manifest's tables that need no
     shard result go into the manifest draft."""
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     engine = duckdb.connect()
-    queued = threading.Semaphore(16)
     pool = ThreadPoolExecutor(8)  # shard writers: reads, writes, fsync and sha256 release the GIL
-    writing, complete = [], CompleteShards(shard_size)
-
-    def start_shards(dataset_path: str, part: pa.Table | None, last: bool) -> None:
-        """Write each shard as soon as the plan has all its samples."""
-        rows = complete.add(part, last)
-        for sid, shard_rows in split_shards(rows) if rows is not None else []:
-            # A queued shard holds its rows (the sample json): the plan waits while 16 are queued,
-            # so a plan faster than the disk never holds more than that in memory.
-            queued.acquire()
-            writing.append(pool.submit(write_shard_group, dataset_path, [sid], progress, 1, shard_rows))
-            writing[-1].add_done_callback(lambda _: queued.release())
-
+    writing = []
+    start_shards = _ShardStarter(pool, writing, shard_size, progress)
     plan = None
     try:
         plan = plan_build(root, name, sources, langs, min_langs, drop_flagged, shard_size, seed,

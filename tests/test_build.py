@@ -333,8 +333,9 @@ def test_planned_shard_writer_matches_the_reference_writer(tmp_path):
         sizes.append(ref_info.bytes)
         # Chunks of a few samples, samples each bigger than a chunk (one chunk each), and chunks
         # that end off a 4 KiB block (the O_DIRECT writer carries the partial block into the next
-        # chunk); through O_DIRECT and through the page cache.
-        for direct in (True, False):
+        # chunk); through O_DIRECT and through the page cache; with each chunk's images after the
+        # first (the probe) copied from a mapping of the source, or each read.
+        for direct, mapped in ((True, True), (True, False), (False, True)):
             for chunk_bytes in (4096, 1, 6000, 1 << 20):
                 # The writer's buffer is kept for this thread's next shard: whatever the last one
                 # left in it must not reach the file.
@@ -343,9 +344,9 @@ def test_planned_shard_writer_matches_the_reference_writer(tmp_path):
                     kept[:] = b"\xab" * len(kept)
                 info = write_planned_shard(str(tmp_path / "fast.tar"), keys[:count], [src] * count,
                                            [w[0] for w in where[:count]], [w[1] for w in where[:count]],
-                                           metas[:count], chunk_bytes=chunk_bytes, direct=direct)
+                                           metas[:count], chunk_bytes=chunk_bytes, direct=direct, mapped=mapped)
                 assert open(tmp_path / "fast.tar", "rb").read() == open(tmp_path / "ref.tar", "rb").read(), \
-                    (count, direct, chunk_bytes)
+                    (count, direct, mapped, chunk_bytes)
                 assert (info.bytes, info.sha256) == (ref_info.bytes, ref_info.sha256)
     assert sizes[0] % 4096
     # The source tar out of the page cache: the first read misses (RWF_NOWAIT), and from then on
@@ -383,6 +384,12 @@ def test_planned_shard_writer_matches_the_reference_writer(tmp_path):
         with pytest.raises(ValueError, match="is truncated"):
             write_planned_shard(str(tmp_path / "cut.tar"), keys[:1], [src], [where[0][0]], [where[0][1]],
                                 metas[:1], prefetch=prefetch)
+    # The cut image second in its chunk: after a probe that finds the first in memory, it would be
+    # copied from the mapping (which ends where the file does).
+    for mapped in (True, False):
+        with pytest.raises(ValueError, match="is truncated"):
+            write_planned_shard(str(tmp_path / "cut.tar"), keys[:2], [src] * 2, [where[1][0], where[0][0]],
+                                [where[1][1], where[0][1]], metas[:2], mapped=mapped)
     starts, total = shard_layout([w[1] for w in where], [len(m) for m in metas])
     assert total == ref_info.bytes and [int(s) + 512 for s in starts[:-1]] == [m.jpg_offset for m in ref_info.members]
 
@@ -598,8 +605,8 @@ def test_plan_in_draw_buckets_with_spilling_gives_the_same_dataset(tmp_path, mon
     counts = []
     real = build_module._draw_buckets
 
-    def spy(n_rows, bucket_rows):
-        out = real(n_rows, bucket_rows)
+    def spy(n_rows, bucket_rows, **kw):
+        out = real(n_rows, bucket_rows, **kw)
         counts.append(len(out))
         return out
 
@@ -620,6 +627,71 @@ def test_plan_in_draw_buckets_with_spilling_gives_the_same_dataset(tmp_path, mon
     assert not os.path.exists(os.path.join(cut.path, "_build"))  # the spill directory went with the staging
 
 
+def test_a_lead_bucket_changes_nothing_but_when_the_first_shards_start(tmp_path, monkeypatch):
+    """The plan's first bucket holds about three shards' samples so that writing starts early; the
+    dataset is the one a single bucket gives, byte for byte."""
+    import storage.build as build_module
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    images = [{"id": i, "captions": [f"a red circle {i}"] + ([f"a blue square {i}"] if i % 3 else [])}
+              for i in range(80)]
+    for root in (a, b):
+        write_source(root, "coco", "lead", images)
+        write_translations(root, MODEL, DECODE, "es", {c: (f"es {c}", True) for im in images for c in im["captions"]})
+    args = dict(name="lead", sources=["coco"], langs="en,es", shard_size=3)
+    real, seen = build_module._draw_buckets, []
+
+    def spy(n_rows, bucket_rows, lead_rows=0):
+        seen.append(lead_rows)
+        return real(n_rows, bucket_rows, lead_rows)
+
+    monkeypatch.setattr(build_module, "_draw_buckets", spy)
+    led = build_dataset(a, **args)
+    assert 2 * seen[-1] < 133 and len(real(133, 100_000, seen[-1])) == 2  # 133 kept captions: a lead bucket
+    monkeypatch.setattr(build_module, "_draw_buckets", lambda n_rows, bucket_rows, lead_rows=0: real(n_rows, bucket_rows))
+    whole = build_dataset(b, **args)
+    assert led.version == whole.version and led.n_samples == whole.n_samples == 80
+    assert _shard_bytes(led.path) == _shard_bytes(whole.path)
+    assert _manifest_rows(led.path) == _manifest_rows(whole.path)
+
+
+def test_the_planner_queues_a_whole_bucket_of_shards_and_waits_before_the_next():
+    """build_dataset's shard starter never blocks the planner within a bucket (it goes on to the
+    next chunk, the drop counts and the manifest draft while shards are written); before the next
+    bucket it waits until at most ``backlog`` shards are queued."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow as pa
+
+    from storage.build import _ShardStarter
+
+    gate, written = threading.Event(), []
+
+    def write(path, sids, progress, threads, rows):
+        gate.wait(10)
+        written.append((sids[0], rows.num_rows))
+
+    writing = []
+    with ThreadPoolExecutor(2) as pool:
+        starter = _ShardStarter(pool, writing, shard_size=2, backlog=1, write=write)
+        call = threading.Thread(target=starter, args=("/nowhere", pa.table({"shard": [0, 0, 1, 1, 2, 2, 3]}), False))
+        call.start()
+        call.join(5)
+        assert not call.is_alive() and len(writing) == 3  # shards 0-2 queued at once; 3 waits for its other sample
+        wait = threading.Thread(target=starter.next_bucket)
+        wait.start()
+        wait.join(0.3)
+        assert wait.is_alive()  # 3 queued > backlog 1
+        gate.set()
+        wait.join(5)
+        assert not wait.is_alive()
+        starter("/nowhere", pa.table({"shard": [3]}), True)
+        for f in writing:
+            f.result()
+    assert sorted(written) == [(0, 2), (1, 2), (2, 2), (3, 2)]
+
+
 def test_draw_buckets_cut_the_md5_range_in_order():
     from storage.build import _draw_buckets
 
@@ -635,6 +707,20 @@ def test_draw_buckets_cut_the_md5_range_in_order():
         assert all(x[1] < y[0] for x, y in zip(non_empty, non_empty[1:]))  # in draw order
         if expect == 10:
             assert all(1700 <= p[2] <= 2300 for p in parts)  # an md5 spreads evenly
+    # A ramp first -- about 1,000 rows, then 4 times more each -- while a bucket is under the
+    # bucket size and under half of what is left; then the rest as before.
+    for n_rows, per, lead, ramp, expect in ((20000, 100_000, 1000, [1000, 4000], 3), (20000, 5000, 1000, [1000, 4000], 6),
+                                            (20000, 100_000, 12000, [], 1), (20000, 1500, 1000, [1000], 14),
+                                            (20000, 100_000, 0, [], 1)):
+        buckets = _draw_buckets(n_rows, per, lead_rows=lead)
+        assert len(buckets) == expect, (n_rows, per, lead)
+        parts = [con.execute(f"SELECT min(draw), max(draw), count(*) FROM i WHERE true{w}").fetchall()[0]
+                 for w in buckets]
+        assert sum(p[2] for p in parts) == 20000
+        assert all(x[1] < y[0] for x, y in zip(parts, parts[1:]))
+        for want, p in zip(ramp, parts):
+            assert 0.8 * want <= p[2] <= 1.2 * want, (n_rows, per, lead, parts)
+        assert all(p[2] <= 1.2 * per for p in parts)
 
 
 def test_two_images_with_one_sample_key_is_a_clear_error(root, monkeypatch):

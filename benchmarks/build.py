@@ -135,6 +135,7 @@ def main(argv=None) -> int:
     if args.images < 5000:
         print("note: the issue asks for >= 5,000 images", file=sys.stderr)
     from storage.build import build_dataset, plan_build, write_shard_group
+    from storage.shards import drop_source_maps
 
     with tempfile.TemporaryDirectory() as root:
         tars = make_source(root, args.images, args.image_size, distinct=args.distinct)
@@ -146,6 +147,7 @@ def main(argv=None) -> int:
 
         def clear_build():
             shutil.rmtree(os.path.join(root, "datasets"), ignore_errors=True)
+            drop_source_maps()  # each timed build maps the source tars afresh, as a new process does
 
         def copy():
             os.makedirs(out)

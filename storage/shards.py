@@ -17,6 +17,7 @@ import re
 import tarfile
 import threading
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -228,6 +229,40 @@ def _chunk_buffer(size: int) -> mmap.mmap:
     return buf
 
 
+_MAPS: "OrderedDict[tuple, memoryview]" = OrderedDict()
+_MAPS_LOCK = threading.Lock()
+MAX_MAPS = 1024
+
+
+def _mapped_source(fd: int) -> memoryview:
+    """A read-only view of the whole file ``fd`` (an ``mmap``), shared by every shard of this
+    process: each page of a source is mapped once, not once per shard -- mapping and unmapping per
+    shard cost more than the copies saved (page faults and ``mmap_lock`` contention between shard
+    threads). Keyed by the file's identity and size (a replaced or resized file gets a new mapping,
+    which reads it as it is now); the least recently used of over :data:`MAX_MAPS` are dropped (and
+    unmapped once no shard uses them)."""
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _MAPS_LOCK:
+        view = _MAPS.get(key)
+        if view is not None:
+            _MAPS.move_to_end(key)
+            return view
+    view = memoryview(mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ) if st.st_size else b"")
+    with _MAPS_LOCK:
+        view = _MAPS.setdefault(key, view)
+        while len(_MAPS) > MAX_MAPS:
+            _MAPS.popitem(last=False)
+    return view
+
+
+def drop_source_maps() -> None:
+    """Forget this process's source mappings (:func:`_mapped_source`); each is unmapped once no
+    shard being written uses it."""
+    with _MAPS_LOCK:
+        _MAPS.clear()
+
+
 def write_planned_shard(path: str, keys: list[str], sources: list[str], src_offsets, src_sizes,
                         metas: list[bytes], chunk_bytes: int = 4 << 20, direct: bool | None = None,
                         prefetch: bool | None = None, mapped: bool | None = None) -> ShardInfo:
@@ -262,7 +297,7 @@ def write_planned_shard(path: str, keys: list[str], sources: list[str], src_offs
     win it back, and with several shard threads those hand-overs cost more than the copies (the
     shard step of 100,000 images: a third less CPU). A chunk whose probe misses switches the shard
     to the reads and read-ahead above. A source shorter than an image's end is a clear error, as
-    with reads; the mappings are closed with the shard."""
+    with reads. The mappings are shared by the shards of a process (:func:`_mapped_source`)."""
     n = len(keys)
     if len(set(keys)) != n:
         raise ValueError(f"duplicate sample key in {path}")
@@ -296,7 +331,7 @@ def write_planned_shard(path: str, keys: list[str], sources: list[str], src_offs
     os.makedirs(os.path.dirname(path), exist_ok=True)
     sha = hashlib.sha256()
     fds: dict[str, int] = {}
-    maps: dict[str, tuple[mmap.mmap | None, memoryview]] = {}
+    views: dict[str, memoryview] = {}
     out, direct = _open_output(tmp, direct_io_default() if direct is None else direct)
     try:
         # The buffer's byte 0 is the file's byte ``written``; its first ``carry`` bytes (under one
@@ -313,13 +348,10 @@ def write_planned_shard(path: str, keys: list[str], sources: list[str], src_offs
             return fd
 
         def source_view(k: int) -> memoryview:
-            entry = maps.get(sources[k])
-            if entry is None:
-                fd = source_fd(k)
-                size = os.fstat(fd).st_size
-                mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
-                entry = maps[sources[k]] = (mm, memoryview(mm if mm is not None else b""))
-            return entry[1]
+            view = views.get(sources[k])
+            if view is None:
+                view = views[sources[k]] = _mapped_source(source_fd(k))
+            return view
 
         while not last:
             # Samples [i, j) make one chunk (at least one sample); the last chunk ends the archive.
@@ -394,10 +426,7 @@ def write_planned_shard(path: str, keys: list[str], sources: list[str], src_offs
         os.unlink(tmp)
         raise
     finally:
-        for mm, view in maps.values():
-            view.release()
-            if mm is not None:
-                mm.close()
+        views.clear()
         for fd in fds.values():
             os.close(fd)
     os.close(out)

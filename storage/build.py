@@ -462,8 +462,7 @@ def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed
     try:
         with _duckdb(engine) as con:
             tar_index = pool.submit(_index_tars, srcs)
-            # Every CPU till the first shards are being written (see _assemble), then half.
-            con.execute(f"SET threads TO {os.cpu_count() or 1}")
+            con.execute(f"SET threads TO {_plan_threads()}")
             # Temp tables beyond the memory limit spill here (DuckDB's default: .tmp in the cwd).
             con.execute(f"SET temp_directory = {_sql_str(os.path.join(staging, 'duckdb-tmp'))}")
             limit = plan_memory_limit(memory)
@@ -495,11 +494,12 @@ def plan_memory_limit(memory: str | None = None) -> str:
 
 
 def _plan_threads() -> int:
-    """DuckDB threads for the plan once shards are being written: half the CPUs. Shards are
-    written while the plan is still being made (and its manifest tables after it), and the shard
-    threads keep the other half busy;
+    """DuckDB threads for the plan: half the CPUs. Shards are written while the plan is still
+    being made (and its manifest tables after it), and the shard threads keep the other half busy;
     on a 2-core machine a second DuckDB thread only contends with them (measured: the build used
-    5-10% less CPU with one)."""
+    5-10% less CPU with one). Not all CPUs even before the first shard: under a small memory limit
+    (``--memory``) a second thread's share of a hash join ran DuckDB out of memory where one
+    thread spilled (benchmarks/build_memory.py, 160,000 images in 160 MB)."""
     return max(1, (os.cpu_count() or 2) // 2)
 
 
@@ -831,8 +831,6 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
             if b and hasattr(on_plan, "next_bucket"):
                 on_plan.next_bucket()  # e.g. wait till the shards of the last bucket are mostly written
             rows = _arrow(con.sql(rows_sql + where))
-            if b == 0:  # shards are written from now on: DuckDB leaves them the other half
-                con.execute(f"SET threads TO {_plan_threads()}")
             rows = rows.take(pc.sort_indices(rows, sort_keys=[(c, "ascending") for c in sort_cols]))  # nulls last
             starts = _sample_starts(rows)
             ends = []

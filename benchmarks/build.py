@@ -6,9 +6,11 @@ translations in four languages), then times, best of ``--repeat``:
   plan   -- the plan step alone, as the Prefect flow runs it (DuckDB join, policy, sample json,
             plan.parquet and the manifest draft) -- a diagnostic row
   shards -- the shard-writing step alone (plan already made); and again with CCRK_DIRECT_IO=0
-            (shards written through the page cache rather than with O_DIRECT), and with the source
-            tars evicted from the page cache first (POSIX_FADV_DONTNEED: the images come from the
-            disk, as at a scale memory cannot hold) -- diagnostic rows
+            (shards written through the page cache rather than with O_DIRECT), with
+            CCRK_MAPPED_READS=0 (each image read with preadv rather than copied from a mapping of
+            its source tar), and with the source tars evicted from the page cache first
+            (POSIX_FADV_DONTNEED: the images come from the disk, as at a scale memory cannot
+            hold) -- diagnostic rows
   flow   -- with ``--flow``: the Prefect flow ``ccrk build`` runs (resolve task, plan task, the
             shard-group tasks started from the plan's parts while it runs, finalize task, plus
             Prefect's orchestration) -- a diagnostic row
@@ -175,13 +177,15 @@ def main(argv=None) -> int:
                 finally:
                     os.close(fd)
 
-        def shards_only(direct: str | None = None, cold: bool = False):
+        def shards_only(direct: str | None = None, cold: bool = False, mapped: str | None = None):
             clear_build()
             plan = plan_build(root, **kw)
             os.sync()
             if cold:
                 evict_sources()
-            with mock.patch.dict(os.environ, {} if direct is None else {"CCRK_DIRECT_IO": direct}):
+            env = {} if direct is None else {"CCRK_DIRECT_IO": direct}
+            env.update({} if mapped is None else {"CCRK_MAPPED_READS": mapped})
+            with mock.patch.dict(os.environ, env):
                 t0 = time.perf_counter()
                 write_shard_group(plan.path, range(plan.n_shards))
                 return time.perf_counter() - t0
@@ -190,6 +194,7 @@ def main(argv=None) -> int:
         t_build = best(build, args.repeat, clear_build)
         t_shards = min(shards_only() for _ in range(args.repeat))
         t_shards_cached = min(shards_only("0") for _ in range(args.repeat))
+        t_shards_read = min(shards_only(mapped="0") for _ in range(args.repeat))
         t_shards_cold = min(shards_only(cold=True) for _ in range(args.repeat))
         t_plan = best(plan_only, args.repeat, clear_build)
         t_flow = flow_time(root, kw, args.repeat, clear_build) if args.flow else None
@@ -197,6 +202,7 @@ def main(argv=None) -> int:
         rows = [("copy (shutil.copyfile + fsync)", t_copy), ("plan step (join, policy, json, manifest draft)", t_plan),
                 ("shards step (read, tar, sha256, fsync)", t_shards),
                 ("shards step through the page cache (no O_DIRECT)", t_shards_cached),
+                ("shards step, a preadv per image (no mapping)", t_shards_read),
                 ("shards step, source tars not in the page cache", t_shards_cold),
                 ("whole build (join, policy, shards, manifest)", t_build)]
         if t_flow is not None:

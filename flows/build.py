@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import publish_link, publish_markdown, publish_table
 from storage import build
+from storage.shards import drop_source_maps
 
 _progress = None  # a callable(n_samples) while the CLI draws a progress bar
 
@@ -111,6 +112,7 @@ def _plan_and_write_shards(resolved: build.ResolvedBuild, shards_per_task: int,
     finally:
         for f in futures:  # written shards are kept (a re-run skips them), so let them finish
             f.wait()
+        drop_source_maps()
     for f in futures:
         f.result()
     return plan

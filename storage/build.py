@@ -55,7 +55,7 @@ from storage.catalog import Artifact, Catalog
 from storage.errors import CCRKError
 from storage.languages import SOURCE_LANG, parse_langs
 from storage.manifest import SCORE_COLUMNS, score_type as _score_type, sql_ident as _ident, sql_str as _sql_str
-from storage.shards import safe_keys, shard_name, write_planned_shard
+from storage.shards import drop_source_maps, safe_keys, shard_name, write_planned_shard
 from storage.versioning import CODE_VERSION, content_version, files_sha256, text_sha
 
 COMPLETE = "_COMPLETE"
@@ -1304,6 +1304,7 @@ def build_dataset(root=None, name: str = "default", sources=("cc3m", "sbu", "vg"
                               pending=lambda: [f.result() for f in writing], draft=draft)
     finally:
         pool.shutdown(wait=True)
+        drop_source_maps()
         if plan is not None and plan.draft is not None:
             engine.execute(f"DETACH {plan.draft[0]}")
             from storage.manifest import discard_draft

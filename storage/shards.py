@@ -256,9 +256,14 @@ def _mapped_source(fd: int) -> memoryview:
     return view
 
 
+def _truncated(source: str, key: str, size: int, offset: int) -> ValueError:
+    return ValueError(f"{source}: image {key} is truncated (wanted {size} bytes at {offset})")
+
+
 def drop_source_maps() -> None:
     """Forget this process's source mappings (:func:`_mapped_source`); each is unmapped once no
-    shard being written uses it."""
+    shard being written uses it. A build drops them when it ends: their page tables take about
+    0.2% of the bytes mapped."""
     with _MAPS_LOCK:
         _MAPS.clear()
 
@@ -295,7 +300,7 @@ def write_planned_shard(path: str, keys: list[str], sources: list[str], src_offs
     -- and the others are copied from a read-only mapping of their source tar. A copy from a
     mapping is a plain memory copy that keeps the GIL; a read per image gives the GIL up and must
     win it back, and with several shard threads those hand-overs cost more than the copies (the
-    shard step of 100,000 images: a third less CPU). A chunk whose probe misses switches the shard
+    shard step of 100,000 images: about a quarter less CPU). A chunk whose probe misses switches the shard
     to the reads and read-ahead above. A source shorter than an image's end is a clear error, as
     with reads. The mappings are shared by the shards of a process (:func:`_mapped_source`)."""
     n = len(keys)
@@ -380,8 +385,7 @@ def write_planned_shard(path: str, keys: list[str], sources: list[str], src_offs
                 if mapped and not advise and k > i:  # the chunk's probe found its image in memory
                     view, o = source_view(k), offs[k]
                     if o + size > len(view):
-                        raise ValueError(f"{sources[k]}: image {keys[k]} is truncated (wanted {size} bytes "
-                                         f"at {o})")
+                        raise _truncated(sources[k], keys[k], size, o)
                     mv[at:at + size] = view[o:o + size]
                     continue
                 fd, got = source_fd(k), 0
@@ -399,8 +403,7 @@ def write_planned_shard(path: str, keys: list[str], sources: list[str], src_offs
                 if got < size:
                     got += os.preadv(fd, [mv[at + got:at + size]], offs[k] + got)
                 if got != size:
-                    raise ValueError(f"{sources[k]}: image {keys[k]} is truncated (wanted {size} bytes "
-                                     f"at {offs[k]})")
+                    raise _truncated(sources[k], keys[k], size, offs[k])
             i = j
             sha.update(mv[carry:fill])
             if not direct:

@@ -143,6 +143,14 @@ def test_unsafe_image_keys_never_make_paths(root):
         assert "/" not in n and "." not in key and key.replace("_", "").replace("-", "").isalnum()
 
 
+def test_a_build_leaves_no_source_mapped(root):
+    from storage import shards as shards_module
+
+    tiny_corpus(root)
+    assert build_dataset(root, **ARGS).n_samples > 0
+    assert not shards_module._MAPS
+
+
 def test_truncated_source_image_counts_as_no_image(root):
     write_source(root, "coco", "c1", [{"id": 1, "captions": ["a red circle"]},
                                       {"id": 2, "captions": ["a blue square"], "truncate": True}])
@@ -349,6 +357,11 @@ def test_planned_shard_writer_matches_the_reference_writer(tmp_path):
                     (count, direct, mapped, chunk_bytes)
                 assert (info.bytes, info.sha256) == (ref_info.bytes, ref_info.sha256)
     assert sizes[0] % 4096
+    # The mapped copies happened (the source is in the page cache here), through one mapping kept
+    # for the process's next shard; dropping it leaves none.
+    assert any(key[1] == os.stat(src).st_ino for key in shards_module._MAPS)
+    shards_module.drop_source_maps()
+    assert not shards_module._MAPS
     # The source tar out of the page cache: the first read misses (RWF_NOWAIT), and from then on
     # each chunk's images are asked for ahead; or asked for from the start; or never. Same bytes.
     for prefetch in (None, True, False):

@@ -641,8 +641,8 @@ def test_plan_in_draw_buckets_with_spilling_gives_the_same_dataset(tmp_path, mon
 
 
 def test_a_lead_bucket_changes_nothing_but_when_the_first_shards_start(tmp_path, monkeypatch):
-    """The plan's first bucket holds about three shards' samples so that writing starts early; the
-    dataset is the one a single bucket gives, byte for byte."""
+    """The plan's first bucket holds about three shards' samples (then a ramp) so that writing
+    starts early; the dataset is the one a single bucket gives, byte for byte."""
     import storage.build as build_module
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -660,7 +660,7 @@ def test_a_lead_bucket_changes_nothing_but_when_the_first_shards_start(tmp_path,
 
     monkeypatch.setattr(build_module, "_draw_buckets", spy)
     led = build_dataset(a, **args)
-    assert 2 * seen[-1] < 133 and len(real(133, 100_000, seen[-1])) == 2  # 133 kept captions: a lead bucket
+    assert 2 * seen[-1] < 133 and len(real(133, 100_000, seen[-1])) >= 2  # 133 kept captions: a ramp of buckets
     monkeypatch.setattr(build_module, "_draw_buckets", lambda n_rows, bucket_rows, lead_rows=0: real(n_rows, bucket_rows))
     whole = build_dataset(b, **args)
     assert led.version == whole.version and led.n_samples == whole.n_samples == 80

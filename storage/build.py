@@ -814,15 +814,15 @@ def _assemble(con, staging, tsets, langs, min_langs, drop_flagged, shard_size, b
     # shards' worth of samples overall), each handed to ``on_plan`` (which may start writing the
     # shards it completes) before the next is made; what the manifest needs of them goes into
     # DuckDB temp tables (which spill to disk) bucket by bucket.
-    n_kept, n_images = con.execute("SELECT count(*), approx_count_distinct(hash(source, image_key)) FROM cj "
-                                   "WHERE drop_reason IS NULL").fetchall()[0]
+    # Kept captions and the samples they make (one count for the ramp and for on_total).
+    n_kept, n_images = con.execute("SELECT coalesce(sum(n), 0), count(*) FROM (SELECT count(*) AS n FROM cj "
+                                   "WHERE drop_reason IS NULL GROUP BY source, image_key)").fetchall()[0]
     # A ramp of buckets from about three shards' samples up: the first shards start being written
     # while the rest of the plan is still being queried.
     lead = 3 * int(shard_size) * n_kept // max(1, n_images)
     buckets = _draw_buckets(n_kept, plan_bucket_rows(), lead_rows=lead)
     if on_total is not None:
-        on_total(con.execute("SELECT count(*) FROM (SELECT DISTINCT source, image_key FROM cj "
-                             "WHERE drop_reason IS NULL)").fetchall()[0][0])
+        on_total(n_images)
     plan_writer = _PlanWriter(os.path.join(staging, "plan.parquet")) if write_plan else None
     n, json_bytes, carry, next_cut, step, made = 0, 0, (-1, 0), int(shard_size), int(shard_size), set()
     try:

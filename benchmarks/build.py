@@ -18,7 +18,10 @@ translations in four languages), then times, best of ``--repeat``:
             language policy in chunks of the seeded order, each shard written as soon as its
             samples are planned, the manifest drafted meanwhile, the catalog record
 Each timed run starts with the previous output deleted and the page cache synced (untimed).
-Prints a table of throughputs and ratios; the last line is the whole build against the copy:
+Prints a table of throughputs, ratios and each run's CPU time (this process's, all its threads;
+the kernel's writeback threads are not counted, so the copy's is low), then the whole build's CPU
+floor on this machine: its CPU time over the CPUs -- where the ratio cannot go on this machine,
+however the build's steps overlap. The last line is the whole build against the copy:
 ``throughput_vs_copy=X.XX`` (images/s of build divided by images/s of copy).
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -96,19 +100,26 @@ def make_source(root: str, n: int, image_size: int, per_tar: int = 1000, distinc
     return sorted(os.path.join(d, "shards", f) for f in os.listdir(os.path.join(d, "shards")) if f.endswith(".tar"))
 
 
-def best(fn, repeat: int, clear) -> float:
-    """Best of ``repeat`` timed calls of ``fn``; ``clear`` (untimed) removes the previous output first."""
-    times = []
+def cpu_seconds() -> float:
+    """This process's CPU time so far (user + system, all threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def best(fn, repeat: int, clear) -> tuple[float, float]:
+    """(seconds, CPU seconds) of the fastest of ``repeat`` timed calls of ``fn``; ``clear``
+    (untimed) removes the previous output first."""
+    runs = []
     for _ in range(repeat):
         clear()  # deleting the last run's 100+ MB is not part of either job (it costs ~0.1 s here)
         os.sync()  # no writeback of earlier runs' (or the source's) dirty pages during the timed one
-        t0 = time.perf_counter()
+        c0, t0 = cpu_seconds(), time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        runs.append((time.perf_counter() - t0, cpu_seconds() - c0))
+    return min(runs)
 
 
-def flow_time(root: str, kw: dict, repeat: int, clear) -> float:
+def flow_time(root: str, kw: dict, repeat: int, clear) -> tuple[float, float]:
     """Best time of the Prefect flow ``ccrk build`` runs (the same steps as tasks, the shard tasks
     started from the plan's parts, plus Prefect's orchestration), on a throwaway server."""
     os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ccrk-prefect-"))
@@ -186,9 +197,9 @@ def main(argv=None) -> int:
             env = {} if direct is None else {"CCRK_DIRECT_IO": direct}
             env.update({} if mapped is None else {"CCRK_MAPPED_READS": mapped})
             with mock.patch.dict(os.environ, env):
-                t0 = time.perf_counter()
+                c0, t0 = cpu_seconds(), time.perf_counter()
                 write_shard_group(plan.path, range(plan.n_shards))
-                return time.perf_counter() - t0
+                return time.perf_counter() - t0, cpu_seconds() - c0
 
         t_copy = best(copy, args.repeat, clear_copy)
         t_build = best(build, args.repeat, clear_build)
@@ -208,11 +219,15 @@ def main(argv=None) -> int:
         if t_flow is not None:
             rows.insert(-1, ("ccrk build flow (Prefect tasks)", t_flow))
         print(f"{n} images, {src_bytes / 1e6:.1f} MB of image shards, {args.image_size}px JPEGs, best of {args.repeat}")
-        print(f"{'step':48s} {'seconds':>8s} {'images/s':>10s} {'MB/s':>8s} {'vs copy':>8s}")
-        for name, t in rows:
-            print(f"{name:48s} {t:8.3f} {n / t:10.0f} {src_bytes / 1e6 / t:8.1f} {t_copy / t:8.2f}")
-        print(f"shards_vs_copy={t_copy / t_shards:.2f}")
-        print(f"throughput_vs_copy={t_copy / t_build:.2f}")
+        print(f"{'step':48s} {'seconds':>8s} {'images/s':>10s} {'MB/s':>8s} {'vs copy':>8s} {'CPU s':>7s}")
+        for name, (t, cpu) in rows:
+            print(f"{name:48s} {t:8.3f} {n / t:10.0f} {src_bytes / 1e6 / t:8.1f} {t_copy[0] / t:8.2f} {cpu:7.2f}")
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        floor = t_build[1] / cpus
+        print(f"whole build's CPU floor here: {t_build[1]:.2f} CPU s on {cpus} CPUs = {floor:.3f} s at best, "
+              f"throughput_vs_copy <= {t_copy[0] / floor:.2f} on this machine")
+        print(f"shards_vs_copy={t_copy[0] / t_shards[0]:.2f}")
+        print(f"throughput_vs_copy={t_copy[0] / t_build[0]:.2f}")
     return 0
 
 

@@ -120,8 +120,9 @@ def best(fn, repeat: int, clear) -> tuple[float, float]:
 
 
 def flow_time(root: str, kw: dict, repeat: int, clear) -> tuple[float, float]:
-    """Best time of the Prefect flow ``ccrk build`` runs (the same steps as tasks, the shard tasks
-    started from the plan's parts, plus Prefect's orchestration), on a throwaway server."""
+    """(seconds, CPU seconds) of the fastest run of the Prefect flow ``ccrk build`` runs (the same
+    steps as tasks, the shard tasks started from the plan's parts, plus Prefect's orchestration), on
+    a throwaway server (whose own process's CPU is not counted)."""
     os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ccrk-prefect-"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.testing.utilities import prefect_test_harness

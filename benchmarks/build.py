@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -100,12 +99,6 @@ def make_source(root: str, n: int, image_size: int, per_tar: int = 1000, distinc
     return sorted(os.path.join(d, "shards", f) for f in os.listdir(os.path.join(d, "shards")) if f.endswith(".tar"))
 
 
-def cpu_seconds() -> float:
-    """This process's CPU time so far (user + system, all threads)."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def best(fn, repeat: int, clear) -> tuple[float, float]:
     """(seconds, CPU seconds) of the fastest of ``repeat`` timed calls of ``fn``; ``clear``
     (untimed) removes the previous output first."""
@@ -113,9 +106,9 @@ def best(fn, repeat: int, clear) -> tuple[float, float]:
     for _ in range(repeat):
         clear()  # deleting the last run's 100+ MB is not part of either job (it costs ~0.1 s here)
         os.sync()  # no writeback of earlier runs' (or the source's) dirty pages during the timed one
-        c0, t0 = cpu_seconds(), time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        runs.append((time.perf_counter() - t0, cpu_seconds() - c0))
+        runs.append((time.perf_counter() - t0, time.process_time() - c0))
     return min(runs)
 
 
@@ -198,9 +191,9 @@ def main(argv=None) -> int:
             env = {} if direct is None else {"CCRK_DIRECT_IO": direct}
             env.update({} if mapped is None else {"CCRK_MAPPED_READS": mapped})
             with mock.patch.dict(os.environ, env):
-                c0, t0 = cpu_seconds(), time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 write_shard_group(plan.path, range(plan.n_shards))
-                return time.perf_counter() - t0, cpu_seconds() - c0
+                return time.perf_counter() - t0, time.process_time() - c0
 
         t_copy = best(copy, args.repeat, clear_copy)
         t_build = best(build, args.repeat, clear_build)

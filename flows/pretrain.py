@@ -51,6 +51,8 @@ def pretrain_flow(config: dict | str, dataset_dir: str, run_dir: str | None = No
     version, run_dir, done = resolve_run(config, dataset_dir, root, run_dir)
     if done is not None:
         done.update(run_dir=run_dir, skipped=True)
+        if done.get("loss_curve"):  # where it is now (the summary has the path of when it was written)
+            done["loss_curve"] = os.path.join(run_dir, os.path.basename(done["loss_curve"]))
         return done
     resume = resume or latest_checkpoint(run_dir) is not None
     summary = train_task(config, dataset_dir, run_dir, resume, root)

@@ -3,6 +3,10 @@
 Kinds: ``source``, ``translation``, ``dataset``, ``run``, ``report`` (and any later ones).
 An artifact is identified by its content version; lineage is a recursive query over parents.
 Connections are opened per call so that no process holds the file lock between stages.
+
+Paths under the root are stored relative to it, so a root that is moved, copied or mounted
+elsewhere keeps working; artifacts always come back with absolute paths. (Catalogs written before
+that held absolute paths: one that no longer exists is looked for under the current root.)
 """
 from __future__ import annotations
 
@@ -108,7 +112,7 @@ class Catalog:
             con.execute("DELETE FROM parents WHERE child = ?", [artifact.version])
             con.execute(
                 "INSERT INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [artifact.version, artifact.kind, artifact.name, artifact.path,
+                [artifact.version, artifact.kind, artifact.name, layout.rooted(self.root, artifact.path),
                  json.dumps(artifact.params, default=str), json.dumps(artifact.stats, default=str),
                  artifact.code_version, created],
             )
@@ -125,7 +129,7 @@ class Catalog:
                 return None
             parents = [r[0] for r in con.execute(
                 "SELECT parent FROM parents WHERE child = ? ORDER BY parent", [version]).fetchall()]
-        return _artifact(row, parents)
+        return self._artifact(row, parents)
 
     def find(self, prefix: str) -> Artifact | None:
         """An artifact by version or unique version prefix."""
@@ -152,7 +156,29 @@ class Catalog:
         by_child: dict[str, list[str]] = {}
         for child, parent in edges:
             by_child.setdefault(child, []).append(parent)
-        return [_artifact(r, by_child.get(r[0], [])) for r in rows]
+        return [self._artifact(r, by_child.get(r[0], [])) for r in rows]
+
+    def _resolved_path(self, stored: str) -> str:
+        """A recorded path made absolute: a relative one lies under the root. An absolute one that
+        does not exist (a catalog written with absolute paths, whose root has since moved) is
+        looked for under the root by its longest tail of at least two parts that exists there."""
+        if not layout.is_local(stored):
+            return stored
+        if not os.path.isabs(stored):
+            return layout.join(self.root, stored)
+        if layout.is_local(self.root) and not os.path.exists(stored):
+            parts = [p for p in stored.split(os.sep) if p]
+            for i in range(1, len(parts) - 1):
+                moved = os.path.join(self.root, *parts[i:])
+                if os.path.exists(moved):
+                    return moved
+        return stored
+
+    def _artifact(self, row, parents) -> Artifact:
+        version, kind, name, path, params, stats, code_version, created = row
+        return Artifact(version=version, kind=kind, name=name, path=self._resolved_path(path),
+                        params=json.loads(params) if params else {}, stats=json.loads(stats) if stats else {},
+                        parents=list(parents), code_version=code_version, created_at=created)
 
     def lineage(self, version: str) -> list[tuple[int, Artifact]]:
         """(depth, artifact) from the artifact itself (depth 0) back to its sources."""
@@ -170,10 +196,3 @@ class Catalog:
             out.append((depth, art))
             frontier.extend((depth + 1, p) for p in art.parents)
         return out
-
-
-def _artifact(row, parents) -> Artifact:
-    version, kind, name, path, params, stats, code_version, created = row
-    return Artifact(version=version, kind=kind, name=name, path=path,
-                    params=json.loads(params) if params else {}, stats=json.loads(stats) if stats else {},
-                    parents=list(parents), code_version=code_version, created_at=created)

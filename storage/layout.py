@@ -29,6 +29,17 @@ def is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
 
 
+def rooted(root: str, path: str) -> str:
+    """``path`` as records name it: relative to ``root`` when it lies under it (so that a root
+    moved, copied or mounted elsewhere keeps its records valid, and the same inputs give the same
+    versions on every machine), otherwise absolute (remote paths as given)."""
+    if not (is_local(root) and is_local(path)):
+        return path
+    absolute = os.path.abspath(path)
+    rel = os.path.relpath(absolute, root)
+    return absolute if rel in (os.curdir, os.pardir) or rel.startswith(os.pardir + os.sep) else rel
+
+
 def source_dir(root: str, source: str, version: str) -> str:
     return join(root, "sources", source, version)
 

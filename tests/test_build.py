@@ -243,6 +243,22 @@ def test_manifest_indexes_and_catalog_record_lineage(root):
     assert art.stats["n_samples"] == 5
 
 
+def test_a_moved_root_builds_from_its_catalog(tmp_path):
+    """The catalog names sources and translations relative to the root: a root moved (or copied,
+    or mounted elsewhere) builds the same dataset again, a no-op, and builds new ones from there."""
+    import shutil
+
+    old, new = str(tmp_path / "old"), str(tmp_path / "new")
+    tiny_corpus(old)
+    first = build_dataset(old, **ARGS)
+    shutil.move(old, new)
+    again = build_dataset(new, **ARGS)
+    assert again.skipped and again.version == first.version
+    assert again.path == first.path.replace(old, new, 1)
+    other = build_dataset(new, **{**ARGS, "name": "other", "langs": "en,es"})
+    assert not other.skipped and other.n_samples == 5 and other.path.startswith(new + os.sep)
+
+
 def test_missing_source_or_translations_is_one_clear_error(root):
     tiny_corpus(root)
     with pytest.raises(CCRKError, match="no source artifact 'sbu'"):

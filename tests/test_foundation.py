@@ -37,6 +37,41 @@ def test_catalog_lineage_walks_back_to_sources(root):
     assert [a.version for a in cat.list("source")] == ["s1"]
 
 
+def test_catalog_paths_follow_a_moved_root(tmp_path):
+    """Paths under the root are stored relative to it, so a root moved elsewhere keeps working;
+    a catalog written with absolute paths (before that) finds its artifacts under the new root."""
+    import os
+    import shutil
+
+    import duckdb
+
+    old, new = str(tmp_path / "old"), str(tmp_path / "new")
+    inside = layout.source_dir(old, "coco", "v1")
+    os.makedirs(inside)
+    cat = Catalog(old)
+    cat.record(Artifact("v1", "source", "coco", inside))
+    cat.record(Artifact("x1", "dataset", "elsewhere", str(tmp_path / "outside"), parents=["v1"]))
+    con = duckdb.connect(cat.path)
+    stored = dict(con.execute("SELECT version, path FROM artifacts").fetchall())
+    # A record from before relative paths: absolute, under the old root.
+    con.execute("INSERT INTO artifacts (version, kind, name, path) VALUES ('v0', 'source', 'vg', ?)",
+                [layout.source_dir(old, "vg", "v0")])
+    con.close()
+    os.makedirs(layout.source_dir(old, "vg", "v0"))
+    assert stored == {"v1": "sources/coco/v1", "x1": str(tmp_path / "outside")}
+    assert cat.get("v1").path == inside
+
+    shutil.move(old, new)
+    moved = Catalog(new)
+    assert moved.get("v1").path == layout.source_dir(new, "coco", "v1")
+    assert moved.get("v0").path == layout.source_dir(new, "vg", "v0")
+    assert moved.get("x1").path == str(tmp_path / "outside")  # outside the root: kept as recorded
+    assert [a.path for _, a in moved.lineage("x1")][1] == layout.source_dir(new, "coco", "v1")
+    assert layout.rooted(new, layout.join(new, "benchmarks", "demo")) == "benchmarks/demo"
+    assert layout.rooted(new, new) == new and layout.rooted(new, str(tmp_path)) == str(tmp_path)
+    assert layout.rooted(new, new + "-other") == new + "-other"
+
+
 def test_grammar_agreement():
     o = grammar.Obj("star", "red", "small", "left")
     p = grammar.Phrase("size_position", (o,))

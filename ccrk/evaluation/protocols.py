@@ -276,7 +276,7 @@ def run_finetune(root: str | None, checkpoint: str, benchmark: str, data_dir: st
     parent = find_run_version(r, ckpt_path)
     params = {"protocol": mode, "benchmark": benchmark, "train_lang": plan.train_lang, "shots": shots,
               "train_file_sha256": file_sha256(plan.train_file), "skip_missing": skip_missing,
-              "start": parent or os.path.abspath(ckpt_path),
+              "start": parent or layout.rooted(r, ckpt_path),
               **{k: hp[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup", "seed")}}
     run_id = content_version("run", [parent] if parent else [], params)
     run_dir = layout.run_dir(r, run_id)
@@ -313,7 +313,7 @@ def run_evaluation(root: str | None, checkpoint: str, benchmark: str, data_dir: 
     params = {"benchmark": benchmark, "langs": eval_langs,
               "mrv_langs": [lang for lang in (mrv_langs or eval_langs) if lang in eval_langs], "k_test": k_test,
               "itc_only": itc_only, "checkpoint_sha256": file_sha256(_weights_file(ckpt_path)),
-              "data": os.path.abspath(data_dir), "skip_missing": skip_missing}
+              "data": layout.rooted(layout.data_root(root), data_dir), "skip_missing": skip_missing}
     done = reports.existing_report(root, os.path.abspath(ckpt_path), params)
     if done is not None:  # same checkpoint, benchmark and settings: the report is already there
         return done

@@ -1,7 +1,8 @@
 """The ``ccrk`` command line: one verb per pipeline stage, each running its stage as a Prefect flow.
 
 Verbs live in :mod:`ccrk.commands` (one module each, discovered here). A :class:`CCRKError` (or a
-missing file) becomes one clear sentence on stderr and exit status 2 -- never a traceback.
+missing file) becomes one clear sentence on stderr and exit status 2 -- never a traceback, neither
+ours nor the Prefect run log's (``--debug`` shows them).
 """
 from __future__ import annotations
 
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     runs_flows = getattr(args, "runs_flows", False)
+    if runs_flows and not args.debug:
+        _brief_run_errors((CCRKError, FileNotFoundError))
     from ccrk.prefect_api import early_server, use_server
 
     server = early_server() if runs_flows else None  # comes up while the command imports its stage
@@ -75,16 +78,49 @@ def main(argv: list[str] | None = None) -> int:
     except CCRKError as exc:
         if args.debug:
             raise
+        _release(exc)
         print(f"ccrk {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
         if args.debug:
             raise
+        _release(exc)
         print(f"ccrk {args.verb}: error: file not found: {exc.filename or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ccrk {args.verb}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+
+
+def _brief_run_errors(kinds: tuple) -> None:
+    """Prefect logs a failed task or flow run with its traceback. For the errors this command
+    reports as one sentence (bad input, a missing file) the log keeps its one line and drops the
+    traceback; any other exception keeps it. ``--debug`` keeps them all."""
+    import logging
+
+    class Brief(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and isinstance(record.exc_info[1], kinds):
+                record.exc_info, record.exc_text = None, None
+            return True
+
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(Brief())
+
+
+def _release(exc: BaseException) -> None:
+    """Drop what the failed stage's frames still hold (DuckDB connections among them): the
+    exception outlives the command in Prefect's run states, and DuckDB's bindings list every object
+    still alive at exit as a leak -- dozens of lines after the one-line error."""
+    import gc
+    import traceback
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+    gc.collect()
 
 
 if __name__ == "__main__":

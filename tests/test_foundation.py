@@ -90,3 +90,16 @@ def test_cli_error_is_one_sentence(root):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert "no artifact with version 'nope'" in out.stderr
+
+
+def test_a_failed_flow_run_is_one_sentence_too(root):
+    """A stage that fails inside its Prefect flow: the run log keeps one line per failed run
+    (no traceback), and nothing else follows the error (DuckDB's bindings listed every object the
+    failed task's frames still held at exit as a leak, dozens of lines)."""
+    out = subprocess.run([sys.executable, "-m", "ccrk.cli", "build", "--root", root, "--name", "x",
+                          "--sources", "coco", "--langs", "en,es"], capture_output=True, text=True)
+    assert out.returncode == 2
+    error = "ccrk build: error: no source artifact 'coco' in the catalog"
+    assert error in out.stderr and "Task run failed with exception: CCRKError" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout and "leaked" not in out.stderr
+    assert out.stderr.rstrip().splitlines()[-1].startswith(error)

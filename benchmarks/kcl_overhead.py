@@ -1,5 +1,8 @@
 """Cost of K captions per image: training-step time and peak memory at K = 1, 6, 10 on the same images.
 
+A step is the trainer's: the objective's forward, backward, gradient clipping and the trainer's
+optimizer (its parameter groups, fused AdamW), with bf16 autocast on a GPU.
+
 The model keeps the full CCRk model's proportions (a 4-stage Swin image tower, a text + fusion
 stack of XLM-R layers, text width = image width) scaled to a CPU; on a GPU ``--full`` uses the
 paper's Swin-B 224 + XLM-R-large-sized layers (random weights). Captions come from the demo
@@ -68,6 +71,7 @@ def main() -> None:
     from ccrk.console import print_table
     from ccrk.model import build_model
     from ccrk.objectives import build_objective
+    from ccrk.trainer import make_optimizer, normalise_config
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="the paper-sized model (use on a GPU)")
@@ -79,13 +83,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = bench_config(args.full)
+    config = normalise_config(bench_config(args.full))
     b = args.batch or (64 if device.type == "cuda" else 8)
     torch.manual_seed(0)
     model, tok = build_model(config)
     model.to(device).train()
     objective = build_objective(model, config, tok).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = make_optimizer(model, config["train"])  # the trainer's: its parameter groups, fused AdamW
+    clip = config["train"]["clip"]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step(batch, i) -> float:
@@ -95,6 +100,7 @@ def main() -> None:
             out = objective(batch, i)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         sync()
         return time.perf_counter() - t0

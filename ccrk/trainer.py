@@ -103,6 +103,22 @@ def param_groups(model, cfg: dict) -> list[dict]:
     return out
 
 
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where it has one for these parameters (CPU and CUDA floats):
+    one kernel for every tensor instead of one per tensor -- on this CPU the CPU-scaled model's
+    step took 4.6 ms against 27.6 ms (18 ms for foreach). Elsewhere, torch's default."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(params, **kwargs)
+
+
+def make_optimizer(model, tcfg: dict) -> torch.optim.AdamW:
+    """The pre-training optimizer: :func:`param_groups` and the config's lr and betas."""
+    return adamw(param_groups(model, tcfg), lr=tcfg["lr"], betas=tuple(tcfg["betas"]), eps=1e-8)
+
+
 def lr_factor(step: int, total: int, warmup: float) -> float:
     """Linear warm-up over ``warmup`` (fraction) of the steps, then linear decay to 0."""
     n_warm = max(1, math.ceil(warmup * total))
@@ -317,7 +333,7 @@ def train(config: dict, dataset_dir: str, run_dir: str, resume: bool = False, ro
     model, tokenizer = build_model(config)
     model.to(info.device)
     objective = build_objective(model, config, tokenizer).to(info.device)
-    opt = torch.optim.AdamW(param_groups(model, tcfg), lr=tcfg["lr"], betas=tuple(tcfg["betas"]), eps=1e-8)
+    opt = make_optimizer(model, tcfg)
 
     n_heldout = int(tcfg["heldout"] or 0)
     heldout = heldout_slice(dataset_dir, config, n_heldout) if n_heldout else []

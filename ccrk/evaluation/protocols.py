@@ -126,7 +126,9 @@ def train_pairs(model, tokenizer, config: dict, pairs: Sequence[bm.TrainPair], r
         from safetensors.torch import load_model
 
         load_model(model, os.path.join(ckpt, "model.safetensors"), device=str(device))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    from ccrk.trainer import adamw
+
+    opt = adamw([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     metrics_path = os.path.join(run_dir, "finetune.jsonl")
     step = done * steps_per_epoch
     model.train()

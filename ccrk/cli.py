@@ -95,17 +95,20 @@ def main(argv: list[str] | None = None) -> int:
 def _brief_run_errors(kinds: tuple) -> None:
     """Prefect logs a failed task or flow run with its traceback. For the errors this command
     reports as one sentence (bad input, a missing file) the log keeps its one line and drops the
-    traceback; any other exception keeps it. ``--debug`` keeps them all."""
+    traceback; any other exception keeps it. ``--debug`` keeps them all. Installed once per
+    process, however often :func:`main` runs."""
     import logging
 
-    class Brief(logging.Filter):
+    class BriefRunErrors(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             if record.exc_info and isinstance(record.exc_info[1], kinds):
                 record.exc_info, record.exc_text = None, None
             return True
 
     for name in ("prefect.task_runs", "prefect.flow_runs"):
-        logging.getLogger(name).addFilter(Brief())
+        logger = logging.getLogger(name)
+        if not any(type(f).__name__ == "BriefRunErrors" for f in logger.filters):
+            logger.addFilter(BriefRunErrors())
 
 
 def _release(exc: BaseException) -> None:

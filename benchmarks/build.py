@@ -27,6 +27,7 @@ however the build's steps overlap. The last line is the whole build against the 
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import os
 import shutil
@@ -116,7 +117,9 @@ def flow_time(root: str, kw: dict, repeat: int, clear) -> tuple[float, float]:
     """(seconds, CPU seconds) of the fastest run of the Prefect flow ``ccrk build`` runs (the same
     steps as tasks, the shard tasks started from the plan's parts, plus Prefect's orchestration), on
     a throwaway server (whose own process's CPU is not counted)."""
-    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ccrk-prefect-"))
+    if "PREFECT_HOME" not in os.environ:  # a throwaway home, removed at exit
+        os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="ccrk-prefect-")
+        atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.testing.utilities import prefect_test_harness
 

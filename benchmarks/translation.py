@@ -19,8 +19,10 @@ each (so lengths vary as real captions do).
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -80,7 +82,8 @@ def main(argv=None) -> int:
     from translation.train_demo_model import save_random_model
 
     torch.set_num_threads(args.threads)
-    tmp = tempfile.mkdtemp(prefix="ccrk-bench-")
+    tmp = tempfile.mkdtemp(prefix="ccrk-bench-")  # the random model and the converted cache, removed at exit
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     model_dir = args.model or save_random_model(os.path.join(tmp, "m2m100-random-d512-6x6"))
     texts = bench_captions(args.captions)
     settings = DecodeSettings()

@@ -10,10 +10,14 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # A Prefect home of its own per test session: concurrent sessions never share a sqlite file.
+# It is removed when the session ends: a suite run leaves nothing behind in the temp dir.
 if "PREFECT_HOME" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="ccrk-prefect-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

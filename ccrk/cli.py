@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import pkgutil
 import sys
@@ -92,23 +93,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _BriefRunErrors(logging.Filter):
+    """Drops the traceback of a log record whose exception is one of ``kinds``; keeps the line."""
+
+    def __init__(self, kinds: tuple):
+        super().__init__()
+        self.kinds = kinds
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], self.kinds):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def _brief_run_errors(kinds: tuple) -> None:
     """Prefect logs a failed task or flow run with its traceback. For the errors this command
     reports as one sentence (bad input, a missing file) the log keeps its one line and drops the
     traceback; any other exception keeps it. ``--debug`` keeps them all. Installed once per
     process, however often :func:`main` runs."""
-    import logging
-
-    class BriefRunErrors(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            if record.exc_info and isinstance(record.exc_info[1], kinds):
-                record.exc_info, record.exc_text = None, None
-            return True
-
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logger = logging.getLogger(name)
-        if not any(type(f).__name__ == "BriefRunErrors" for f in logger.filters):
-            logger.addFilter(BriefRunErrors())
+        if not any(isinstance(f, _BriefRunErrors) for f in logger.filters):
+            logger.addFilter(_BriefRunErrors(kinds))
 
 
 def _release(exc: BaseException) -> None:

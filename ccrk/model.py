@@ -64,9 +64,11 @@ class CCRKModel(nn.Module):
     def fuse(self, image_embeds, image_atts, text_embeds, text_atts) -> torch.Tensor:
         return self.text.fuse(text_embeds, text_atts, image_embeds, image_atts)
 
-    def itm_logits(self, image_embeds, image_atts, text_embeds, text_atts) -> torch.Tensor:
-        """[B, 2] matching logits on the fusion CLS (index 1 = match)."""
-        return self.itm_head(self.fuse(image_embeds, image_atts, text_embeds, text_atts)[:, 0]).float()
+    def itm_logits(self, image_embeds, image_atts, text_embeds, text_atts, image_kv=None) -> torch.Tensor:
+        """[B, 2] matching logits on the fusion CLS (index 1 = match). ``image_kv``
+        (``text.image_keys_values``, one row per pair) stands in for ``image_embeds``."""
+        cls = self.text.fuse(text_embeds, text_atts, image_embeds, image_atts, image_kv=image_kv, cls_only=True)
+        return self.itm_head(cls[:, 0]).float()
 
     def mlm_logits(self, masked_ids, attention_mask, image_embeds, image_atts, predict: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits at the ``predict`` positions ([B, L] bool) only: [n_predict, V]."""

@@ -62,7 +62,7 @@ def test_packed_text_layers_equal_the_padded_layers(tiny):
     ids, att = enc["input_ids"], enc["attention_mask"]
     assert not bool(att.all())  # the packed path is taken
     packed = model.text.encode(ids, att)
-    h = model.text.embeddings(input_ids=ids)
+    h = model.text.embed(ids)
     for layer in model.text.text_layers:
         h = layer(h, attention_mask=_bool_mask(att))
     real = att.bool()
@@ -94,6 +94,23 @@ def test_cls_only_last_layer_gives_the_same_features_tokens_and_gradients(tiny):
     g_cls = torch.autograd.grad(feat.square().sum() + (tokens * probe).sum(), params)
     for a, b in zip(g_full, g_cls):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_fusion_shortcuts_give_the_plain_fusion_numbers(tiny):
+    """Matching runs the last fusion layer at CLS only and may take the image's cross-attention keys
+    and values computed once per image: the same CLS as the full fusion of the image tokens."""
+    model, tok, _ = tiny
+    enc = tok(["a red circle", "una estrella verde pequeña a la izquierda", "круг"], padding=True, return_tensors="pt")
+    ids, att = enc["input_ids"], enc["attention_mask"]
+    with torch.no_grad():
+        image_embeds, _ = model.encode_image(torch.randn(3, 3, 64, 64))
+        text_embeds, _ = model.encode_text(ids, att)
+        full = model.text.fuse(text_embeds, att, image_embeds)
+        cls = model.text.fuse(text_embeds, att, image_embeds, cls_only=True)
+        kv = model.text.image_keys_values(image_embeds)
+        via_kv = model.itm_logits(None, None, text_embeds, att, image_kv=kv)
+    assert cls.shape[1] == 1 and torch.allclose(cls[:, 0], full[:, 0], atol=1e-5)
+    assert torch.allclose(via_kv, model.itm_head(full[:, 0]), atol=1e-5)
 
 
 def test_itm_head_learns_an_image_text_interaction():

@@ -4,6 +4,13 @@ The first ``text_layers`` are text-only (they give the contrastive text feature)
 ``fusion_layers`` add cross-attention to the image tokens. Layers are transformers
 ``XLMRobertaLayer`` modules, so an XLM-R checkpoint loads by name after selecting layers (the
 paper takes XLM-R large's odd layers: 1, 3, ..., 23). Cross-attention weights are new.
+
+The computation is the authors' (X-VLM's ``xbert``, which CCRk's code uses; checked against
+their outputs in ``tests/test_parity_model.py``): BERT-style positions 0..L-1 for every row even
+with XLM-R weights (no ``padding_idx + 1`` offset), and cross-attention keys and values projected
+straight from the image tokens' width. Each layer's forward is written here on the HF modules'
+weights, so that padding is skipped, the last layer can run at CLS alone and the image side of
+cross-attention can be computed once per image (:meth:`TextFusionEncoder.image_keys_values`).
 """
 from __future__ import annotations
 
@@ -13,6 +20,10 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+# XLM-R's released configs (and the authors' text encoder) use 1e-5, not transformers' 1e-12 default.
+XLMR_LAYER_NORM_EPS = 1e-5
 
 
 def xlmr_config(cfg: dict, vocab_size: int):
@@ -26,6 +37,7 @@ def xlmr_config(cfg: dict, vocab_size: int):
             vocab_size=vocab_size, hidden_size=cfg["hidden_size"], num_attention_heads=cfg["num_heads"],
             intermediate_size=cfg["intermediate_size"], max_position_embeddings=cfg.get("max_position", 514),
             pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1)
+    config.layer_norm_eps = float(cfg.get("layer_norm_eps", XLMR_LAYER_NORM_EPS))
     if "dropout" in cfg:
         config.hidden_dropout_prob = config.attention_probs_dropout_prob = float(cfg["dropout"])
     if "init_std" in cfg:  # random init only: a tiny model learns faster from a wider start
@@ -120,8 +132,13 @@ class TextFusionEncoder(nn.Module):
             layer.attention.self.is_causal = False  # a decoder-flagged layer, but bidirectional self-attention
         self.lm_head = XLMRobertaLMHead(self.config)
         hidden = self.config.hidden_size
-        # Image tokens enter cross-attention at the text width (Swin-B and XLM-R large are both 1024).
-        self.image_to_text = nn.Identity() if vision_width == hidden else nn.Linear(vision_width, hidden)
+        # Cross-attention keys and values read the image tokens at their own width (X-VLM's
+        # encoder_width): Swin-B and XLM-R large are both 1024, the CPU-sized models are not.
+        for layer in self.fusion_layers:
+            ca = layer.crossattention.self
+            ca.key, ca.value = nn.Linear(vision_width, hidden), nn.Linear(vision_width, hidden)
+        # Positions are 0..L-1 for every row, so row 1 of the table is a real position, not padding.
+        self.embeddings.position_embeddings.padding_idx = None
         self.apply(self._init_weights)
         self.lm_head.decoder.weight = self.embeddings.word_embeddings.weight  # tied, as in XLM-R
         self.pretrained_names: set[str] = set()
@@ -173,9 +190,15 @@ class TextFusionEncoder(nn.Module):
         self.lm_head.decoder.weight = self.embeddings.word_embeddings.weight
         return set(loaded) | {"lm_head.decoder.weight"}
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, L, D] with positions 0..L-1 in every row, as the authors' BERT
+        embeddings give (HF's XLM-R would start at ``padding_idx + 1`` and skip padding)."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return self.embeddings(input_ids=input_ids, position_ids=positions)
+
     def _pack(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextState:
         """The embeddings of the real tokens, packed [T, D], before any text layer."""
-        h = self.embeddings(input_ids=input_ids)
+        h = self.embed(input_ids)
         n, length, width = h.shape
         real = torch.nonzero(attention_mask.reshape(-1)).squeeze(1)
         return TextState(h.reshape(n * length, width).index_select(0, real), real, attention_mask, n, length)
@@ -216,11 +239,54 @@ class TextFusionEncoder(nn.Module):
         x = _packed_layer(self.text_layers[-1], x, real, r, length, _bool_mask(atts))
         return _unpack(x, real, r, length)
 
-    def fuse(self, text_embeds, text_atts, image_embeds, image_atts=None) -> torch.Tensor:
-        """Fusion layers: text tokens attend to themselves and to the image tokens: [B, L, D]."""
-        h, mask = text_embeds, _bool_mask(text_atts)
-        image = self.image_to_text(image_embeds)
-        image_mask = _bool_mask(image_atts)
+    def image_keys_values(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each fusion layer's cross-attention keys and values of the image tokens, as heads
+        [B, heads, P, D / heads]: they depend on the image alone, so re-ranking computes them once
+        per image however many texts it is paired with."""
+        out = []
         for layer in self.fusion_layers:
-            h = layer(h, attention_mask=mask, encoder_hidden_states=image, encoder_attention_mask=image_mask)
+            ca = layer.crossattention.self
+            heads = ca.num_attention_heads
+            b, p, _ = image_embeds.shape
+            out.append(tuple(proj(image_embeds).view(b, p, heads, -1).transpose(1, 2) for proj in (ca.key, ca.value)))
+        return out
+
+    def fuse(self, text_embeds, text_atts, image_embeds=None, image_atts=None, image_kv=None,
+             cls_only: bool = False) -> torch.Tensor:
+        """Fusion layers: text tokens attend to themselves and to the image tokens: [B, L, D].
+
+        ``image_kv`` (from :meth:`image_keys_values`, rows matching the texts) replaces
+        ``image_embeds``; ``cls_only`` runs the last layer's query side at CLS alone and returns
+        [B, 1, D], all that matching needs."""
+        h, mask = text_embeds, _bool_mask(text_atts)
+        image_mask = _bool_mask(image_atts)
+        if image_kv is None:
+            image_kv = self.image_keys_values(image_embeds)
+        last = len(self.fusion_layers) - 1
+        for i, (layer, kv) in enumerate(zip(self.fusion_layers, image_kv)):
+            h = _fusion_layer(layer, h, mask, kv, image_mask, cls_only and i == last)
         return h
+
+
+def _attend(sa, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> torch.Tensor:
+    """Multi-head attention of ``query`` [B, Q, D] over head-shaped keys/values [B, heads, K, d]: [B, Q, D]."""
+    b, q_len, width = query.shape
+    q = query.view(b, q_len, sa.num_attention_heads, -1).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask,
+                                         dropout_p=sa.dropout.p if sa.training else 0.0, scale=sa.scaling)
+    return out.transpose(1, 2).reshape(b, q_len, width)
+
+
+def _fusion_layer(layer, h: torch.Tensor, mask, image_kv, image_mask, cls_only: bool) -> torch.Tensor:
+    """One post-LN fusion layer: self-attention over the text, cross-attention to the image, FFN.
+    ``cls_only``: keys and values from every token, the rest at the CLS token alone ([B, 1, D])."""
+    sa = layer.attention.self
+    b, length, _ = h.shape
+    heads = sa.num_attention_heads
+    key, value = (proj(h).view(b, length, heads, -1).transpose(1, 2) for proj in (sa.key, sa.value))
+    if cls_only:
+        h = h[:, :1]
+    h = layer.attention.output(_attend(sa, sa.query(h), key, value, mask), h)
+    ca = layer.crossattention.self
+    h = layer.crossattention.output(_attend(ca, ca.query(h), *image_kv, image_mask), h)
+    return layer.output(layer.intermediate(h), h)

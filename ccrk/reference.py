@@ -191,3 +191,73 @@ def import_state_dict(sd: dict[str, torch.Tensor], model) -> dict:
         raise CCRKError("the checkpoint lacks ccrk weight(s): " + ", ".join(k for k in missing if not k.startswith("text.lm_head.")))
     model.load_state_dict({k: _tensor(sd, s) for k, s in plan.items()}, strict=False)
     return {"dropped": dropped, "missing": missing, "mlm_head": not missing}
+
+
+# ---------------------------------------------------------------------- `ccrk import-checkpoint`
+
+XLMR_VOCAB = 250002  # XLM-R's vocabulary: its tokenizer is the released models' own
+XLMR_TOKENIZER = "pretrained/xlm-roberta-large"
+
+
+def default_tokenizer(vocab_size: int) -> str:
+    """XLM-R large's tokenizer for the released models' vocabulary, else the demo tokenizer built to
+    the checkpoint's vocabulary size (small test checkpoints, such as the parity fixture)."""
+    return XLMR_TOKENIZER if vocab_size == XLMR_VOCAB else f"demo:{vocab_size}"
+
+
+def _tokenizer(spec: str, vocab_size: int, work_dir: str):
+    from ccrk.tokenizer import build_demo_tokenizer, load_tokenizer
+
+    if spec.startswith("demo:"):
+        # The demo vocabulary laid out as XLM-R (<s> <pad> </s> <unk> ... <mask>), sized to the checkpoint.
+        spec = build_demo_tokenizer(os.path.join(work_dir, "demo-tokenizer"), vocab_size=int(spec[5:]) - 4)
+    tok = load_tokenizer(spec)
+    if len(tok) > vocab_size:
+        raise CCRKError(f"tokenizer {spec} has {len(tok)} tokens but the checkpoint embeds only {vocab_size}")
+    return tok
+
+
+def import_checkpoint(src: str, root: str | None = None, out: str | None = None, tokenizer: str | None = None,
+                      text_heads: int | None = None, image_size: int | None = None, name: str | None = None) -> dict:
+    """Write a reference checkpoint as a ccrk run (safetensors + JSON config + tokenizer) recorded in
+    the catalog; ``ccrk evaluate`` and ``ccrk finetune`` then take its run id. The same file and
+    options give the same run, so a second import is a no-op."""
+    import tempfile
+
+    from ccrk.model import CCRKModel, latest_checkpoint, save_model
+    from storage import layout
+    from storage.catalog import Artifact, Catalog
+    from storage.versioning import content_version, file_sha256
+
+    sd = read_state_dict(src)
+    model_cfg = infer_model_config({k: tuple(v.shape) for k, v in sd.items()}, text_heads, image_size)
+    vocab = model_cfg.pop("vocab_size")
+    tok_spec = tokenizer or default_tokenizer(vocab)
+    if "temp" in sd:
+        model_cfg["temp"] = float(sd["temp"])
+    sha = file_sha256(src)
+    config = {"name": name or "imported-" + os.path.splitext(os.path.basename(src))[0], "objective": "ccrk",
+              "seed": 0, "model": model_cfg, "imported_from": {"sha256": sha, "tokenizer": tok_spec}}
+    version = content_version("run", params={"import": config})
+    r = layout.data_root(root)
+    run_dir = os.path.abspath(out or layout.run_dir(r, version))
+    ckpt_dir = os.path.join(run_dir, "checkpoints", "step-0000000")
+    summary = {"run_id": version, "run_dir": run_dir, "checkpoint": ckpt_dir, "source": os.path.abspath(src),
+               "layout": "pre-training" if _text_prefix(sd) == "text_encoder.bert." else "retrieval",
+               "tokenizer": tok_spec, "text_heads": model_cfg["text"]["num_heads"],
+               "image_size": model_cfg["vision"]["image_size"]}
+    if latest_checkpoint(run_dir) and Catalog(r).get(version) is not None:
+        return {**summary, "skipped": True}
+    with tempfile.TemporaryDirectory() as work:
+        tok = _tokenizer(tok_spec, vocab, work)
+        model = CCRKModel(model_cfg, vocab_size=vocab)
+        loaded = import_state_dict(sd, model)
+        model_cfg["text"]["tokenizer"] = os.path.join(run_dir, "tokenizer")
+        save_model(model, config, ckpt_dir)
+        tok.save_pretrained(os.path.join(run_dir, "tokenizer"))
+    summary.update(mlm_head="loaded" if loaded["mlm_head"] else "absent (retrieval layout): initialised fresh", dropped_buffers=len(loaded["dropped"]), tensors=len(sd),
+                   parameters=sum(p.numel() for p in model.parameters()))
+    Catalog(r).record(Artifact(version=version, kind="run", name=config["name"], path=run_dir,
+                               params={"config": config, "imported_from": summary["source"]},
+                               stats={k: v for k, v in summary.items() if k not in ("run_dir", "checkpoint")}))
+    return {**summary, "skipped": False}

@@ -1,5 +1,10 @@
 """Training input: image transforms (random resized crop, flip, RandAugment, all PIL), caption
-selection and tokenisation, collation, and a deterministic, resumable batch stream over the shards.
+normalisation, selection and tokenisation, collation, and a deterministic, resumable batch stream
+over the shards.
+
+With ``data: {pre_caption: true}`` every caption goes through the authors' normalisation
+(:func:`ccrk.captions.pre_caption`, at most ``data.max_words`` words) before tokenisation; a caption
+it leaves empty counts as missing (``rejected_captions``), and a sample left with none is skipped.
 
 Every random choice for a sample (crop, flip, augmentation, which caption dict, which language in
 1-to-1 mode) comes from a generator seeded by (seed, epoch, offset): a batch is a pure function of
@@ -17,6 +22,9 @@ from PIL import Image, ImageEnhance, ImageOps
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 AUGMENT_DEFAULTS = {"crop_scale": [0.2, 1.0], "hflip": True, "randaugment": {"n": 2, "m": 7}}
+# Off unless a config turns it on, so older run configs keep their captions; 40 words is the authors'
+# pre-training limit (their Pretrain*.yaml). Benchmarks use their own limits (evaluation.benchmarks).
+CAPTION_DEFAULTS = {"pre_caption": False, "max_words": 40}
 _FILL = (124, 116, 104)
 
 # ---------------------------------------------------------------------- RandAugment (PIL)
@@ -120,6 +128,37 @@ def image_transform(config: dict, train: bool) -> ImageTransform:
 # ---------------------------------------------------------------------- captions and collation
 
 
+def uses_pre_caption(config: dict) -> bool:
+    """Whether captions are normalised: in pre-training, and on the benchmarks its checkpoints meet."""
+    return bool({**CAPTION_DEFAULTS, **config.get("data", {})}["pre_caption"])
+
+
+def pretrain_max_words(config: dict) -> int | None:
+    """Pre-training's pre_caption word limit, or None when captions are tokenised as they are."""
+    return int({**CAPTION_DEFAULTS, **config.get("data", {})}["max_words"]) if uses_pre_caption(config) else None
+
+
+def clean_captions(captions: list[dict], langs: list[str], max_words: int | None) -> tuple[list[dict], int]:
+    """(caption dicts of ``langs`` passed through pre_caption, number rejected); ``max_words`` None: unchanged.
+    A rejected caption is dropped like a missing language; dicts left without text are dropped."""
+    if max_words is None:
+        return captions, 0
+    from ccrk.captions import EmptyCaptionError, pre_caption
+
+    out, rejected = [], 0
+    for caption in captions:
+        kept = {}
+        for lang in langs:
+            if caption.get(lang):
+                try:
+                    kept[lang] = pre_caption(caption[lang], max_words)
+                except EmptyCaptionError:
+                    rejected += 1
+        if kept:
+            out.append(kept)
+    return out, rejected
+
+
 def choose_captions(captions: list[dict], langs: list[str], rng: random.Random, kcl: bool) -> list[str | None]:
     """One caption dict of the image (random), as K slots in ``langs`` order (None = missing).
     Without KCL (1-to-1), one random present language: a single slot."""
@@ -164,8 +203,8 @@ class BatchStream(torch.utils.data.Dataset):
     Epoch ``e`` is the reader's seeded permutation for ``e`` minus the held-out samples (dataset
     indices < ``heldout``); global batch ``b`` of the epoch is positions ``[b*B*W, (b+1)*B*W)`` of it
     (the remainder of an epoch is dropped) and rank r reads its contiguous ``B`` positions only,
-    by random access. A sample with no caption in ``langs`` is counted and replaced by the next
-    sample after the global batch's window.
+    by random access. A sample with no caption in ``langs`` (after normalisation) is counted and
+    replaced by the next sample after the global batch's window.
     """
 
     def __init__(self, dataset_dir: str, config: dict, tokenizer, rank: int = 0, world: int = 1, heldout: int = 0):
@@ -175,6 +214,7 @@ class BatchStream(torch.utils.data.Dataset):
         self.batch_size = int(config["train"]["batch_size"])
         self.kcl = bool(config.get("loss", {}).get("kcl", True))
         self.max_tokens = int(config.get("data", {}).get("max_tokens", 40))
+        self.max_words = pretrain_max_words(config)
         self.transform = ImageTransform(config, train=True)
         self.ds = open_dataset(dataset_dir, shuffle_seed=self.seed, langs=self.langs)
         self.heldout = int(heldout)
@@ -186,6 +226,7 @@ class BatchStream(torch.utils.data.Dataset):
                             f"global batch of {self.batch_size * world}")
         self._order: tuple[int, np.ndarray] | None = None
         self.skipped = 0
+        self.rejected_captions = 0  # captions pre_caption left empty (treated as missing)
 
     def order(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
@@ -204,6 +245,8 @@ class BatchStream(torch.utils.data.Dataset):
         for pos in range(start, start + self.batch_size):
             while True:
                 img, captions = self.ds.sample(int(order[pos % len(order)]))
+                captions, rejected = clean_captions(captions, self.langs, self.max_words)
+                self.rejected_captions += rejected
                 rng = sample_rng(self.seed, epoch, pos)
                 chosen = choose_captions(captions, self.langs, rng, self.kcl)
                 if chosen:
@@ -224,7 +267,11 @@ class BatchStream(torch.utils.data.Dataset):
 
 
 def heldout_slice(dataset_dir: str, config: dict, n: int) -> list[tuple[Image.Image, list[dict]]]:
-    """The first ``n`` samples in dataset order (never trained on): the in-training retrieval set."""
-    ds = open_dataset(dataset_dir, shuffle_seed=None, langs=list(config["langs"]))
+    """The first ``n`` samples in dataset order (never trained on): the in-training retrieval set,
+    captions normalised as in training."""
+    langs = list(config["langs"])
+    ds = open_dataset(dataset_dir, shuffle_seed=None, langs=langs)
+    max_words = pretrain_max_words(config)
     out = [ds.sample(i) for i in range(min(n, ds.samples()))]
+    out = [(img, clean_captions(caps, langs, max_words)[0]) for img, caps in out]
     return [(img, caps) for img, caps in out if caps]

@@ -11,6 +11,10 @@
 
 Every loader returns a :class:`Benchmark`: per language, one or more :class:`RetrievalSet` (folds).
 A missing image is a :class:`CCRKError` naming it, or with ``skip_missing=True`` a counted skip.
+
+Captions are read as published (stripped), or with ``max_words`` through the authors' normalisation
+(:func:`ccrk.captions.pre_caption`) at the benchmark's own word limit (:data:`MAX_WORDS`); a caption it
+leaves empty is a counted skip (``rejected_texts``), never an error.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ccrk.captions import EmptyCaptionError, pre_caption
 from storage.errors import CCRKError
 
 XFLICKRCO_LANGS = ("de", "en", "es", "id", "ja", "ru", "tr", "zh")
@@ -35,8 +40,47 @@ BENCHMARKS = ("xflickrco", "multi30k", "coco", "wit", "demo")
 DEFAULT_K_TEST = {"coco": 256}
 
 
+# pre_caption word limit per benchmark: the reference datasets' own defaults, since its create_dataset
+# passes none and configs/cclm-base-ft/*.yaml set none (xflickrco_dataset.py and wit_dataset.py: 80;
+# retrieval_dataset.py, used by Retrieval.py for Multi30K and COCO: 30). The demo has xFlickr&CO's layout.
+MAX_WORDS = {"xflickrco": 80, "demo": 80, "wit": 80, "multi30k": 30, "coco": 30}
+
+
 def default_k_test(benchmark: str) -> int:
     return DEFAULT_K_TEST.get(benchmark, 128)
+
+
+def _unknown_benchmark(name: str) -> CCRKError:
+    return CCRKError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
+
+
+def default_max_words(benchmark: str) -> int:
+    """The reference's pre_caption word limit for ``benchmark`` (evaluation and fine-tuning)."""
+    if benchmark not in MAX_WORDS:
+        raise _unknown_benchmark(benchmark)
+    return MAX_WORDS[benchmark]
+
+
+class CaptionCleaner:
+    """A published caption -> the text the model reads, or None (empty, or emptied by pre_caption: counted).
+
+    ``max_words`` None keeps the caption as published, stripped; otherwise pre_caption applies to the raw text.
+    """
+
+    def __init__(self, max_words: int | None = None):
+        self.max_words = max_words
+        self.rejected = 0
+
+    def __call__(self, raw) -> str | None:
+        if not isinstance(raw, str) or not raw.strip():
+            return None
+        if self.max_words is None:
+            return raw.strip()
+        try:
+            return pre_caption(raw, self.max_words)
+        except EmptyCaptionError:
+            self.rejected += 1
+            return None
 
 
 @dataclass(frozen=True)
@@ -77,6 +121,7 @@ class RetrievalSet:
     source: str = ""
     skipped_images: int = 0
     skipped_texts: int = 0
+    rejected_texts: int = 0  # of skipped_texts: captions pre_caption left empty
 
     @property
     def name(self) -> str:
@@ -99,6 +144,10 @@ class Benchmark:
     def skipped_images(self) -> int:
         return sum(s.skipped_images for sets in self.sets.values() for s in sets)
 
+    @property
+    def rejected_texts(self) -> int:
+        return sum(s.rejected_texts for sets in self.sets.values() for s in sets)
+
 
 @dataclass(frozen=True)
 class TrainPair:
@@ -109,10 +158,11 @@ class TrainPair:
 
 
 class _Builder:
-    """Accumulates images and their texts, applying the missing-image policy."""
+    """Accumulates images and their texts, applying the missing-image policy and the caption cleaning."""
 
-    def __init__(self, benchmark, lang, source, skip_missing, fold=None):
+    def __init__(self, benchmark, lang, source, skip_missing, fold=None, max_words: int | None = None):
         self.benchmark, self.lang, self.source, self.skip_missing, self.fold = benchmark, lang, source, skip_missing, fold
+        self.clean = CaptionCleaner(max_words)
         self.image_ids: list[str] = []
         self.images: list[ImageRef] = []
         self.texts: list[str] = []
@@ -123,7 +173,8 @@ class _Builder:
         self._seen: dict[str, int] = {}
 
     def add(self, image_id: str, ref: ImageRef, captions: list[str], where: str, present: bool) -> None:
-        kept = [(j, c.strip()) for j, c in enumerate(captions) if isinstance(c, str) and c.strip()]
+        texts = [(j, self.clean(c)) for j, c in enumerate(captions)]
+        kept = [(j, text) for j, text in texts if text is not None]
         self.skipped_texts += len(captions) - len(kept)
         if not kept:
             return  # the reference drops lines whose captions are all empty
@@ -152,7 +203,7 @@ class _Builder:
         return RetrievalSet(self.benchmark, self.lang, self.image_ids, self.images, self.texts,
                             np.asarray(self.text_image, dtype=np.int64), self.text_keys, fold=self.fold,
                             source=self.source, skipped_images=self.skipped_images,
-                            skipped_texts=self.skipped_texts)
+                            skipped_texts=self.skipped_texts, rejected_texts=self.clean.rejected)
 
 
 def _read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
@@ -204,8 +255,8 @@ def _image_dirs(data_dir: str, flickr30k_dir: str | None, coco_dir: str | None) 
 
 
 def read_xflickrco_file(path: str, lang: str, flickr30k_dir: str, coco_dir: str, skip_missing: bool = False,
-                        benchmark: str = "xflickrco") -> RetrievalSet:
-    b = _Builder(benchmark, lang, path, skip_missing)
+                        benchmark: str = "xflickrco", max_words: int | None = None) -> RetrievalSet:
+    b = _Builder(benchmark, lang, path, skip_missing, max_words=max_words)
     for n, row in _read_jsonl(path):
         where = f"{path}:{n}"
         _require(row, ("sentences", "id", "img_path"), where)
@@ -216,7 +267,7 @@ def read_xflickrco_file(path: str, lang: str, flickr30k_dir: str, coco_dir: str,
 
 
 def load_xflickrco(data_dir: str, langs=None, flickr30k_dir: str | None = None, coco_dir: str | None = None,
-                   skip_missing: bool = False, name: str = "xflickrco") -> Benchmark:
+                   skip_missing: bool = False, name: str = "xflickrco", max_words: int | None = None) -> Benchmark:
     """The test sets ``<data_dir>/annotations/<lang>/test.jsonl`` (every language present by default)."""
     ann = os.path.join(data_dir, "annotations")
     if not os.path.isdir(ann):
@@ -227,7 +278,7 @@ def load_xflickrco(data_dir: str, langs=None, flickr30k_dir: str | None = None, 
     bench = Benchmark(name)
     for lang in langs:
         bench.sets[lang] = [read_xflickrco_file(os.path.join(ann, lang, "test.jsonl"), lang, flickr, coco,
-                                                skip_missing, benchmark=name)]
+                                                skip_missing, benchmark=name, max_words=max_words)]
     return bench
 
 
@@ -250,10 +301,12 @@ def xflickrco_train_file(data_dir: str, lang: str = "en", shots: int | None = No
                     f"found; looked for {', '.join(candidates)}")
 
 
-def load_xflickrco_train(path: str, flickr30k_dir: str, coco_dir: str | None = None,
-                         skip_missing: bool = False) -> tuple[list[TrainPair], int]:
-    """Training pairs from an IGLUE jsonl (every sentence of a line is one pair); (pairs, skipped images)."""
+def load_xflickrco_train(path: str, flickr30k_dir: str, coco_dir: str | None = None, skip_missing: bool = False,
+                         clean: CaptionCleaner | None = None) -> tuple[list[TrainPair], int]:
+    """Training pairs from an IGLUE jsonl (every sentence of a line is one pair); (pairs, skipped images).
+    ``clean`` turns captions into training text and counts the ones it rejects (default: stripped as published)."""
     coco_dir = coco_dir or flickr30k_dir
+    clean = clean or CaptionCleaner()
     pairs: list[TrainPair] = []
     skipped = 0
     for n, row in _read_jsonl(path):
@@ -266,7 +319,8 @@ def load_xflickrco_train(path: str, flickr30k_dir: str, coco_dir: str | None = N
             skipped += 1
             continue
         ref = ImageRef(key=os.path.abspath(img), path=img)
-        pairs += [TrainPair(ref, s.strip(), str(row["id"])) for s in row["sentences"] if isinstance(s, str) and s.strip()]
+        texts = (clean(s) for s in row["sentences"])
+        pairs += [TrainPair(ref, text, str(row["id"])) for text in texts if text is not None]
     return pairs, skipped
 
 
@@ -274,7 +328,7 @@ def load_xflickrco_train(path: str, flickr30k_dir: str, coco_dir: str | None = N
 
 
 def read_cclm_eval(path: str, lang: str, image_root: str, fold: int | None = None, n_folds: int = 5,
-                   skip_missing: bool = False, benchmark: str = "cclm") -> RetrievalSet:
+                   skip_missing: bool = False, benchmark: str = "cclm", max_words: int | None = None) -> RetrievalSet:
     """A CCLM eval file (list of {image, caption: [...], image_id}); ``fold`` picks one of ``n_folds``
     consecutive slices (the last takes the remainder), as the reference splits COCO 5K."""
     data = _read_json_list(path)
@@ -282,7 +336,7 @@ def read_cclm_eval(path: str, lang: str, image_root: str, fold: int | None = Non
     if fold is not None:
         size = len(data) // n_folds
         begin, end = fold * size, (len(data) if fold == n_folds - 1 else (fold + 1) * size)
-    b = _Builder(benchmark, lang, path, skip_missing, fold=fold)
+    b = _Builder(benchmark, lang, path, skip_missing, fold=fold, max_words=max_words)
     for i in range(begin, end):
         row = data[i]
         where = f"{path} entry {i}"
@@ -296,8 +350,11 @@ def read_cclm_eval(path: str, lang: str, image_root: str, fold: int | None = Non
     return b.build()
 
 
-def load_cclm_train(paths, image_root: str, skip_missing: bool = False) -> tuple[list[TrainPair], int]:
-    """CCLM train files: one {image, caption, image_id} per caption; (pairs, skipped entries)."""
+def load_cclm_train(paths, image_root: str, skip_missing: bool = False,
+                    clean: CaptionCleaner | None = None) -> tuple[list[TrainPair], int]:
+    """CCLM train files: one {image, caption, image_id} per caption; (pairs, skipped entries).
+    ``clean`` as for :func:`load_xflickrco_train`."""
+    clean = clean or CaptionCleaner()
     pairs: list[TrainPair] = []
     skipped = 0
     for path in ([paths] if isinstance(paths, str) else paths):
@@ -313,23 +370,24 @@ def load_cclm_train(paths, image_root: str, skip_missing: bool = False) -> tuple
             captions = row["caption"] if isinstance(row["caption"], list) else [row["caption"]]
             ref = ImageRef(key=os.path.abspath(img), path=img)
             image_id = str(row.get("image_id", row["image"]))
-            pairs += [TrainPair(ref, c.strip(), image_id) for c in captions if isinstance(c, str) and c.strip()]
+            texts = (clean(c) for c in captions)
+            pairs += [TrainPair(ref, text, image_id) for text in texts if text is not None]
     return pairs, skipped
 
 
 def load_multi30k(data_dir: str, langs=None, image_root: str | None = None, split: str = "test_2016_flickr",
-                  skip_missing: bool = False) -> Benchmark:
+                  skip_missing: bool = False, max_words: int | None = None) -> Benchmark:
     """``<data_dir>/<split>.<lang>.json`` for en/de/fr/cs (the CCLM file names)."""
     image_root = image_root or os.path.join(data_dir, "images")
     bench = Benchmark("multi30k")
     for lang in langs or MULTI30K_LANGS:
         bench.sets[lang] = [read_cclm_eval(os.path.join(data_dir, f"{split}.{lang}.json"), lang, image_root,
-                                           skip_missing=skip_missing, benchmark="multi30k")]
+                                           skip_missing=skip_missing, benchmark="multi30k", max_words=max_words)]
     return bench
 
 
 def load_coco(data_dir: str, langs=None, image_root: str | None = None, split: str = "test",
-              skip_missing: bool = False) -> Benchmark:
+              skip_missing: bool = False, max_words: int | None = None) -> Benchmark:
     """``<data_dir>/<lang>.<split>.json``: en/ja Karpathy 5K as five 1K folds, zh COCO-CN 1K as one set."""
     image_root = image_root or os.path.join(data_dir, "images")
     bench = Benchmark("coco")
@@ -337,9 +395,10 @@ def load_coco(data_dir: str, langs=None, image_root: str | None = None, split: s
         path = os.path.join(data_dir, f"{lang}.{split}.json")
         if lang in COCO_FOLDED and split == "test":
             bench.sets[lang] = [read_cclm_eval(path, lang, image_root, fold=k, skip_missing=skip_missing,
-                                               benchmark="coco") for k in range(5)]
+                                               benchmark="coco", max_words=max_words) for k in range(5)]
         else:
-            bench.sets[lang] = [read_cclm_eval(path, lang, image_root, skip_missing=skip_missing, benchmark="coco")]
+            bench.sets[lang] = [read_cclm_eval(path, lang, image_root, skip_missing=skip_missing, benchmark="coco",
+                                               max_words=max_words)]
     return bench
 
 
@@ -353,7 +412,7 @@ def _wit_file(data_dir: str, name: str) -> str:
     return os.path.join(data_dir, name)
 
 
-def read_wit_file(path: str, lang: str, skip_missing: bool = False) -> RetrievalSet:
+def read_wit_file(path: str, lang: str, skip_missing: bool = False, max_words: int | None = None) -> RetrievalSet:
     """Lines grouped by ``image_url`` (one image, several captions), image bytes from ``image_content``."""
     groups: dict[str, dict] = {}
     for n, row in _read_jsonl(path):
@@ -363,7 +422,7 @@ def read_wit_file(path: str, lang: str, skip_missing: bool = False) -> Retrieval
         g["captions"].append(row["caption_reference_description"] or "")
         if row.get("image_content") and g["b64"] is None:
             g["b64"] = row["image_content"]
-    b = _Builder("wit", lang, path, skip_missing)
+    b = _Builder("wit", lang, path, skip_missing, max_words=max_words)
     for url, g in groups.items():
         ref = ImageRef(key=f"wit:{url}", b64=g["b64"])
         b.add(url, ref, g["captions"], g["where"] + " (no image_content; run the WIT image preprocessing)",
@@ -371,7 +430,7 @@ def read_wit_file(path: str, lang: str, skip_missing: bool = False) -> Retrieval
     return b.build()
 
 
-def load_wit(data_dir: str, langs=None, skip_missing: bool = False) -> Benchmark:
+def load_wit(data_dir: str, langs=None, skip_missing: bool = False, max_words: int | None = None) -> Benchmark:
     """``test_<lang>.jsonl`` under ``data_dir`` (or ``data_dir/annotations``)."""
     if not langs:
         found = []
@@ -381,17 +440,21 @@ def load_wit(data_dir: str, langs=None, skip_missing: bool = False) -> Benchmark
         langs = sorted(set(found)) or WIT_LANGS
     bench = Benchmark("wit")
     for lang in langs:
-        bench.sets[lang] = [read_wit_file(_wit_file(data_dir, f"test_{lang}.jsonl"), lang, skip_missing)]
+        bench.sets[lang] = [read_wit_file(_wit_file(data_dir, f"test_{lang}.jsonl"), lang, skip_missing, max_words)]
     return bench
 
 
-def load_wit_train(path: str, skip_missing: bool = False) -> tuple[list[TrainPair], int]:
+def load_wit_train(path: str, skip_missing: bool = False,
+                   clean: CaptionCleaner | None = None) -> tuple[list[TrainPair], int]:
+    """WIT training lines with a caption and inline image; (pairs, skipped images). ``clean`` as for
+    :func:`load_xflickrco_train`."""
+    clean = clean or CaptionCleaner()
     pairs: list[TrainPair] = []
     skipped = 0
     for n, row in _read_jsonl(path):
         _require(row, ("image_url", "caption_reference_description"), f"{path}:{n}")
-        caption = (row["caption_reference_description"] or "").strip()
-        if not caption:
+        caption = clean(row["caption_reference_description"])
+        if caption is None:
             continue
         if not row.get("image_content"):
             if not skip_missing:
@@ -407,16 +470,17 @@ def load_wit_train(path: str, skip_missing: bool = False) -> tuple[list[TrainPai
 
 
 def load_benchmark(name: str, data_dir: str, langs=None, images: str | None = None, coco_images: str | None = None,
-                   skip_missing: bool = False) -> Benchmark:
-    """Any benchmark by name; ``images`` is the image folder (Flickr30K for xFlickrCO, the CCLM image root)."""
+                   skip_missing: bool = False, max_words: int | None = None) -> Benchmark:
+    """Any benchmark by name; ``images`` is the image folder (Flickr30K for xFlickrCO, the CCLM image root);
+    ``max_words`` normalises captions with pre_caption (see :func:`default_max_words`)."""
     if not os.path.isdir(data_dir):
         raise CCRKError(f"benchmark folder {data_dir} not found")
     if name in ("xflickrco", "demo"):
-        return load_xflickrco(data_dir, langs, images, coco_images, skip_missing, name=name)
+        return load_xflickrco(data_dir, langs, images, coco_images, skip_missing, name=name, max_words=max_words)
     if name == "multi30k":
-        return load_multi30k(data_dir, langs, images, skip_missing=skip_missing)
+        return load_multi30k(data_dir, langs, images, skip_missing=skip_missing, max_words=max_words)
     if name == "coco":
-        return load_coco(data_dir, langs, images, skip_missing=skip_missing)
+        return load_coco(data_dir, langs, images, skip_missing=skip_missing, max_words=max_words)
     if name == "wit":
-        return load_wit(data_dir, langs, skip_missing)
-    raise CCRKError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
+        return load_wit(data_dir, langs, skip_missing, max_words)
+    raise _unknown_benchmark(name)

@@ -12,6 +12,10 @@ A fine-tune writes a run directory (``runs/<id>/``: ``checkpoints/step-XXXXXXX/`
 checkpoint layout, ``tokenizer/``, ``finetune.jsonl``) recorded in the catalog as kind ``run``
 with the starting run as parent. A checkpoint is written after every epoch; a killed fine-tune
 resumes from its last epoch (with a fresh optimiser state at the right learning-rate step).
+
+When the checkpoint's config has ``data: {pre_caption: true}``, training and test captions go through
+the authors' normalisation at the benchmark's word limit (``benchmarks.MAX_WORDS``), as in their
+fine-tuning scripts; captions it leaves empty are counted (``rejected_captions``) and left out.
 """
 from __future__ import annotations
 
@@ -96,6 +100,19 @@ def _lr_factor(step: int, total: int, warmup: float) -> float:
 
 def _max_tokens(config: dict) -> int:
     return int(config.get("data", {}).get("max_tokens", 40))
+
+
+def _checkpoint_config(ckpt_path: str) -> dict:
+    """The training config saved next to the checkpoint's weights (read before loading the model)."""
+    with open(os.path.join(os.path.dirname(_weights_file(ckpt_path)), "config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _max_words(config: dict, benchmark: str) -> int | None:
+    """The benchmark's pre_caption word limit when the checkpoint was trained on normalised captions, else None."""
+    from ccrk.data import uses_pre_caption
+
+    return bm.default_max_words(benchmark) if uses_pre_caption(config) else None
 
 
 def _last_epoch_checkpoint(run_dir: str) -> tuple[str | None, int]:
@@ -189,13 +206,14 @@ def training_file(benchmark: str, data_dir: str, lang: str, shots: int | None = 
 
 
 def load_training_pairs(benchmark: str, path: str, data_dir: str, images: str | None = None,
-                        coco_images: str | None = None, skip_missing: bool = False) -> tuple[list[bm.TrainPair], int]:
+                        coco_images: str | None = None, skip_missing: bool = False,
+                        clean: bm.CaptionCleaner | None = None) -> tuple[list[bm.TrainPair], int]:
     images = images or os.path.join(data_dir, "images")
     if benchmark in ("xflickrco", "demo"):
-        return bm.load_xflickrco_train(path, images, coco_images or images, skip_missing)
+        return bm.load_xflickrco_train(path, images, coco_images or images, skip_missing, clean)
     if benchmark == "wit":
-        return bm.load_wit_train(path, skip_missing)
-    return bm.load_cclm_train(path, images, skip_missing)
+        return bm.load_wit_train(path, skip_missing, clean)
+    return bm.load_cclm_train(path, images, skip_missing, clean)
 
 
 @dataclass
@@ -266,7 +284,10 @@ def run_finetune(root: str | None, checkpoint: str, benchmark: str, data_dir: st
 
     plan = plan_finetune(mode, benchmark, data_dir, lang, shots)
     ckpt_path = _resolve_checkpoint(checkpoint, root)
-    pairs, skipped = load_training_pairs(benchmark, plan.train_file, data_dir, images, coco_images, skip_missing)
+    max_words = _max_words(_checkpoint_config(ckpt_path), benchmark)
+    clean = bm.CaptionCleaner(max_words)
+    pairs, skipped = load_training_pairs(benchmark, plan.train_file, data_dir, images, coco_images, skip_missing,
+                                         clean)
     hp = dict(FINETUNE_DEFAULTS)
     if mode == "few-shot":
         hp["lr"] = hp["few_shot_lr"]
@@ -280,6 +301,8 @@ def run_finetune(root: str | None, checkpoint: str, benchmark: str, data_dir: st
               "train_file_sha256": file_sha256(plan.train_file), "skip_missing": skip_missing,
               "start": parent or layout.rooted(r, ckpt_path),
               **{k: hp[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup", "seed")}}
+    if max_words is not None:  # only when on, so runs without normalisation keep their ids
+        params["max_words"] = max_words
     run_id = content_version("run", [parent] if parent else [], params)
     run_dir = layout.run_dir(r, run_id)
     model, tokenizer, config = load_pretrained(ckpt_path, device=device)
@@ -290,7 +313,8 @@ def run_finetune(root: str | None, checkpoint: str, benchmark: str, data_dir: st
     t0 = time.time()
     summary = train_pairs(model, tokenizer, config, pairs, run_dir, hp["epochs"], hp["batch_size"], hp["lr"],
                           hp["weight_decay"], hp["warmup"], hp["seed"], log)
-    summary.update(run_id=run_id, skipped_images=skipped, seconds=round(time.time() - t0, 1), params=params,
+    summary.update(run_id=run_id, skipped_images=skipped, rejected_captions=clean.rejected,
+                   seconds=round(time.time() - t0, 1), params=params,
                    eval_langs=plan.eval_langs)
     Catalog(r).record(Artifact(run_id, "run", f"finetune-{benchmark}-{mode}", run_dir, params=params,
                                stats={k: summary.get(k) for k in ("loss", "itc", "itm", "epochs", "pairs")},
@@ -309,13 +333,16 @@ def run_evaluation(root: str | None, checkpoint: str, benchmark: str, data_dir: 
     from ccrk.model import load_pretrained
 
     ckpt_path = _resolve_checkpoint(checkpoint, root)
-    bench = bm.load_benchmark(benchmark, data_dir, langs, images, coco_images, skip_missing)
+    max_words = _max_words(_checkpoint_config(ckpt_path), benchmark)
+    bench = bm.load_benchmark(benchmark, data_dir, langs, images, coco_images, skip_missing, max_words)
     k_test = k_test or bm.default_k_test(benchmark)
     eval_langs = list(bench.langs)
     params = {"benchmark": benchmark, "langs": eval_langs,
               "mrv_langs": [lang for lang in (mrv_langs or eval_langs) if lang in eval_langs], "k_test": k_test,
               "itc_only": itc_only, "checkpoint_sha256": file_sha256(_weights_file(ckpt_path)),
               "data": layout.rooted(layout.data_root(root), data_dir), "skip_missing": skip_missing}
+    if max_words is not None:  # only when on, so reports without normalisation keep their ids
+        params["max_words"] = max_words
     done = reports.existing_report(root, os.path.abspath(ckpt_path), params)
     if done is not None:  # same checkpoint, benchmark and settings: the report is already there
         return done
@@ -325,6 +352,7 @@ def run_evaluation(root: str | None, checkpoint: str, benchmark: str, data_dir: 
                                  itc_only=itc_only, max_tokens=_max_tokens(config), batch_size=batch_size,
                                  progress=progress)
     m = reports.build_metrics(results, benchmark, mrv_langs, k_test, itc_only, os.path.abspath(ckpt_path),
-                              extra={"skipped_images": bench.skipped_images, "seconds": round(time.time() - t0, 1)})
+                              extra={"skipped_images": bench.skipped_images, "rejected_captions": bench.rejected_texts,
+                                     "seconds": round(time.time() - t0, 1)})
     out = reports.publish_report(root, m, results, params, title=f"{benchmark} retrieval")
     return {**out, "metrics": m}

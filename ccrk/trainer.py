@@ -402,7 +402,8 @@ def train(config: dict, dataset_dir: str, run_dir: str, resume: bool = False, ro
                 save_checkpoint(run_dir, step, model, opt, config, step, info, tcfg["keep_checkpoints"])
 
     summary = {"run_dir": run_dir, "run_id": version, "steps": step, "total_steps": total, "resumed_from": resumed_from,
-               "skipped_samples": stream.skipped, "world": info.world}
+               "skipped_samples": stream.skipped, "rejected_captions": stream.rejected_captions,
+               "world": info.world}
     if info.is_main:
         rows = metrics.rows()
         train_rows = [r for r in rows if "loss" in r]

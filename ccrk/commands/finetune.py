@@ -38,7 +38,7 @@ def run(args) -> int:
     run_ = out["run"]
     print_mapping(f"fine-tuned run {run_['run_id']}", {k: run_.get(k) for k in
                                                        ("run_dir", "checkpoint", "epochs", "pairs", "loss", "itc", "itm",
-                                                        "skipped_images", "seconds")})
+                                                        "skipped_images", "rejected_captions", "seconds")})
     if "report" in out:
         print_report(out["report"])
     return 0

@@ -12,10 +12,10 @@ from ccrk.evaluation.metrics import recall_at_k
 from storage.catalog import Artifact, Catalog
 
 
-def _lang(lang, tr, ir):
+def _lang(lang, tr, ir, distinct_text_frac=1.0):
     tr, ir = np.array(tr), np.array(ir)
     s = SetResult(lang, lang, tr, ir, [f"img{i}" for i in range(len(tr))], [f"img{i}#0" for i in range(len(ir))],
-                  recall_at_k(tr), recall_at_k(ir))
+                  recall_at_k(tr), recall_at_k(ir), distinct_text_frac)
     return LangResult(lang, s.tr_recall, s.ir_recall, [s])
 
 
@@ -30,10 +30,40 @@ def test_metrics_hold_recalls_per_language_and_mrv(results):
     m = reports.build_metrics(results, "xflickrco", mrv_langs=["en", "de"], k_test=128)
     assert m["langs"]["de"]["tr"] == {"1": 50.0, "5": 75.0, "10": 75.0}
     assert m["langs"]["en"]["mean_recall"] == 100.0
-    # TR variances across (en, de): 0, 1, 0, 36 -> 9.25; IR: 0, 0, 9, 0 -> 2.25
+    # As Table 1: TR stds across (en, de): 0, 1, 0, 6 -> 1.75; IR: 0, 0, 3, 0 -> 0.75
+    assert m["mrv"]["tr_std"] == pytest.approx(1.75) and m["mrv"]["ir_std"] == pytest.approx(0.75)
+    assert m["mrv"]["mean_std"] == pytest.approx(1.25)
+    # Eq. 7: TR variances 0, 1, 0, 36 -> 9.25; IR: 0, 0, 9, 0 -> 2.25
     assert m["mrv"]["tr"] == pytest.approx(9.25) and m["mrv"]["ir"] == pytest.approx(2.25)
-    assert m["mrv"]["tr_std"] == pytest.approx((1 + 6) / 4)
+    assert m["mrv"]["mean"] == pytest.approx(5.75)
+    assert m["mrv"]["paper_langs"] == ["en", "de", "ja", "zh"]
     assert m["average"]["tr"]["1"] == 75.0
+    assert m["rank_ties"] == "pessimistic" and m["collapsed_langs"] == []
+
+
+def test_mrv_languages_default_to_the_papers_set_per_benchmark():
+    ranks = {lang: _lang(lang, [0, 1], [1, 0]) for lang in ("de", "en", "es", "ja", "zh", "fr", "cs")}
+    assert reports.build_metrics(ranks, "xflickrco")["mrv"]["langs"] == ["en", "de", "ja", "zh"]
+    assert reports.build_metrics(ranks, "multi30k")["mrv"]["langs"] == ["en", "de", "fr", "cs"]
+    assert reports.build_metrics(ranks, "demo")["mrv"]["langs"] == list(ranks)
+    # A paper language not evaluated: every evaluated language, and the report says it is not the paper's set.
+    partial = {lang: ranks[lang] for lang in ("en", "de", "es")}
+    m = reports.build_metrics(partial, "xflickrco")
+    assert m["mrv"]["langs"] == ["en", "de", "es"]
+    assert "the paper's set is en, de, ja, zh" in reports.mrv_lines(m["mrv"])[0]
+    assert reports.build_metrics(ranks, "xflickrco", mrv_langs=["en", "es"])["mrv"]["langs"] == ["en", "es"]
+
+
+def test_a_collapsed_language_is_flagged_in_metrics_and_report(results, tmp_path):
+    results = {**results, "ja": _lang("ja", [3, 3, 3, 3], [3, 3, 3, 3], distinct_text_frac=0.25)}
+    m = reports.build_metrics(results, "demo")
+    assert m["collapsed_langs"] == ["ja"] and m["langs"]["ja"]["distinct_text_frac"] == 0.25
+    assert m["langs"]["en"]["distinct_text_frac"] == 1.0
+    reports.write_report(str(tmp_path), m, results)
+    [line] = [x for x in (tmp_path / "report.md").read_text().splitlines() if "Collapsed" in x]
+    assert line.startswith("**Collapsed text embeddings** (under 50% distinct text vectors per distinct caption): "
+                           "ja 25%.")
+    assert "Collapsed" not in reports.render_report(reports.build_metrics({"en": results["en"]}, "demo"))
 
 
 def test_report_directory_has_table_plots_and_metrics(results, tmp_path):
@@ -42,7 +72,9 @@ def test_report_directory_has_table_plots_and_metrics(results, tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "| lang | TR R@1 | TR R@5 | TR R@10 | IR R@1 | IR R@5 | IR R@10 | mean recall |" in md
     assert "| de | 50.00 | 75.00 | 75.00 | 75.00 | 75.00 | 100.00 |" in md
-    assert "MRV_2 over en, de: TR 9.25" in md
+    assert ("MRV (mean rank std, as Table 1) over en, de (K=2; 4 TR, 4 IR instances; the paper's set is "
+            "en, de, ja, zh): TR 1.75, IR 0.75; mean 1.25." in md)
+    assert "MRV Eq. 7 (variance): TR 9.25, IR 2.25; mean 5.75." in md
     assert json.loads((tmp_path / "metrics.json").read_text())["mrv"]["ir"] == pytest.approx(2.25)
     for png in ("recall.png", "rank_variance.png"):
         assert Image.open(tmp_path / png).format == "PNG"
@@ -58,8 +90,11 @@ def test_compare_report_puts_runs_side_by_side(results, tmp_path):
     rows = out["rows"]
     assert [r["run"] for r in rows] == ["1-to-K", "1-to-1"]
     assert rows[0]["de"] == round(a["langs"]["de"]["mean_recall"], 2) and rows[1]["de"] is None
-    assert rows[1]["MRV TR"] is None  # one language: no MRV
-    assert "| 1-to-K |" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert rows[0]["MRV TR (std, Table 1)"] == 1.75 and rows[0]["MRV TR (Eq. 7)"] == 9.25
+    assert rows[0]["MRV langs"] == "en,de"
+    assert rows[1]["MRV TR (std, Table 1)"] is None and rows[1]["MRV IR (Eq. 7)"] is None  # one language: no MRV
+    assert "| 1-to-K | 75.00 | 100.00 | 87.50 | 1.75 | 0.75 | 9.25 | 2.25 | en,de |" in (
+        tmp_path / "cmp" / "compare.md").read_text()
 
 
 def test_published_report_is_recorded_with_the_run_as_parent(results, root):
@@ -69,6 +104,7 @@ def test_published_report_is_recorded_with_the_run_as_parent(results, root):
     out = reports.publish_report(root, m, results, params={"benchmark": "demo"})
     art = Catalog(root).get(out["report_id"])
     assert art.kind == "report" and art.parents == ["run0001"]
+    assert art.stats["mrv_tr_std"] == pytest.approx(1.75) and art.stats["mrv_tr"] == pytest.approx(9.25)
     assert art.path == os.path.join(root, "reports", out["report_id"])
     assert os.path.exists(os.path.join(art.path, "report.md"))
 
@@ -109,6 +145,8 @@ def test_finetune_then_evaluate_flows_end_to_end(demo_setup, root):
     m = json.loads(open(os.path.join(report.path, "metrics.json")).read())
     assert list(m["langs"]) == ["en", "es", "ru"] and m["k_test"] == 4
     assert m["mrv"]["n_tr"] == 4 and m["mrv"]["n_ir"] == 12
+    assert m["mrv"]["langs"] == ["en", "es", "ru"] and m["collapsed_langs"] == []
+    assert all(v["distinct_text_frac"] == 1.0 for v in m["langs"].values())
 
     assert main(["evaluate", "--checkpoint", run_dir, "--benchmark", "demo", "--data", bench, "--langs", "en,es",
                  "--itc-only", "--root", root]) == 0

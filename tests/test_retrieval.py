@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from ccrk.evaluation import benchmarks as bm
-from ccrk.evaluation import retrieval
+from ccrk.evaluation import metrics, retrieval
 from ccrk.evaluation.metrics import recall_at_k
 
 PALETTE = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (240, 230, 30),
@@ -101,6 +101,33 @@ def test_ground_truth_outside_the_top_k_stays_below_every_reranked_candidate(col
     assert r.tr_ranks.tolist() == [1] * 5 and r.ir_ranks.tolist() == [1] * 5
 
 
+class ConstantItmModel(ColourModel):
+    """A collapsed ITM head: the same logit for every pair."""
+
+    def itm_logits(self, image_embeds, image_atts, text_embeds, text_atts):
+        return torch.zeros(len(image_embeds), 2)
+
+
+def test_constant_itm_logits_do_not_give_perfect_recall(colour_benchmark):
+    enc = retrieval.Encoder(ConstantItmModel(), ColourTokenizer(), to_tensor)
+    r = retrieval.evaluate_set(enc, colour_benchmark.sets["en"][0], k_test=2)
+    # Each ground truth ties with the other re-ranked candidate, which counts above it.
+    assert r.tr_ranks.tolist() == [1] * 5 and r.ir_ranks.tolist() == [1] * 5
+    assert r.tr_recall[1] == 0.0 and r.ir_recall[1] == 0.0
+
+
+def test_constant_itm_logits_tie_only_the_reranked_candidates():
+    sim = torch.tensor([[0.9, 0.8, 0.1, 0.3],
+                        [0.2, 0.7, 0.6, 0.5]])
+    embeds, atts = torch.zeros(4, 1, 1), torch.ones(4, 1, dtype=torch.long)
+    s_i2t, _ = retrieval.rerank_scores(sim, 2, lambda ie, ia, te, ta: torch.zeros(len(ie), 2),
+                                       embeds[:2], atts[:2], embeds, atts)
+    text_image = np.array([0, 0, 1, 1])
+    # Image 1's top 2 by ITC (texts 1, 2) tie at the ITM logit; the others stay below in ITC order.
+    assert s_i2t[1, 1] == s_i2t[1, 2] and s_i2t[1, 3] < s_i2t[1, 2] and s_i2t[1, 0] < s_i2t[1, 3]
+    assert metrics.text_retrieval_ranks(s_i2t, text_image).tolist() == [0, 1]
+
+
 def test_rerank_scores_by_hand():
     # 2 images, 3 texts; ITM prefers text 2 for image 0, although ITC ranks it last.
     sim = torch.tensor([[0.9, 0.8, 0.1],
@@ -120,6 +147,30 @@ def test_rerank_scores_by_hand():
     # Text 2 is outside image 0's top 2: it stays last although its ITM score would be best.
     assert np.argsort(-s_i2t[0]).tolist() == [0, 1, 2]
     assert s_t2i.shape == (3, 2)
+
+
+class CollapsingTokenizer(ColourTokenizer):
+    """Reads every word as "red", like a tokenizer that turns an unknown script into one token."""
+
+    def __call__(self, texts, **kwargs):
+        return super().__call__(["red" for _ in texts], **kwargs)
+
+
+def test_distinct_text_frac_flags_a_collapsed_language(colour_benchmark):
+    model = ColourModel()
+    fine = retrieval.evaluate_set(retrieval.Encoder(model, ColourTokenizer(), to_tensor),
+                                  colour_benchmark.sets["es"][0], itc_only=True)
+    collapsed = retrieval.evaluate_set(retrieval.Encoder(model, CollapsingTokenizer(), to_tensor),
+                                       colour_benchmark.sets["es"][0], itc_only=True)
+    assert fine.distinct_text_frac == 1.0
+    assert collapsed.distinct_text_frac == pytest.approx(1 / 5)  # 5 captions, one vector
+
+
+def test_distinct_text_frac_counts_per_distinct_caption():
+    feat = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], dtype=np.float32)
+    # Repeated captions share their vector by right: not a collapse.
+    assert retrieval.distinct_text_frac(feat, ["a dog", "a dog", "a cat", "a cat"]) == 1.0
+    assert retrieval.distinct_text_frac(feat, ["a dog", "one dog", "a cat", "one cat"]) == 0.5
 
 
 def test_images_are_encoded_once_for_all_languages(colour_benchmark):

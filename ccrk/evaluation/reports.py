@@ -1,9 +1,20 @@
 """Evaluation reports: ``reports/<id>/`` with metrics.json, report.md, ranks.npz and PNG plots.
 
 ``report.md`` is laid out like the paper's Table 1 (TR/IR R@1/5/10 per language, mean recall,
-MRV_K over the chosen languages); :func:`compare_report` puts several runs side by side like its
+MRV over the paper's languages); :func:`compare_report` puts several runs side by side like its
 Table 2. Reports are published as Prefect markdown + table artifacts and recorded in the catalog
 (kind ``report``) with the evaluated run as parent.
+
+MRV is given two ways, both in ``metrics.json["mrv"]``:
+
+- ``tr_std`` / ``ir_std`` / ``mean_std``, the headline, "MRV (mean rank std, as Table 1)": the mean over
+  instances of the population std (ddof 0) of the instance's rank across the languages, which is what
+  the authors' ``analysis_ranks`` computes and Table 1 reports;
+- ``tr`` / ``ir`` / ``mean``, "MRV Eq. 7 (variance)": the same with the variance, the paper's Eq. 7.
+
+The languages default to the paper's set for the benchmark (:data:`PAPER_MRV_LANGS`), else every
+evaluated language. A language whose text embeddings collapsed (:data:`COLLAPSED_BELOW`) is flagged
+in ``metrics.json["collapsed_langs"]`` and in one line of ``report.md``.
 """
 from __future__ import annotations
 
@@ -20,6 +31,15 @@ from storage.errors import CCRKError
 from storage.versioning import content_version
 
 KS = (1, 5, 10)
+# Bump when a metric's definition changes, so that a report made under the old one is not reused.
+METRICS_VERSION = 2  # 2: pessimistic rank ties, MRV as published (std) beside Eq. 7
+# The languages of the paper's MRV (Table 1): xFlickrCO.py's analysis_ranks uses the first four of its
+# list; Multi30K's four are the benchmark's. Other benchmarks take every evaluated language.
+PAPER_MRV_LANGS = {"xflickrco": ("en", "de", "ja", "zh"), "multi30k": ("en", "de", "fr", "cs")}
+MRV_LABEL = "MRV (mean rank std, as Table 1)"
+MRV_EQ7_LABEL = "MRV Eq. 7 (variance)"
+# Flag a language whose distinct text embeddings per distinct caption fall below this fraction.
+COLLAPSED_BELOW = 0.5
 
 
 def _pct(x: float) -> str:
@@ -29,34 +49,55 @@ def _pct(x: float) -> str:
 # --------------------------------------------------------------------------- metrics
 
 
+def default_mrv_langs(benchmark: str, evaluated: Sequence[str]) -> list[str]:
+    """The paper's MRV languages for ``benchmark`` when all of them were evaluated, else every evaluated one."""
+    paper = PAPER_MRV_LANGS.get(benchmark)
+    if paper and all(lang in evaluated for lang in paper):
+        return list(paper)
+    return list(evaluated)
+
+
+def build_mrv(results: dict, benchmark: str, mrv_langs: Sequence[str] | None = None) -> dict:
+    """``metrics.json["mrv"]``: both MRV definitions over the languages' shared instances (see the module doc)."""
+    from ccrk.evaluation.retrieval import aligned_ranks
+
+    langs = [lang for lang in (mrv_langs or default_mrv_langs(benchmark, list(results))) if lang in results]
+    paper = PAPER_MRV_LANGS.get(benchmark)
+    mrv: dict = {"langs": langs, "k": len(langs), "paper_langs": list(paper) if paper else None,
+                 "definitions": {"tr_std, ir_std, mean_std": MRV_LABEL, "tr, ir, mean": MRV_EQ7_LABEL}}
+    if len(langs) < 2:
+        return mrv
+    for direction in ("tr", "ir"):
+        ranks, keys = aligned_ranks(results, langs, direction)
+        mrv[f"n_{direction}"] = len(keys)
+        if keys:
+            mrv[direction] = M.mean_rank_variance(ranks)
+            mrv[f"{direction}_std"] = M.mean_rank_variance(ranks, variant="std")
+    for suffix in ("", "_std"):
+        if f"tr{suffix}" in mrv and f"ir{suffix}" in mrv:
+            mrv[f"mean{suffix}"] = (mrv[f"tr{suffix}"] + mrv[f"ir{suffix}"]) / 2
+    return mrv
+
+
 def build_metrics(results: dict, benchmark: str, mrv_langs: Sequence[str] | None = None, k_test: int = 128,
                   itc_only: bool = False, checkpoint: str = "", extra: dict | None = None) -> dict:
     """The JSON-able summary of an evaluation (``results``: lang -> retrieval.LangResult)."""
-    from ccrk.evaluation.retrieval import aligned_ranks
-
     langs = list(results)
     per_lang = {}
     for lang, r in results.items():
         per_lang[lang] = {"tr": {str(k): v for k, v in r.tr_recall.items()},
                           "ir": {str(k): v for k, v in r.ir_recall.items()},
                           "mean_recall": r.mean_recall, "n_images": int(len(r.tr_ranks)),
-                          "n_texts": int(len(r.ir_ranks)), "folds": len(r.folds)}
-    mrv_langs = [lang for lang in (mrv_langs or langs) if lang in results]
-    mrv: dict = {"langs": mrv_langs, "k": len(mrv_langs)}
-    if len(mrv_langs) >= 2:
-        for direction in ("tr", "ir"):
-            ranks, keys = aligned_ranks(results, mrv_langs, direction)
-            mrv[f"n_{direction}"] = len(keys)
-            if keys:
-                mrv[direction] = M.mean_rank_variance(ranks)
-                mrv[f"{direction}_std"] = M.mean_rank_variance(ranks, variant="std")
-        if "tr" in mrv and "ir" in mrv:
-            mrv["mean"] = (mrv["tr"] + mrv["ir"]) / 2
+                          "n_texts": int(len(r.ir_ranks)), "folds": len(r.folds),
+                          "distinct_text_frac": min(f.distinct_text_frac for f in r.folds)}
+    collapsed = [lang for lang in langs if per_lang[lang]["distinct_text_frac"] < COLLAPSED_BELOW]
     average = {"tr": {str(k): float(np.mean([per_lang[lang]["tr"][str(k)] for lang in langs])) for k in KS},
                "ir": {str(k): float(np.mean([per_lang[lang]["ir"][str(k)] for lang in langs])) for k in KS},
                "mean_recall": float(np.mean([per_lang[lang]["mean_recall"] for lang in langs]))}
     return {"benchmark": benchmark, "checkpoint": checkpoint, "k_test": k_test, "itc_only": itc_only,
-            "langs": per_lang, "average": average, "mrv": mrv, **(extra or {})}
+            "metrics_version": METRICS_VERSION, "rank_ties": M.DEFAULT_TIES, "langs": per_lang, "average": average,
+            "mrv": build_mrv(results, benchmark, mrv_langs), "collapsed_langs": collapsed,
+            "collapsed_below": COLLAPSED_BELOW, **(extra or {})}
 
 
 # --------------------------------------------------------------------------- markdown
@@ -74,15 +115,32 @@ def table1_rows(m: dict) -> list[dict]:
     return rows
 
 
-def _mrv_line(mrv: dict) -> str:
+def _mrv_values(mrv: dict, suffix: str) -> str:
+    parts = [f"{d.upper()} {mrv[d + suffix]:.2f}" for d in ("tr", "ir") if d + suffix in mrv]
+    mean = f"; mean {mrv['mean' + suffix]:.2f}" if "mean" + suffix in mrv else ""
+    return ", ".join(parts) + mean
+
+
+def mrv_lines(mrv: dict) -> list[str]:
+    """The headline MRV line (as Table 1, with its languages and instance counts), then the Eq. 7 line."""
     if "tr" not in mrv and "ir" not in mrv:
-        return f"MRV: needs at least two languages with shared instances (chosen: {', '.join(mrv['langs']) or 'none'})."
-    parts = []
-    for d, label in (("tr", "TR"), ("ir", "IR")):
-        if d in mrv:
-            parts.append(f"{label} {mrv[d]:.2f} (std variant {mrv[d + '_std']:.2f}, {mrv['n_' + d]} instances)")
-    mean = f"; mean {mrv['mean']:.2f}" if "mean" in mrv else ""
-    return f"MRV_{mrv['k']} over {', '.join(mrv['langs'])}: " + "; ".join(parts) + mean + "."
+        chosen = ", ".join(mrv["langs"]) or "none"
+        return [f"MRV: needs at least two languages with shared instances (chosen: {chosen})."]
+    counts = ", ".join(f"{mrv['n_' + d]} {d.upper()}" for d in ("tr", "ir") if "n_" + d in mrv)
+    paper = mrv.get("paper_langs")
+    note = f"; the paper's set is {', '.join(paper)}" if paper and paper != mrv["langs"] else ""
+    return [f"{MRV_LABEL} over {', '.join(mrv['langs'])} (K={mrv['k']}; {counts} instances{note}): "
+            f"{_mrv_values(mrv, '_std')}.",
+            f"{MRV_EQ7_LABEL}: {_mrv_values(mrv, '')}."]
+
+
+def _collapse_line(m: dict) -> list[str]:
+    collapsed = m.get("collapsed_langs") or []
+    if not collapsed:
+        return []
+    fracs = ", ".join(f"{lang} {m['langs'][lang]['distinct_text_frac']:.0%}" for lang in collapsed)
+    return [f"**Collapsed text embeddings** (under {m['collapsed_below']:.0%} distinct text vectors per distinct "
+            f"caption): {fracs}. Their recalls and MRV say little about retrieval.", ""]
 
 
 def render_report(m: dict, title: str = "") -> str:
@@ -96,11 +154,13 @@ def render_report(m: dict, title: str = "") -> str:
         cells = [f"**{row['lang']}**" if row["lang"] == "avg" else row["lang"]]
         cells += [_pct(row[c]) for c in cols[1:]]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", _mrv_line(m["mrv"]), "",
-              "TR = image-to-text, IR = text-to-image; Recall@K in percent; mean recall = average of the six.",
-              "MRV_K = mean over instances of the population variance of the instance's rank across the K "
-              "languages (lower is more consistent); the std variant is the reference code's.",
-              "", "![recall per language](recall.png)", "", "![rank variance](rank_variance.png)", ""]
+    lines += ["", *_collapse_line(m), *[line + "  " for line in mrv_lines(m["mrv"])], "",
+              "TR = image-to-text, IR = text-to-image; Recall@K in percent; mean recall = average of the six; "
+              "a tie with the ground truth counts against it.",
+              f"{MRV_LABEL} = mean over instances of the population standard deviation of the instance's 0-based "
+              f"rank across the K languages (the authors' code, which Table 1 reports); {MRV_EQ7_LABEL} = the same "
+              "with the variance. Lower is more consistent.",
+              "", "![recall per language](recall.png)", "", "![rank spread](rank_variance.png)", ""]
     return "\n".join(lines)
 
 
@@ -114,21 +174,29 @@ def comparison_rows(items: Sequence[dict], names: Sequence[str]) -> list[dict]:
         for lang in langs:
             row[lang] = round(m["langs"][lang]["mean_recall"], 2) if lang in m["langs"] else None
         row["avg"] = round(m["average"]["mean_recall"], 2)
-        for d in ("tr", "ir"):
-            row[f"MRV {d.upper()}"] = round(m["mrv"][d], 2) if d in m["mrv"] else None
+        for suffix, label in (("_std", "std, Table 1"), ("", "Eq. 7")):
+            for d in ("tr", "ir"):
+                value = m["mrv"].get(d + suffix)
+                row[f"MRV {d.upper()} ({label})"] = None if value is None else round(value, 2)
+        row["MRV langs"] = ",".join(m["mrv"]["langs"])
         rows.append(row)
     return rows
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "–"
+    return _pct(value) if isinstance(value, float) else str(value)
 
 
 def render_comparison(items: Sequence[dict], names: Sequence[str], title: str = "Comparison") -> str:
     rows = comparison_rows(items, names)
     cols = list(rows[0])
     lines = [f"# {title}", "", "Mean recall per language (average of TR/IR R@1/5/10), its average over "
-             "languages, and MRV (lower is better).", "",
+             f"languages, {MRV_LABEL} and {MRV_EQ7_LABEL} over the MRV languages (lower is better).", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        lines.append("| " + " | ".join("–" if row[c] is None else (row[c] if c == "run" else _pct(row[c]))
-                                       for c in cols) + " |")
+        lines.append("| " + " | ".join(_cell(row[c]) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -171,21 +239,21 @@ def plot_recall_bars(series: dict[str, dict[str, float]], path: str, title: str 
     plt.close(fig)
 
 
-def plot_rank_variance(variances: dict[str, np.ndarray], path: str, title: str) -> None:
-    """Histogram of per-instance rank variance across languages (TR and IR)."""
+def plot_rank_variance(spreads: dict[str, np.ndarray], path: str, title: str, xlabel: str) -> None:
+    """Histogram of a per-instance spread (std or variance) of the rank across languages (TR and IR)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     drawn = False
-    present = [v for v in variances.values() if len(v)]
-    # Shared bins, so a direction whose variances are all near 0 still shows as a visible bar.
+    present = [v for v in spreads.values() if len(v)]
+    # Shared bins, so a direction whose spreads are all near 0 still shows as a visible bar.
     bins = np.histogram_bin_edges(np.concatenate(present), bins=30) if present else 30
-    for label, v in variances.items():
+    for label, v in spreads.items():
         if len(v):
             ax.hist(v, bins=bins, alpha=0.6, label=f"{label} (mean {np.mean(v):.2f})")
             drawn = True
     if not drawn:
         ax.text(0.5, 0.5, "no instances shared by two or more languages", ha="center", va="center")
-    ax.set_xlabel("variance of the rank across languages")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("instances")
     ax.set_title(title)
     if drawn:
@@ -202,7 +270,7 @@ def write_report(out_dir: str, m: dict, results: dict | None = None, title: str 
     from ccrk.evaluation.retrieval import aligned_ranks
 
     os.makedirs(out_dir, exist_ok=True)
-    variances: dict[str, np.ndarray] = {}
+    spreads: dict[str, np.ndarray] = {}
     if results is not None:
         arrays = {}
         for lang, r in results.items():
@@ -217,11 +285,13 @@ def write_report(out_dir: str, m: dict, results: dict | None = None, title: str 
         if len(mrv_langs) >= 2:
             for d in ("tr", "ir"):
                 ranks, _ = aligned_ranks(results, mrv_langs, d)
-                variances[d.upper()] = M.rank_variance_per_instance(ranks) if ranks.shape[1] else np.array([])
+                # The headline's per-instance std, so the histogram's means are the reported MRV.
+                spreads[d.upper()] = M.rank_variance_per_instance(ranks, "std") if ranks.shape[1] else np.array([])
     plot_recall_bars({"mean recall": {lang: v["mean_recall"] for lang, v in m["langs"].items()}},
                      os.path.join(out_dir, "recall.png"), title=f"{m['benchmark']}: mean recall per language")
-    plot_rank_variance(variances, os.path.join(out_dir, "rank_variance.png"),
-                       title=f"rank variance across {', '.join(m['mrv']['langs'])}")
+    plot_rank_variance(spreads, os.path.join(out_dir, "rank_variance.png"),
+                       title=f"rank std across {', '.join(m['mrv']['langs'])} ({MRV_LABEL})",
+                       xlabel="standard deviation of the rank across languages")
     markdown = render_report(m, title)
     atomic.write_text(os.path.join(out_dir, "report.md"), markdown)
     atomic.write_json(os.path.join(out_dir, "metrics.json"), m)  # last: marks a complete report
@@ -266,7 +336,7 @@ def _publish(key: str, markdown: str, rows: list[dict]) -> None:
 
 
 def report_id(run_version: str | None, params: dict) -> str:
-    return content_version("report", [run_version] if run_version else [], params)
+    return content_version("report", [run_version] if run_version else [], {**params, "metrics": METRICS_VERSION})
 
 
 def find_run_version(root: str | None, checkpoint: str) -> str | None:
@@ -306,8 +376,8 @@ def publish_report(root: str | None, m: dict, results: dict | None, params: dict
     out_dir = layout.report_dir(root, rid)
     out = write_report(out_dir, {**m, "report_id": rid, "run_version": run_version}, results, title)
     _publish(f"report-{m['benchmark']}-{rid}", out["markdown"], table1_rows(m))
-    stats = {"mean_recall": m["average"]["mean_recall"], **{f"mrv_{d}": m["mrv"][d] for d in ("tr", "ir")
-                                                            if d in m["mrv"]}}
+    stats = {"mean_recall": m["average"]["mean_recall"],
+             **{f"mrv_{key}": m["mrv"][key] for key in ("tr_std", "ir_std", "tr", "ir") if key in m["mrv"]}}
     Catalog(root).record(Artifact(rid, "report", f"{m['benchmark']}", out_dir, params=params, stats=stats,
                                   parents=[run_version] if run_version else []))
     return {**out, "report_id": rid, "run_version": run_version}

@@ -4,7 +4,9 @@ As in the reference (CCLM / CCRk ``evaluation``): every image scores every text 
 their ITC features; for each image the ``k_test`` best texts (and for each text the ``k_test`` best
 images) are re-scored by the fusion encoder's ITM logit (index 1, "match"). Candidates outside
 the top k keep their ITC order *below* all re-ranked ones (the reference fills them with -100, which
-leaves their order to argsort's whims). ``itc_only`` skips re-ranking.
+leaves their order to argsort's whims). ``itc_only`` skips re-ranking. Ranks follow
+``metrics``' pessimistic tie rule, so constant ITM logits (a collapsed head) tie every re-ranked
+candidate with the ground truth and put it last among them rather than first.
 
 The model is used only through ``encode_image``, ``encode_text`` and ``itm_logits`` (see
 ``ccrk.model``); image embeddings are computed once and shared by every language of a benchmark,
@@ -150,6 +152,19 @@ class SetResult:
     text_keys: list[str]
     tr_recall: dict[int, float] = field(default_factory=dict)
     ir_recall: dict[int, float] = field(default_factory=dict)
+    distinct_text_frac: float = 1.0  # see distinct_text_frac(); near 0 flags a collapsed language
+
+
+def distinct_text_frac(text_feat: np.ndarray, texts: Sequence[str]) -> float:
+    """Distinct text feature vectors per distinct caption, at most 1.
+
+    1 when every different caption has its own embedding; near 0 when the text encoder maps most
+    captions of a language to one vector (e.g. a tokenizer turning a script into unknown tokens).
+    Vectors are compared bit for bit: a collapse onto one input gives one vector per batch at most.
+    """
+    text_feat = np.ascontiguousarray(text_feat)
+    rows = {row.tobytes() for row in text_feat.reshape(len(text_feat), -1)}  # hashing rows: O(T), unlike np.unique
+    return min(1.0, len(rows) / max(1, len(set(texts))))
 
 
 def evaluate_set(encoder: Encoder, rset: RetrievalSet, k_test: int = 128, itc_only: bool = False,
@@ -166,7 +181,8 @@ def evaluate_set(encoder: Encoder, rset: RetrievalSet, k_test: int = 128, itc_on
         ir = metrics.image_retrieval_ranks(s_t2i, rset.text_image)
     prefix = "" if rset.fold is None else f"fold{rset.fold}/"
     return SetResult(rset.name, rset.lang, tr, ir, [prefix + k for k in rset.image_ids],
-                     [prefix + k for k in rset.text_keys], metrics.recall_at_k(tr), metrics.recall_at_k(ir))
+                     [prefix + k for k in rset.text_keys], metrics.recall_at_k(tr), metrics.recall_at_k(ir),
+                     distinct_text_frac(txt_feat.cpu().numpy(), rset.texts))
 
 
 @dataclass

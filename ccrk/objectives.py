@@ -14,23 +14,53 @@ from torch import nn
 from ccrk import losses
 from ccrk.model import CCRKModel
 
+# The objective's options. Where the paper and the authors' code disagree, the default is the code's
+# and the other form is selectable (ccrk.losses has the definitions; README "Objective parity").
 LOSS_DEFAULTS = {
     "kcl": True,             # False: 1-to-1 contrastive, one random language per image per step ("w/o KCL")
     "fusion": True,          # False: pure contrastive, no MITM / CMLM
     "weights": {"itc": 1.0, "itm": 1.0, "mlm": 1.0},
-    "itm_positive": "hard",  # hard | uniform: which of the K captions is the MITM positive
+    "kcl_norm": "code",      # code: 0/1 labels, (i2t + t2i) / 2 / K | paper: no / K | soft: 1/K targets
+    # exact: the gradient of the loss as written; the code's local = that / world_size on the ITC term (an lr change).
+    "gather_grad": "exact",  # exact | local
+    "temp_clamp": True,      # clamp temp to [0.001, 0.5] at every forward (the code's pre-training)
+    "itm_positive": "code",  # code | paper (the code's sim-based neg_sample_type=2) | softmax | uniform; hard = code
     "itm_negatives": "hard",  # hard | uniform
     "mlm_caption": "hard",   # hard (the MITM hard positive) | uniform
-    "mask_prob": 0.15,
+    "mask_style": "span",    # span (the code's masking generator) | bernoulli (BERT: use mask_prob 0.15)
+    "mask_prob": 0.4,
+    "max_masks": 12,         # span only
+    "mask_span_prob": 0.2,   # span only: probability that a masked token starts a span
+    "mask_span_max": 3,      # span only: spans of 2..mask_span_max tokens
 }
+_ALIASES = {"itm_positive": {"hard": "code"}}  # the name before issue 22
+_CHOICES = {"kcl_norm": losses.KCL_NORMS, "gather_grad": losses.GATHER_GRADS, "itm_positive": losses.POSITIVE_MODES,
+            "itm_negatives": ("hard", "uniform"), "mlm_caption": ("hard", "uniform"), "mask_style": losses.MASK_STYLES}
 
 
 def loss_config(config: dict) -> dict:
-    cfg = {**LOSS_DEFAULTS, **config.get("loss", {})}
-    cfg["weights"] = {**LOSS_DEFAULTS["weights"], **config.get("loss", {}).get("weights", {})}
-    for key in ("itm_positive", "itm_negatives", "mlm_caption"):
-        if cfg[key] not in ("hard", "uniform"):
-            raise ValueError(f"loss.{key} must be 'hard' or 'uniform', not {cfg[key]!r}")
+    """The ``loss:`` section merged over ``LOSS_DEFAULTS``, aliases resolved, every value checked."""
+    user = config.get("loss", {}) or {}
+    unknown = set(user) - set(LOSS_DEFAULTS)
+    if unknown:
+        raise ValueError(f"loss has unknown keys {sorted(unknown)}; known: {sorted(LOSS_DEFAULTS)}")
+    cfg = {**LOSS_DEFAULTS, **user}
+    cfg["weights"] = {**LOSS_DEFAULTS["weights"], **(user.get("weights") or {})}
+    for key, allowed in _CHOICES.items():
+        cfg[key] = _ALIASES.get(key, {}).get(cfg[key], cfg[key])
+        if cfg[key] not in allowed:
+            raise ValueError(f"loss.{key} must be one of {', '.join(allowed)}, not {cfg[key]!r}")
+    for key in ("kcl", "fusion", "temp_clamp"):
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"loss.{key} must be true or false, not {cfg[key]!r}")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+    checks = {"mask_prob": number(cfg["mask_prob"]) and 0 < cfg["mask_prob"] <= 1,
+              "mask_span_prob": number(cfg["mask_span_prob"]) and 0 <= cfg["mask_span_prob"] <= 1,
+              "max_masks": count(cfg["max_masks"]), "mask_span_max": count(cfg["mask_span_max"])}
+    for key, ok in checks.items():
+        if not ok:
+            raise ValueError(f"loss.{key} is out of range: {cfg[key]!r}")
     return cfg
 
 
@@ -41,8 +71,9 @@ class CCRKObjective(nn.Module):
         super().__init__()
         self.model = model
         self.cfg = loss_config(config)
-        self.itc = losses.OneToKContrastiveLoss()
+        self.itc = losses.OneToKContrastiveLoss(self.cfg["kcl_norm"], self.cfg["gather_grad"])
         self.mask_id = tokenizer.mask_token_id
+        self.vocab_size = len(tokenizer)
         self.vocab_high = self.mask_id if self.mask_id == len(tokenizer) - 1 else len(tokenizer)
         self.special_ids = list(tokenizer.all_special_ids)
 
@@ -53,7 +84,8 @@ class CCRKObjective(nn.Module):
 
     def forward(self, batch: dict, seed: int) -> dict:
         m, cfg, w = self.model, self.cfg, self.cfg["weights"]
-        m.clamp_temp()
+        if cfg["temp_clamp"]:
+            m.clamp_temp()
         image_embeds, image_feat = m.encode_image(batch["pixel_values"])
         ids, atts, valid = batch["input_ids"], batch["attention_mask"], batch["text_valid"]
         b, k, length = ids.shape
@@ -70,50 +102,45 @@ class CCRKObjective(nn.Module):
             text_embeds_v, text_feat_v = m.encode_text(v_ids, v_atts)
             text_tokens = text_embeds_v.__getitem__
         text_feat = text_feat_v.new_zeros(b * k, text_feat_v.shape[-1])
-        text_feat[flat_valid] = text_feat_v
-        text_feat = text_feat.reshape(b, k, -1)
-        out = {"itc": self.itc(image_feat, text_feat, valid, m.temp)}
+        text_feat[flat_valid] = text_feat_v  # image-major slots, zeros where missing
+        out = {"itc": self.itc(image_feat, text_feat.reshape(b, k, -1), valid, m.temp)}
         total = w["itc"] * out["itc"]
         if cfg["fusion"] and (w["itm"] > 0 or w["mlm"] > 0):
             gen = torch.Generator(device=ids.device).manual_seed(seed)
             # Row of each valid caption in the compact encoded batch.
             row_of = torch.full((b * k,), -1, dtype=torch.long, device=ids.device)
             row_of[flat_valid] = torch.arange(int(flat_valid.sum()), device=ids.device)
-            row_of = row_of.reshape(b, k)
             temp = m.temp.detach()
             with torch.no_grad():
-                sim_own = torch.einsum("bd,bkd->bk", image_feat, text_feat)
-                pos_k = losses.sample(losses.positive_weights(sim_own, valid, temp, cfg["itm_positive"] == "hard"), gen)
-            pos_rows = row_of[torch.arange(b, device=ids.device), pos_k]
+                image_feat_d, text_feat_d = image_feat.detach(), text_feat.detach()
+                sim = image_feat_d @ text_feat_d.t()  # [B, B*K]: the local batch, as the code's MITM
+                pos_k = losses.sample(losses.positive_weights(sim, valid, temp, cfg["itm_positive"]), gen)
+            pos_slots = torch.arange(b, device=ids.device) * k + pos_k
             if w["itm"] > 0:
-                out["itm"] = self._itm(image_embeds, image_feat, text_tokens, text_feat_v,
-                                       v_atts, row_of, pos_rows, temp, gen)
+                with torch.no_grad():
+                    text_w, image_w = losses.matching_negative_weights(image_feat_d, text_feat_d, valid, pos_slots,
+                                                                       temp, cfg["itm_negatives"] == "hard")
+                    neg_slots, neg_image = losses.sample(text_w, gen), losses.sample(image_w, gen)
+                out["itm"] = self._itm(image_embeds, text_tokens, v_atts, row_of[pos_slots], row_of[neg_slots],
+                                       neg_image)
                 total = total + w["itm"] * out["itm"]
             if w["mlm"] > 0:
                 if cfg["mlm_caption"] == "uniform":
-                    mlm_k = losses.sample(losses.positive_weights(sim_own, valid, temp, hard=False), gen)
-                    mlm_rows = row_of[torch.arange(b, device=ids.device), mlm_k]
+                    mlm_k = losses.sample(losses.positive_weights(sim, valid, temp, "uniform"), gen)
+                    mlm_rows = row_of[torch.arange(b, device=ids.device) * k + mlm_k]
                 else:
-                    mlm_rows = pos_rows
+                    mlm_rows = row_of[pos_slots]
                 out["mlm"] = self._mlm(image_embeds, v_ids[mlm_rows], v_atts[mlm_rows], gen)
                 total = total + w["mlm"] * out["mlm"]
         out["loss"] = total
         return out
 
-    def _itm(self, image_embeds, image_feat, text_tokens, text_feat, text_atts, row_of, pos_rows, temp, gen):
+    def _itm(self, image_embeds, text_tokens, text_atts, pos_rows, neg_rows, neg_image):
         """Positive (image, hard-positive caption) pairs vs a hard negative caption per image and a hard
-        negative image per positive caption: 2-way cross-entropy on the ITM head, both directions."""
+        negative image per positive caption: 2-way cross-entropy on the ITM head (rows: compact batch)."""
         b = image_embeds.shape[0]
-        owner = torch.nonzero(row_of >= 0)[:, 0]  # image of each encoded caption (row-major = compact order)
-        with torch.no_grad():
-            own = owner[None, :] == torch.arange(b, device=owner.device)[:, None]  # [B, T]
-            hard = self.cfg["itm_negatives"] == "hard"
-            neg_text = losses.sample(losses.negative_weights(image_feat @ text_feat.t(), own, temp, hard), gen)
-            neg_image = losses.sample(losses.negative_weights(text_feat[pos_rows] @ image_feat.t(),
-                                                              torch.eye(b, dtype=torch.bool, device=owner.device),
-                                                              temp, hard), gen)
         image_all = torch.cat([image_embeds, image_embeds, image_embeds[neg_image]])
-        text_rows = torch.cat([pos_rows, neg_text, pos_rows])
+        text_rows = torch.cat([pos_rows, neg_rows, pos_rows])
         used, where = torch.unique(text_rows, return_inverse=True)
         text_embeds = text_tokens(used)[where]
         logits = self.model.itm_logits(image_all, None, *_trim_padding(text_embeds, text_atts[text_rows]))
@@ -122,10 +149,16 @@ class CCRKObjective(nn.Module):
 
     def _mlm(self, image_embeds, ids, atts, gen):
         ids, atts = _trim_padding(ids, atts)
-        masked, predict = losses.mask_tokens(ids, atts, self.mask_id, self.vocab_high, self.special_ids,
-                                             self.cfg["mask_prob"], gen)
+        cfg = self.cfg
+        if cfg["mask_style"] == "span":
+            masked, predict = losses.span_mask_tokens(ids, atts, self.mask_id, self.vocab_size, cfg["mask_prob"],
+                                                      cfg["max_masks"], cfg["mask_span_prob"], cfg["mask_span_max"],
+                                                      gen)
+        else:
+            masked, predict = losses.mask_tokens(ids, atts, self.mask_id, self.vocab_high, self.special_ids,
+                                                 cfg["mask_prob"], gen)
         logits = self.model.mlm_logits(masked, atts, image_embeds, None, predict)
-        return nn.functional.cross_entropy(logits, ids[predict])
+        return losses.mlm_loss(logits, ids[predict])
 
 
 def _trim_padding(x: torch.Tensor, atts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,6 @@
-"""Two CPU processes (gloo, DDP) give the loss and gradients of one process on the whole batch."""
+"""Two CPU processes (gloo, DDP) give the loss and gradients of one process on the whole batch
+(``loss.gather_grad: exact``), or those gradients over the world size through the gathered
+features (``local``: the authors' AllGather)."""
 from __future__ import annotations
 
 import os
@@ -10,14 +12,15 @@ import torch.multiprocessing as mp
 from ccrk.trainer import load_config
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")
+WORLD = 2
 
 
-def _setup(fusion: bool):
+def _setup(fusion: bool, gather_grad: str = "exact"):
     from ccrk.model import build_model
     from ccrk.objectives import build_objective
 
     config = load_config(CONFIG)
-    config["loss"]["fusion"] = fusion
+    config["loss"].update(fusion=fusion, gather_grad=gather_grad)
     torch.manual_seed(0)
     model, tok = build_model(config)
     g = torch.Generator().manual_seed(1)
@@ -38,33 +41,57 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    model, objective, batch = _setup(fusion=False)
-    half = {k: v.chunk(world)[rank] for k, v in batch.items()}
-    ddp = DDP(objective, find_unused_parameters=not objective.uses_all_parameters)  # fusion layers idle
-    out = ddp(half, 0)
-    out["loss"].backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    save_file({"loss": out["loss"].detach().reshape(1), **grads}, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    for mode in ("exact", "local"):
+        model, objective, batch = _setup(fusion=False, gather_grad=mode)
+        half = {k: v.chunk(world)[rank] for k, v in batch.items()}
+        ddp = DDP(objective, find_unused_parameters=not objective.uses_all_parameters)  # fusion layers idle
+        out = ddp(half, 0)
+        out["loss"].backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        save_file({"loss": out["loss"].detach().reshape(1), **grads},
+                  os.path.join(out_dir, f"{mode}-rank{rank}.safetensors"))
     dist.destroy_process_group()
 
 
-def test_two_process_ddp_matches_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Both gather_grad modes run by two gloo processes: {mode: [rank 0's, rank 1's] loss and grads}."""
     import socket
 
     from safetensors.torch import load_file
 
-    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("ddp")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(WORLD, port, str(out)), nprocs=WORLD, join=True)
+    return {mode: [load_file(str(out / f"{mode}-rank{r}.safetensors")) for r in range(WORLD)]
+            for mode in ("exact", "local")}
+
+
+def test_two_process_ddp_matches_one_process(ranks):
+    torch.set_num_threads(1)
     model, objective, batch = _setup(fusion=False)
     out = objective(batch, 0)
     out["loss"].backward()
-    for rank in (0, 1):
-        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+    for got in ranks["exact"]:
+        got = dict(got)
         assert got.pop("loss").item() == pytest.approx(out["loss"].item(), rel=1e-5)
         for name, p in model.named_parameters():
             if p.grad is None:
                 continue
             assert torch.allclose(got[name], p.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_local_gather_grad_is_exact_over_world_size(ranks):
+    # Same loss; the contrastive gradient through the gathered features is 1/world of the exact one,
+    # the temperature's (used by each rank directly, not gathered) is the same.
+    for exact, local in zip(ranks["exact"], ranks["local"]):
+        assert local["loss"].item() == pytest.approx(exact["loss"].item(), rel=1e-6)
+        assert set(local) == set(exact)
+        for name in exact:
+            if name == "loss":
+                continue
+            expected = exact[name] if name == "temp" else exact[name] / WORLD
+            assert torch.allclose(local[name], expected, rtol=1e-4, atol=1e-7), name
+        assert exact["vision_proj.weight"].abs().max() > 0

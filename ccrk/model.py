@@ -70,6 +70,30 @@ class CCRKModel(nn.Module):
         cls = self.text.fuse(text_embeds, text_atts, image_embeds, image_atts, image_kv=image_kv, cls_only=True)
         return self.itm_head(cls[:, 0]).float()
 
+    @torch.no_grad()
+    def itm_pair_scores(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_atts: torch.Tensor,
+                        image_idx: torch.Tensor, text_idx: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """ITM "match" logit of each pair (image_idx[n], text_idx[n]): (n,) float64 on the CPU.
+
+        For re-ranking, where every image meets many texts: pairs in image order share each image's
+        cross-attention keys and values (computed once per batch for its distinct images), each
+        batch's texts are cut to their longest real caption, and the last fusion layer runs at CLS.
+        """
+        order = torch.argsort(image_idx, stable=True)
+        out = torch.empty(len(image_idx), dtype=torch.float64)
+        for b0 in range(0, len(order), batch_size):
+            sel = order[b0:b0 + batch_size]
+            images, inverse = torch.unique(image_idx[sel], return_inverse=True)
+            kv = self.text.image_keys_values(image_embeds[images.to(image_embeds.device)])
+            inverse = inverse.to(image_embeds.device)
+            kv = [(k[inverse], v[inverse]) for k, v in kv]
+            rows = text_idx[sel].to(text_embeds.device)
+            atts = text_atts[rows]
+            length = max(1, int(atts.sum(dim=1).max()))  # captions are right-padded
+            logits = self.itm_logits(None, None, text_embeds[rows, :length], atts[:, :length], image_kv=kv)
+            out[sel] = logits[:, 1].double().cpu()
+        return out
+
     def mlm_logits(self, masked_ids, attention_mask, image_embeds, image_atts, predict: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits at the ``predict`` positions ([B, L] bool) only: [n_predict, V]."""
         text_embeds = self.text.encode(masked_ids, attention_mask)

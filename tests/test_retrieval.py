@@ -6,6 +6,7 @@ text), while its ITM head compares exact colours: ITC alone ranks every ground t
 re-ranking the top 2 by ITM puts every ground truth first.
 """
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -120,8 +121,8 @@ def test_constant_itm_logits_tie_only_the_reranked_candidates():
     sim = torch.tensor([[0.9, 0.8, 0.1, 0.3],
                         [0.2, 0.7, 0.6, 0.5]])
     embeds, atts = torch.zeros(4, 1, 1), torch.ones(4, 1, dtype=torch.long)
-    s_i2t, _ = retrieval.rerank_scores(sim, 2, lambda ie, ia, te, ta: torch.zeros(len(ie), 2),
-                                       embeds[:2], atts[:2], embeds, atts)
+    constant = SimpleNamespace(itm_logits=lambda ie, ia, te, ta: torch.zeros(len(ie), 2))
+    s_i2t, _ = retrieval.rerank_scores(sim, 2, retrieval.pair_scorer(constant, embeds[:2], atts[:2], embeds, atts))
     text_image = np.array([0, 0, 1, 1])
     # Image 1's top 2 by ITC (texts 1, 2) tie at the ITM logit; the others stay below in ITC order.
     assert s_i2t[1, 1] == s_i2t[1, 2] and s_i2t[1, 3] < s_i2t[1, 2] and s_i2t[1, 0] < s_i2t[1, 3]
@@ -140,10 +141,11 @@ def test_rerank_scores_by_hand():
         match = -(ie[:, 0, 0] - te[:, 0, 0]).abs()
         return torch.stack([-match, match], dim=1)
 
-    s_i2t, s_t2i = retrieval.rerank_scores(sim, 3, itm, image_embeds, ones_i, text_embeds, ones_t)
+    scorer = retrieval.pair_scorer(SimpleNamespace(itm_logits=itm), image_embeds, ones_i, text_embeds, ones_t)
+    s_i2t, s_t2i = retrieval.rerank_scores(sim, 3, scorer)
     assert np.argsort(-s_i2t[0]).tolist() == [2, 0, 1]  # |0-0| < |0-0.5| < |0-0.9|
     assert s_i2t[0, 2] == pytest.approx(0.0)
-    s_i2t, _ = retrieval.rerank_scores(sim, 2, itm, image_embeds, ones_i, text_embeds, ones_t)
+    s_i2t, _ = retrieval.rerank_scores(sim, 2, scorer)
     # Text 2 is outside image 0's top 2: it stays last although its ITM score would be best.
     assert np.argsort(-s_i2t[0]).tolist() == [0, 1, 2]
     assert s_t2i.shape == (3, 2)

@@ -13,7 +13,8 @@ def add_benchmark_arguments(p) -> None:
                                                   "root for Multi30K/COCO); default <data>/images")
     p.add_argument("--coco-images", default=None, help="COCO val2014 folder (xFlickrCO's COCO half)")
     p.add_argument("--langs", default=None, help="comma-separated languages to evaluate (default: all present)")
-    p.add_argument("--mrv-langs", default=None, help="languages over which MRV is computed (default: --langs)")
+    p.add_argument("--mrv-langs", default=None, help="languages over which MRV is computed (default: the paper's set for the "
+                                                       "benchmark when all its languages are evaluated, else --langs)")
     p.add_argument("--k-test", type=int, default=None, help="candidates re-ranked by ITM (default 128; COCO 256)")
     p.add_argument("--itc-only", action="store_true", help="rank by ITC similarity only (no ITM re-ranking)")
     p.add_argument("--skip-missing", action="store_true", help="skip (and count) images that are missing")
@@ -40,14 +41,15 @@ def device_of(args) -> str:
 
 def print_report(report: dict) -> None:
     from ccrk.console import console, print_table
-    from ccrk.evaluation.reports import table1_rows
+    from ccrk.evaluation.reports import mrv_lines, table1_rows
 
     m = report["metrics"]
     rows = table1_rows(m)
     print_table(f"{m['benchmark']} (report {report['report_id']})", list(rows[0]), [list(r.values()) for r in rows])
-    mrv = m["mrv"]
-    if "tr" in mrv:
-        console.print(f"MRV_{mrv['k']} ({', '.join(mrv['langs'])}): TR {mrv['tr']:.2f}  IR {mrv.get('ir', float('nan')):.2f}")
+    for line in mrv_lines(m["mrv"]):
+        console.print(line)
+    if m.get("collapsed_langs"):
+        console.print(f"collapsed text embeddings: {', '.join(m['collapsed_langs'])}")
     console.print(f"report: {report['dir']}/report.md")
 
 

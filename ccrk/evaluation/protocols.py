@@ -338,7 +338,8 @@ def run_evaluation(root: str | None, checkpoint: str, benchmark: str, data_dir: 
     k_test = k_test or bm.default_k_test(benchmark)
     eval_langs = list(bench.langs)
     params = {"benchmark": benchmark, "langs": eval_langs,
-              "mrv_langs": [lang for lang in (mrv_langs or eval_langs) if lang in eval_langs], "k_test": k_test,
+              "mrv_langs": [lang for lang in (mrv_langs or reports.default_mrv_langs(benchmark, eval_langs))
+                            if lang in eval_langs], "k_test": k_test,
               "itc_only": itc_only, "checkpoint_sha256": file_sha256(_weights_file(ckpt_path)),
               "data": layout.rooted(layout.data_root(root), data_dir), "skip_missing": skip_missing}
     if max_words is not None:  # only when on, so reports without normalisation keep their ids

@@ -12,7 +12,7 @@ MRV is given two ways, both in ``metrics.json["mrv"]``:
   the authors' ``analysis_ranks`` computes and Table 1 reports;
 - ``tr`` / ``ir`` / ``mean``, "MRV Eq. 7 (variance)": the same with the variance, the paper's Eq. 7.
 
-The languages default to the paper's set for the benchmark (:data:`PAPER_MRV_LANGS`), else every
+The languages default to the paper's set for the benchmark (``benchmarks.PAPER_MRV_LANGS``), else every
 evaluated language. A language whose text embeddings collapsed (:data:`COLLAPSED_BELOW`) is flagged
 in ``metrics.json["collapsed_langs"]`` and in one line of ``report.md``.
 """
@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from ccrk.evaluation import metrics as M
+from ccrk.evaluation.benchmarks import PAPER_MRV_LANGS
 from storage import atomic, layout
 from storage.errors import CCRKError
 from storage.versioning import content_version
@@ -33,9 +34,6 @@ from storage.versioning import content_version
 KS = (1, 5, 10)
 # Bump when a metric's definition changes, so that a report made under the old one is not reused.
 METRICS_VERSION = 2  # 2: pessimistic rank ties, MRV as published (std) beside Eq. 7
-# The languages of the paper's MRV (Table 1): xFlickrCO.py's analysis_ranks uses the first four of its
-# list; Multi30K's four are the benchmark's. Other benchmarks take every evaluated language.
-PAPER_MRV_LANGS = {"xflickrco": ("en", "de", "ja", "zh"), "multi30k": ("en", "de", "fr", "cs")}
 MRV_LABEL = "MRV (mean rank std, as Table 1)"
 MRV_EQ7_LABEL = "MRV Eq. 7 (variance)"
 # Flag a language whose distinct text embeddings per distinct caption fall below this fraction.

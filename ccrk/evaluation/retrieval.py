@@ -24,6 +24,7 @@ from ccrk.evaluation import metrics
 from ccrk.evaluation.benchmarks import Benchmark, ImageRef, RetrievalSet
 
 ItmFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+PairScores = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (image_idx, text_idx) -> (n,) float64
 
 
 # --------------------------------------------------------------------------- re-ranking
@@ -44,6 +45,17 @@ def itm_pair_scores(itm_logits: ItmFn, image_idx: torch.Tensor, text_idx: torch.
     return out
 
 
+def pair_scorer(model, image_embeds: torch.Tensor, image_atts: torch.Tensor, text_embeds: torch.Tensor,
+                text_atts: torch.Tensor, batch_size: int = 256) -> PairScores:
+    """The ITM scores of (image, text) index pairs: ccrk's ``CCRKModel.itm_pair_scores`` (an image's
+    cross-attention keys and values computed once for all its texts), else any model's
+    ``itm_logits`` batch by batch."""
+    if hasattr(model, "itm_pair_scores"):
+        return lambda ii, tt: model.itm_pair_scores(image_embeds, text_embeds, text_atts, ii, tt, batch_size)
+    return lambda ii, tt: itm_pair_scores(model.itm_logits, ii, tt, image_embeds, image_atts, text_embeds, text_atts,
+                                          batch_size)
+
+
 def topk_pairs(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat indices (into an (I, T) matrix) of each image's top-k texts and each text's top-k images."""
     n_img, n_txt = sim.shape
@@ -55,10 +67,9 @@ def topk_pairs(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return flat_i2t, flat_t2i
 
 
-def rerank_scores(sim: torch.Tensor, k: int, itm_logits: ItmFn, image_embeds: torch.Tensor,
-                  image_atts: torch.Tensor, text_embeds: torch.Tensor, text_atts: torch.Tensor,
-                  batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """(scores_i2t (I, T), scores_t2i (T, I)) after re-ranking the top k by ITM.
+def rerank_scores(sim: torch.Tensor, k: int, score_pairs: PairScores) -> tuple[np.ndarray, np.ndarray]:
+    """(scores_i2t (I, T), scores_t2i (T, I)) after re-ranking the top k by ITM (``score_pairs``,
+    see :func:`pair_scorer`).
 
     Re-ranked candidates get their ITM logit; the others get their ITC similarity shifted below the
     lowest ITM logit, so they stay in ITC order after every re-ranked candidate. Each distinct pair
@@ -68,8 +79,7 @@ def rerank_scores(sim: torch.Tensor, k: int, itm_logits: ItmFn, image_embeds: to
     n_img, n_txt = sim.shape
     flat_i2t, flat_t2i = topk_pairs(sim, k)
     pairs = torch.unique(torch.cat([flat_i2t, flat_t2i]))
-    scores = itm_pair_scores(itm_logits, pairs // n_txt, pairs % n_txt, image_embeds, image_atts,
-                             text_embeds, text_atts, batch_size)
+    scores = score_pairs(pairs // n_txt, pairs % n_txt)
     floor = float(scores.min()) - float(sim.max()) - 1.0  # shifted ITC < every ITM logit
     itm = torch.full((n_img * n_txt,), float("nan"), dtype=torch.float64)
     itm[pairs] = scores
@@ -168,15 +178,15 @@ def distinct_text_frac(text_feat: np.ndarray, texts: Sequence[str]) -> float:
 
 
 def evaluate_set(encoder: Encoder, rset: RetrievalSet, k_test: int = 128, itc_only: bool = False,
-                 itm_batch_size: int = 128) -> SetResult:
+                 itm_batch_size: int = 256) -> SetResult:
     img_embeds, img_atts, img_feat = encoder.images(rset.images)
     txt_embeds, txt_atts, txt_feat = encoder.texts(rset.texts)
     sim = img_feat @ txt_feat.T
     if itc_only:
         tr, ir = metrics.retrieval_ranks(sim.double().cpu().numpy(), rset.text_image)
     else:
-        s_i2t, s_t2i = rerank_scores(sim, k_test, encoder.model.itm_logits, img_embeds, img_atts, txt_embeds,
-                                     txt_atts, itm_batch_size)
+        s_i2t, s_t2i = rerank_scores(sim, k_test, pair_scorer(encoder.model, img_embeds, img_atts, txt_embeds,
+                                                               txt_atts, itm_batch_size))
         tr = metrics.text_retrieval_ranks(s_i2t, rset.text_image)
         ir = metrics.image_retrieval_ranks(s_t2i, rset.text_image)
     prefix = "" if rset.fold is None else f"fold{rset.fold}/"

@@ -5,7 +5,7 @@ features, logits and losses computed by github.com/BUAADreamer/CCRK at 06449d2 (
 "losses.json", "outputs.safetensors", "Layout conventions"). Every size comes from its config.json,
 so another fixture made the same way passes too. The span-masking tests need no fixture.
 
-Not here: the matching losses (unialign_itm_argmax, ft_itm_*), which need the ported fusion model.
+The matching and MLM losses through the ported model are in ``tests/test_parity_model.py``.
 """
 from __future__ import annotations
 

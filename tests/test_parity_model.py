@@ -6,9 +6,9 @@ through ccrk's checkpoint import, ccrk's model must give the same numbers. Every
 the fixture, so any fixture made the same way (other sizes, seeds, B, K, L) passes.
 
 ``CCRK_PARITY_DEVICE`` (default cpu) and ``CCRK_PARITY_AUTOCAST`` (``bf16`` or empty) run the same
-checks on a GPU and under bf16 autocast; the tolerance is the fixture README's float32 one (1e-4
-of the tensor's largest magnitude, at least 1), and 5e-2 of it under bf16 (8 mantissa bits through
-a dozen layers of random weights; measured on CPU autocast: under 2e-2).
+checks on a GPU and under bf16 autocast. Tolerances are the fixture README's for a float32 port
+(a tensor: 1e-4 of its largest magnitude, at least 1; a loss: 1e-5 relative) and 5e-2 under bf16
+(8 mantissa bits through a dozen layers of random weights; measured on CPU autocast: under 2e-2).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ FIXTURE = Path(os.environ.get("CCRK_PARITY_FIXTURE") or Path(__file__).resolve()
 DEVICE = torch.device(os.environ.get("CCRK_PARITY_DEVICE") or "cpu")
 AUTOCAST = (os.environ.get("CCRK_PARITY_AUTOCAST") or "").lower()
 TOLERANCE = 5e-2 if AUTOCAST == "bf16" else 1e-4
+LOSS_TOLERANCE = 5e-2 if AUTOCAST == "bf16" else 1e-5  # relative to max(1, |loss|), the README's for losses
 
 pytestmark = pytest.mark.skipif(not (FIXTURE / "model.safetensors").exists(),
                                 reason=f"no reference-parity fixture at {FIXTURE} (set CCRK_PARITY_FIXTURE)")
@@ -215,3 +216,74 @@ def test_a_garbage_checkpoint_is_a_one_line_error(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CCRKError, match="not a readable checkpoint"):
         reference.read_state_dict(str(bad))
+
+
+# ---------------------------------------------------------------------- losses through the ported model
+
+
+def _argmax(weights: torch.Tensor, generator=None) -> torch.Tensor:
+    """The fixture's stand-in for the reference's torch.multinomial: each row's first maximum."""
+    return weights.argmax(dim=1)
+
+
+class _Tokenizer:
+    """What the objective reads of a tokenizer, from the fixture's special ids."""
+
+    def __init__(self, cfg: dict):
+        ids = cfg["special_token_ids"]
+        self.mask_token_id = next(v for k, v in ids.items() if k.startswith("mask"))
+        self.all_special_ids = sorted(ids.values())
+        self.vocab = cfg["spec"]["text"]["vocab_size"]
+
+    def __len__(self) -> int:
+        return self.vocab
+
+
+def test_pretraining_objective_reproduces_the_authors_losses(fx, monkeypatch):
+    """ccrk's default objective on the fixture batch, with the reference's sampling replaced by argmax
+    and its masking by the fixture's masked ids: 1-to-K contrastive, hard-mined matching and MLM on
+    the hard positives equal UniAlignLM.forward's loss_mitc, loss_hitm and loss_hmlm."""
+    from ccrk import losses
+    from ccrk.objectives import CCRKObjective
+
+    model, inp, ref = _model(fx, _pretrain_layout(fx)), fx["inputs"], json.loads((FIXTURE / "losses.json").read_text())
+    b, k = fx["spec"]["B"], fx["spec"]["K"]
+    rows = ref["unialign_text_pos_idx_ls"]
+
+    def fixture_masking(ids, atts, *args, **kwargs):
+        return inp["text_ids_masked"][rows][:, :ids.shape[1]], _masked_positions(inp, rows, ids.shape[1])
+
+    monkeypatch.setattr(losses, "sample", _argmax)
+    monkeypatch.setattr(losses, "span_mask_tokens", fixture_masking)
+    objective = CCRKObjective(model, {"loss": {}}, _Tokenizer(fx["cfg"]))
+    batch = {"pixel_values": inp["images"], "input_ids": inp["text_ids"].reshape(b, k, -1),
+             "attention_mask": inp["text_atts"].reshape(b, k, -1), "text_valid": torch.ones(b, k, dtype=torch.bool)}
+    with torch.no_grad(), _autocast():
+        out = objective(batch, seed=0)
+    for ours, name in ((out["itc"], "pretrain_forward_loss_mitc"), (out["itm"], "pretrain_forward_loss_hitm"),
+                       (out["mlm"], "pretrain_forward_loss_hmlm")):
+        assert abs(float(ours) - ref[name]) <= LOSS_TOLERANCE * max(1.0, abs(ref[name])), (name, float(ours), ref[name])
+
+
+def _masked_positions(inp: dict, rows: list[int], length: int) -> torch.Tensor:
+    """[len(rows), length] bool: the fixture's masked positions (some keep their token: 80/10/10)."""
+    out = torch.zeros(len(rows), length, dtype=torch.bool, device=DEVICE)
+    for r, row in enumerate(rows):
+        pos = inp["masked_pos"][row][inp["masked_ids"][row] != -100]
+        out[r, pos] = True
+    return out
+
+
+def test_finetuning_matching_loss_reproduces_the_authors(fx, monkeypatch):
+    """Fine-tuning's ITC with image ids and its hard-negative ITM on the first caption of each image
+    (RetrievalModel.forward), the reference's multinomial draws replaced by argmax."""
+    from ccrk import losses
+    from ccrk.evaluation.protocols import finetune_loss
+
+    model, inp, ref = _model(fx, fx["weights"]), fx["inputs"], json.loads((FIXTURE / "losses.json").read_text())
+    k = fx["spec"]["K"]
+    monkeypatch.setattr(losses, "sample", _argmax)
+    with torch.no_grad(), _autocast():
+        out = finetune_loss(model, inp["images"], inp["text_ids"][0::k], inp["text_atts"][0::k], inp["image_ids"])
+    for ours, name in ((out["itc"], "ft_forward_loss_itc"), (out["itm"], "ft_forward_loss_itm_argmax")):
+        assert abs(float(ours) - ref[name]) <= LOSS_TOLERANCE * max(1.0, abs(ref[name])), (name, float(ours), ref[name])

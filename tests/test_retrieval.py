@@ -193,7 +193,7 @@ def test_evaluate_benchmark_aligns_instances_across_languages(colour_benchmark):
 
 
 def test_finetune_itc_loss_treats_every_same_image_pair_as_positive():
-    from ccrk.evaluation.protocols import itc_loss
+    from ccrk.losses import id_contrastive_loss as itc_loss
 
     feat = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1)
     ids = torch.tensor([7, 7, 3])  # two captions of image 7, one of image 3

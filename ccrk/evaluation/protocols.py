@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ccrk import losses
 from ccrk.evaluation import benchmarks as bm
 from storage import atomic, layout
 from storage.errors import CCRKError
@@ -38,39 +39,29 @@ from storage.versioning import content_version, file_sha256
 MODES = ("zero-shot", "few-shot", "single")
 # The reference's fine-tuning settings (xFlickrCO / Multi30K / COCO: AdamW lr 3e-5, 10 epochs).
 FINETUNE_DEFAULTS = {"epochs": 10, "batch_size": 32, "lr": 3e-5, "weight_decay": 0.01, "warmup": 0.1,
-                     "seed": 42, "few_shot_lr": 1e-5}
+                     "seed": 42, "few_shot_lr": 1e-5,
+                     # The authors' retrieval model never clamps its temperature (pre-training does).
+                     "temp_clamp": False}
 
 
 # --------------------------------------------------------------------------- loss
 
 
-def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor | float,
-             image_ids: torch.Tensor) -> torch.Tensor:
-    """Contrastive loss with image-id positives: soft labels spread over every same-id pair."""
-    logits = image_feat @ text_feat.T / temp
-    positives = (image_ids[:, None] == image_ids[None, :]).float()
-    labels = positives / positives.sum(dim=1, keepdim=True)
-    loss_i2t = -(F.log_softmax(logits, dim=1) * labels).sum(dim=1).mean()
-    loss_t2i = -(F.log_softmax(logits.T, dim=1) * labels).sum(dim=1).mean()
-    return (loss_i2t + loss_t2i) / 2
-
-
 def itm_loss(model, image_embeds, image_atts, image_feat, text_embeds, text_atts, text_feat, temp, image_ids,
              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Matching loss on the positive pairs and ITC-weighted hard negatives (other image ids only)."""
+    """Matching loss on the positive pairs and ITC-weighted hard negatives of other image ids (the
+    authors' get_matching_loss with idx): for each text a negative image, for each image a negative text."""
     bs = image_embeds.shape[0]
     with torch.no_grad():
         same = image_ids[:, None] == image_ids[None, :]
-        sim = image_feat @ text_feat.T / temp
-        w_i2t = (F.softmax(sim.float(), dim=1) + 1e-5).masked_fill(same, 0)
-        w_t2i = (F.softmax(sim.T.float(), dim=1) + 1e-5).masked_fill(same, 0)
-        has_neg = (~same).any(dim=1)
+        sim = image_feat @ text_feat.T
+        rows = (~same).any(dim=1).nonzero().flatten()  # a batch of one image id has no negatives
     pos = model.itm_logits(image_embeds, image_atts, text_embeds, text_atts)
     logits, labels = [pos], [torch.ones(bs, dtype=torch.long)]
-    rows = has_neg.nonzero().flatten()
     if len(rows):
-        neg_img = torch.multinomial(w_t2i[rows], 1, generator=generator).flatten()  # an image per text
-        neg_txt = torch.multinomial(w_i2t[rows], 1, generator=generator).flatten()  # a text per image
+        with torch.no_grad():
+            neg_img = losses.sample(losses.negative_weights(sim.T[rows], same[rows], temp), generator)
+            neg_txt = losses.sample(losses.negative_weights(sim[rows], same[rows], temp), generator)
         logits.append(model.itm_logits(image_embeds[neg_img], image_atts[neg_img], text_embeds[rows], text_atts[rows]))
         logits.append(model.itm_logits(image_embeds[rows], image_atts[rows], text_embeds[neg_txt], text_atts[neg_txt]))
         labels.append(torch.zeros(2 * len(rows), dtype=torch.long))
@@ -82,7 +73,7 @@ def finetune_loss(model, pixel_values, input_ids, attention_mask, image_ids, gen
     text_embeds, text_feat = model.encode_text(input_ids, attention_mask)
     image_atts = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
     temp = model.temp
-    l_itc = itc_loss(image_feat, text_feat, temp, image_ids)
+    l_itc = losses.id_contrastive_loss(image_feat, text_feat, temp, image_ids)
     l_itm = itm_loss(model, image_embeds, image_atts, image_feat, text_embeds, attention_mask, text_feat, temp,
                      image_ids, generator)
     return {"loss": l_itc + l_itm, "itc": l_itc.detach(), "itm": l_itm.detach()}
@@ -126,7 +117,7 @@ def _last_epoch_checkpoint(run_dir: str) -> tuple[str | None, int]:
 
 def train_pairs(model, tokenizer, config: dict, pairs: Sequence[bm.TrainPair], run_dir: str, epochs: int,
                 batch_size: int, lr: float, weight_decay: float = 0.01, warmup: float = 0.1, seed: int = 42,
-                log: Callable[[dict], None] | None = None) -> dict:
+                log: Callable[[dict], None] | None = None, temp_clamp: bool = False) -> dict:
     """Fine-tune ``model`` on ``pairs`` (resuming from the run's last finished epoch); returns a summary."""
     from ccrk.data import image_transform
     from ccrk.model import save_model
@@ -169,7 +160,7 @@ def train_pairs(model, tokenizer, config: dict, pairs: Sequence[bm.TrainPair], r
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            if hasattr(model, "clamp_temp"):
+            if temp_clamp:
                 model.clamp_temp()
             step += 1
             for k in sums:
@@ -300,7 +291,7 @@ def run_finetune(root: str | None, checkpoint: str, benchmark: str, data_dir: st
     params = {"protocol": mode, "benchmark": benchmark, "train_lang": plan.train_lang, "shots": shots,
               "train_file_sha256": file_sha256(plan.train_file), "skip_missing": skip_missing,
               "start": parent or layout.rooted(r, ckpt_path),
-              **{k: hp[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup", "seed")}}
+              **{k: hp[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup", "seed", "temp_clamp")}}
     if max_words is not None:  # only when on, so runs without normalisation keep their ids
         params["max_words"] = max_words
     run_id = content_version("run", [parent] if parent else [], params)
@@ -312,7 +303,7 @@ def run_finetune(root: str | None, checkpoint: str, benchmark: str, data_dir: st
         tokenizer.save_pretrained(tok_dir)
     t0 = time.time()
     summary = train_pairs(model, tokenizer, config, pairs, run_dir, hp["epochs"], hp["batch_size"], hp["lr"],
-                          hp["weight_decay"], hp["warmup"], hp["seed"], log)
+                          hp["weight_decay"], hp["warmup"], hp["seed"], log, hp["temp_clamp"])
     summary.update(run_id=run_id, skipped_images=skipped, rejected_captions=clean.rejected,
                    seconds=round(time.time() - t0, 1), params=params,
                    eval_langs=plan.eval_langs)

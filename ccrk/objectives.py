@@ -15,7 +15,7 @@ from ccrk import losses
 from ccrk.model import CCRKModel
 
 # The objective's options. Where the paper and the authors' code disagree, the default is the code's
-# and the other form is selectable (ccrk.losses has the definitions; README "Objective parity").
+# and the other form is selectable (ccrk.losses has the definitions; README "Paper and code, where they differ").
 LOSS_DEFAULTS = {
     "kcl": True,             # False: 1-to-1 contrastive, one random language per image per step ("w/o KCL")
     "fusion": True,          # False: pure contrastive, no MITM / CMLM

@@ -287,3 +287,22 @@ def test_finetuning_matching_loss_reproduces_the_authors(fx, monkeypatch):
         out = finetune_loss(model, inp["images"], inp["text_ids"][0::k], inp["text_atts"][0::k], inp["image_ids"])
     for ours, name in ((out["itc"], "ft_forward_loss_itc"), (out["itm"], "ft_forward_loss_itm_argmax")):
         assert abs(float(ours) - ref[name]) <= LOSS_TOLERANCE * max(1.0, abs(ref[name])), (name, float(ours), ref[name])
+
+
+def test_imported_reference_model_evaluates_on_the_demo_benchmark(fx, tmp_path):
+    """The path a reproduction starts with: import the authors' checkpoint, then ``ccrk evaluate``
+    (its flow, with ITM re-ranking) on the demo benchmark; random weights, so only the path counts."""
+    from ccrk.evaluation.demo_benchmark import write_demo_benchmark
+    from flows.evaluate import evaluate_flow
+    from storage.demo.corpus import generate_demo_corpus
+
+    generate_demo_corpus(str(tmp_path / "corpus"), n_train=6, n_heldout=6, image_px=32)
+    write_demo_benchmark(str(tmp_path / "corpus"), str(tmp_path / "bench"))
+    root = str(tmp_path / "root")
+    run = reference.import_checkpoint(str(FIXTURE / "model.safetensors"), root=root,
+                                      text_heads=fx["spec"]["text"]["num_attention_heads"])
+    report = evaluate_flow(root=root, checkpoint=run["run_id"], benchmark="demo", data_dir=str(tmp_path / "bench"),
+                           k_test=4, device="cpu")
+    m = report["metrics"]
+    assert set(m["langs"]) == {"en", "es", "id", "ru", "tr"} and "tr_std" in m["mrv"]
+    assert os.path.exists(os.path.join(report["dir"], "report.md"))

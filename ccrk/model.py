@@ -75,23 +75,25 @@ class CCRKModel(nn.Module):
                         image_idx: torch.Tensor, text_idx: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """ITM "match" logit of each pair (image_idx[n], text_idx[n]): (n,) float64 on the CPU.
 
-        For re-ranking, where every image meets many texts: pairs in image order share each image's
-        cross-attention keys and values (computed once per batch for its distinct images), each
-        batch's texts are cut to their longest real caption, and the last fusion layer runs at CLS.
+        For re-ranking, where every image meets many texts: the pairs are taken image by image, so
+        an image's cross-attention keys and values are computed once for all its texts and its
+        texts' queries attend to them as one sequence; each batch is cut to its longest caption and
+        the last fusion layer runs at CLS.
         """
-        order = torch.argsort(image_idx, stable=True)
-        out = torch.empty(len(image_idx), dtype=torch.float64)
-        for b0 in range(0, len(order), batch_size):
-            sel = order[b0:b0 + batch_size]
-            images, inverse = torch.unique(image_idx[sel], return_inverse=True)
-            kv = self.text.image_keys_values(image_embeds[images.to(image_embeds.device)])
-            inverse = inverse.to(image_embeds.device)
-            kv = [(k[inverse], v[inverse]) for k, v in kv]
-            rows = text_idx[sel].to(text_embeds.device)
-            atts = text_atts[rows]
-            length = max(1, int(atts.sum(dim=1).max()))  # captions are right-padded
-            logits = self.itm_logits(None, None, text_embeds[rows, :length], atts[:, :length], image_kv=kv)
-            out[sel] = logits[:, 1].double().cpu()
+        order = torch.argsort(image_idx.cpu(), stable=True)
+        images, counts = torch.unique_consecutive(image_idx.cpu()[order], return_counts=True)
+        out = torch.empty(len(order), dtype=torch.float64)
+        start = 0
+        for image, n in zip(images.tolist(), counts.tolist()):
+            kv = self.text.image_keys_values(image_embeds[image:image + 1])
+            for b0 in range(start, start + n, batch_size):
+                sel = order[b0:min(b0 + batch_size, start + n)]
+                rows = text_idx.cpu()[sel].to(text_embeds.device)
+                atts = text_atts[rows]
+                length = max(1, int(atts.sum(dim=1).max()))  # captions are right-padded
+                logits = self.itm_logits(None, None, text_embeds[rows, :length], atts[:, :length], image_kv=kv)
+                out[sel] = logits[:, 1].double().cpu()
+            start += n
         return out
 
     def mlm_logits(self, masked_ids, attention_mask, image_embeds, image_atts, predict: torch.Tensor) -> torch.Tensor:

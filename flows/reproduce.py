@@ -208,7 +208,7 @@ def reproduce_flow(config: str = "configs/demo.yaml", root: str | None = None) -
     if os.path.exists(report_md):
         with open(report_md, encoding="utf-8") as f:
             markdown = f.read()
-        console.print(markdown, markup=False)
+        console.print(markdown, markup=False, soft_wrap=True)  # table rows stay whole in a log
         publish_markdown(f"reproduce-{cfg['name']}", markdown, description="comparison of the pre-trained variants")
     publish_table(f"reproduce-{cfg['name']}-stages", clock.rows, description="wall seconds per stage")
     publish_link(f"reproduce-{cfg['name']}-report", evaluated["dir"], description="comparison report")

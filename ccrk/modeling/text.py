@@ -269,8 +269,11 @@ class TextFusionEncoder(nn.Module):
 
 
 def _attend(sa, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> torch.Tensor:
-    """Multi-head attention of ``query`` [B, Q, D] over head-shaped keys/values [B, heads, K, d]: [B, Q, D]."""
+    """Multi-head attention of ``query`` [B, Q, D] over head-shaped keys/values [B, heads, K, d]: [B, Q, D].
+    Keys and values of one row ([1, heads, K, d], unmasked) serve all B rows as one query sequence."""
     b, q_len, width = query.shape
+    if key.shape[0] == 1 < b and mask is None:  # one image's tokens for many texts: one large product
+        return _attend(sa, query.reshape(1, b * q_len, width), key, value, None).view(b, q_len, width)
     q = query.view(b, q_len, sa.num_attention_heads, -1).transpose(1, 2)
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask,
                                          dropout_p=sa.dropout.p if sa.training else 0.0, scale=sa.scaling)

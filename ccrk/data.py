@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
+from ccrk.captions import EmptyCaptionError, pre_caption
+
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 AUGMENT_DEFAULTS = {"crop_scale": [0.2, 1.0], "hflip": True, "randaugment": {"n": 2, "m": 7}}
@@ -143,8 +145,6 @@ def clean_captions(captions: list[dict], langs: list[str], max_words: int | None
     A rejected caption is dropped like a missing language; dicts left without text are dropped."""
     if max_words is None:
         return captions, 0
-    from ccrk.captions import EmptyCaptionError, pre_caption
-
     out, rejected = [], 0
     for caption in captions:
         kept = {}

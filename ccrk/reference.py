@@ -147,9 +147,10 @@ def infer_model_config(shapes: dict[str, tuple], text_heads: int | None = None,
     window = (math.isqrt(tables[0][0]) + 1) // 2
     embed, _, patch, _ = shapes["vision_encoder.patch_embed.proj.weight"]
     if image_size is None:
-        # A shifted block's mask is [windows, w*w, w*w] at the first stage's resolution.
-        mask = shapes.get("vision_encoder.layers.0.blocks.1.attn_mask")
-        image_size = math.isqrt(mask[0]) * window * patch if mask else 224
+        # A shifted block's mask is [windows, w*w, w*w] at its stage's resolution (halved per stage).
+        masks = sorted((int(m.group(1)), v) for k, v in shapes.items()
+                       if (m := re.match(r"vision_encoder\.layers\.(\d+)\.blocks\.\d+\.attn_mask$", k)))
+        image_size = math.isqrt(masks[0][1][0]) * window * patch * 2 ** masks[0][0] if masks else 224
     heads = text_heads or max(1, hidden // 64)
     if hidden % heads:
         raise CCRKError(f"text width {hidden} is not a multiple of {heads} attention heads")

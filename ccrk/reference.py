@@ -42,7 +42,7 @@ _MLM_HEAD = {  # reference suffix under text_encoder.cls.predictions. -> ccrk un
     "transform.LayerNorm.weight": "layer_norm.weight", "transform.LayerNorm.bias": "layer_norm.bias",
     "decoder.weight": "decoder.weight", "decoder.bias": "decoder.bias", "bias": "bias",
 }
-_SHARED = ("temp", "vision_proj.", "text_proj.", "itm_head.")
+_SAME_NAME = ("vision_proj.", "text_proj.", "itm_head.")  # and "temp": named alike in both models
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def key_plan(shapes: dict[str, tuple]) -> tuple[dict[str, Source], list[str]]:
 
 def _place(key: str, text_prefix: str, n_text: int):
     """The ccrk key (or the three q/k/v keys) of one reference key; None where it has no place."""
-    if key == "temp" or key.startswith(_SHARED[1:]):
+    if key == "temp" or key.startswith(_SAME_NAME):
         return key
     if key.startswith("vision_encoder."):
         rest = key.removeprefix("vision_encoder.")

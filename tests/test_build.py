@@ -626,7 +626,7 @@ def test_plan_in_draw_buckets_with_spilling_gives_the_same_dataset(tmp_path, mon
     memory."""
     import pyarrow.parquet as pq
 
-    import storage.build as build_module
+    import storage.build_assemble as build_module
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     tiny_corpus(a)
@@ -659,7 +659,7 @@ def test_plan_in_draw_buckets_with_spilling_gives_the_same_dataset(tmp_path, mon
 def test_a_lead_bucket_changes_nothing_but_when_the_first_shards_start(tmp_path, monkeypatch):
     """The plan's first bucket holds about three shards' samples (then a ramp) so that writing
     starts early; the dataset is the one a single bucket gives, byte for byte."""
-    import storage.build as build_module
+    import storage.build_assemble as build_module
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     images = [{"id": i, "captions": [f"a red circle {i}"] + ([f"a blue square {i}"] if i % 3 else [])}
@@ -722,7 +722,7 @@ def test_the_planner_queues_a_whole_bucket_of_shards_and_waits_before_the_next()
 
 
 def test_draw_buckets_cut_the_md5_range_in_order():
-    from storage.build import _draw_buckets
+    from storage.build_assemble import _draw_buckets
 
     con = duckdb.connect()
     con.execute("CREATE TABLE i AS SELECT md5(CAST(range AS VARCHAR)) AS draw FROM range(20000)")

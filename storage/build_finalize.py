@@ -1,0 +1,81 @@
+"""Finalize a build: complete the manifest, write ``_COMPLETE`` last, record the catalog entry."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+
+from storage import atomic
+from storage.build_resolve import BuildPlan
+from storage.build_staging import COMPLETE, STAGING, duckdb_cursor
+from storage.catalog import Artifact, Catalog
+from storage.manifest import finish_draft, summary, write_manifest
+
+
+@dataclass
+class BuildResult:
+    name: str
+    version: str
+    path: str
+    skipped: bool
+    n_samples: int
+    n_shards: int
+    bytes: int
+    captions_by_lang: dict[str, int]
+    drops: list[dict]
+    message: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def finalize_build(dataset_path: str, record_catalog: bool = True, root: str | None = None,
+                   engine=None, pending=None, draft: tuple[str, str] | None = None) -> BuildResult:
+    """Complete the manifest (shards, info), write sizes.json, the wids index and ``_COMPLETE``;
+    record the catalog entry. ``pending``: a callable waiting for shards still being written.
+    ``draft``: the plan's manifest draft still ATTACHed to ``engine`` (``plan_build(keep_draft=True)``);
+    otherwise ``_build/manifest.partial.duckdb`` is completed."""
+    with duckdb_cursor(engine) as con:  # one instance for the manifest and the catalog
+        return _finalize(dataset_path, record_catalog, root, con, pending, draft)
+
+
+def _finalize(dataset_path: str, record_catalog: bool, root: str | None, con, pending,
+              draft: tuple[str, str] | None) -> BuildResult:
+    staging = os.path.join(dataset_path, STAGING)
+    lineage = json.load(open(os.path.join(staging, "lineage.json")))
+
+    def shard_records() -> list[dict]:
+        if pending is not None:
+            pending()
+        return [json.load(open(f)) for f in sorted(glob.glob(os.path.join(staging, "shard-*.tar.index.json")))]
+
+    if draft is not None:
+        s = finish_draft(con, draft[0], draft[1], dataset_path, shard_records, lineage)
+    else:
+        s = write_manifest(dataset_path, shard_records, lineage, engine=con)
+    atomic.write_json(os.path.join(dataset_path, COMPLETE), {
+        "name": lineage["name"], "version": lineage["version"], "n_samples": s["n_samples"],
+        "n_shards": s["n_shards"]})
+    shutil.rmtree(staging, ignore_errors=True)
+    if record_catalog:
+        Catalog(root, con).record(Artifact(
+            version=lineage["version"], kind="dataset", name=lineage["name"], path=dataset_path,
+            params=lineage["params"], parents=lineage["parents"],
+            stats={"n_samples": s["n_samples"], "n_shards": s["n_shards"], "bytes": s["bytes"],
+                   "captions_by_lang": s["captions_by_lang"],
+                   "sources": {x["name"]: x["version"] for x in lineage["sources"]}}))
+    return _result(dataset_path, lineage["name"], lineage["version"], False, s,
+                   f"built dataset {lineage['name']} {lineage['version']}: {s['n_samples']} samples in "
+                   f"{s['n_shards']} shards")
+
+
+def _result(path, name, version, skipped, s, message) -> BuildResult:
+    return BuildResult(name=name, version=version, path=path, skipped=skipped, n_samples=s["n_samples"],
+                       n_shards=s["n_shards"], bytes=s["bytes"], captions_by_lang=s["captions_by_lang"],
+                       drops=s["drops"], message=message)
+
+
+def skipped_result(plan: BuildPlan) -> BuildResult:
+    return _result(plan.path, plan.name, plan.version, True, summary(plan.path), plan.message)

@@ -80,15 +80,16 @@ class CCRKModel(nn.Module):
         texts' queries attend to them as one sequence; each batch is cut to its longest caption and
         the last fusion layer runs at CLS.
         """
-        order = torch.argsort(image_idx.cpu(), stable=True)
-        images, counts = torch.unique_consecutive(image_idx.cpu()[order], return_counts=True)
+        image_idx, text_idx = image_idx.cpu(), text_idx.cpu()
+        order = torch.argsort(image_idx, stable=True)
+        images, counts = torch.unique_consecutive(image_idx[order], return_counts=True)
         out = torch.empty(len(order), dtype=torch.float64)
         start = 0
         for image, n in zip(images.tolist(), counts.tolist()):
             kv = self.text.image_keys_values(image_embeds[image:image + 1])
             for b0 in range(start, start + n, batch_size):
                 sel = order[b0:min(b0 + batch_size, start + n)]
-                rows = text_idx.cpu()[sel].to(text_embeds.device)
+                rows = text_idx[sel].to(text_embeds.device)
                 atts = text_atts[rows]
                 length = max(1, int(atts.sum(dim=1).max()))  # captions are right-padded
                 logits = self.itm_logits(None, None, text_embeds[rows, :length], atts[:, :length], image_kv=kv)

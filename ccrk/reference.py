@@ -15,11 +15,17 @@ from __future__ import annotations
 import math
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 
 import torch
 
+from ccrk.model import CCRKModel, latest_checkpoint, save_model
+from ccrk.tokenizer import build_demo_tokenizer, load_tokenizer
+from storage import layout
+from storage.catalog import Artifact, Catalog
 from storage.errors import CCRKError
+from storage.versioning import content_version, file_sha256
 
 # Buffers the reference saves and ccrk rebuilds from the architecture (its load_pretrained drops them too).
 _REBUILT = re.compile(r"(relative_position_index|attn_mask|position_ids)$")
@@ -207,8 +213,6 @@ def default_tokenizer(vocab_size: int) -> str:
 
 
 def _tokenizer(spec: str, vocab_size: int, work_dir: str):
-    from ccrk.tokenizer import build_demo_tokenizer, load_tokenizer
-
     if spec.startswith("demo:"):
         # The demo vocabulary laid out as XLM-R (<s> <pad> </s> <unk> ... <mask>), sized to the checkpoint.
         spec = build_demo_tokenizer(os.path.join(work_dir, "demo-tokenizer"), vocab_size=int(spec[5:]) - 4)
@@ -223,13 +227,6 @@ def import_checkpoint(src: str, root: str | None = None, out: str | None = None,
     """Write a reference checkpoint as a ccrk run (safetensors + JSON config + tokenizer) recorded in
     the catalog; ``ccrk evaluate`` and ``ccrk finetune`` then take its run id. The same file and
     options give the same run, so a second import is a no-op."""
-    import tempfile
-
-    from ccrk.model import CCRKModel, latest_checkpoint, save_model
-    from storage import layout
-    from storage.catalog import Artifact, Catalog
-    from storage.versioning import content_version, file_sha256
-
     sd = read_state_dict(src)
     model_cfg = infer_model_config({k: tuple(v.shape) for k, v in sd.items()}, text_heads, image_size)
     vocab = model_cfg.pop("vocab_size")

@@ -10,7 +10,6 @@ The matching and MLM losses through the ported model are in ``tests/test_parity_
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,11 +17,10 @@ import torch
 
 from ccrk import losses
 from ccrk.objectives import CCRKObjective, loss_config
+from parity_fixture import FIXTURE, StubTokenizer, argmax, require
 
 torch.set_num_threads(1)
 
-FIXTURE = Path(os.environ.get("CCRK_PARITY_FIXTURE",
-                              Path(__file__).resolve().parents[1].parent / "shared" / "reference-parity"))
 
 
 class Ref:
@@ -44,8 +42,7 @@ class Ref:
 
 @pytest.fixture(scope="module")
 def ref() -> Ref:
-    if not (FIXTURE / "losses.json").exists():
-        pytest.skip(f"no reference-parity fixture at {FIXTURE} (set CCRK_PARITY_FIXTURE)")
+    require("losses.json")
     return Ref(FIXTURE)
 
 
@@ -59,11 +56,6 @@ def close_tensor(ours: torch.Tensor, expected) -> None:
     assert ours.shape == expected.shape
     tol = 1e-4 * max(1.0, float(expected.abs().max()))
     assert float((ours.float() - expected).abs().max()) <= tol, (ours, expected)
-
-
-def argmax(weights: torch.Tensor) -> torch.Tensor:
-    """The fixture's stand-in for torch.multinomial: the first maximum of each row."""
-    return weights.argmax(dim=1)
 
 
 # ---------------------------------------------------------------------- contrastive losses
@@ -154,14 +146,6 @@ def test_mlm_loss_from_logits(ref):
 # ---------------------------------------------------------------------- the objective's wiring
 
 
-class _Tokenizer:
-    def __init__(self, vocab: int, mask_id: int, special: list[int]):
-        self.vocab, self.mask_token_id, self.all_special_ids = vocab, mask_id, special
-
-    def __len__(self):
-        return self.vocab
-
-
 class _FeatureModel(torch.nn.Module):
     """Stands in for CCRKModel: returns the fixture's pre-training features, and records which
     (image, caption) rows MITM and MLM ask for (token embeddings carry their row number)."""
@@ -195,10 +179,10 @@ class _FeatureModel(torch.nn.Module):
 
 
 def test_objective_defaults_reproduce_the_reference_choices(ref, monkeypatch):
-    monkeypatch.setattr(losses, "sample", lambda w, generator=None: argmax(w))
+    monkeypatch.setattr(losses, "sample", argmax)
     ids, atts = ref.inp["text_ids"], ref.inp["text_atts"]
     vocab = int(ref.spec["text"]["vocab_size"])
-    tok = _Tokenizer(vocab, ref.special["mask"], sorted(ref.special.values()))
+    tok = StubTokenizer(vocab, ref.special["mask"], list(ref.special.values()))
     model = _FeatureModel(ref, vocab)
     objective = CCRKObjective(model, {"loss": {}}, tok)
     batch = {"pixel_values": ref.inp["images"], "input_ids": ids.reshape(ref.b, ref.k, -1),

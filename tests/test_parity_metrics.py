@@ -8,27 +8,21 @@ Every size (languages, instances, matrix shapes) is read from the fixture.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ccrk.evaluation import benchmarks, metrics, reports
 from ccrk.evaluation.retrieval import LangResult, SetResult
+from parity_fixture import require
 
-FIXTURE = Path(os.environ.get("CCRK_PARITY_FIXTURE",
-                              Path(__file__).resolve().parents[1].parent / "shared" / "reference-parity"))
 # Float64 means of the same values in the same order; a tolerance only for numpy's summation details.
 REL = 1e-12
 
 
 @pytest.fixture(scope="module")
 def mrv_fixture() -> dict:
-    path = FIXTURE / "mrv.json"
-    if not path.exists():
-        pytest.skip(f"reference-parity fixture not found: {path} (set CCRK_PARITY_FIXTURE to its folder)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(require("mrv.json").read_text(encoding="utf-8"))
 
 
 def _stack(ranks_by_lang: dict, langs: list[str]) -> np.ndarray:

@@ -15,16 +15,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from ccrk import reference
 from ccrk.model import CCRKModel, load_pretrained
+from parity_fixture import FIXTURE, StubTokenizer, argmax
 from storage.errors import CCRKError
 
-FIXTURE = Path(os.environ.get("CCRK_PARITY_FIXTURE") or Path(__file__).resolve().parents[2] / "shared" / "reference-parity")
 DEVICE = torch.device(os.environ.get("CCRK_PARITY_DEVICE") or "cpu")
 AUTOCAST = (os.environ.get("CCRK_PARITY_AUTOCAST") or "").lower()
 TOLERANCE = 5e-2 if AUTOCAST == "bf16" else 1e-4
@@ -221,22 +220,10 @@ def test_a_garbage_checkpoint_is_a_one_line_error(tmp_path):
 # ---------------------------------------------------------------------- losses through the ported model
 
 
-def _argmax(weights: torch.Tensor, generator=None) -> torch.Tensor:
-    """The fixture's stand-in for the reference's torch.multinomial: each row's first maximum."""
-    return weights.argmax(dim=1)
-
-
-class _Tokenizer:
-    """What the objective reads of a tokenizer, from the fixture's special ids."""
-
-    def __init__(self, cfg: dict):
-        ids = cfg["special_token_ids"]
-        self.mask_token_id = next(v for k, v in ids.items() if k.startswith("mask"))
-        self.all_special_ids = sorted(ids.values())
-        self.vocab = cfg["spec"]["text"]["vocab_size"]
-
-    def __len__(self) -> int:
-        return self.vocab
+def _tokenizer(cfg: dict) -> StubTokenizer:
+    ids = cfg["special_token_ids"]
+    mask = next(v for k, v in ids.items() if k.startswith("mask"))
+    return StubTokenizer(cfg["spec"]["text"]["vocab_size"], mask, list(ids.values()))
 
 
 def test_pretraining_objective_reproduces_the_authors_losses(fx, monkeypatch):
@@ -253,9 +240,9 @@ def test_pretraining_objective_reproduces_the_authors_losses(fx, monkeypatch):
     def fixture_masking(ids, atts, *args, **kwargs):
         return inp["text_ids_masked"][rows][:, :ids.shape[1]], _masked_positions(inp, rows, ids.shape[1])
 
-    monkeypatch.setattr(losses, "sample", _argmax)
+    monkeypatch.setattr(losses, "sample", argmax)
     monkeypatch.setattr(losses, "span_mask_tokens", fixture_masking)
-    objective = CCRKObjective(model, {"loss": {}}, _Tokenizer(fx["cfg"]))
+    objective = CCRKObjective(model, {"loss": {}}, _tokenizer(fx["cfg"]))
     batch = {"pixel_values": inp["images"], "input_ids": inp["text_ids"].reshape(b, k, -1),
              "attention_mask": inp["text_atts"].reshape(b, k, -1), "text_valid": torch.ones(b, k, dtype=torch.bool)}
     with torch.no_grad(), _autocast():
@@ -282,7 +269,7 @@ def test_finetuning_matching_loss_reproduces_the_authors(fx, monkeypatch):
 
     model, inp, ref = _model(fx, fx["weights"]), fx["inputs"], json.loads((FIXTURE / "losses.json").read_text())
     k = fx["spec"]["K"]
-    monkeypatch.setattr(losses, "sample", _argmax)
+    monkeypatch.setattr(losses, "sample", argmax)
     with torch.no_grad(), _autocast():
         out = finetune_loss(model, inp["images"], inp["text_ids"][0::k], inp["text_atts"][0::k], inp["image_ids"])
     for ours, name in ((out["itc"], "ft_forward_loss_itc"), (out["itm"], "ft_forward_loss_itm_argmax")):

@@ -7,15 +7,13 @@ and 80, or None plus the error it raised.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from ccrk.captions import EmptyCaptionError, pre_caption
+from parity_fixture import FIXTURE as FIXTURE_DIR
 
-FIXTURE_DIR = Path(os.environ.get("CCRK_PARITY_FIXTURE",
-                                  Path(__file__).resolve().parents[1].parent / "shared" / "reference-parity"))
 FIXTURE = FIXTURE_DIR / "pre_caption.json"
 WORD_LIMITS = (40, 80)
 

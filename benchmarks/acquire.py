@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     import img2dataset  # noqa: F401 - one-time import, outside the timings
     from prefect import flow
 
-    from ccrk.cli import main as ccrk
-    from ccrk.console import print_table
+    from ccrk.app.cli import main as ccrk
+    from ccrk.app.console import print_table
     from storage.demo.corpus import generate_demo_corpus
     from storage.demo.server import serve
     from storage.download import ENCODE_FORMAT, OOM_SHARD_COUNT, OPT_OUT_DIRECTIVES

@@ -124,7 +124,7 @@ def flow_time(root: str, kw: dict, repeat: int, clear) -> tuple[float, float]:
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        from ccrk.cli import local_flow_runs
+        from ccrk.app.cli import local_flow_runs
         from flows.build import build_flow
 
         args = {**kw, "langs": kw["langs"].split(",")}

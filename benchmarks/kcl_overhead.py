@@ -68,7 +68,7 @@ def make_batch(config, tok, k: int, b: int, device, phrases: int = 1) -> dict:
 
 
 def main() -> None:
-    from ccrk.console import print_table
+    from ccrk.app.console import print_table
     from ccrk.model import build_model
     from ccrk.objectives import build_objective
     from ccrk.trainer import make_optimizer, normalise_config

@@ -27,7 +27,7 @@ STAGES = ("acquire", "translate", "build", "pretrain", "evaluate")
 
 
 def ccrk_command(config: str, root: str) -> list[str]:
-    return [sys.executable, "-m", "ccrk.cli", "reproduce", "--config", config, "--root", root]
+    return [sys.executable, "-m", "ccrk.app.cli", "reproduce", "--config", config, "--root", root]
 
 
 def run_to_end(config: str, root: str, log) -> dict[str, tuple[float, float]]:

@@ -281,7 +281,7 @@ def main(argv=None) -> int:
         _free()
 
     base = results[0][1]
-    from ccrk.console import print_table
+    from ccrk.app.console import print_table
 
     print_table("translation throughput", ["contender", "seconds", "captions/s", "speedup vs naive"],
                 [(name, round(t, 2), round(len(texts) / t, 1), f"{base / t:.2f}x") for name, t in results])

@@ -299,7 +299,7 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 def _progress(enabled: bool, total: int, completed: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from ccrk.console import err_console
+    from ccrk.app.console import err_console
 
     return Progress(TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
                     TextColumn("{task.fields[sps]:.1f} samples/s  loss {task.fields[loss]:.3f}"),
@@ -316,7 +316,7 @@ def train(config: dict, dataset_dir: str, run_dir: str, resume: bool = False, ro
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from ccrk.console import console
+    from ccrk.app.console import console
     from ccrk.data import BatchStream, heldout_slice
     from ccrk.model import build_model, latest_checkpoint
     from ccrk.objectives import build_objective

@@ -67,7 +67,7 @@ class StageClock:
         self.rows: list[dict] = []
 
     def stage(self, name: str, fn, *args, **kwargs):
-        from ccrk.console import console
+        from ccrk.app.console import console
 
         console.print(f"[bold]==> {name}[/bold]")
         t0 = time.perf_counter()
@@ -78,7 +78,7 @@ class StageClock:
 
 
 def _acquire_all(cfg: dict, root: str, metadata: dict[str, list[str]]) -> dict:
-    from ccrk.commands.acquire import print_summary
+    from ccrk.app.commands.acquire import print_summary
     from flows.acquire import acquire_flow
 
     a = cfg["acquire"]
@@ -96,7 +96,7 @@ def _acquire_all(cfg: dict, root: str, metadata: dict[str, list[str]]) -> dict:
 
 
 def _translate(cfg: dict, root: str) -> dict:
-    from ccrk.commands.translate import print_translation_summary
+    from ccrk.app.commands.translate import print_translation_summary
     from flows.translate import translate_flow
     from translation.imports import import_translations
 
@@ -112,8 +112,8 @@ def _translate(cfg: dict, root: str) -> dict:
 
 
 def _build(cfg: dict, root: str) -> dict:
-    from ccrk.commands.build import print_dataset_summary
-    from ccrk.console import console
+    from ccrk.app.commands.build import print_dataset_summary
+    from ccrk.app.console import console
     from flows.build import build_flow
     from storage.verify import verify_dataset
 
@@ -132,7 +132,7 @@ def _build(cfg: dict, root: str) -> dict:
 
 
 def _pretrain(cfg: dict, root: str, dataset_dir: str) -> dict:
-    from ccrk.console import console
+    from ccrk.app.console import console
     from ccrk.trainer import load_config
     from flows.pretrain import pretrain_flow
 
@@ -168,7 +168,7 @@ def _evaluate(cfg: dict, root: str, runs: dict, bench_dir: str) -> dict:
 
 @flow(name="reproduce")
 def reproduce_flow(config: str = "configs/demo.yaml", root: str | None = None) -> dict:
-    from ccrk.console import console, print_table
+    from ccrk.app.console import console, print_table
 
     cfg = load_reproduce_config(config)
     root = layout.data_root(root or os.environ.get(layout.ROOT_ENV) or cfg.get("root"))

@@ -129,7 +129,7 @@ def translate_flow(root: str | None = None, langs: list[str] | None = None, mode
                        "seconds": 0.0} for lang in langs}
     samples: dict[str, list[dict]] = {lang: [] for lang in langs}
     if jobs:
-        from ccrk.console import progress_bar
+        from ccrk.app.console import progress_bar
 
         engine_kwargs = dict(compute_type=compute_type, settings=settings, token_budget=token_budget,
                              max_batch_size=max_batch_size, threads=threads, cache_dir=os.path.join(root, "cache"))

@@ -25,7 +25,7 @@ def prefect_server():
     """Flows really run, against one local Prefect server for the whole session."""
     from prefect.testing.utilities import prefect_test_harness
 
-    from ccrk.cli import local_flow_runs
+    from ccrk.app.cli import local_flow_runs
 
     with prefect_test_harness(server_startup_timeout=120), local_flow_runs():  # as `ccrk` runs flows
         yield

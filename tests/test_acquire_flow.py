@@ -9,7 +9,7 @@ import tarfile
 import pandas as pd
 import pytest
 
-from ccrk.cli import main as ccrk
+from ccrk.app.cli import main as ccrk
 from storage.catalog import Catalog
 from storage.demo.corpus import generate_demo_corpus, write_demo_metadata
 from storage.demo.server import serve

@@ -17,7 +17,7 @@ import time
 import pytest
 from PIL import Image
 
-from ccrk.cli import main as ccrk
+from ccrk.app.cli import main as ccrk
 from storage.demo.server import serve
 
 N_URLS = 300

@@ -268,7 +268,7 @@ def test_missing_source_or_translations_is_one_clear_error(root):
 
 
 def test_cli_build_runs_the_flow_and_prints_the_summary(root, capsys):
-    from ccrk.cli import main
+    from ccrk.app.cli import main
 
     tiny_corpus(root)
     argv = ["build", "--root", root, "--name", "cli", "--sources", "coco,vg", "--langs", "en,es,ru",

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from ccrk.cli import main as ccrk
+from ccrk.app.cli import main as ccrk
 from storage.demo.corpus import generate_demo_corpus, write_demo_metadata
 from storage.demo.server import serve
 

@@ -7,7 +7,7 @@ def test_flows_run_from_the_command_line_skip_heartbeats_unless_asked_for(monkey
     from prefect import flow
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 
-    from ccrk.cli import build_parser, local_flow_runs
+    from ccrk.app.cli import build_parser, local_flow_runs
 
     @flow
     def empty():
@@ -37,7 +37,7 @@ def test_tables_printed_to_a_file_keep_every_cell_whole(tmp_path):
     import subprocess
     import sys
 
-    code = ("from ccrk.console import print_table; "
+    code = ("from ccrk.app.console import print_table; "
             "print_table('wide', ['a column heading', 'another column heading', 'third heading', 'fourth heading', "
             "'fifth heading', 'sixth heading'], [('x' * 20, 'y' * 20, 1, 2, 3, 'captions [en]')]); "
             "print_table('narrow', ['a', 'b'], [(1, 2)])")

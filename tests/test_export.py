@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from ccrk.cli import main
+from ccrk.app.cli import main
 from klingual_fixtures import MODEL, ensure_normalize, tiny_corpus
 from storage.build import build_dataset
 

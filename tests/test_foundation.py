@@ -85,7 +85,7 @@ def test_grammar_agreement():
 
 
 def test_cli_error_is_one_sentence(root):
-    out = subprocess.run([sys.executable, "-m", "ccrk.cli", "lineage", "nope", "--root", root],
+    out = subprocess.run([sys.executable, "-m", "ccrk.app.cli", "lineage", "nope", "--root", root],
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
@@ -96,7 +96,7 @@ def test_a_failed_flow_run_is_one_sentence_too(root):
     """A stage that fails inside its Prefect flow: the run log keeps one line per failed run
     (no traceback), and nothing else follows the error (DuckDB's bindings listed every object the
     failed task's frames still held at exit as a leak, dozens of lines)."""
-    out = subprocess.run([sys.executable, "-m", "ccrk.cli", "build", "--root", root, "--name", "x",
+    out = subprocess.run([sys.executable, "-m", "ccrk.app.cli", "build", "--root", root, "--name", "x",
                           "--sources", "coco", "--langs", "en,es"], capture_output=True, text=True)
     assert out.returncode == 2
     error = "ccrk build: error: no source artifact 'coco' in the catalog"

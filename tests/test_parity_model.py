@@ -191,7 +191,7 @@ def test_a_key_with_no_place_is_one_error_listing_every_such_key(fx):
 def test_imported_checkpoint_is_a_catalogued_run_with_the_same_outputs(fx, tmp_path):
     """``ccrk import-checkpoint`` on a ``{"model": state_dict}`` .pth writes a run that
     ``load_pretrained`` reads and the catalog lists; a second import is a no-op."""
-    from ccrk.cli import main
+    from ccrk.app.cli import main
     from storage.catalog import Catalog
 
     src = tmp_path / "ccrk_epoch_29.th"

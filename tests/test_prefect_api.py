@@ -1,5 +1,5 @@
 """`ccrk` starts its own temporary Prefect API as the command begins, so that it comes up while
-the command imports its stage (ccrk/prefect_api.py)."""
+the command imports its stage (ccrk/app/prefect_api.py)."""
 import glob
 import os
 import signal
@@ -30,7 +30,7 @@ def _ccrk(args, prefect_home, **env):
     full = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     # INFO: the run's log lines are checked (`make test` exports PREFECT_LOGGING_LEVEL=WARNING).
     full.update(PREFECT_HOME=prefect_home, PYTHONPATH=REPO, PREFECT_LOGGING_LEVEL="INFO", **env)
-    return subprocess.run([sys.executable, "-m", "ccrk.cli", *args], cwd=REPO, env=full, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "ccrk.app.cli", *args], cwd=REPO, env=full, capture_output=True,
                           text=True, timeout=600)
 
 
@@ -58,7 +58,7 @@ def test_the_server_stops_when_the_command_is_killed(tmp_path):
     home = str(tmp_path / "prefect")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PREFECT_HOME=home, PYTHONPATH=REPO)
-    code = ("import sys, time; from ccrk.prefect_api import early_server; s = early_server(); "
+    code = ("import sys, time; from ccrk.app.prefect_api import early_server; s = early_server(); "
             "print(s.port, flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     try:
@@ -77,7 +77,7 @@ def test_the_server_stops_when_the_command_is_killed(tmp_path):
 
 
 def test_a_server_that_cannot_start_is_reported(tmp_path, monkeypatch):
-    from ccrk.prefect_api import LocalAPIServer
+    from ccrk.app.prefect_api import LocalAPIServer
 
     monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/no/such/dir/prefect.db")
     server = LocalAPIServer()

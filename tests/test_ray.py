@@ -135,7 +135,7 @@ def test_asking_for_gpus_on_a_cluster_without_any_is_one_clear_error(cluster, tm
 
 
 def test_an_unknown_executor_is_one_clear_error(root):
-    from ccrk.cli import main as ccrk
+    from ccrk.app.cli import main as ccrk
     from ccrk.executors import check_executor
     from storage.errors import CCRKError
 

@@ -132,7 +132,7 @@ def demo_setup(root, tmp_path):
 
 def test_finetune_then_evaluate_flows_end_to_end(demo_setup, root):
     """`ccrk finetune` (zero-shot) then `ccrk evaluate --itc-only`: runs, reports, lineage, artifacts."""
-    from ccrk.cli import main
+    from ccrk.app.cli import main
 
     run_dir, bench = demo_setup
     assert main(["finetune", "--checkpoint", run_dir, "--benchmark", "demo", "--data", bench, "--epochs", "1",

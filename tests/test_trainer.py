@@ -47,7 +47,7 @@ def test_resume_gives_the_uninterrupted_next_step_losses(dataset, tmp_path, root
 def test_cli_runs_the_flow_and_records_the_run(dataset, tmp_path, root):
     import yaml
 
-    from ccrk.cli import main
+    from ccrk.app.cli import main
     from ccrk.model import load_pretrained
     from storage.catalog import Catalog
 

@@ -85,7 +85,7 @@ def test_killed_run_loses_at_most_the_parts_in_flight_and_resumes_without_duplic
 
 
 def test_cli_translates_prints_a_summary_and_samples(root, capsys):
-    from ccrk.cli import main
+    from ccrk.app.cli import main
 
     write_source(root, "cc3m", ["a large purple star", "a white triangle on the right"])
     assert main(["translate", "--root", root, "--langs", "id,tr", "--part-size", "1", "--device", "cpu",
@@ -99,7 +99,7 @@ def test_cli_translates_prints_a_summary_and_samples(root, capsys):
 
 
 def test_cli_unsupported_language_lists_the_supported_ones(root, capsys):
-    from ccrk.cli import main
+    from ccrk.app.cli import main
 
     write_source(root, "coco", ["a red circle"])
     assert main(["translate", "--root", root, "--langs", "es,xx"]) == 2
@@ -108,7 +108,7 @@ def test_cli_unsupported_language_lists_the_supported_ones(root, capsys):
 
 
 def test_cli_without_acquired_sources_is_a_clear_error(root, capsys):
-    from ccrk.cli import main
+    from ccrk.app.cli import main
 
     assert main(["translate", "--root", root, "--langs", "es"]) == 2
     assert "no acquired sources" in capsys.readouterr().err

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from ccrk.cli import main
+from ccrk.app.cli import main
 from klingual_fixtures import ensure_normalize, tiny_corpus
 from storage.build import build_dataset
 from storage.shards import KLingualShardWriter

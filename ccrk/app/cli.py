@@ -1,6 +1,6 @@
 """The ``ccrk`` command line: one verb per pipeline stage, each running its stage as a Prefect flow.
 
-Verbs live in :mod:`ccrk.commands` (one module each, discovered here). A :class:`CCRKError` (or a
+Verbs live in :mod:`ccrk.app.commands` (one module each, discovered here). A :class:`CCRKError` (or a
 missing file) becomes one clear sentence on stderr and exit status 2 -- never a traceback, neither
 ours nor the Prefect run log's (``--debug`` shows them).
 """
@@ -24,13 +24,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import ccrk.commands as commands
+    import ccrk.app.commands as commands
 
     parser = argparse.ArgumentParser(prog="ccrk", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"ccrk.commands.{info.name}")
+        module = importlib.import_module(f"ccrk.app.commands.{info.name}")
         module.add_parser(sub)
     return parser
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     runs_flows = getattr(args, "runs_flows", False)
     if runs_flows and not args.debug:
         _brief_run_errors((CCRKError, FileNotFoundError))
-    from ccrk.prefect_api import early_server, use_server
+    from ccrk.app.prefect_api import early_server, use_server
 
     server = early_server() if runs_flows else None  # comes up while the command imports its stage
     try:

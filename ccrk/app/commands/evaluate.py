@@ -22,7 +22,7 @@ def add_benchmark_arguments(p) -> None:
 
 
 def add_parser(sub) -> None:
-    from ccrk.cli import add_root_argument
+    from ccrk.app.cli import add_root_argument
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a retrieval benchmark (Recall@K, MRV)")
     add_root_argument(p)
@@ -40,7 +40,7 @@ def device_of(args) -> str:
 
 
 def print_report(report: dict) -> None:
-    from ccrk.console import console, print_table
+    from ccrk.app.console import console, print_table
     from ccrk.evaluation.reports import mrv_lines, table1_rows
 
     m = report["metrics"]

@@ -1,13 +1,13 @@
 """`ccrk pretrain --dataset DIR --config configs/X.yaml [--out RUN_DIR] [--resume]`: CCRk pre-training.
 
-Multi-GPU / multi-node: ``torchrun --nproc_per_node G [--nnodes ...] -m ccrk.cli pretrain ...``
+Multi-GPU / multi-node: ``torchrun --nproc_per_node G [--nnodes ...] -m ccrk.app.cli pretrain ...``
 (rank 0 runs the Prefect flow, the other ranks the same training loop directly).
 """
 from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    from ccrk.cli import add_root_argument
+    from ccrk.app.cli import add_root_argument
 
     p = sub.add_parser("pretrain", help="pre-train the CCRk model on a K-lingual dataset")
     add_root_argument(p)
@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import os
 
-    from ccrk.console import console, print_mapping
+    from ccrk.app.console import console, print_mapping
     from ccrk.trainer import load_config, train
     from flows.pretrain import pretrain_flow, resolve_run
     from storage import layout

@@ -5,7 +5,7 @@ SOURCES = ("cc3m", "sbu", "vg", "coco")
 
 
 def add_parser(sub) -> None:
-    from ccrk.cli import add_root_argument
+    from ccrk.app.cli import add_root_argument
 
     p = sub.add_parser("acquire", help="read a source's metadata and download its images (sources/<source>/<version>/)")
     add_root_argument(p)
@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
 
 def print_summary(summary: dict) -> None:
     """The summary table of one source (also used by ``make demo``)."""
-    from ccrk.console import console, print_table
+    from ccrk.app.console import console, print_table
     from flows.acquire import summary_rows
 
     print_table(f"acquire {summary['source']} {summary['version']}", ["", "value"],

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    from ccrk.cli import add_root_argument
+    from ccrk.app.cli import add_root_argument
 
     p = sub.add_parser("import-checkpoint", help="import a reference CCRk / CCLM / X-VLM checkpoint as a ccrk run")
     add_root_argument(p)
@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ccrk.console import print_mapping
+    from ccrk.app.console import print_mapping
     from ccrk.reference import import_checkpoint
 
     out = import_checkpoint(args.src, root=args.root, out=args.out, tokenizer=args.tokenizer,

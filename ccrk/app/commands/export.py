@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ccrk.console import print_table
+    from ccrk.app.console import print_table
     from storage.export import export_dataset
 
     result = export_dataset(args.dataset_dir, args.out)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    from ccrk.cli import add_root_argument
+    from ccrk.app.cli import add_root_argument
 
     p = sub.add_parser("reproduce", help="run the whole chain (acquire -> translate -> build -> pretrain -> evaluate)")
     add_root_argument(p)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    from ccrk.cli import add_root_argument
+    from ccrk.app.cli import add_root_argument
 
     p = sub.add_parser("catalog", help="list the artifacts recorded in the catalog")
     add_root_argument(p)
@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
 
 
 def run_catalog(args) -> int:
-    from ccrk.console import print_table
+    from ccrk.app.console import print_table
     from storage.catalog import Catalog
 
     arts = Catalog(args.root).list(args.kind)
@@ -27,7 +27,7 @@ def run_catalog(args) -> int:
 
 
 def run_lineage(args) -> int:
-    from ccrk.console import print_table
+    from ccrk.app.console import print_table
     from storage.catalog import Catalog
     from storage.errors import CCRKError
 

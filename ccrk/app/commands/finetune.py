@@ -3,8 +3,8 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    from ccrk.cli import add_root_argument
-    from ccrk.commands.evaluate import add_benchmark_arguments
+    from ccrk.app.cli import add_root_argument
+    from ccrk.app.commands.evaluate import add_benchmark_arguments
 
     p = sub.add_parser("finetune", help="fine-tune a checkpoint for retrieval (ITC with image-id positives + ITM)")
     add_root_argument(p)
@@ -23,8 +23,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ccrk.commands.evaluate import device_of, print_report
-    from ccrk.console import print_mapping
+    from ccrk.app.commands.evaluate import device_of, print_report
+    from ccrk.app.console import print_mapping
     from flows.evaluate import finetune_flow
     from storage.languages import parse_langs
 

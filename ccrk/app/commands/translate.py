@@ -7,7 +7,7 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    from ccrk.cli import add_root_argument
+    from ccrk.app.cli import add_root_argument
 
     p = sub.add_parser("translate", help="translate captions with M2M-100 into the translation store",
                        description=__doc__)
@@ -66,7 +66,7 @@ def run(args) -> int:
 
 def print_translation_summary(summary: dict) -> None:
     """Counts per language and a few sample translations with their scores (also used by ``make demo``)."""
-    from ccrk.console import console, print_table
+    from ccrk.app.console import console, print_table
 
     console.print(f"model_id {summary['model_id']}  decode_id {summary['decode_id']}  "
                   f"sources {', '.join(summary['sources'])}", markup=False)
@@ -83,7 +83,7 @@ def print_translation_summary(summary: dict) -> None:
 
 
 def _run_import(args, langs) -> int:
-    from ccrk.console import print_table
+    from ccrk.app.console import print_table
     from storage import layout
     from translation.imports import import_translations
 

@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ccrk.console import console, print_table, progress_bar
+    from ccrk.app.console import console, print_table, progress_bar
     from storage.manifest import shard_records
     from storage.verify import verify_dataset
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    from ccrk.cli import add_root_argument
+    from ccrk.app.cli import add_root_argument
 
     p = sub.add_parser("build", help="build K-lingual WebDataset shards + manifest (datasets/<name>/<version>/)")
     add_root_argument(p)
@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
 
 def print_dataset_summary(result: dict) -> None:
     """The summary table of a build (also used by ``make demo``)."""
-    from ccrk.console import console, print_table
+    from ccrk.app.console import console, print_table
 
     console.print(result["message"])
     print_table(f"dataset {result['name']} {result['version']}", ["", "value"],
@@ -46,7 +46,7 @@ def print_dataset_summary(result: dict) -> None:
 
 
 def run(args) -> int:
-    from ccrk.console import progress_bar
+    from ccrk.app.console import progress_bar
     from flows.build import build_flow, shard_progress
     from storage.errors import CCRKError
     from storage.languages import parse_langs

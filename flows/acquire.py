@@ -64,7 +64,7 @@ def acquire_flow(source: str, metadata: list[str] | None = None, root: str | Non
     ``ray`` (its Ray distributor: one task per shard on the cluster at ``ray_address``, or on a local
     cluster started for the download). Same shards either way; not part of the source version.
     """
-    from ccrk.executors import check_executor
+    from flows.executors import check_executor
     from storage.download import DEFAULT_MAX_IMAGE_AREA
 
     check_executor(executor)

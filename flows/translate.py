@@ -45,7 +45,7 @@ def _parts_on_ray(jobs, model: str | None, engine: str, device: str, engine_kwar
     """Run every part as a Ray task (prefect-ray's task runner); yield the results as they finish."""
     from prefect_ray.context import remote_options
 
-    from ccrk.executors import ray_cluster, ray_task_runner
+    from flows.executors import ray_cluster, ray_task_runner
     from storage.errors import CCRKError
 
     with ray_cluster(ray_address) as ray, ray_task_runner(ray_address) as runner:
@@ -101,7 +101,7 @@ def translate_flow(root: str | None = None, langs: list[str] | None = None, mode
     """
     import os
 
-    from ccrk.executors import check_executor
+    from flows.executors import check_executor
 
     from storage import layout
     from storage.catalog import Artifact, Catalog

@@ -459,7 +459,7 @@ def download_images(prepared, *, image_size: int = 256, resize_mode: str = "bord
 
         def run(url_list: str, mode: str, total: int) -> None:
             if distributor == "ray" and not connected:  # join or start a cluster only when there is work
-                from ccrk.executors import ray_cluster
+                from flows.executors import ray_cluster
 
                 stack.enter_context(ray_cluster(ray_address))
                 connected.append(True)

@@ -23,7 +23,7 @@ CAPTIONS = ["a small red circle", "a  small red circle ", "a blue star on the le
 @pytest.fixture(scope="module")
 def cluster():
     """One private local cluster (2 CPUs, 127.0.0.1) for the module; the stages reuse a running one."""
-    from ccrk.executors import ray_cluster
+    from flows.executors import ray_cluster
 
     with ray_cluster(num_cpus=2) as ray:
         assert ray.util.get_node_ip_address() == "127.0.0.1"
@@ -136,7 +136,7 @@ def test_asking_for_gpus_on_a_cluster_without_any_is_one_clear_error(cluster, tm
 
 def test_an_unknown_executor_is_one_clear_error(root):
     from ccrk.app.cli import main as ccrk
-    from ccrk.executors import check_executor
+    from flows.executors import check_executor
     from storage.errors import CCRKError
 
     with pytest.raises(CCRKError, match="unknown executor 'spark'"):

@@ -13,20 +13,50 @@ fast and a killed run resumes where it stopped.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import time
 from contextlib import ExitStack
+from typing import Callable
 
+import yaml
 from prefect import flow
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
 
+from ccrk.evaluation.demo_benchmark import write_demo_benchmark
+from ccrk.evaluation.reports import compare_report
+from ccrk.trainer import load_config
+from flows.acquire import acquire_flow
 from flows.artifacts import publish_link, publish_markdown, publish_table
+from flows.build import build_flow
+from flows.evaluate import evaluate_flow
+from flows.pretrain import pretrain_flow
+from flows.translate import translate_flow
 from storage import layout
+from storage.demo.corpus import generate_demo_corpus, write_demo_metadata
+from storage.demo.server import serve
 from storage.errors import CCRKError
+from storage.verify import verify_dataset
+from translation.imports import import_translations
+
+log = logging.getLogger("ccrk.reproduce")
+# report(stage, summary): told each stage's summary as it finishes ("acquire" once per source, then
+# "translate", "build", "verify", "pretrain" per run, "stages", "report"); the command line prints them.
+Reporter = Callable[[str, dict], None]
+
+
+def _log_only(stage: str, summary: dict) -> None:
+    """Without a reporter (a deployment run): one line per stage in the run's log."""
+    try:
+        logger = get_run_logger()
+    except MissingContextError:
+        logger = log
+    logger.info("%s: %s", stage, summary.get("_line") or ", ".join(f"{k}={v}" for k, v in summary.items()
+                                                               if isinstance(v, (str, int, float)))[:500])
 
 
 def load_reproduce_config(path: str) -> dict:
-    import yaml
-
     if not os.path.exists(path):
         raise CCRKError(f"config file {path} does not exist")
     with open(path, encoding="utf-8") as f:
@@ -61,15 +91,14 @@ def _deep_update(base: dict, overrides: dict) -> dict:
 
 
 class StageClock:
-    """Wall time per stage, for the final table."""
+    """Wall time per stage, for the final table; says each stage's start to ``report``."""
 
-    def __init__(self):
+    def __init__(self, report: Reporter):
         self.rows: list[dict] = []
+        self.report = report
 
     def stage(self, name: str, fn, *args, **kwargs):
-        from ccrk.app.console import console
-
-        console.print(f"[bold]==> {name}[/bold]")
+        self.report("stage", {"stage": name, "_line": f"==> {name}"})
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         note = out.pop("_note", "") if isinstance(out, dict) else ""
@@ -77,10 +106,7 @@ class StageClock:
         return out
 
 
-def _acquire_all(cfg: dict, root: str, metadata: dict[str, list[str]]) -> dict:
-    from ccrk.app.commands.acquire import print_summary
-    from flows.acquire import acquire_flow
-
+def _acquire_all(cfg: dict, root: str, metadata: dict[str, list[str]], report: Reporter) -> dict:
     a = cfg["acquire"]
     out = {}
     for source in a.get("sources", ["cc3m", "sbu", "vg", "coco"]):
@@ -90,16 +116,12 @@ def _acquire_all(cfg: dict, root: str, metadata: dict[str, list[str]]) -> dict:
                                thread_count=a.get("thread_count", 16),
                                number_sample_per_shard=a.get("number_sample_per_shard", 10_000))
         out[source] = summary
-        print_summary(summary)
+        report("acquire", summary)
     ok = sum(int(s.get("images_ok", 0)) for s in out.values())
     return {"sources": out, "_note": f"{ok} images in {len(out)} sources"}
 
 
-def _translate(cfg: dict, root: str) -> dict:
-    from ccrk.app.commands.translate import print_translation_summary
-    from flows.translate import translate_flow
-    from translation.imports import import_translations
-
+def _translate(cfg: dict, root: str, report: Reporter) -> dict:
     t = cfg["translate"]
     for item in t.get("imports", []):  # e.g. CCLM's de/fr/cs/ja/zh captions, so K reaches 10
         import_translations(root, item["path"], item["name"], langs=item.get("langs"))
@@ -107,48 +129,37 @@ def _translate(cfg: dict, root: str) -> dict:
                              engine=t.get("engine", "ctranslate2"), device=t.get("device", "cpu"),
                              compute_type=t.get("compute_type", "auto"), beam_size=t.get("beam", 1),
                              sources=t.get("sources"))
-    print_translation_summary(summary)
+    report("translate", summary)
     return {"summary": summary, "_note": ", ".join(t["langs"])}
 
 
-def _build(cfg: dict, root: str) -> dict:
-    from ccrk.app.commands.build import print_dataset_summary
-    from ccrk.app.console import console
-    from flows.build import build_flow
-    from storage.verify import verify_dataset
-
+def _build(cfg: dict, root: str, report: Reporter) -> dict:
     b = cfg["build"]
     result = build_flow(root=root, name=cfg["name"], sources=list(cfg["acquire"].get("sources")),
                         langs=list(b["langs"]), min_langs=b.get("min_langs"),
                         drop_flagged=b.get("drop_flagged", False), shard_size=b.get("shard_size", 1000),
                         seed=b.get("seed", 0))
-    print_dataset_summary(result)
-    report = verify_dataset(result["path"])
-    if not report.ok:
-        problems = "; ".join(f"{p.kind} {p.shard}" for p in report.problems[:5])
+    report("build", result)
+    verified = verify_dataset(result["path"])
+    if not verified.ok:
+        problems = "; ".join(f"{p.kind} {p.shard}" for p in verified.problems[:5])
         raise CCRKError(f"dataset {result['path']} failed verification: {problems}")
-    console.print(f"verified: {report.n_shards} shards, {report.n_samples} samples, no problems")
+    report("verify", {"_line": f"verified: {verified.n_shards} shards, {verified.n_samples} samples, no problems"})
     return {"result": result, "_note": f"{result['n_samples']} samples, {result['n_shards']} shards"}
 
 
-def _pretrain(cfg: dict, root: str, dataset_dir: str) -> dict:
-    from ccrk.app.console import console
-    from ccrk.trainer import load_config
-    from flows.pretrain import pretrain_flow
-
+def _pretrain(cfg: dict, root: str, dataset_dir: str, report: Reporter) -> dict:
     runs = {}
     for spec in cfg["pretrain"]["runs"]:
         config = _deep_update(load_config(_repo_path(cfg, spec["config"])), spec.get("overrides", {}))
         runs[spec["name"]] = run = pretrain_flow(config, dataset_dir, root=root)
-        console.print(f"{spec['name']}: run {run['run_id']}{' (already trained)' if run.get('skipped') else ''}, "
-                      f"loss curve {run.get('loss_curve')}", markup=False, soft_wrap=True)
+        report("pretrain", {**run, "_line": f"{spec['name']}: run {run['run_id']}"
+                                             f"{' (already trained)' if run.get('skipped') else ''}, "
+                                             f"loss curve {run.get('loss_curve')}"})
     return {"runs": runs, "_note": ", ".join(runs)}
 
 
 def _evaluate(cfg: dict, root: str, runs: dict, bench_dir: str) -> dict:
-    from ccrk.evaluation.reports import compare_report
-    from flows.evaluate import evaluate_flow
-
     e = cfg["evaluate"]
     specs = {spec["name"]: spec for spec in cfg["pretrain"]["runs"]}
     reports = {}
@@ -167,52 +178,54 @@ def _evaluate(cfg: dict, root: str, runs: dict, bench_dir: str) -> dict:
 
 
 @flow(name="reproduce")
-def reproduce_flow(config: str = "configs/demo.yaml", root: str | None = None) -> dict:
-    from ccrk.app.console import console, print_table
-
+def reproduce_flow(config: str = "configs/demo.yaml", root: str | None = None,
+                   report: Reporter | None = None) -> dict:
+    """The chain of ``config``; ``report(stage, summary)`` is told each stage's summary (the command line
+    prints them; a deployment run logs one line each)."""
+    report = report or _log_only
     cfg = load_reproduce_config(config)
     root = layout.data_root(root or os.environ.get(layout.ROOT_ENV) or cfg.get("root"))
-    clock = StageClock()
+    clock = StageClock(report)
     with ExitStack() as stack:
         metadata: dict[str, list[str]] = {}
         bench_dir = cfg["evaluate"].get("data")
         if "corpus" in cfg:  # the embedded demo: generate, serve on loopback, write metadata
-            from ccrk.evaluation.demo_benchmark import write_demo_benchmark
-            from storage.demo.corpus import generate_demo_corpus, write_demo_metadata
-            from storage.demo.server import serve
-
-            c = cfg["corpus"]
-            corpus = layout.join(root, "demo-corpus")
-            clock.stage("demo corpus", lambda: {"_note": str(generate_demo_corpus(
-                corpus, seed=c.get("seed", 0), n_train=c.get("n_train", 400),
-                n_heldout=c.get("n_heldout", 100)).get("n_images", ""))})
-            server = stack.enter_context(serve(corpus, port=c.get("port", 0)))
-            metadata = write_demo_metadata(corpus, server.url)
-            metadata["sbu"] = metadata["sbu"][:1]  # one of SBU's two official layouts
-            bench_dir = layout.join(root, "benchmarks", "demo")
-            write_demo_benchmark(corpus, bench_dir)
-        acquired = clock.stage("acquire", _acquire_all, cfg, root, metadata)
+            metadata, bench_dir = _demo_corpus(cfg, root, clock, stack)
+        acquired = clock.stage("acquire", _acquire_all, cfg, root, metadata, report)
         stack.close()  # the images are local now
-    clock.stage("translate", _translate, cfg, root)
-    built = clock.stage("build + verify", _build, cfg, root)
+    clock.stage("translate", _translate, cfg, root, report)
+    built = clock.stage("build + verify", _build, cfg, root, report)
+    out = {"root": root, "dataset": built["result"]["path"], "stages": clock.rows,
+           "sources": {k: v.get("path") for k, v in acquired["sources"].items()}}
     if not cfg["pretrain"].get("runs"):  # a data-only chain (configs/demo-small.yaml)
-        print_table("reproduce: stages", ["stage", "seconds", "note"],
-                    [(r["stage"], r["seconds"], r["note"]) for r in clock.rows])
-        return {"root": root, "dataset": built["result"]["path"], "stages": clock.rows}
-    trained = clock.stage("pretrain", _pretrain, cfg, root, built["result"]["path"])
+        report("stages", {"rows": clock.rows})
+        return out
+    trained = clock.stage("pretrain", _pretrain, cfg, root, built["result"]["path"], report)
     evaluated = clock.stage("evaluate", _evaluate, cfg, root, trained["runs"], bench_dir)
-
-    print_table("reproduce: stages", ["stage", "seconds", "note"],
-                [(r["stage"], r["seconds"], r["note"]) for r in clock.rows])
+    report("stages", {"rows": clock.rows})
     report_md = os.path.join(evaluated["dir"], "compare.md")
+    markdown = ""
     if os.path.exists(report_md):
         with open(report_md, encoding="utf-8") as f:
             markdown = f.read()
-        console.print(markdown, markup=False, soft_wrap=True)  # table rows stay whole in a log
         publish_markdown(f"reproduce-{cfg['name']}", markdown, description="comparison of the pre-trained variants")
     publish_table(f"reproduce-{cfg['name']}-stages", clock.rows, description="wall seconds per stage")
     publish_link(f"reproduce-{cfg['name']}-report", evaluated["dir"], description="comparison report")
-    console.print(f"[bold]report:[/bold] {report_md}")
-    return {"root": root, "dataset": built["result"]["path"], "runs": trained["runs"],
-            "report": evaluated["dir"], "stages": clock.rows,
-            "sources": {k: v.get("path") for k, v in acquired["sources"].items()}}
+    report("report", {"markdown": markdown, "path": report_md, "_line": f"report: {report_md}"})
+    return {**out, "runs": trained["runs"], "report": evaluated["dir"]}
+
+
+def _demo_corpus(cfg: dict, root: str, clock: StageClock, stack: ExitStack) -> tuple[dict, str]:
+    """Generate the demo corpus, serve it on loopback for the acquisition (until ``stack`` closes) and
+    write its benchmark; returns (metadata files per source, the benchmark's directory)."""
+    c = cfg["corpus"]
+    corpus = layout.join(root, "demo-corpus")
+    clock.stage("demo corpus", lambda: {"_note": str(generate_demo_corpus(
+        corpus, seed=c.get("seed", 0), n_train=c.get("n_train", 400),
+        n_heldout=c.get("n_heldout", 100)).get("n_images", ""))})
+    server = stack.enter_context(serve(corpus, port=c.get("port", 0)))
+    metadata = write_demo_metadata(corpus, server.url)
+    metadata["sbu"] = metadata["sbu"][:1]  # one of SBU's two official layouts
+    bench_dir = layout.join(root, "benchmarks", "demo")
+    write_demo_benchmark(corpus, bench_dir)
+    return metadata, bench_dir

@@ -10,21 +10,32 @@ source versions). Callable from Python: ``translate_flow(root="data", langs=["es
 """
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
 from prefect.futures import as_completed
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import publish_markdown, publish_table
+from flows.executors import check_executor, ray_cluster, ray_task_runner
+from storage import layout
+from storage.catalog import Artifact, Catalog
+from storage.errors import CCRKError
+from storage.languages import TRANSLATED
+from storage.progress import Progress, or_silent
+from storage.versioning import content_version
+from translation import m2m, store
+from translation.collect import collect_texts
+from translation.pipeline import EnginePool, cached_engine, decode_settings, ids_for, plan_parts, translate_part
 
 
 @task(name="translate-part", cache_policy=NO_CACHE)
 def translate_part_task(pool, job, model_id: str, decode_id: str):
-    from translation.pipeline import translate_part
-
     with pool.take() as engine:
         return translate_part(engine, job, model_id, decode_id)
 
@@ -34,8 +45,6 @@ def translate_part_on_worker_task(model: str | None, engine: str, device: str, e
                                   model_id: str, decode_id: str):
     """One part on a Ray worker: the model is resolved there (the demo model ships with the code) and
     the worker's engine is kept for its next part."""
-    from translation.pipeline import cached_engine, translate_part
-
     return translate_part(cached_engine(engine, resolve_model(model), device=device, **engine_kwargs),
                           job, model_id, decode_id)
 
@@ -43,10 +52,7 @@ def translate_part_on_worker_task(model: str | None, engine: str, device: str, e
 def _parts_on_ray(jobs, model: str | None, engine: str, device: str, engine_kwargs: dict, model_id: str,
                   decode_id: str, ray_address: str | None):
     """Run every part as a Ray task (prefect-ray's task runner); yield the results as they finish."""
-    from prefect_ray.context import remote_options
-
-    from flows.executors import ray_cluster, ray_task_runner
-    from storage.errors import CCRKError
+    from prefect_ray.context import remote_options  # optional dependency (the ray extra)
 
     with ray_cluster(ray_address) as ray, ray_task_runner(ray_address) as runner:
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -68,9 +74,6 @@ def _parts_on_ray(jobs, model: str | None, engine: str, device: str, engine_kwar
 def _api_url_pinned():
     """Submit with this run's Prefect API url in the settings the Ray workers receive: without one
     (the CLI's temporary server) each worker would start a Prefect server of its own."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     if PREFECT_API_URL.value():
         yield
         return
@@ -82,9 +85,7 @@ def _api_url_pinned():
 
 def resolve_model(model: str | None) -> str:
     """``None`` or ``demo`` -> the committed demo translator; else the path given."""
-    from translation.m2m import DEMO_MODEL_DIR, check_model_dir
-
-    return check_model_dir(DEMO_MODEL_DIR if model in (None, "", "demo") else model)
+    return m2m.check_model_dir(m2m.DEMO_MODEL_DIR if model in (None, "", "demo") else model)
 
 
 @flow(name="translate", task_runner=ThreadPoolTaskRunner(max_workers=8))
@@ -92,25 +93,14 @@ def translate_flow(root: str | None = None, langs: list[str] | None = None, mode
                    sources: list[str] | None = None, engine: str = "ctranslate2", device: str = "cpu",
                    compute_type: str = "auto", beam_size: int = 1, max_len_a: float = 1.5, max_len_b: int = 10,
                    max_input_tokens: int | None = None, part_size: int = 20_000, token_budget: int = 4096,
-                   max_batch_size: int = 256, threads: int = 0, progress: bool = False, executor: str = "local",
-                   ray_address: str | None = None) -> dict:
+                   max_batch_size: int = 256, threads: int = 0, progress: Progress | None = None,
+                   executor: str = "local", ray_address: str | None = None) -> dict:
     """Translate the missing texts; returns the summary (per-language counts, samples, ids).
 
     ``executor``: ``local`` (an engine pool on this machine's devices) or ``ray`` (one Ray task per part
     on the cluster at ``ray_address``, or on a local cluster started for the run). Same store either way.
+    ``progress``: a :data:`storage.progress.Progress` (the command line's bar), else silent.
     """
-    import os
-
-    from flows.executors import check_executor
-
-    from storage import layout
-    from storage.catalog import Artifact, Catalog
-    from storage.languages import TRANSLATED
-    from storage.versioning import content_version
-    from translation import m2m
-    from translation.collect import collect_texts
-    from translation.pipeline import EnginePool, decode_settings, ids_for, plan_parts
-
     t_start = time.perf_counter()
     check_executor(executor)
     root = layout.data_root(root)
@@ -123,72 +113,87 @@ def translate_flow(root: str | None = None, langs: list[str] | None = None, mode
     model_id, decode_id = ids_for(model_dir, settings)
     collected = collect_texts(root, sources)
     jobs, cached = plan_parts(root, collected.texts, langs, model_id, decode_id, part_size)
-
-    per_lang = {lang: {"lang": lang, "texts": len(collected.texts), "already_stored": cached[lang],
-                       "translated": 0, "skipped_empty": collected.empty, "flagged": 0, "truncated": 0,
-                       "seconds": 0.0} for lang in langs}
-    samples: dict[str, list[dict]] = {lang: [] for lang in langs}
+    tally = _Tally(langs, len(collected.texts), cached, collected.empty)
     if jobs:
-        from ccrk.app.console import progress_bar
-
         engine_kwargs = dict(compute_type=compute_type, settings=settings, token_budget=token_budget,
                              max_batch_size=max_batch_size, threads=threads, cache_dir=os.path.join(root, "cache"))
-        total = sum(len(j.shas) for j in jobs)
-        with progress_bar("translate", total if progress else None, unit="texts") as advance:
-            def record(result) -> None:
-                row = per_lang[result.lang]
-                row["translated"] += result.translated
-                row["flagged"] += result.flagged
-                row["truncated"] += result.truncated
-                row["seconds"] += result.seconds
-                samples[result.lang] = (samples[result.lang] + result.samples)[:3]
-                advance(result.translated)
-
+        with or_silent(progress)("translate", sum(len(j.shas) for j in jobs), "texts") as advance:
             if executor == "ray":
-                for result in _parts_on_ray(jobs, model, engine, device, engine_kwargs, model_id, decode_id,
-                                            ray_address):
-                    record(result)
+                results = _parts_on_ray(jobs, model, engine, device, engine_kwargs, model_id, decode_id, ray_address)
             else:
-                pool = EnginePool(engine, model_dir, device=device, **engine_kwargs)
-                # Submit no more parts at once than there are devices: each worker pulls the next part.
-                pending = list(jobs)
-                running = [translate_part_task.submit(pool, pending.pop(0), model_id, decode_id)
-                           for _ in range(min(len(pool), len(pending)))]
-                while running:
-                    done = next(as_completed(running))
-                    running.remove(done)
-                    record(done.result())
-                    if pending:
-                        running.append(translate_part_task.submit(pool, pending.pop(0), model_id, decode_id))
-    for row in per_lang.values():
-        row["captions_per_s"] = round(row["translated"] / row["seconds"], 1) if row["seconds"] else 0.0
-        row["seconds"] = round(row["seconds"], 2)
-    if not any(samples.values()):
-        samples = _stored_samples(root, langs, model_id, decode_id)
-
+                results = _parts_on_pool(EnginePool(engine, model_dir, device=device, **engine_kwargs), jobs,
+                                         model_id, decode_id)
+            for result in results:
+                tally.add(result)
+                advance(result.translated)
+    samples = tally.samples if any(tally.samples.values()) else _stored_samples(root, langs, model_id, decode_id)
+    rows = tally.rows()
     store_path = layout.join(root, "translations", model_id, decode_id)
-    parents = [a.version for a in collected.sources]
     params = {"model_id": model_id, "decode_id": decode_id, "langs": sorted(langs), "settings": settings.__dict__,
               "sources": sorted(f"{a.name}@{a.version}" for a in collected.sources)}
-    version = content_version("translation", parents, params)
     stats = {"captions": collected.captions, "unique_texts": len(collected.texts), "skipped_empty": collected.empty,
-             "per_lang": per_lang, "engine": engine, "device": device, "compute_type": compute_type, "executor": executor}
-    Catalog(root).record(Artifact(version=version, kind="translation", name=f"{model_id}/{decode_id}",
-                                  path=store_path, params=params, stats=stats, parents=parents))
-    rows = list(per_lang.values())
-    publish_table(f"translate-{model_id}-{decode_id}", rows,
-                  description=f"Translation summary: {model_id} {decode_id} ({version})")
-    publish_markdown(f"translate-samples-{model_id}-{decode_id}", _samples_markdown(samples),
-                     description="Sample translations with their scores")
+             "per_lang": {r["lang"]: r for r in rows}, "engine": engine, "device": device,
+             "compute_type": compute_type, "executor": executor}
+    version = _record(root, store_path, params, stats, [a.version for a in collected.sources], rows, samples)
     return {"version": version, "model_id": model_id, "decode_id": decode_id, "model_dir": model_dir,
             "path": store_path, "captions": collected.captions, "unique_texts": len(collected.texts),
             "skipped_empty": collected.empty, "per_lang": rows, "samples": samples,
             "sources": params["sources"], "parts": len(jobs), "wall_s": round(time.perf_counter() - t_start, 2)}
 
 
-def _stored_samples(root: str, langs, model_id: str, decode_id: str, n: int = 3) -> dict[str, list[dict]]:
-    from translation import store
+class _Tally:
+    """Per-language counts and the first few sample translations, as the parts finish."""
 
+    def __init__(self, langs, n_texts: int, cached: dict, empty: int):
+        self.per_lang = {lang: {"lang": lang, "texts": n_texts, "already_stored": cached[lang], "translated": 0,
+                                "skipped_empty": empty, "flagged": 0, "truncated": 0, "seconds": 0.0}
+                         for lang in langs}
+        self.samples: dict[str, list[dict]] = {lang: [] for lang in langs}
+
+    def add(self, result) -> None:
+        row = self.per_lang[result.lang]
+        row["translated"] += result.translated
+        row["flagged"] += result.flagged
+        row["truncated"] += result.truncated
+        row["seconds"] += result.seconds
+        self.samples[result.lang] = (self.samples[result.lang] + result.samples)[:3]
+
+    def rows(self) -> list[dict]:
+        for row in self.per_lang.values():
+            row["captions_per_s"] = round(row["translated"] / row["seconds"], 1) if row["seconds"] else 0.0
+            row["seconds"] = round(row["seconds"], 2)
+        return list(self.per_lang.values())
+
+
+def _parts_on_pool(pool, jobs, model_id: str, decode_id: str):
+    """Every part as a Prefect task on this machine's engine pool; yields the results as they finish.
+    No more parts are submitted at once than there are devices: each worker pulls the next part."""
+    pending = list(jobs)
+    running = [translate_part_task.submit(pool, pending.pop(0), model_id, decode_id)
+               for _ in range(min(len(pool), len(pending)))]
+    while running:
+        done = next(as_completed(running))
+        running.remove(done)
+        yield done.result()
+        if pending:
+            running.append(translate_part_task.submit(pool, pending.pop(0), model_id, decode_id))
+
+
+def _record(root: str, store_path: str, params: dict, stats: dict, parents: list[str], rows: list[dict],
+            samples: dict) -> str:
+    """Catalog the translation (parents: the source versions) and publish its tables; returns its version."""
+    version = content_version("translation", parents, params)
+    name = f"{params['model_id']}/{params['decode_id']}"
+    Catalog(root).record(Artifact(version=version, kind="translation", name=name, path=store_path, params=params,
+                                  stats=stats, parents=parents))
+    publish_table(f"translate-{params['model_id']}-{params['decode_id']}", rows,
+                  description=f"Translation summary: {name} ({version})")
+    publish_markdown(f"translate-samples-{params['model_id']}-{params['decode_id']}", _samples_markdown(samples),
+                     description="Sample translations with their scores")
+    return version
+
+
+def _stored_samples(root: str, langs, model_id: str, decode_id: str, n: int = 3) -> dict[str, list[dict]]:
     out = {}
     for lang in langs:
         table = store.read_dir(store.lang_dir(root, model_id, decode_id, lang))

@@ -49,6 +49,7 @@ def run(args) -> int:
 
     if args.ray_address and args.executor != "ray":
         raise CCRKError("--ray-address needs --executor ray")
+    from ccrk.app.console import progress_bar
     from flows.translate import translate_flow
 
     summary = translate_flow(
@@ -59,7 +60,7 @@ def run(args) -> int:
         beam_size=args.beam or defaults["beam_size"], max_len_a=defaults["max_len_a"],
         max_len_b=defaults["max_len_b"], part_size=args.part_size or defaults["part_size"],
         token_budget=args.token_budget or defaults["token_budget"], max_batch_size=defaults["max_batch_size"],
-        threads=args.threads, progress=True, executor=args.executor, ray_address=args.ray_address)
+        threads=args.threads, progress=progress_bar, executor=args.executor, ray_address=args.ray_address)
     print_translation_summary(summary)
     return 0
 

@@ -16,6 +16,9 @@ from torch import nn
 
 from ccrk.modeling.text import TextFusionEncoder
 from ccrk.modeling.vision import VisionEncoder
+from ccrk.tokenizer import load_tokenizer
+from storage import atomic
+from storage.errors import CCRKError
 
 TEMP_RANGE = (0.001, 0.5)
 
@@ -120,8 +123,6 @@ class CCRKModel(nn.Module):
 
 def build_model(config: dict, tokenizer=None):
     """(model, tokenizer) from a run config (random or pretrained-directory initialisation)."""
-    from ccrk.tokenizer import load_tokenizer
-
     tokenizer = tokenizer or load_tokenizer(config["model"]["text"].get("tokenizer", "demo"))
     resolve_architecture(config["model"])
     return CCRKModel(config["model"], vocab_size=len(tokenizer)), tokenizer
@@ -157,8 +158,6 @@ def latest_checkpoint(run_dir: str) -> str | None:
 def save_model(model: CCRKModel, config: dict, ckpt_dir: str) -> None:
     from safetensors.torch import save_model as st_save
 
-    from storage import atomic
-
     with atomic.atomic_path(os.path.join(ckpt_dir, "model.safetensors")) as tmp:
         st_save(model, tmp)  # handles the tied LM-head / embedding weight
     atomic.write_json(os.path.join(ckpt_dir, "config.json"), config)
@@ -167,9 +166,6 @@ def save_model(model: CCRKModel, config: dict, ckpt_dir: str) -> None:
 def load_pretrained(run_or_dir: str, device: str | torch.device = "cpu"):
     """(model, tokenizer, config) from a run dir (its latest checkpoint) or a checkpoint dir."""
     from safetensors.torch import load_model
-
-    from ccrk.tokenizer import load_tokenizer
-    from storage.errors import CCRKError
 
     ckpt = run_or_dir
     if not os.path.exists(os.path.join(ckpt, "model.safetensors")):

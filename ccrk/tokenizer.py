@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 import tempfile
 
+from storage.demo import grammar
+from storage.errors import CCRKError
+
 DEMO_TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "assets", "demo-tokenizer")
 # XLM-R's special-token layout: these ids come first, so random MLM replacements start after them.
 N_LEADING_SPECIALS = 4
@@ -17,8 +20,6 @@ N_LEADING_SPECIALS = 4
 
 def demo_corpus_lines(n: int = 3000, seed: int = 0) -> list[str]:
     """Captions of the demo grammar in every language (the tokenizer's training text)."""
-    from storage.demo import grammar
-
     return [text for row in grammar.parallel_corpus(n, seed=seed) for text in row.values()]
 
 
@@ -47,8 +48,6 @@ def build_demo_tokenizer(out_dir: str = DEMO_TOKENIZER_DIR, vocab_size: int = 60
 def load_tokenizer(name_or_dir: str):
     """``demo`` (the committed demo tokenizer) or a local HF tokenizer directory (e.g. xlm-roberta-large)."""
     from transformers import AutoTokenizer
-
-    from storage.errors import CCRKError
 
     path = DEMO_TOKENIZER_DIR if name_or_dir == "demo" else name_or_dir
     if name_or_dir == "demo" and not os.path.exists(os.path.join(path, "tokenizer.json")):

@@ -1,7 +1,7 @@
 """Prefect flows for ``ccrk evaluate`` and ``ccrk finetune``: thin wrappers over ccrk.evaluation.protocols.
 
 One task per coarse unit: a fine-tune, an evaluation (all languages of a benchmark share one image
-encoding pass), a report. Reports are published as markdown + table artifacts by the library.
+encoding pass), a report. A new report is published here as markdown + table artifacts.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from ccrk.evaluation import protocols
+from flows.artifacts import publish_markdown, publish_table
 
 _progress = None  # a callable(set_name) while the CLI shows progress
 
@@ -16,6 +17,10 @@ _progress = None  # a callable(set_name) while the CLI shows progress
 @task(name="evaluate-benchmark", cache_policy=NO_CACHE)
 def evaluate_task(**kwargs) -> dict:
     out = protocols.run_evaluation(progress=_progress, **kwargs)
+    if "table" in out:  # a new report (one found already written is not published again)
+        key = f"report-{out['metrics']['benchmark']}-{out['report_id']}"
+        publish_markdown(key, out["markdown"], description="evaluation report")
+        publish_table(f"{key}-table", out["table"], description="recall per language")
     return {k: out[k] for k in ("report_id", "run_version", "dir", "metrics")}
 
 

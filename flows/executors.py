@@ -18,6 +18,8 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
+from storage.errors import CCRKError
+
 EXECUTORS = ("local", "ray")
 PROJECT_PACKAGES = ("ccrk", "storage", "translation", "flows")
 _CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -26,8 +28,6 @@ WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "TOKENI
 
 
 def check_executor(executor: str) -> str:
-    from storage.errors import CCRKError
-
     if executor not in EXECUTORS:
         raise CCRKError(f"unknown executor {executor!r}: use one of {', '.join(EXECUTORS)}")
     return executor

@@ -174,6 +174,8 @@ def _evaluate(cfg: dict, root: str, runs: dict, bench_dir: str) -> dict:
     out_dir = layout.join(root, "reports", f"{cfg['name']}-comparison")
     comparison = compare_report([r["dir"] for r in reports.values()], list(reports), out_dir,
                                 title=f"{cfg['name']}: " + " vs ".join(reports))
+    publish_markdown(f"compare-{cfg['name']}-comparison", comparison["markdown"], description="evaluation report")
+    publish_table(f"compare-{cfg['name']}-comparison-table", comparison["rows"], description="recall per language")
     return {"reports": reports, "comparison": comparison, "dir": out_dir, "_note": out_dir}
 
 

@@ -27,7 +27,9 @@ import numpy as np
 
 from ccrk.evaluation import metrics as M
 from ccrk.evaluation.benchmarks import PAPER_MRV_LANGS
+from ccrk.evaluation.retrieval import aligned_ranks
 from storage import atomic, layout
+from storage.catalog import Artifact, Catalog
 from storage.errors import CCRKError
 from storage.versioning import content_version
 
@@ -57,8 +59,6 @@ def default_mrv_langs(benchmark: str, evaluated: Sequence[str]) -> list[str]:
 
 def build_mrv(results: dict, benchmark: str, mrv_langs: Sequence[str] | None = None) -> dict:
     """``metrics.json["mrv"]``: both MRV definitions over the languages' shared instances (see the module doc)."""
-    from ccrk.evaluation.retrieval import aligned_ranks
-
     langs = [lang for lang in (mrv_langs or default_mrv_langs(benchmark, list(results))) if lang in results]
     paper = PAPER_MRV_LANGS.get(benchmark)
     mrv: dict = {"langs": langs, "k": len(langs), "paper_langs": list(paper) if paper else None,
@@ -265,8 +265,6 @@ def plot_rank_variance(spreads: dict[str, np.ndarray], path: str, title: str, xl
 
 def write_report(out_dir: str, m: dict, results: dict | None = None, title: str = "") -> dict:
     """Write metrics.json, report.md, ranks.npz (when ``results`` are given) and the two plots."""
-    from ccrk.evaluation.retrieval import aligned_ranks
-
     os.makedirs(out_dir, exist_ok=True)
     spreads: dict[str, np.ndarray] = {}
     if results is not None:
@@ -322,15 +320,7 @@ def compare_report(reports: Sequence[str | dict], names: Sequence[str] | None, o
                      os.path.join(out_dir, "recall.png"), title="mean recall per language")
     atomic.write_text(os.path.join(out_dir, "compare.md"), markdown + "\n![recall per language](recall.png)\n")
     atomic.write_json(os.path.join(out_dir, "compare.json"), {"names": names, "rows": rows})
-    _publish(f"compare-{os.path.basename(out_dir)}", markdown, rows)
     return {"dir": out_dir, "markdown": markdown, "rows": rows}
-
-
-def _publish(key: str, markdown: str, rows: list[dict]) -> None:
-    from flows.artifacts import publish_markdown, publish_table
-
-    publish_markdown(key, markdown, description="evaluation report")
-    publish_table(f"{key}-table", rows, description="recall per language")
 
 
 def report_id(run_version: str | None, params: dict) -> str:
@@ -339,8 +329,6 @@ def report_id(run_version: str | None, params: dict) -> str:
 
 def find_run_version(root: str | None, checkpoint: str) -> str | None:
     """The catalog version of the run that owns ``checkpoint`` (a run dir or a checkpoint inside one)."""
-    from storage.catalog import Catalog
-
     target = os.path.abspath(checkpoint)
     for art in Catalog(root).list("run"):
         path = os.path.abspath(art.path)
@@ -365,17 +353,15 @@ def existing_report(root: str | None, checkpoint: str, params: dict) -> dict | N
 
 def publish_report(root: str | None, m: dict, results: dict | None, params: dict, title: str = "",
                    run_version: str | None = None) -> dict:
-    """Write ``reports/<id>/``, publish it to Prefect and record it in the catalog (parent: the run)."""
-    from storage.catalog import Artifact, Catalog
-
+    """Write ``reports/<id>/`` and record it in the catalog (parent: the run); the returned summary's
+    ``markdown`` and ``table`` are what the evaluate flow publishes."""
     root = layout.data_root(root)
     run_version = run_version or find_run_version(root, m.get("checkpoint", ""))
     rid = report_id(run_version, params)
     out_dir = layout.report_dir(root, rid)
     out = write_report(out_dir, {**m, "report_id": rid, "run_version": run_version}, results, title)
-    _publish(f"report-{m['benchmark']}-{rid}", out["markdown"], table1_rows(m))
     stats = {"mean_recall": m["average"]["mean_recall"],
              **{f"mrv_{key}": m["mrv"][key] for key in ("tr_std", "ir_std", "tr", "ir") if key in m["mrv"]}}
     Catalog(root).record(Artifact(rid, "report", f"{m['benchmark']}", out_dir, params=params, stats=stats,
                                   parents=[run_version] if run_version else []))
-    return {**out, "report_id": rid, "run_version": run_version}
+    return {**out, "report_id": rid, "run_version": run_version, "table": table1_rows(m)}

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from storage.errors import CCRKError
 
 # XLM-R's released configs (and the authors' text encoder) use 1e-5, not transformers' 1e-12 default.
 XLMR_LAYER_NORM_EPS = 1e-5
@@ -118,8 +119,11 @@ class TextState:
 class TextFusionEncoder(nn.Module):
     def __init__(self, cfg: dict, vocab_size: int, vision_width: int):
         super().__init__()
-        from transformers.models.xlm_roberta.modeling_xlm_roberta import (XLMRobertaEmbeddings,
-                                                                         XLMRobertaLayer, XLMRobertaLMHead)
+        from transformers.models.xlm_roberta.modeling_xlm_roberta import (
+            XLMRobertaEmbeddings,
+            XLMRobertaLayer,
+            XLMRobertaLMHead,
+        )
 
         self.config = xlmr_config(cfg, vocab_size)
         self.n_text = cfg["text_layers"]
@@ -159,8 +163,6 @@ class TextFusionEncoder(nn.Module):
 
     def _load_xlmr(self, directory: str, layer_spec) -> set[str]:
         """Copy XLM-R weights (embeddings, the selected layers, the LM head); returns the loaded names."""
-        from storage.errors import CCRKError
-
         path = os.path.join(directory, "model.safetensors")
         if os.path.exists(path):
             from safetensors.torch import load_file

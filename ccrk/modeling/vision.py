@@ -10,6 +10,8 @@ import os
 import torch
 from torch import nn
 
+from storage.errors import CCRKError
+
 
 def swin_config(cfg: dict):
     """A SwinConfig from our YAML ``model.vision`` block (ignored keys: init)."""
@@ -29,8 +31,6 @@ class VisionEncoder(nn.Module):
         init = cfg.get("init", "random")
         self.pretrained_names: set[str] = set()
         if init != "random":
-            from storage.errors import CCRKError
-
             if not os.path.isdir(init):
                 raise CCRKError(f"vision init directory {init} does not exist (expected a local HF Swin checkpoint)")
             self.swin = SwinModel.from_pretrained(init, add_pooling_layer=True,

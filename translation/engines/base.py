@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+from storage.errors import CCRKError
 from storage.versioning import canonical_json
 from translation import m2m
 
@@ -179,8 +180,6 @@ def cuda_device_count() -> int:
 
 def resolve_devices(device: str) -> list[str]:
     """``cpu`` -> [cpu]; ``cuda`` -> [cuda:0]; ``cuda:1`` -> [cuda:1]; ``auto`` -> every visible GPU, else cpu."""
-    from storage.errors import CCRKError
-
     if device == "auto":
         n = cuda_device_count()
         return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
@@ -198,8 +197,6 @@ ENGINES = ("ctranslate2", "transformers")
 
 def make_engine(name: str, model_dir: str, device: str = "cpu", **kwargs) -> Engine:
     """The engine called ``name`` (ctranslate2 | transformers)."""
-    from storage.errors import CCRKError
-
     if name == "ctranslate2":
         from translation.engines.ctranslate2_engine import CTranslate2Engine
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 
+from storage.errors import CCRKError
 from translation import m2m
 from translation.engines.base import Engine
 
@@ -73,8 +74,6 @@ class CTranslate2Engine(Engine):
 
     def _resolve_compute_type(self, compute_type: str) -> str:
         import ctranslate2
-
-        from storage.errors import CCRKError
 
         kind = self.device.partition(":")[0]
         if compute_type in ("auto", None):

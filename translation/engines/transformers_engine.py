@@ -5,6 +5,7 @@ greedy outputs equal the CTranslate2 engine's on the same model (tested).
 """
 from __future__ import annotations
 
+from storage.errors import CCRKError
 from translation import m2m
 from translation.engines.base import Engine
 
@@ -26,8 +27,6 @@ class TransformersEngine(Engine):
         self.eos_id = self.tokenizer.eos_token_id
 
     def _resolve_compute_type(self, compute_type: str) -> str:
-        from storage.errors import CCRKError
-
         if compute_type not in _DTYPES:
             raise CCRKError(f"compute type {compute_type!r} is not available to the transformers engine; "
                             f"choose one of: {', '.join(_DTYPES)}")

@@ -132,7 +132,7 @@ def naive_translate(model_dir: str, texts: list[str], lang: str, device: str, se
 
     run(texts[:batch_size])
     outs, seconds = timed(lambda: run(texts))
-    del model
+    model = None  # frees the weights (a del would leave run() a name it cannot see)
     _free()
     return outs, seconds
 
@@ -277,7 +277,7 @@ def main(argv=None) -> int:
             if short:
                 failures.append(f"ctranslate2 {ct}: {short} captions without {fixed} tokens")
         print(line, flush=True)
-        del engine
+        engine = None  # frees it before the next compute type
         _free()
 
     base = results[0][1]

@@ -11,12 +11,14 @@ translations in four languages), then times, best of ``--repeat``:
             its source tar), and with the source tars evicted from the page cache first
             (POSIX_FADV_DONTNEED: the images come from the disk, as at a scale memory cannot
             hold) -- diagnostic rows
-  flow   -- with ``--flow``: the Prefect flow ``ccrk build`` runs (resolve task, plan task, the
-            shard-group tasks started from the plan's parts while it runs, finalize task, plus
-            Prefect's orchestration) -- a diagnostic row
-  build  -- the whole build in one process (``storage.build.build_dataset``): the DuckDB join and
-            language policy in chunks of the seeded order, each shard written as soon as its
-            samples are planned, the manifest drafted meanwhile, the catalog record
+  flow   -- with ``--flow``: the Prefect flow ``ccrk build`` runs (``storage.build.build_dataset``
+            with its steps as tasks: resolve task, plan task, the shard-group tasks started from
+            the plan's parts while it runs, finalize task, plus Prefect's orchestration) -- a
+            diagnostic row
+  build  -- the whole build in one process (``storage.build.build_dataset`` with its default
+            ``LocalSteps``): the DuckDB join and language policy in chunks of the seeded order,
+            each shard written as soon as its samples are planned, the manifest drafted
+            meanwhile, the catalog record
 Each timed run starts with the previous output deleted and the page cache synced (untimed).
 Prints a table of throughputs, ratios and each run's CPU time (this process's, all its threads;
 the kernel's writeback threads are not counted, so the copy's is low), then the whole build's CPU

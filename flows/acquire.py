@@ -11,6 +11,9 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import publish_link, publish_table
+from flows.executors import check_executor, ray_cluster
+from storage.download import DEFAULT_MAX_IMAGE_AREA, download_images
+from storage.sources import prepare_source, record_source
 
 # Download settings that change the shard contents: part of the source version.
 VERSIONED_SETTINGS = ("image_size", "resize_mode", "resize_only_if_bigger", "number_sample_per_shard",
@@ -20,22 +23,19 @@ VERSIONED_SETTINGS = ("image_size", "resize_mode", "resize_only_if_bigger", "num
 @task(name="prepare-metadata", cache_policy=NO_CACHE)
 def prepare_task(source: str, metadata: list[str] | None, root: str | None, limit: int | None,
                  download_params: dict):
-    from storage.sources import prepare_source
-
     return prepare_source(source, metadata, root, limit=limit, download_params=download_params)
 
 
 @task(name="download-images", cache_policy=NO_CACHE)
-def download_task(prepared, settings: dict) -> dict:
-    from storage.download import download_images
-
-    return download_images(prepared, **settings)
+def download_task(prepared, settings: dict, ray_address: str | None = None) -> dict:
+    """img2dataset's Ray distributor (``settings["distributor"] == "ray"``) runs on the Ray cluster at
+    ``ray_address`` (or a local one), joined or started only when there is something to download."""
+    cluster = (lambda: ray_cluster(ray_address)) if settings["distributor"] == "ray" else None
+    return download_images(prepared, **settings, cluster=cluster)
 
 
 @task(name="record-source", cache_policy=NO_CACHE)
 def record_task(prepared, summary: dict) -> str:
-    from storage.sources import record_source
-
     stats = {k: v for k, v in summary.items() if k not in ("settings", "source", "version")}
     return record_source(prepared, stats).version
 
@@ -64,19 +64,15 @@ def acquire_flow(source: str, metadata: list[str] | None = None, root: str | Non
     ``ray`` (its Ray distributor: one task per shard on the cluster at ``ray_address``, or on a local
     cluster started for the download). Same shards either way; not part of the source version.
     """
-    from flows.executors import check_executor
-    from storage.download import DEFAULT_MAX_IMAGE_AREA
-
     check_executor(executor)
     settings = dict(image_size=image_size, resize_mode=resize_mode, resize_only_if_bigger=resize_only_if_bigger,
                     processes=processes, thread_count=thread_count, timeout=timeout, retries=retries,
                     retry_failed=retry_failed, number_sample_per_shard=number_sample_per_shard,
                     max_image_area=max_image_area or DEFAULT_MAX_IMAGE_AREA, encode_quality=encode_quality,
-                    progress=progress, distributor="ray" if executor == "ray" else "multiprocessing",
-                    ray_address=ray_address)
+                    progress=progress, distributor="ray" if executor == "ray" else "multiprocessing")
     download_params = {k: settings[k] for k in VERSIONED_SETTINGS}
     prepared = prepare_task(source, list(metadata) if metadata else None, root, limit, download_params)
-    summary = download_task(prepared, settings)
+    summary = download_task(prepared, settings, ray_address)
     summary["path"] = prepared.directory
     if summary["shards_incomplete"] == 0:
         record_task(prepared, summary)

@@ -12,13 +12,13 @@ import pyarrow as pa
 from storage.build_assemble import assemble
 from storage.build_parts import PartWriter
 from storage.build_policy import join_captions
-from storage.build_resolve import BuildPlan, ResolvedBuild, caption_normalizer, resolve_build
+from storage.build_resolve import BuildPlan, ResolvedBuild, resolve_build
 from storage.build_staging import BOX_COLUMNS, STAGING, duckdb_cursor, parquet_columns
 from storage.errors import CCRKError
 from storage.manifest import sql_str as _sql_str
 from storage.shards import index_source_tar
 from storage.sidecar import cached_beside
-from storage.versioning import text_sha
+from storage.versioning import normalize, text_sha
 
 
 def plan_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "coco"),
@@ -199,10 +199,10 @@ def _load_sources(con, srcs, tar_index, seed: int = 0) -> bool:
             status_parts.append(
                 f"SELECT {_sql_str(s.name)} AS source, CAST(key AS VARCHAR) AS shard_key, CAST(image_key AS VARCHAR) AS image_key "
                 f"FROM read_parquet([{', '.join(_sql_str(f) for f in files)}], union_by_name=true) WHERE status = 'success'")
-    # text_sha of the normalised caption (the translation store's key; translation.normalize is the
-    # one definition). Printable-ASCII captions -- nearly all -- are normalised here: NFC leaves them
-    # as they are and their only whitespace is ' ', so the rule is "collapse runs of spaces, strip";
-    # any other caption is normalised by translation.normalize below.
+    # text_sha of the normalised caption (the translation store's key; storage.versioning.normalize is
+    # the one definition). Printable-ASCII captions -- nearly all -- are normalised here: NFC leaves
+    # them as they are and their only whitespace is ' ', so the rule is "collapse runs of spaces,
+    # strip"; any other caption is normalised by storage.versioning.normalize below.
     con.execute(f"""
         CREATE TEMP TABLE cap AS
         SELECT *, CASE WHEN norm IS NOT NULL THEN sha256(norm) END AS text_sha
@@ -212,7 +212,6 @@ def _load_sources(con, srcs, tar_index, seed: int = 0) -> bool:
               FROM ({' UNION ALL '.join(cap_parts)}))""")
     texts = [r[0] for r in con.execute("SELECT DISTINCT caption FROM cap WHERE norm IS NULL AND caption IS NOT NULL").fetchall()]
     if texts:
-        normalize = caption_normalizer()
         norm = [normalize(t) for t in texts]
         con.register("shas", pa.table({"caption": texts, "norm": norm, "text_sha": [text_sha(n) for n in norm]}))
         try:

@@ -40,16 +40,6 @@ class TranslationSet:
         return f"{self.model_id}/{self.decode_id}"
 
 
-def caption_normalizer():
-    """The translation store's normalisation (one definition: ``translation.normalize``)."""
-    try:
-        from translation.normalize import normalize
-    except ImportError as exc:  # pragma: no cover - the translation stage ships it
-        raise CCRKError("translation.normalize is missing: the build needs the translation stage's "
-                        "caption normalisation to find translations") from exc
-    return normalize
-
-
 def resolve_sources(root: str, sources, source_versions: dict | None = None, engine=None) -> list[SourceInput]:
     """Each source's artifact: the given version, else the latest recorded in the catalog."""
     cat = Catalog(root, engine)

@@ -64,6 +64,15 @@ def write_shard_group(dataset_path: str, shard_ids, progress=None, threads: int 
     return sorted(out, key=lambda r: r["name"])
 
 
+def write_part(dataset_path: str, shard_ids, part: str | None = None, progress=None) -> list[dict]:
+    """:func:`write_shard_group` of shards whose plan rows are in the part file ``part``
+    (:func:`storage.build_parts.ready_parts`); None: in ``_build/plan.parquet``."""
+    plan = None
+    if part is not None:
+        plan = pq.read_table(part, filters=[("shard", "in", [int(s) for s in shard_ids])]).sort_by("idx")
+    return write_shard_group(dataset_path, shard_ids, progress=progress, plan=plan)
+
+
 def _write_shard(dataset_path: str, sid: int, rows: pa.Table) -> dict:
     try:
         info = write_planned_shard(os.path.join(dataset_path, "shards", shard_name(sid)),

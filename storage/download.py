@@ -29,7 +29,13 @@ import threading
 import time
 from collections import Counter
 from contextlib import ExitStack, contextmanager
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator
+
+from storage import atomic
+from storage.errors import CCRKError
+
+# Third-party packages (img2dataset, pandas, pyarrow, rich) are imported where they are used: the
+# CLI imports this module for its constants, and img2dataset's workers to unpickle its classes.
 
 # img2dataset's imports check for updates and start wandb unless told not to (workers inherit this).
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -348,8 +354,6 @@ def _check_urls(images_path: str) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from storage.errors import CCRKError
-
     urls = pq.read_table(images_path, columns=["url"])["url"]
     lower = pc.utf8_lower(urls)
     ok = pc.or_(pc.starts_with(lower, "http://"), pc.starts_with(lower, "https://"))
@@ -411,7 +415,7 @@ def download_images(prepared, *, image_size: int = 256, resize_mode: str = "bord
                     max_image_area: float = DEFAULT_MAX_IMAGE_AREA, number_sample_per_shard: int = 10_000,
                     encode_quality: int = 95, user_agent_token: str | None = None,
                     progress: bool = True, distributor: str = "multiprocessing",
-                    ray_address: str | None = None) -> dict:
+                    cluster: Callable[[], ContextManager] | None = None) -> dict:
     """Download ``prepared.images_path`` into ``prepared.directory/shards`` and write ``summary.json``.
 
     ``prepared`` is a :class:`storage.sources.PreparedSource` (any object with ``source``, ``version``,
@@ -419,12 +423,11 @@ def download_images(prepared, *, image_size: int = 256, resize_mode: str = "bord
     interruption: finished shards are kept, partial ones redone.
 
     ``distributor``: ``multiprocessing`` (``processes`` local workers) or ``ray`` (one Ray task per
-    shard on the cluster at ``ray_address``, on the one already initialised in this process, or on a
-    local one started for the download). The shards are the same either way.
+    shard on the Ray cluster initialised in this process). The shards are the same either way.
+    ``cluster``: entered before the first img2dataset run, and only when there is something to
+    download (e.g. the caller's ``lambda: ray_cluster(address)``, which joins or starts the Ray
+    cluster for the download and leaves it after); None: the cluster is the caller's business.
     """
-    from storage import atomic
-    from storage.errors import CCRKError
-
     if distributor not in DISTRIBUTORS:
         raise CCRKError(f"unknown distributor {distributor!r}: use one of {', '.join(DISTRIBUTORS)}")
 
@@ -458,10 +461,8 @@ def download_images(prepared, *, image_size: int = 256, resize_mode: str = "bord
         connected: list[bool] = []
 
         def run(url_list: str, mode: str, total: int) -> None:
-            if distributor == "ray" and not connected:  # join or start a cluster only when there is work
-                from flows.executors import ray_cluster
-
-                stack.enter_context(ray_cluster(ray_address))
+            if cluster is not None and not connected:  # join or start a cluster only when there is work
+                stack.enter_context(cluster())
                 connected.append(True)
             _run_img2dataset(url_list, shards_dir, log_path, mode, total, progress, options)
 
@@ -471,8 +472,6 @@ def download_images(prepared, *, image_size: int = 256, resize_mode: str = "bord
 
 def _download(prepared, directory: str, shards_dir: str, work_dir: str, number_sample_per_shard: int,
               retry_failed: bool, options: dict, run) -> dict:
-    from storage import atomic
-
     t0 = time.perf_counter()
     images_path = str(prepared.images_path)
     n_rows = _n_rows(images_path)

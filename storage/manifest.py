@@ -20,13 +20,16 @@ Tables in ``manifest.duckdb``:
 from __future__ import annotations
 
 import os
+import shutil
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from storage import atomic
 from storage.errors import CCRKError
 from storage.languages import SOURCE_LANG
+from storage.shards import BLOCK, RECORD, shard_layout
 from storage.versioning import CODE_VERSION
 
 MANIFEST = "manifest.duckdb"
@@ -147,8 +150,6 @@ def finish_draft(con, alias: str, path: str, dataset_path: str, shards, lineage:
     ``shards``: the shard records, or a callable returning them (called here, last: shards may
     still be being written till then). ``check_layout``: each shard's recorded size must be the one
     the samples' offsets lay out (how the build writes shards)."""
-    from storage.shards import BLOCK, RECORD
-
     final = manifest_path(dataset_path)
     try:
         n, planned = con.execute(f"SELECT count(*), count(DISTINCT shard) FROM {alias}.samples").fetchall()[0]
@@ -199,8 +200,6 @@ def place_draft(path: str, dest: str, durable: bool) -> None:
     except FileNotFoundError:
         pass
     if _in_scratch(path):
-        import shutil
-
         if durable:
             with atomic.atomic_path(dest) as tmp:
                 shutil.copyfile(path, tmp)
@@ -343,10 +342,6 @@ def planned_members(plan: pa.Table, carry: tuple[int, int] = (-1, 0)) -> tuple[p
     (:func:`storage.shards.shard_layout`). ``plan``: sorted by ``idx``; it may be one chunk of the
     plan: ``carry`` is (shard, end offset of its samples so far) from the chunk before, and the
     carry after this chunk is returned with the table."""
-    import numpy as np
-
-    from storage.shards import BLOCK, shard_layout
-
     shard = plan.column("shard").to_numpy()
     jpg = plan.column("img_size").to_numpy().astype(np.int64)
     js = plan.column("json_size").to_numpy().astype(np.int64)

@@ -84,7 +84,7 @@ def _expand(path: str) -> list[str]:
 
 
 def _download(url: str, cache_dir: str) -> str:
-    import requests
+    import requests  # third-party, ~70 ms to import: only when metadata is downloaded
 
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
@@ -122,7 +122,7 @@ def _download(url: str, cache_dir: str) -> str:
 
 def _reason(exc: Exception) -> str:
     """A few words for a failed request (requests' own messages run to several lines)."""
-    import requests
+    import requests  # third-party: as in _download
 
     for kind, words in ((requests.Timeout, "timed out"), (requests.TooManyRedirects, "too many redirects"),
                         (requests.exceptions.ChunkedEncodingError, "connection dropped mid-transfer (truncated)"),

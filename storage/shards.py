@@ -8,6 +8,8 @@ data offset -- the manifest stores them and the reader seeks straight to a sampl
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import hashlib
@@ -156,9 +158,6 @@ def _writeback_starter():
     the next chunk is being filled and the final fsync waits only for the tail. A no-op elsewhere;
     durability still comes from the fsync alone."""
     try:
-        import ctypes
-        import ctypes.util
-
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         fn = libc.sync_file_range
         fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]

@@ -13,8 +13,10 @@ import io
 import json
 import os
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from storage import manifest
 from storage.errors import CCRKError
 
 
@@ -52,10 +54,6 @@ def verify_dataset(dataset_path: str, deep: bool = True, progress=None, workers:
     ``workers`` threads at once (default: one per CPU, at most 8): sha256 and image decoding
     release the GIL.
     Problems are reported in shard order whatever the number of workers."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from storage import manifest
-
     dataset_path = os.path.abspath(dataset_path)
     if not os.path.isdir(dataset_path):
         raise CCRKError(f"no dataset directory {dataset_path}")
@@ -168,7 +166,7 @@ def _check_shard(path: str, rec: dict, keys: list[str] | None, deep: bool, repor
 
 def _read_samples(data: bytes) -> tuple[list[str], str | None]:
     """Sample keys of a shard in order, or the first problem found."""
-    from PIL import Image
+    from PIL import Image  # third-party: only a deep check decodes images
 
     keys: list[str] = []
     members: dict[str, dict[str, bytes]] = {}

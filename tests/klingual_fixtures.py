@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 
 
 def ensure_normalize():
-    """``translation.normalize.normalize`` (the one caption normalisation; kept as a function for
+    """``storage.versioning.normalize`` (the one caption normalisation; kept as a function for
     the modules that call it)."""
-    from translation.normalize import normalize
+    from storage.versioning import normalize
 
     return normalize
 

@@ -471,9 +471,9 @@ def test_catalog_calls_through_the_build_engine_see_the_same_artifacts(root):
 
 
 def test_captions_find_their_translations_under_every_whitespace_and_unicode_form(root):
-    """The build normalises printable-ASCII captions in SQL and the rest with translation.normalize;
+    """The build normalises printable-ASCII captions in SQL and the rest with storage.versioning.normalize;
     either way a caption's key must be the translation store's (text_sha of normalize(text))."""
-    from translation.normalize import normalize
+    from storage.versioning import normalize
 
     captions = ["  a red   circle ", "a blue\tsquare", "a green\u00a0star", "un caf\u00e9  noir", "e\u0301tude bleue",
                 "plain caption", "tab\t and  spaces\n"]
@@ -685,40 +685,64 @@ def test_a_lead_bucket_changes_nothing_but_when_the_first_shards_start(tmp_path,
 
 
 def test_the_planner_queues_a_whole_bucket_of_shards_and_waits_before_the_next():
-    """build_dataset's shard starter never blocks the planner within a bucket (it goes on to the
-    next chunk, the drop counts and the manifest draft while shards are written); before the next
-    bucket it waits until at most ``backlog`` shards are queued."""
+    """The in-process build's shard queue never blocks the planner within a bucket (it goes on to
+    the next chunk, the drop counts and the manifest draft while shards are written); before the
+    next bucket it waits until at most ``backlog`` shards are not yet written."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow as pa
 
-    from storage.build import _ShardStarter
+    from storage.build import ShardQueue
 
-    gate, written = threading.Event(), []
+    gate, written, writing = threading.Event(), [], []
 
-    def write(path, sids, progress, threads, rows):
+    def write(sid, rows):
         gate.wait(10)
-        written.append((sids[0], rows.num_rows))
+        written.append((sid, rows.num_rows))
 
-    writing = []
     with ThreadPoolExecutor(2) as pool:
-        starter = _ShardStarter(pool, writing, shard_size=2, backlog=1, write=write)
-        call = threading.Thread(target=starter, args=("/nowhere", pa.table({"shard": [0, 0, 1, 1, 2, 2, 3]}), False))
+        def on_ready():
+            for (sid,), rows in queue.take():
+                writing.append(pool.submit(write, sid, rows))
+                writing[-1].add_done_callback(queue.written)
+
+        queue = ShardQueue(shard_size=2, on_ready=on_ready, backlog=1)
+        call = threading.Thread(target=queue, args=("/nowhere", pa.table({"shard": [0, 0, 1, 1, 2, 2, 3]}), False))
         call.start()
         call.join(5)
-        assert not call.is_alive() and len(writing) == 3  # shards 0-2 queued at once; 3 waits for its other sample
-        wait = threading.Thread(target=starter.next_bucket)
+        assert not call.is_alive() and len(writing) == 3  # shards 0-2 handed out at once; 3 waits for its other sample
+        wait = threading.Thread(target=queue.next_bucket)
         wait.start()
         wait.join(0.3)
-        assert wait.is_alive()  # 3 queued > backlog 1
+        assert wait.is_alive()  # 3 not written > backlog 1
         gate.set()
         wait.join(5)
         assert not wait.is_alive()
-        starter("/nowhere", pa.table({"shard": [3]}), True)
+        queue("/nowhere", pa.table({"shard": [3]}), True)
         for f in writing:
             f.result()
     assert sorted(written) == [(0, 2), (1, 2), (2, 2), (3, 2)]
+
+
+def test_steps_that_share_only_files_build_the_same_dataset(tmp_path):
+    """build_dataset is the one orchestration: with PartSteps (what the flow's tasks run: part files,
+    several shards per write step, the manifest draft on disk) it builds, byte for byte, the dataset
+    the in-process steps build; the flow's FlowSteps are these steps as Prefect tasks."""
+    from storage.build import PartSteps
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    tiny_corpus(a)
+    tiny_corpus(b)
+    args = {**ARGS, "shard_size": 1}
+    counted = []
+    parted = build_dataset(a, **args, steps=PartSteps(shards_per_task=2, progress=counted.append))
+    local = build_dataset(b, **args)
+    assert parted.version == local.version and parted.n_samples == local.n_samples == 5 and sum(counted) == 5
+    assert _shard_bytes(parted.path) == _shard_bytes(local.path)
+    assert _manifest_rows(parted.path) == _manifest_rows(local.path)
+    assert sorted(os.listdir(parted.path)) == ["_COMPLETE", "manifest.duckdb", "shards"]
+    assert build_dataset(a, **args, steps=PartSteps()).skipped
 
 
 def test_draw_buckets_cut_the_md5_range_in_order():

@@ -9,11 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage.errors import CCRKError
-from storage.versioning import text_sha
+from storage.versioning import normalize, text_sha
 from translation import m2m, store
 from translation.engines.base import DecodeSettings, OutOfMemory, make_engine, token_budget_batches
 from translation.imports import import_translations
-from translation.normalize import normalize
 from translation.scores import score, uniformity
 from translation.train_demo_model import split_captions
 

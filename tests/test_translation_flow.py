@@ -10,9 +10,8 @@ import time
 import pyarrow.parquet as pq
 
 from storage.catalog import Catalog
-from storage.versioning import text_sha
+from storage.versioning import normalize, text_sha
 from translation import m2m, store
-from translation.normalize import normalize
 from translation.train_demo_model import all_captions
 from translation_fixtures import write_source
 

@@ -13,8 +13,7 @@ import pyarrow.parquet as pq
 from storage import layout
 from storage.catalog import Artifact, Catalog
 from storage.errors import CCRKError
-from storage.versioning import text_sha
-from translation.normalize import normalize
+from storage.versioning import normalize, text_sha
 
 
 @dataclass

@@ -13,9 +13,8 @@ import re
 from dataclasses import dataclass, field
 
 from storage.errors import CCRKError
-from storage.versioning import text_sha
+from storage.versioning import normalize, text_sha
 from translation import store
-from translation.normalize import normalize
 from translation.scores import score
 
 IMPORT_DECODE_ID = "imported"

@@ -92,7 +92,7 @@ def load_translations(root: str | None, langs: Iterable[str], model_id: str | No
     ``None``, every store is read and, where several hold the same (text, language), the row kept
     is the first of: ``ok`` rows before flagged ones, then by ``model_id``, then ``decode_id``
     (deterministic). ``ok_only`` drops flagged rows. Join on ``text_sha`` =
-    ``storage.versioning.text_sha(translation.normalize.normalize(caption))``.
+    ``storage.versioning.text_sha(storage.versioning.normalize(caption))``.
     """
     langs = set(langs)
     tables = [read_dir(lang_dir(root, m, d, lang)) for m, d, lang in list_stores(root)

@@ -12,6 +12,7 @@ byte-identical files.
 """
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import math
@@ -325,8 +326,6 @@ def _zip(path: str, members: list[tuple[str, str]]) -> str:
 
 def _tar_gz(path: str, members: list[tuple[str, str]]) -> str:
     """A deterministic tar.gz of (archive name, file path) pairs."""
-    import gzip
-
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tf:
         for name, src in members:

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
 
+from storage.errors import CCRKError
+
 HUGE_SIDE = 12000
 
 
@@ -66,93 +68,108 @@ class LoopbackServer:
         return self.hits.get(path, 0)
 
 
-def _make_handler(directory: str, slow_seconds: float, state: dict, lock: threading.Lock):
-    root = os.path.realpath(directory)
+class _Handler(BaseHTTPRequestHandler):
+    """The files under ``root`` and the bad-case routes (see the module docstring); ``state`` counts
+    requests per path (under ``lock``). :func:`_make_handler` binds them to one server."""
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.0"
+    protocol_version = "HTTP/1.0"
+    root: str = ""
+    slow_seconds: float = 5.0
+    state: dict[str, int] = {}
+    lock = threading.Lock()
 
-        def log_message(self, format, *args):  # noqa: A002 - quiet: tests and benchmarks run thousands
-            pass
+    def log_message(self, format, *args):  # noqa: A002 - quiet: tests and benchmarks run thousands
+        pass
 
-        def _send(self, status: int, body: bytes = b"", ctype: str = "application/octet-stream",
-                  headers: dict | None = None) -> None:
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                if self.command != "HEAD" and body:
-                    self.wfile.write(body)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client gave up (timeouts): nothing to tell it
+    def _send(self, status: int, body: bytes = b"", ctype: str = "application/octet-stream",
+              headers: dict | None = None) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD" and body:
+                self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeouts): nothing to tell it
 
-        def _file(self, rel: str) -> tuple[bytes, str] | None:
-            rel = posixpath.normpath(urllib.parse.unquote(rel)).lstrip("/")
-            path = os.path.realpath(os.path.join(root, rel))
-            if not (path == root or path.startswith(root + os.sep)) or not os.path.isfile(path):
-                return None
-            with open(path, "rb") as f:
-                data = f.read()
-            return data, mimetypes.guess_type(path)[0] or "application/octet-stream"
+    def _file(self, rel: str) -> tuple[bytes, str] | None:
+        rel = posixpath.normpath(urllib.parse.unquote(rel)).lstrip("/")
+        path = os.path.realpath(os.path.join(self.root, rel))
+        if not (path == self.root or path.startswith(self.root + os.sep)) or not os.path.isfile(path):
+            return None
+        with open(path, "rb") as f:
+            data = f.read()
+        return data, mimetypes.guess_type(path)[0] or "application/octet-stream"
 
-        def _serve_file(self, rel: str, headers: dict | None = None, transform=None) -> None:
-            found = self._file(rel)
-            if found is None:
-                self._send(404, b"not found", "text/plain")
-                return
-            data, ctype = found
-            if transform is not None:
-                data = transform(data)
-            self._send(200, data, ctype, headers)
+    def _serve_file(self, rel: str, headers: dict | None = None, transform=None) -> None:
+        found = self._file(rel)
+        if found is None:
+            self._send(404, b"not found", "text/plain")
+            return
+        data, ctype = found
+        if transform is not None:
+            data = transform(data)
+        self._send(200, data, ctype, headers)
 
-        def do_HEAD(self):  # noqa: N802
-            self.do_GET()
+    def _count(self, path: str) -> int:
+        """This request's number among the requests of ``path`` (1 for the first)."""
+        with self.lock:
+            self.state[path] = self.state.get(path, 0) + 1
+            return self.state[path]
 
-        def do_GET(self):  # noqa: N802
-            path = urllib.parse.urlsplit(self.path).path
-            with lock:
-                state[path] = state.get(path, 0) + 1
-                count = state[path]
-            parts = path.lstrip("/").split("/", 2)
-            head = parts[0]
-            if head == "bad" and len(parts) >= 2:
-                kind, rest = parts[1], parts[2] if len(parts) > 2 else ""
-                if kind == "404":
-                    self._send(404, b"not found", "text/plain")
-                elif kind == "500":
-                    self._send(500, b"internal error", "text/plain")
-                elif kind == "slow":
-                    time.sleep(slow_seconds)
-                    self._serve_file(rest)
-                elif kind == "redirect-loop":
-                    self._send(302, b"", "text/plain", {"Location": path})
-                elif kind == "empty":
-                    self._send(200, b"", "image/jpeg")
-                elif kind == "html":
-                    self._send(200, b"<!doctype html><html><body>not an image</body></html>", "text/html")
-                elif kind == "truncated":
-                    self._serve_file(rest, transform=lambda b: b[: len(b) // 2])
-                elif kind == "huge":
-                    self._send(200, huge_png(), "image/png")
-                else:
-                    self._send(404, b"unknown bad route", "text/plain")
-            elif head == "noai" and len(parts) >= 2:
-                self._serve_file(path[len("/noai/"):], {"X-Robots-Tag": "noai"})
-            elif head == "flaky" and len(parts) == 3 and parts[1].isdigit():
-                if count <= int(parts[1]):
-                    self._send(500, b"flaky: try again", "text/plain")
-                else:
-                    self._serve_file(parts[2])
-            elif head == "delay" and len(parts) == 3 and parts[1].isdigit():
-                time.sleep(int(parts[1]) / 1000)
-                self._serve_file(parts[2])
+    def do_HEAD(self):  # noqa: N802
+        self.do_GET()
+
+    def do_GET(self):  # noqa: N802
+        path = urllib.parse.urlsplit(self.path).path
+        count = self._count(path)
+        parts = path.lstrip("/").split("/", 2)
+        head = parts[0]
+        if head == "bad" and len(parts) >= 2:
+            self._bad(parts[1], parts[2] if len(parts) > 2 else "", path)
+        elif head == "noai" and len(parts) >= 2:
+            self._serve_file(path[len("/noai/"):], {"X-Robots-Tag": "noai"})
+        elif head == "flaky" and len(parts) == 3 and parts[1].isdigit():
+            if count <= int(parts[1]):
+                self._send(500, b"flaky: try again", "text/plain")
             else:
-                self._serve_file(path)
+                self._serve_file(parts[2])
+        elif head == "delay" and len(parts) == 3 and parts[1].isdigit():
+            time.sleep(int(parts[1]) / 1000)
+            self._serve_file(parts[2])
+        else:
+            self._serve_file(path)
 
-    return Handler
+    def _bad(self, kind: str, rest: str, path: str) -> None:
+        """``/bad/<kind>/<rest>``: the bad response ``kind`` names (of the file ``rest``, for some)."""
+        if kind == "404":
+            self._send(404, b"not found", "text/plain")
+        elif kind == "500":
+            self._send(500, b"internal error", "text/plain")
+        elif kind == "slow":
+            time.sleep(self.slow_seconds)
+            self._serve_file(rest)
+        elif kind == "redirect-loop":
+            self._send(302, b"", "text/plain", {"Location": path})
+        elif kind == "empty":
+            self._send(200, b"", "image/jpeg")
+        elif kind == "html":
+            self._send(200, b"<!doctype html><html><body>not an image</body></html>", "text/html")
+        elif kind == "truncated":
+            self._serve_file(rest, transform=lambda b: b[: len(b) // 2])
+        elif kind == "huge":
+            self._send(200, huge_png(), "image/png")
+        else:
+            self._send(404, b"unknown bad route", "text/plain")
+
+
+def _make_handler(directory: str, slow_seconds: float, state: dict, lock: threading.Lock) -> type[_Handler]:
+    """A handler class serving ``directory``, counting requests in ``state`` (under ``lock``)."""
+    return type("Handler", (_Handler,), {"root": os.path.realpath(directory), "slow_seconds": slow_seconds,
+                                         "state": state, "lock": lock})
 
 
 class _Server(ThreadingHTTPServer):
@@ -171,8 +188,6 @@ def serve(directory: str, port: int = 0, host: str = "127.0.0.1",
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
-        from storage.errors import CCRKError
-
         raise CCRKError(f"cannot serve the demo corpus on {host}:{port}: the port is in use (another `make demo` "
                         "or demo server still running?). Stop it, or set corpus.port in the config -- a new port "
                         "changes the image urls, so the sources are acquired again under new versions") from None

@@ -9,19 +9,21 @@ finished source in the catalog (called by the acquire flow once the images are d
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from types import ModuleType
 
 from storage import atomic, layout
+from storage.catalog import Artifact, Catalog
 from storage.errors import CCRKError
 from storage.metadata import resolve_metadata
+from storage.sources import cc3m, coco, sbu, vg
 from storage.sources.base import DEFAULT_MAX_CAPTION_CHARS, Rejects
 from storage.versioning import CODE_VERSION, content_version, file_sha256
 
 SOURCES = ("cc3m", "sbu", "vg", "coco")
+_ADAPTERS = {"cc3m": cc3m, "sbu": sbu, "vg": vg, "coco": coco}
 IMAGES_FILE = "images.parquet"
 CAPTIONS_FILE = "captions.parquet"
 SOURCE_FILE = "source.json"
@@ -49,11 +51,11 @@ class PreparedSource:
 def adapter(source: str) -> ModuleType:
     if source not in SOURCES:
         raise CCRKError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
-    return importlib.import_module(f"storage.sources.{source}")
+    return _ADAPTERS[source]
 
 
 def load_config(path: str = CONFIG_PATH) -> dict:
-    import yaml
+    import yaml  # third-party: only when the sources config is read
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -89,14 +91,14 @@ def _sha_by_name(files: list[str]) -> dict[str, str]:
 
 
 def _fs_exists(path: str) -> bool:
-    import fsspec
+    import fsspec  # third-party, ~80 ms to import: only for a prepared source's files
 
     fs, p = fsspec.core.url_to_fs(path)
     return fs.exists(p)
 
 
 def _load_prepared(directory: str) -> PreparedSource:
-    import fsspec
+    import fsspec  # third-party: as in _fs_exists
 
     with fsspec.open(layout.join(directory, SOURCE_FILE), "r", encoding="utf-8") as f:
         meta = json.load(f)
@@ -164,8 +166,6 @@ def record_source(prepared: PreparedSource, stats: dict | None = None, root: str
     ``stats``: the acquire summary (images ok, failures, bytes, ...) merged over the read counts.
     ``root`` defaults to the data root that holds ``prepared.directory``.
     """
-    from storage.catalog import Artifact, Catalog
-
     if root is None:
         root = prepared.directory.rsplit("/", 3)[0]
     read_stats = {"rows_read": prepared.rows_read, "rejected": prepared.rejected,

@@ -10,27 +10,12 @@ their tasks while the plan goes on.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import publish_link, publish_markdown, publish_table
 from storage import build
-
-_progress = None  # a callable(n_samples) while the CLI draws a progress bar
-
-
-@contextmanager
-def shard_progress(callback):
-    """Report each written shard's sample count to ``callback`` while a build runs here (and the
-    number of samples planned to ``callback.set_total``, when it has one, as soon as it is known)."""
-    global _progress
-    _progress = callback
-    try:
-        yield
-    finally:
-        _progress = None
+from storage.progress import Advance, Progress, or_silent
 
 
 @task(name="resolve-dataset", cache_policy=NO_CACHE)
@@ -39,15 +24,17 @@ def resolve_task(**kwargs) -> build.ResolvedBuild:
 
 
 @task(name="plan-dataset", cache_policy=NO_CACHE)
-def plan_task(resolved: build.ResolvedBuild, parts_dir: str | None = None, memory: str | None = None) -> build.BuildPlan:
-    total = getattr(_progress, "set_total", None)
+def plan_task(resolved: build.ResolvedBuild, parts_dir: str | None = None, memory: str | None = None,
+              advance: Advance | None = None) -> build.BuildPlan:
+    total = getattr(advance, "set_total", None)
     return build.plan_resolved(resolved, parts_dir=parts_dir, on_total=total, memory=memory)
 
 
 @task(name="write-shards", cache_policy=NO_CACHE)
-def shards_task(dataset_path: str, shard_ids: list[int], part: str | None = None) -> list[dict]:
+def shards_task(dataset_path: str, shard_ids: list[int], part: str | None = None,
+                advance: Advance | None = None) -> list[dict]:
     """``part``: the plan rows of these shards (a file of ``parts_dir``); else ``_build/plan.parquet``."""
-    return build.write_part(dataset_path, shard_ids, part, progress=_progress)
+    return build.write_part(dataset_path, shard_ids, part, progress=advance)
 
 
 @task(name="finalize-dataset", cache_policy=NO_CACHE)
@@ -63,10 +50,10 @@ class FlowSteps(build.PartSteps):
         return resolve_task(**params)
 
     def submit_plan(self, resolved: build.ResolvedBuild, parts_dir: str, memory: str | None):
-        return plan_task.submit(resolved, parts_dir, memory)
+        return plan_task.submit(resolved, parts_dir, memory, self.progress)
 
     def start_write(self, dataset_path: str, shard_ids: list[int], part: str):
-        return shards_task.submit(dataset_path, shard_ids, part)
+        return shards_task.submit(dataset_path, shard_ids, part, self.progress)
 
     def finalize_step(self, dataset_path: str, root: str) -> build.BuildResult:
         return finalize_task(dataset_path, root)
@@ -77,11 +64,13 @@ def build_flow(root: str | None = None, name: str = "default", sources: list[str
                langs: list[str] = ("en", "es", "id", "ru", "tr"), min_langs: int | None = None,
                drop_flagged: bool = False, shard_size: int = 1000, seed: int = 0,
                source_versions: dict | None = None, translations: list[str] | None = None,
-               shards_per_task: int = 16, memory: str | None = None) -> dict:
-    result = build.build_dataset(root=root, name=name, sources=list(sources), langs=list(langs), min_langs=min_langs,
-                                 drop_flagged=drop_flagged, shard_size=shard_size, seed=seed,
-                                 source_versions=source_versions, translations=translations, memory=memory,
-                                 steps=FlowSteps(shards_per_task))
+               shards_per_task: int = 16, memory: str | None = None, progress: Progress | None = None) -> dict:
+    """``progress``: a :data:`storage.progress.Progress` (the command line's bar of written samples)."""
+    with or_silent(progress)("build shards", None, "samples") as advance:
+        result = build.build_dataset(root=root, name=name, sources=list(sources), langs=list(langs),
+                                     min_langs=min_langs, drop_flagged=drop_flagged, shard_size=shard_size, seed=seed,
+                                     source_versions=source_versions, translations=translations, memory=memory,
+                                     steps=FlowSteps(shards_per_task, advance))
     publish_table(f"dataset-{name}-drops", result.drops or [{"unit": "-", "reason": "none", "lang": None, "count": 0}],
                   description="rows dropped by the language policy and the join, by reason")
     publish_markdown(f"dataset-{name}-summary",

@@ -806,17 +806,23 @@ def test_build_memory_setting_is_checked(root, monkeypatch):
 def test_build_progress_gets_the_sample_total_before_the_shards(root):
     """``ccrk build``'s progress bar learns the number of samples from the plan task, then counts
     the written ones up to it."""
-    from flows.build import build_flow, shard_progress
+    from contextlib import contextmanager
+
+    from flows.build import build_flow
 
     tiny_corpus(root)
     events = []
 
-    def advance(n=1):
-        events.append(("advance", n))
+    @contextmanager
+    def progress(description, total, unit):  # a storage.progress.Progress, as the command line's bar
+        def advance(n=1):
+            events.append(("advance", n))
 
-    advance.set_total = lambda n: events.append(("total", n))
-    with shard_progress(advance):
-        result = build_flow(root=root, **{**ARGS, "langs": ARGS["langs"].split(",")}, shards_per_task=1)
+        advance.set_total = lambda n: events.append(("total", n))
+        yield advance
+
+    result = build_flow(root=root, **{**ARGS, "langs": ARGS["langs"].split(",")}, shards_per_task=1,
+                        progress=progress)
     assert result["n_samples"] == 5
     assert events[0] == ("total", 5)
     assert sum(n for kind, n in events if kind == "advance") == 5

@@ -47,7 +47,7 @@ def print_dataset_summary(result: dict) -> None:
 
 def run(args) -> int:
     from ccrk.app.console import progress_bar
-    from flows.build import build_flow, shard_progress
+    from flows.build import build_flow
     from storage.errors import CCRKError
     from storage.languages import parse_langs
 
@@ -57,12 +57,11 @@ def run(args) -> int:
         if not sep or not src or not ver:
             raise CCRKError(f"--source-version {item!r}: expected SOURCE=VERSION")
         versions[src.strip()] = ver.strip()
-    with progress_bar("build shards", None, unit="samples") as advance, shard_progress(advance):
-        result = build_flow(root=args.root, name=args.name, sources=list(parse_langs(args.sources)),
-                            langs=list(parse_langs(args.langs)), min_langs=args.min_langs,
-                            drop_flagged=args.drop_flagged, shard_size=args.shard_size, seed=args.seed,
-                            source_versions=versions, translations=args.translations,
-                            shards_per_task=args.shards_per_task, memory=args.memory)
+    result = build_flow(root=args.root, name=args.name, sources=list(parse_langs(args.sources)),
+                        langs=list(parse_langs(args.langs)), min_langs=args.min_langs,
+                        drop_flagged=args.drop_flagged, shard_size=args.shard_size, seed=args.seed,
+                        source_versions=versions, translations=args.translations,
+                        shards_per_task=args.shards_per_task, memory=args.memory, progress=progress_bar)
     print_dataset_summary(result)
     return 0
 

@@ -35,12 +35,10 @@ Where the paper is silent, we assume:
 - Images whose caption lacks the source or the target language are left out of every term
   (``pairs`` in the log counts those used). ``weights.itc_source`` (default 0) optionally adds
   image vs source-caption InfoNCE, which the paper's setting does not use.
-- Defaults (ours, not the paper's): cl_temp 0.05, word_temp 0.05, kd_temp 0.1, eps 0.05,
-  50 Sinkhorn iterations, all weights 1.
+- Defaults (ours, not the paper's; ccrk.specs.CL2CMSpec): cl_temp 0.05, word_temp 0.05, kd_temp 0.1,
+  eps 0.05, 50 Sinkhorn iterations, all weights 1 (itc_source 0).
 """
 from __future__ import annotations
-
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -48,53 +46,18 @@ from torch import nn
 
 from ccrk.losses import gather_features
 from ccrk.optimal_transport import sinkhorn, uniform_marginal
-
-CL2CM_DEFAULTS = {
-    "source_lang": "en",
-    "target_lang": "any",      # a language of `langs`, or any: one present non-source language per image per step
-    "weights": {"itc": 1.0, "cl_sentence": 1.0, "cl_word": 1.0, "kd": 1.0, "itc_source": 0.0},
-    "cl_temp": 0.05,           # cross-lingual sentence InfoNCE
-    "word_temp": 0.05,         # word-level InfoNCE over OT alignment scores (word_loss: contrastive)
-    "kd_temp": 0.1,            # relational distillation, teacher and student alike
-    "word_loss": "contrastive",  # contrastive | distance
-    "sinkhorn": {"eps": 0.05, "iters": 50},
-}
+from ccrk.specs import CL2CMSpec
+from storage.spec import check_unknown_keys
 
 
 def cl2cm_config(config: dict) -> dict:
-    """The ``cl2cm`` section merged over the defaults and checked against ``langs``."""
-    from storage.errors import CCRKError
-
+    """The ``cl2cm`` section validated by :class:`ccrk.specs.CL2CMSpec` (defaults filled) and
+    checked against ``langs`` and ``loss.kcl``; errors are one-line :class:`storage.spec.SpecError`."""
     user = config.get("cl2cm", {}) or {}
-    cfg = {**copy.deepcopy(CL2CM_DEFAULTS), **user}
-    for key in ("weights", "sinkhorn"):
-        unknown = set(user.get(key, {}) or {}) - set(CL2CM_DEFAULTS[key])
-        if unknown:
-            raise CCRKError(f"cl2cm.{key} has unknown keys {sorted(unknown)}; known: {sorted(CL2CM_DEFAULTS[key])}")
-        cfg[key] = {**CL2CM_DEFAULTS[key], **(user.get(key, {}) or {})}
-    unknown = set(user) - set(CL2CM_DEFAULTS)
-    if unknown:
-        raise CCRKError(f"cl2cm has unknown keys {sorted(unknown)}; known: {sorted(CL2CM_DEFAULTS)}")
-    langs = list(config.get("langs", []))
-    if cfg["source_lang"] not in langs:
-        raise CCRKError(f"cl2cm.source_lang {cfg['source_lang']!r} is not in langs {langs}")
-    if cfg["target_lang"] != "any" and (cfg["target_lang"] not in langs or cfg["target_lang"] == cfg["source_lang"]):
-        raise CCRKError(f"cl2cm.target_lang {cfg['target_lang']!r} must be 'any' or a language of {langs} "
-                        f"other than the source {cfg['source_lang']!r}")
-    if len(langs) < 2:
-        raise CCRKError(f"cl2cm needs a source and at least one target language in langs, got {langs}")
-    if not config.get("loss", {}).get("kcl", True):
-        raise CCRKError("cl2cm needs every language slot of a caption: remove loss.kcl: false")
-    if cfg["word_loss"] not in ("contrastive", "distance"):
-        raise CCRKError(f"cl2cm.word_loss must be 'contrastive' or 'distance', not {cfg['word_loss']!r}")
-    for key in ("cl_temp", "word_temp", "kd_temp"):
-        if not float(cfg[key]) > 0:
-            raise CCRKError(f"cl2cm.{key} must be > 0, got {cfg[key]}")
-    if not float(cfg["sinkhorn"]["eps"]) > 0 or int(cfg["sinkhorn"]["iters"]) < 1:
-        raise CCRKError(f"cl2cm.sinkhorn needs eps > 0 and iters >= 1, got {cfg['sinkhorn']}")
-    if any(float(w) < 0 for w in cfg["weights"].values()):
-        raise CCRKError(f"cl2cm.weights must be >= 0, got {cfg['weights']}")
-    return cfg
+    check_unknown_keys(user, CL2CMSpec, "cl2cm")
+    spec = CL2CMSpec.parse(user, section="cl2cm")
+    spec.check_langs(config.get("langs", []), (config.get("loss", {}) or {}).get("kcl", True))
+    return spec.to_config()
 
 
 # ---------------------------------------------------------------------- the loss terms

@@ -20,13 +20,15 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from ccrk.captions import EmptyCaptionError, pre_caption
+from ccrk.specs import AugmentSpec, DataSpec, LossSpec
+from storage.errors import CCRKError
+from storage.reader import KLingualDataset
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
-AUGMENT_DEFAULTS = {"crop_scale": [0.2, 1.0], "hflip": True, "randaugment": {"n": 2, "m": 7}}
-# Off unless a config turns it on, so older run configs keep their captions; 40 words is the authors'
-# pre-training limit (their Pretrain*.yaml). Benchmarks use their own limits (evaluation.benchmarks).
-CAPTION_DEFAULTS = {"pre_caption": False, "max_words": 40}
+# The ``data:`` section's defaults (augmentation, pre_caption off unless a config turns it on, 40
+# words: the authors' pre-training limit) are ccrk.specs.DataSpec's; benchmarks use their own
+# limits (evaluation.benchmarks).
 _FILL = (124, 116, 104)
 
 # ---------------------------------------------------------------------- RandAugment (PIL)
@@ -107,7 +109,7 @@ class ImageTransform:
     def __init__(self, config: dict, train: bool):
         self.size = int(config["model"]["vision"]["image_size"])
         self.train = train
-        self.aug = {**AUGMENT_DEFAULTS, **config.get("data", {}).get("augment", {})}
+        self.aug = AugmentSpec.parse((config.get("data") or {}).get("augment"), section="data.augment").to_config()
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         img = img.convert("RGB")
@@ -130,14 +132,20 @@ def image_transform(config: dict, train: bool) -> ImageTransform:
 # ---------------------------------------------------------------------- captions and collation
 
 
+def data_spec(config: dict) -> DataSpec:
+    """The run config's ``data:`` section, validated (defaults filled)."""
+    return DataSpec.parse(config.get("data"), section="data")
+
+
 def uses_pre_caption(config: dict) -> bool:
     """Whether captions are normalised: in pre-training, and on the benchmarks its checkpoints meet."""
-    return bool({**CAPTION_DEFAULTS, **config.get("data", {})}["pre_caption"])
+    return data_spec(config).pre_caption
 
 
 def pretrain_max_words(config: dict) -> int | None:
     """Pre-training's pre_caption word limit, or None when captions are tokenised as they are."""
-    return int({**CAPTION_DEFAULTS, **config.get("data", {})}["max_words"]) if uses_pre_caption(config) else None
+    data = data_spec(config)
+    return data.max_words if data.pre_caption else None
 
 
 def clean_captions(captions: list[dict], langs: list[str], max_words: int | None) -> tuple[list[dict], int]:
@@ -188,8 +196,6 @@ def collate(images: list[torch.Tensor], slots: list[list[str | None]], tokenizer
 
 
 def open_dataset(dataset_dir: str, shuffle_seed: int | None = None, langs=None):
-    from storage.reader import KLingualDataset
-
     return KLingualDataset(dataset_dir, shuffle_seed=shuffle_seed, langs=langs)
 
 
@@ -212,16 +218,14 @@ class BatchStream(torch.utils.data.Dataset):
         self.langs = list(config["langs"])
         self.seed = int(config.get("seed", 0))
         self.batch_size = int(config["train"]["batch_size"])
-        self.kcl = bool(config.get("loss", {}).get("kcl", True))
-        self.max_tokens = int(config.get("data", {}).get("max_tokens", 40))
+        self.kcl = LossSpec.parse(config.get("loss"), section="loss").kcl
+        self.max_tokens = data_spec(config).max_tokens
         self.max_words = pretrain_max_words(config)
         self.transform = ImageTransform(config, train=True)
         self.ds = open_dataset(dataset_dir, shuffle_seed=self.seed, langs=self.langs)
         self.heldout = int(heldout)
         self.per_epoch = (self.ds.samples() - self.heldout) // (self.batch_size * world)
         if self.per_epoch < 1:
-            from storage.errors import CCRKError
-
             raise CCRKError(f"{dataset_dir}: {self.ds.samples()} samples ({self.heldout} held out) make no "
                             f"global batch of {self.batch_size * world}")
         self._order: tuple[int, np.ndarray] | None = None

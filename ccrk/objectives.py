@@ -13,55 +13,21 @@ from torch import nn
 
 from ccrk import losses
 from ccrk.model import CCRKModel
+from ccrk.specs import LossSpec
+from storage.spec import check_unknown_keys
 
-# The objective's options. Where the paper and the authors' code disagree, the default is the code's
-# and the other form is selectable (ccrk.losses has the definitions; README "Paper and code, where they differ").
-LOSS_DEFAULTS = {
-    "kcl": True,             # False: 1-to-1 contrastive, one random language per image per step ("w/o KCL")
-    "fusion": True,          # False: pure contrastive, no MITM / CMLM
-    "weights": {"itc": 1.0, "itm": 1.0, "mlm": 1.0},
-    "kcl_norm": "code",      # code: 0/1 labels, (i2t + t2i) / 2 / K | paper: no / K | soft: 1/K targets
-    # exact: the gradient of the loss as written; the code's local = that / world_size on the ITC term (an lr change).
-    "gather_grad": "exact",  # exact | local
-    "temp_clamp": True,      # clamp temp to [0.001, 0.5] at every forward (the code's pre-training)
-    "itm_positive": "code",  # code | paper (the code's sim-based neg_sample_type=2) | softmax | uniform; hard = code
-    "itm_negatives": "hard",  # hard | uniform
-    "mlm_caption": "hard",   # hard (the MITM hard positive) | uniform
-    "mask_style": "span",    # span (the code's masking generator) | bernoulli (BERT: use mask_prob 0.15)
-    "mask_prob": 0.4,
-    "max_masks": 12,         # span only
-    "mask_span_prob": 0.2,   # span only: probability that a masked token starts a span
-    "mask_span_max": 3,      # span only: spans of 2..mask_span_max tokens
-}
-_ALIASES = {"itm_positive": {"hard": "code"}}  # the name before issue 22
-_CHOICES = {"kcl_norm": losses.KCL_NORMS, "gather_grad": losses.GATHER_GRADS, "itm_positive": losses.POSITIVE_MODES,
-            "itm_negatives": ("hard", "uniform"), "mlm_caption": ("hard", "uniform"), "mask_style": losses.MASK_STYLES}
+# The objective's options (``loss:``) are ccrk.specs.LossSpec: where the paper and the authors' code
+# disagree, the default is the code's and the other form is selectable (ccrk.losses has the
+# definitions; README "Paper and code, where they differ"). LOSS_DEFAULTS: that spec's defaults, as a dict.
+LOSS_DEFAULTS = LossSpec().to_config()
 
 
 def loss_config(config: dict) -> dict:
-    """The ``loss:`` section merged over ``LOSS_DEFAULTS``, aliases resolved, every value checked."""
+    """The ``loss:`` section validated by :class:`ccrk.specs.LossSpec` (defaults filled, aliases
+    resolved); a bad key or value is a one-line :class:`storage.spec.SpecError` (a ValueError)."""
     user = config.get("loss", {}) or {}
-    unknown = set(user) - set(LOSS_DEFAULTS)
-    if unknown:
-        raise ValueError(f"loss has unknown keys {sorted(unknown)}; known: {sorted(LOSS_DEFAULTS)}")
-    cfg = {**LOSS_DEFAULTS, **user}
-    cfg["weights"] = {**LOSS_DEFAULTS["weights"], **(user.get("weights") or {})}
-    for key, allowed in _CHOICES.items():
-        cfg[key] = _ALIASES.get(key, {}).get(cfg[key], cfg[key])
-        if cfg[key] not in allowed:
-            raise ValueError(f"loss.{key} must be one of {', '.join(allowed)}, not {cfg[key]!r}")
-    for key in ("kcl", "fusion", "temp_clamp"):
-        if not isinstance(cfg[key], bool):
-            raise ValueError(f"loss.{key} must be true or false, not {cfg[key]!r}")
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
-    checks = {"mask_prob": number(cfg["mask_prob"]) and 0 < cfg["mask_prob"] <= 1,
-              "mask_span_prob": number(cfg["mask_span_prob"]) and 0 <= cfg["mask_span_prob"] <= 1,
-              "max_masks": count(cfg["max_masks"]), "mask_span_max": count(cfg["mask_span_max"])}
-    for key, ok in checks.items():
-        if not ok:
-            raise ValueError(f"loss.{key} is out of range: {cfg[key]!r}")
-    return cfg
+    check_unknown_keys(user, LossSpec, "loss")
+    return LossSpec.parse(user, section="loss").to_config()
 
 
 class CCRKObjective(nn.Module):

@@ -1,4 +1,4 @@
-"""Quality scores of one translation and the per-language ``ok`` flag (thresholds: configs/translation.yaml).
+"""Quality scores of one translation and the per-language ``ok`` flag (thresholds: ``translation.spec.Thresholds``).
 
 - ``uniformity``: 1 - unique/total words of the target (TD-MML's repetition measure);
 - ``copy_sim``: character similarity of target to source (copied-through English);
@@ -10,26 +10,29 @@
 from __future__ import annotations
 
 import difflib
-import os
 import unicodedata
 from functools import lru_cache
 
 from storage.languages import expected_script
-
-CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "translation.yaml")
-
-
-@lru_cache(maxsize=4)
-def load_config(path: str = CONFIG_PATH) -> dict:
-    import yaml
-
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f)
+from translation.spec import Thresholds, TranslateSpec
 
 
-def thresholds(lang: str, config: dict | None = None) -> dict:
-    cfg = (config or load_config())["thresholds"]
-    return {**cfg["default"], **(cfg.get(lang) or {})}
+@lru_cache(maxsize=None)
+def _default_thresholds(lang: str) -> dict:
+    return Thresholds().for_lang(lang)
+
+
+def load_config() -> dict:
+    """The translation defaults in the shape of the former configs/translation.yaml
+    (``{"defaults": {...}, "thresholds": {...}}``), from :class:`translation.spec.TranslateSpec`:
+    for callers not yet reading the spec."""
+    spec = TranslateSpec()
+    return {"defaults": spec.to_config(), "thresholds": spec.thresholds.to_config()}
+
+
+def thresholds(lang: str, config: Thresholds | None = None) -> dict:
+    """``lang``'s thresholds: ``config`` (a spec's ``thresholds``) or the defaults."""
+    return config.for_lang(lang) if config is not None else dict(_default_thresholds(lang))
 
 
 def uniformity(text: str) -> float:
@@ -52,7 +55,7 @@ def script_share(text: str, script: str) -> float:
     return sum(unicodedata.name(c, "").startswith(prefix) for c in letters) / len(letters)
 
 
-def score(source: str, target: str, lang: str, truncated: bool = False, config: dict | None = None) -> dict:
+def score(source: str, target: str, lang: str, truncated: bool = False, config: Thresholds | None = None) -> dict:
     """The score columns of one stored row, ``ok`` included."""
     t = thresholds(lang, config)
     script = expected_script(lang)

@@ -1,0 +1,506 @@
+"""The model stages' settings: the pre-training run config (:class:`RunSpec`, with its sections
+:class:`ModelSpec`, :class:`DataSpec`, :class:`LossSpec`, :class:`CL2CMSpec`, :class:`TrainSpec`;
+:class:`PretrainSpec` = a run config that may also carry the chain's sections, as the paper
+configs do), ``ccrk finetune`` (:class:`FinetuneSpec`), ``ccrk evaluate`` (:class:`EvaluateSpec`)
+and ``ccrk reproduce`` (:class:`ReproduceSpec`). Each default is written here once; see
+:mod:`storage.spec` for the conventions (versioned vs setting fields, one-line errors).
+
+This module imports no torch: the CLI validates a config before it loads a model.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import PrivateAttr, field_validator, model_validator
+
+from ccrk.evaluation.benchmarks import BENCHMARKS
+from storage.spec import Bool, Device, Spec, SpecError, read_yaml, setting, versioned
+from storage.specs import AcquireChainSpec, AcquireSpec, BuildSpec, CorpusSpec, Executor
+from translation.spec import TranslateSpec
+
+# Choices defined by torch-importing modules, repeated here so that validating a config needs no
+# torch; tests/test_specs.py checks each against its module.
+OBJECTIVES = ("ccrk", "cl2cm")                                  # ccrk.objectives.OBJECTIVES
+KCL_NORMS = ("code", "paper", "soft")                          # ccrk.losses.KCL_NORMS
+POSITIVE_MODES = ("code", "paper", "softmax", "uniform")       # ccrk.losses.POSITIVE_MODES
+GATHER_GRADS = ("exact", "local")                              # ccrk.losses.GATHER_GRADS
+MASK_STYLES = ("span", "bernoulli")                            # ccrk.losses.MASK_STYLES
+FINETUNE_MODES = ("zero-shot", "few-shot", "single")            # ccrk.evaluation.protocols.MODES
+RANDAUGMENT_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX", "ShearY",
+                   "TranslateX", "TranslateY", "Rotate")        # ccrk.data.RANDAUGMENT_OPS
+LOSS_ALIASES = {"itm_positive": {"hard": "code"}}               # the names before issue 22
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; any other name unchanged."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------- model
+
+
+class VisionSpec(Spec):
+    """``model.vision``: the Swin image encoder (:mod:`ccrk.modeling.vision`). With a pretrained
+    ``init`` the architecture keys come from its config (``ccrk.model.resolve_architecture``)."""
+
+    init: str = versioned("random", "random, or a local Hugging Face Swin checkpoint directory")
+    image_size: int = versioned(description="input side (pixels); must equal a pretrained init's", ge=1)
+    patch_size: int = versioned(4, "patch side (pixels)", ge=1)
+    embed_dim: int | None = versioned(None, "width of the first stage (required with init: random)", ge=1,
+                                      shown="the init's")
+    depths: list[int] | None = versioned(None, "blocks per stage (required with init: random)", shown="the init's")
+    num_heads: list[int] | None = versioned(None, "attention heads per stage (required with init: random)",
+                                            shown="the init's")
+    window_size: int = versioned(7, "attention window (patches)", ge=1)
+    drop_path: float = versioned(0.1, "stochastic depth rate", ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _random_needs_architecture(self):
+        if self.init == "random":
+            missing = [k for k in ("embed_dim", "depths", "num_heads") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required with "
+                                 f"init: random")
+        return self
+
+
+def _check_layers(value):
+    ok = value in ("odd", "first") or (isinstance(value, list) and value
+                                       and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                               for i in value))
+    if not ok:
+        raise ValueError(f"must be odd, first or a list of layer indices, not {value!r}")
+    return value
+
+
+class TextSpec(Spec):
+    """``model.text``: the XLM-R text + fusion encoder (:mod:`ccrk.modeling.text`)."""
+
+    init: str = versioned("random", "random, or a local Hugging Face XLM-R checkpoint directory")
+    tokenizer: str = versioned("demo", "demo (the committed demo tokenizer) or a local tokenizer directory")
+    layers: Any = versioned("odd", "which of init's layers feed ours: odd (1, 3, ...), first, or a list")
+    hidden_size: int | None = versioned(None, "width (required with init: random)", ge=1, shown="the init's")
+    num_heads: int | None = versioned(None, "attention heads (required with init: random)", ge=1,
+                                      shown="the init's")
+    intermediate_size: int | None = versioned(None, "feed-forward width (required with init: random)", ge=1,
+                                              shown="the init's")
+    max_position: int = versioned(514, "position embeddings (init: random)", ge=1)
+    layer_norm_eps: float = versioned(1e-5, "LayerNorm epsilon (XLM-R's)", gt=0)
+    dropout: float | None = versioned(None, "hidden and attention dropout", ge=0, le=1, omit_none=True,
+                                      shown="the init's, else 0.1")
+    init_std: float | None = versioned(None, "initializer range (init: random)", gt=0, omit_none=True,
+                                       shown="0.02")
+    text_layers: int = versioned(description="text-only layers (the contrastive text feature)", ge=1)
+    fusion_layers: int = versioned(description="layers with cross-attention to the image", ge=0)
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, value):
+        return _check_layers(value)
+
+    @model_validator(mode="after")
+    def _random_needs_architecture(self):
+        if self.init == "random":
+            missing = [k for k in ("hidden_size", "num_heads", "intermediate_size") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required with "
+                                 f"init: random")
+        return self
+
+
+class ModelSpec(Spec):
+    """``model``: encoders, projection width and the contrastive temperature's start."""
+
+    embed_dim: int = versioned(256, "width of the contrastive projections", ge=1)
+    temp: float = versioned(0.07, "initial contrastive temperature", gt=0)
+    vision: VisionSpec = versioned(description="the image encoder")
+    text: TextSpec = versioned(description="the text and fusion encoder")
+
+
+# ---------------------------------------------------------------------------- data
+
+
+class RandAugmentSpec(Spec):
+    """``data.augment.randaugment``: ``n`` ops drawn from ``ops``, each with probability 0.5 at
+    magnitude ``m`` (of 10)."""
+
+    n: int = versioned(2, "ops per image", ge=0)
+    m: float = versioned(7, "magnitude (of 10)", ge=0)
+    ops: list[Literal[RANDAUGMENT_OPS]] | None = versioned(None, "the ops to draw from", shown="all")
+
+
+class AugmentSpec(Spec):
+    """``data.augment``: the training image transform."""
+
+    crop_scale: list[float] = versioned(default_factory=lambda: [0.2, 1.0], min_length=2, max_length=2,
+                                        description="random resized crop: [min, max] share of the image area")
+    hflip: Bool = versioned(True, "random horizontal flip")
+    randaugment: RandAugmentSpec | None = versioned(default_factory=RandAugmentSpec,
+                                                    description="RandAugment; false, null or {} turn it off")
+
+    @field_validator("randaugment", mode="before")
+    @classmethod
+    def _off(cls, value):
+        if value is True:
+            return {}
+        return value or None  # false, null, {}: off (as before specs)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale(cls, value):
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError(f"needs 0 < min <= max <= 1, not {value}")
+        return value
+
+
+class DataSpec(Spec):
+    """``data``: tokenisation, caption normalisation, augmentation, loader processes."""
+
+    max_tokens: int = versioned(40, "tokens per caption, at most", ge=2)
+    pre_caption: Bool = versioned(False, "the authors' caption normalisation (ccrk.captions); off unless a "
+                                         "config turns it on, so older run configs keep their captions")
+    max_words: int = versioned(40, "with pre_caption: words per caption, at most (the authors' pre-training "
+                                   "limit)", ge=1)
+    num_workers: int = setting(0, "batch-building processes", ge=0)
+    augment: AugmentSpec = versioned(default_factory=AugmentSpec, description="training image transform")
+
+
+# ---------------------------------------------------------------------------- objectives
+
+
+class LossWeights(Spec):
+    itc: float = versioned(1.0, "1-to-K contrastive", ge=0)
+    itm: float = versioned(1.0, "matching (MITM)", ge=0)
+    mlm: float = versioned(1.0, "masked language modelling (CMLM)", ge=0)
+
+
+class LossSpec(Spec):
+    """``loss``: the CCRk objective's options. Where the paper and the authors' code disagree, the
+    default is the code's and the other form is selectable (ccrk.losses has the definitions)."""
+
+    kcl: Bool = versioned(True, "false: 1-to-1 contrastive, one random language per image per step (w/o KCL)")
+    fusion: Bool = versioned(True, "false: pure contrastive, no MITM / CMLM")
+    weights: LossWeights = versioned(default_factory=LossWeights, description="term weights")
+    kcl_norm: Literal[KCL_NORMS] = versioned("code", "code: 0/1 labels, (i2t + t2i) / 2 / K | paper: no / K | "
+                                                     "soft: 1/K targets")
+    gather_grad: Literal[GATHER_GRADS] = versioned("exact", "exact: the gradient of the loss as written; local: "
+                                                            "that / world_size on the ITC term (the code's)")
+    temp_clamp: Bool = versioned(True, "clamp temp to [0.001, 0.5] at every forward (the code's pre-training)")
+    itm_positive: Literal[POSITIVE_MODES] = versioned("code", "code | paper (the code's neg_sample_type=2) | "
+                                                              "softmax | uniform; hard = code")
+    itm_negatives: Literal["hard", "uniform"] = versioned("hard", "MITM negatives")
+    mlm_caption: Literal["hard", "uniform"] = versioned("hard", "hard: the MITM hard positive | uniform")
+    mask_style: Literal[MASK_STYLES] = versioned("span", "span (the code's masking generator) | bernoulli "
+                                                         "(BERT: use mask_prob 0.15)")
+    mask_prob: float = versioned(0.4, "masking probability", gt=0, le=1)
+    max_masks: int = versioned(12, "span only: masked tokens per caption, at most", ge=1)
+    mask_span_prob: float = versioned(0.2, "span only: probability that a masked token starts a span", ge=0, le=1)
+    mask_span_max: int = versioned(3, "span only: spans of 2..mask_span_max tokens", ge=1)
+
+    @field_validator(*LOSS_ALIASES, mode="before")
+    @classmethod
+    def _aliases(cls, value, info):
+        return LOSS_ALIASES[info.field_name].get(value, value) if isinstance(value, str) else value
+
+
+class CL2CMWeights(Spec):
+    itc: float = versioned(1.0, "image vs target caption InfoNCE", ge=0)
+    cl_sentence: float = versioned(1.0, "cross-lingual sentence InfoNCE", ge=0)
+    cl_word: float = versioned(1.0, "word-level OT alignment", ge=0)
+    kd: float = versioned(1.0, "relational distillation", ge=0)
+    itc_source: float = versioned(0.0, "image vs source caption InfoNCE (not in the paper's setting)", ge=0)
+
+
+class SinkhornSpec(Spec):
+    eps: float = versioned(0.05, "entropic regularisation", gt=0)
+    iters: int = versioned(50, "Sinkhorn iterations", ge=1)
+
+
+class CL2CMSpec(Spec):
+    """``cl2cm``: the CL2CM objective's options (ccrk/cl2cm.py; defaults ours, not the paper's)."""
+
+    source_lang: str = versioned("en", "the pivot language (a language of langs)")
+    target_lang: str = versioned("any", "a language of langs, or any: one present non-source language per "
+                                        "image per step")
+    weights: CL2CMWeights = versioned(default_factory=CL2CMWeights, description="term weights")
+    cl_temp: float = versioned(0.05, "cross-lingual sentence InfoNCE temperature", gt=0)
+    word_temp: float = versioned(0.05, "word-level InfoNCE temperature (word_loss: contrastive)", gt=0)
+    kd_temp: float = versioned(0.1, "relational distillation temperature, teacher and student alike", gt=0)
+    word_loss: Literal["contrastive", "distance"] = versioned("contrastive", "contrastive | distance (minimise "
+                                                                            "<P, C> of the true pairs)")
+    sinkhorn: SinkhornSpec = versioned(default_factory=SinkhornSpec, description="optimal transport")
+
+    def check_langs(self, langs, kcl: bool = True) -> None:
+        """The checks against the rest of the run config; raises SpecError."""
+        langs = list(langs)
+        if self.source_lang not in langs:
+            raise SpecError(f"cl2cm.source_lang {self.source_lang!r} is not in langs {langs}")
+        if self.target_lang != "any" and (self.target_lang not in langs or self.target_lang == self.source_lang):
+            raise SpecError(f"cl2cm.target_lang {self.target_lang!r} must be 'any' or a language of {langs} "
+                            f"other than the source {self.source_lang!r}")
+        if len(langs) < 2:
+            raise SpecError(f"cl2cm needs a source and at least one target language in langs, got {langs}")
+        if not kcl:
+            raise SpecError("cl2cm needs every language slot of a caption: remove loss.kcl: false")
+
+
+# ---------------------------------------------------------------------------- training
+
+
+class TrainSpec(Spec):
+    """``train``: optimisation, schedule, logging and checkpoints (ccrk/trainer.py)."""
+
+    batch_size: int = versioned(32, "images per GPU per step", ge=1)
+    steps: int | None = versioned(None, "optimiser steps (overrides epochs)", ge=1, shown="epochs x batches")
+    epochs: int | None = versioned(None, "passes over the dataset", ge=1, shown="1")
+    lr: float = versioned(1e-4, "peak learning rate", gt=0)
+    lr_new_mult: float = versioned(2.0, "lr multiplier of newly initialised parameters", gt=0)
+    weight_decay: float = versioned(0.01, "AdamW weight decay", ge=0)
+    betas: list[float] = versioned(default_factory=lambda: [0.9, 0.98], min_length=2, max_length=2,
+                                   description="AdamW betas")
+    warmup: float = versioned(0.03, "linear warm-up, as a fraction of the steps", ge=0, le=1)
+    clip: float = versioned(1.0, "gradient-norm clip", gt=0)
+    bf16: Bool = versioned(True, "bfloat16 autocast on GPU")
+    log_every: int = setting(10, "steps between metric rows", ge=1)
+    checkpoint_every: int = setting(500, "steps between checkpoints", ge=1)
+    keep_checkpoints: int = setting(2, "checkpoints kept", ge=1)
+    eval_every: int = setting(100, "steps between held-out retrieval checks", ge=1)
+    heldout: int = versioned(64, "first N dataset samples held out of training (the in-training retrieval set)",
+                             ge=0)
+    threads: int | None = setting(None, "CPU threads (torch.set_num_threads)", ge=0, shown="torch's default")
+
+
+class RunSpec(Spec):
+    """A pre-training run config (configs/tiny.yaml, ccr6.yaml, cl2cm-demo.yaml, ...)."""
+
+    name: str = setting("run", "the run's name (plots, catalog)")
+    objective: Literal[OBJECTIVES] = versioned("ccrk", "training objective")
+    seed: int = versioned(0, "seed of initialisation, sample order and sampling")
+    langs: list[str] = versioned(description="caption languages, in slot order", min_length=1)
+    device: Device = setting("auto", "auto (GPU when visible), cpu, cuda or cuda:N")
+    model: ModelSpec = versioned(description="the model")
+    data: DataSpec = versioned(default_factory=DataSpec, description="input pipeline")
+    loss: LossSpec = versioned(default_factory=LossSpec, description="the ccrk objective")
+    cl2cm: CL2CMSpec | None = versioned(None, "the cl2cm objective", omit_none=True, shown="CL2CMSpec defaults")
+    train: TrainSpec = versioned(description="optimisation and schedule")
+
+    @model_validator(mode="after")
+    def _objective_sections(self):
+        if self.objective == "cl2cm":
+            (self.cl2cm or CL2CMSpec()).check_langs(self.langs, self.loss.kcl)
+        return self
+
+    def run_spec(self) -> RunSpec:
+        """The run keys alone (a :class:`PretrainSpec` without its chain sections)."""
+        return RunSpec.parse({k: v for k, v in self.to_config(defaults=False).items() if k in RunSpec.model_fields})
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+class BenchmarkSpec(Spec):
+    """What evaluation and fine-tuning share: the checkpoint, the benchmark and its files."""
+
+    checkpoint: str | None = versioned(None, "run directory, checkpoint directory, run id or run version",
+                                       shown="in ccrk reproduce: each trained run")
+    benchmark: Literal[BENCHMARKS] = versioned("demo", "retrieval benchmark")
+    data: str | None = versioned(None, "benchmark folder (xFlickrCO: holds annotations/<lang>/; Multi30K/COCO: "
+                                       "the CCLM json files; WIT: test_<lang>.jsonl)",
+                                 shown="in ccrk reproduce: the demo benchmark")
+    images: str | None = versioned(None, "image folder (Flickr30K images for xFlickrCO; the CCLM image root for "
+                                         "Multi30K/COCO)", shown="<data>/images")
+    coco_images: str | None = versioned(None, "COCO val2014 folder (xFlickrCO's COCO half)")
+    langs: list[str] | None = versioned(None, "languages to evaluate", shown="all present")
+    mrv_langs: list[str] | None = versioned(None, "languages over which MRV is computed",
+                                            shown="the paper's set for the benchmark when all its languages are "
+                                                  "evaluated, else langs")
+    k_test: int | None = versioned(None, "candidates re-ranked by ITM", ge=1, shown="128; COCO 256")
+    itc_only: Bool = versioned(False, "rank by ITC similarity only (no ITM re-ranking)")
+    skip_missing: Bool = versioned(False, "skip (and count) images that are missing")
+    device: Device = setting("auto", "auto (GPU when visible), cpu, cuda or cuda:N")
+
+
+class EvaluateSpec(BenchmarkSpec):
+    """``ccrk evaluate`` / ``evaluate_flow`` / the reproduce YAML's ``evaluate:`` section."""
+
+    batch_size: int = setting(64, "images or texts per encoding batch", ge=1)
+
+
+class FinetuneHyperparameters(Spec):
+    """The reference's fine-tuning settings (xFlickrCO / Multi30K / COCO: AdamW lr 3e-5, 10 epochs):
+    ``protocols.FINETUNE_DEFAULTS``."""
+
+    epochs: int = versioned(10, "epochs", ge=1)
+    batch_size: int = versioned(32, "pairs per step", ge=1)
+    lr: float = versioned(3e-5, "learning rate", gt=0)
+    weight_decay: float = versioned(0.01, "AdamW weight decay", ge=0)
+    warmup: float = versioned(0.1, "linear warm-up, as a fraction of the steps", ge=0, le=1)
+    seed: int = versioned(42, "seed")
+    few_shot_lr: float = versioned(1e-5, "learning rate of few-shot fine-tuning", gt=0)
+    temp_clamp: Bool = versioned(False, "clamp the temperature (the authors' retrieval model never does)")
+
+
+_HP = FinetuneHyperparameters.model_fields
+
+
+class FinetuneSpec(BenchmarkSpec):
+    """``ccrk finetune`` / ``finetune_flow``: fine-tune, then (``evaluate``) evaluate."""
+
+    mode: Literal[FINETUNE_MODES] = versioned("zero-shot", "zero-shot: English training set, evaluate every "
+                                                           "language; few-shot: continue on annotations/<lang>/"
+                                                           "train_<N>.jsonl; single: one language's training set")
+    lang: str | None = versioned(None, "target language (few-shot, single)")
+    shots: int | None = versioned(None, "N of the few-shot file train_<N>.jsonl", ge=1)
+    epochs: int | None = versioned(None, "fine-tuning epochs", ge=1, shown=str(_HP["epochs"].default))
+    batch_size: int | None = versioned(None, "pairs per step", ge=1, shown=str(_HP["batch_size"].default))
+    lr: float | None = versioned(None, "learning rate", gt=0,
+                                 shown=f"{_HP['lr'].default:g}; few-shot {_HP['few_shot_lr'].default:g}")
+    seed: int | None = versioned(None, "seed", shown=str(_HP["seed"].default))
+    evaluate: Bool = setting(True, "evaluate the protocol's languages after fine-tuning")
+    num_workers: int = setting(0, "batch-building processes", ge=0)
+
+    def hyperparameters(self) -> dict:
+        """The fine-tuning hyperparameters (``run_finetune``'s ``hp``): the reference's, the few-shot
+        learning rate in few-shot mode, then the ones given here."""
+        hp = FinetuneHyperparameters().to_config()
+        if self.mode == "few-shot":
+            hp["lr"] = hp["few_shot_lr"]
+        hp.update({k: getattr(self, k) for k in ("epochs", "batch_size", "lr", "seed") if getattr(self, k) is not None})
+        return hp
+
+
+# ---------------------------------------------------------------------------- the chain
+
+
+class RunRef(Spec):
+    """One pre-training run of the chain: a run config plus overrides."""
+
+    name: str = versioned(description="the run's name in the comparison")
+    config: str = versioned(description="run config YAML (relative paths: the working directory, else the "
+                                        "repository root)")
+    overrides: dict[str, Any] = versioned(default_factory=dict, description="deep-merged over the config")
+    itc_only: Bool | None = versioned(None, "evaluate by ITC similarity only (e.g. CL2CM: no fusion encoder)",
+                                      shown="evaluate.itc_only")
+
+
+class PretrainChainSpec(Spec):
+    """The reproduce YAML's ``pretrain:`` section."""
+
+    runs: list[RunRef] = versioned(default_factory=list, description="runs to pre-train and compare (none: a "
+                                                                     "data-only chain)")
+
+    @field_validator("runs")
+    @classmethod
+    def _unique(cls, runs):
+        names = [r.name for r in runs]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"run names must be unique: {', '.join(twice)} appear twice")
+        return runs
+
+
+class ChainSections(Spec):
+    """The chain's sections as a paper run config carries them (each optional)."""
+
+    root: str | None = setting(None, "data root (CCRK_ROOT or --root override this)", omit_none=True,
+                               shown="./data")
+    executor: Executor | None = setting(None, "local | ray: how acquire and translate run", omit_none=True,
+                                        shown="local")
+    ray_address: str | None = setting(None, "with executor ray: a running cluster", omit_none=True,
+                                      shown="a local cluster for the run")
+    corpus: CorpusSpec | None = versioned(None, "the embedded demo's synthetic corpus (served on loopback)",
+                                          omit_none=True)
+    acquire: AcquireChainSpec | None = versioned(None, "acquire settings", omit_none=True)
+    translate: TranslateSpec | None = versioned(None, "translate settings", omit_none=True)
+    build: BuildSpec | None = versioned(None, "build settings (name: the chain's; sources: acquire's)",
+                                        omit_none=True)
+    evaluate: EvaluateSpec | None = versioned(None, "evaluation of every trained run", omit_none=True)
+
+
+class PretrainSpec(RunSpec, ChainSections):
+    """What ``ccrk pretrain --config`` accepts: a run config, which may also carry the chain's
+    sections for ``ccrk reproduce`` (configs/ccr10-e.yaml is both)."""
+
+
+def resolve_config_path(path: str, config_dir: str | None) -> str:
+    """A run config path as the reproduce YAML names it: absolute or relative to the working
+    directory, else relative to the repository root (the parent of the YAML's directory)."""
+    if os.path.isabs(path) or os.path.exists(path) or not config_dir:
+        return path
+    candidate = os.path.join(os.path.dirname(config_dir), path)
+    return candidate if os.path.exists(candidate) else path
+
+
+class ReproduceSpec(ChainSections):
+    """``ccrk reproduce --config``: the whole chain (configs/demo.yaml, demo-small.yaml; and a paper
+    run config with chain sections, its own single run: :meth:`load`)."""
+
+    name: str | None = setting(None, "the chain's name (dataset, report)", shown="the file's name")
+    executor: Executor = setting("local", "local | ray: how acquire and translate run (their sections' own "
+                                          "executor wins)")
+    acquire: AcquireChainSpec = versioned(description="acquire settings")
+    translate: TranslateSpec = versioned(description="translate settings")
+    build: BuildSpec = versioned(description="build settings (name: the chain's; sources: acquire's)")
+    pretrain: PretrainChainSpec = versioned(description="the runs to pre-train")
+    evaluate: EvaluateSpec = versioned(description="evaluation of every trained run")
+
+    _config_path: str | None = PrivateAttr(None)
+
+    @classmethod
+    def load(cls, path: str) -> ReproduceSpec:
+        """Read a reproduce YAML; a run config (``model:`` and no ``pretrain:``) is validated as a
+        :class:`PretrainSpec` and becomes its own single run."""
+        data = read_yaml(path)
+        data.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+        if "model" in data and "pretrain" not in data:
+            run = PretrainSpec.parse(data, where=path)
+            data = {k: v for k, v in data.items() if k in cls.model_fields}
+            data["pretrain"] = {"runs": [{"name": run.name, "config": os.path.abspath(path)}]}
+        spec = cls.parse(data, where=path)
+        spec._config_path = os.path.abspath(path)
+        return spec
+
+    # -- each stage's spec, with the chain's settings applied
+
+    def _chain_settings(self, section: Spec) -> dict:
+        """The chain's executor (and ray address) for a section that does not set its own."""
+        if "executor" in section.model_fields_set:
+            return {}
+        out = {"executor": self.executor}
+        if self.ray_address and "ray_address" not in section.model_fields_set:
+            out["ray_address"] = self.ray_address
+        return out
+
+    def acquire_spec(self, source: str, metadata: list[str] | None = None) -> AcquireSpec:
+        return self.acquire.for_source(source, metadata, **self._chain_settings(self.acquire))
+
+    def translate_spec(self) -> TranslateSpec:
+        return TranslateSpec.parse({**self.translate.to_config(defaults=False), **self._chain_settings(self.translate)})
+
+    def build_spec(self) -> BuildSpec:
+        """The build section, its name the chain's and its sources acquire's unless it sets them."""
+        values = self.build.to_config(defaults=False)
+        values.setdefault("name", self.name or BuildSpec().name)
+        values.setdefault("sources", list(self.acquire.sources))
+        return BuildSpec.parse(values)
+
+    def itc_only(self, run_name: str) -> bool:
+        ref = next((r for r in self.pretrain.runs if r.name == run_name), None)
+        return self.evaluate.itc_only if ref is None or ref.itc_only is None else ref.itc_only
+
+    def run_configs(self) -> dict[str, PretrainSpec]:
+        """Each run's config (its file with the overrides merged), validated."""
+        config_dir = os.path.dirname(self._config_path) if self._config_path else None
+        where_self = self._config_path or "reproduce config"
+        out = {}
+        for i, ref in enumerate(self.pretrain.runs):
+            path = resolve_config_path(ref.config, config_dir)
+            base = PretrainSpec.load(path)
+            out[ref.name] = base.merged(ref.overrides, where=f"{where_self}: pretrain.runs[{i}] ({path} + overrides)") \
+                if ref.overrides else base
+        return out

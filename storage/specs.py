@@ -1,0 +1,108 @@
+"""The data stages' settings: ``ccrk acquire`` (:class:`AcquireSpec`, and the reproduce YAML's
+``acquire:`` section :class:`AcquireChainSpec`), ``ccrk build`` (:class:`BuildSpec`) and the demo
+corpus of ``ccrk reproduce`` (:class:`CorpusSpec`). Each default is written here once; see
+:mod:`storage.spec` for the conventions (versioned vs setting fields, one-line errors).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import model_validator
+
+from storage.download import DEFAULT_MAX_IMAGE_AREA
+from storage.spec import Bool, Spec, setting, versioned
+
+SOURCES = ("cc3m", "sbu", "vg", "coco")
+EXECUTORS = ("local", "ray")
+RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
+
+Source = Literal[SOURCES]
+Executor = Literal[EXECUTORS]
+
+
+class AcquireSettings(Spec):
+    """What ``acquire_flow`` takes besides the source and its metadata: the download settings."""
+
+    limit: int | None = versioned(None, "read at most N images", ge=1, shown="all")
+    image_size: int = versioned(256, "side of the stored images (pixels)", ge=1)
+    resize_mode: Literal[RESIZE_MODES] = versioned("border", "img2dataset resize mode")
+    resize_only_if_bigger: Bool = versioned(False, "resize only images larger than image_size")
+    processes: int = setting(1, "download processes", ge=1)
+    thread_count: int = setting(16, "download threads per process", ge=1)
+    timeout: int = setting(10, "seconds before a request times out", ge=1)
+    retries: int = setting(0, "img2dataset retries per url", ge=0)
+    retry_failed: Bool = setting(False, "download again the images that failed with retryable errors "
+                                        "(timeouts, 5xx, connection)")
+    number_sample_per_shard: int = versioned(10_000, "images per shard", ge=1)
+    max_image_area: int = versioned(DEFAULT_MAX_IMAGE_AREA, "larger images (pixels) are rejected as too_large",
+                                    ge=1)
+    encode_quality: int = versioned(95, "JPEG quality of the stored images", ge=1, le=100)
+    executor: Executor = setting("local", "local: download processes on this machine; ray: one Ray task per shard")
+    ray_address: str | None = setting(None, "with executor ray: a running cluster (HOST:PORT, ray://HOST:10001 or "
+                                            "auto)", shown="a local cluster for this run")
+
+    def download_params(self) -> dict:
+        """The download settings that are part of the source version (``prepare_source``'s
+        ``download_params``): every versioned setting but ``limit``, which it hashes on its own."""
+        return {k: v for k, v in self.version_params().items() if k in AcquireSettings.version_fields()
+                and k != "limit"}
+
+
+class AcquireSpec(AcquireSettings):
+    """``ccrk acquire`` / ``acquire_flow``: one source."""
+
+    source: Source = versioned(description="which dataset's metadata format")
+    metadata: list[str] | None = versioned(None, "official metadata files or archives, local or http(s)",
+                                           shown="the official urls of configs/sources.yaml")
+
+    @model_validator(mode="after")
+    def _ray_address_needs_ray(self):
+        if self.ray_address and self.executor != "ray":
+            raise ValueError("ray_address needs executor: ray")
+        return self
+
+
+class AcquireChainSpec(AcquireSettings):
+    """The reproduce YAML's ``acquire:`` section: the same settings for several sources."""
+
+    sources: list[Source] = versioned(default_factory=lambda: list(SOURCES), description="sources to acquire")
+    metadata: dict[Source, list[str]] = versioned(default_factory=dict, description="per source: local metadata "
+                                                  "files instead of the official urls")
+
+    def for_source(self, source: str, metadata: list[str] | None = None, **changes) -> AcquireSpec:
+        """The :class:`AcquireSpec` of one source: ``metadata`` (e.g. the demo corpus's) else this
+        section's files for it; ``changes``: fields to set (e.g. the chain's executor)."""
+        values = {k: v for k, v in self.to_config(defaults=False).items() if k not in ("sources", "metadata")}
+        files = metadata or self.metadata.get(source)
+        return AcquireSpec.parse({**values, **changes, "source": source, "metadata": files})
+
+
+class BuildSpec(Spec):
+    """``ccrk build`` / ``build_flow``: the K-lingual dataset (inputs, language policy, sharding)."""
+
+    name: str = setting("default", "dataset name (directory under datasets/)")
+    sources: list[str] = versioned(default_factory=lambda: list(SOURCES), description="sources to join")
+    langs: list[str] = versioned(default_factory=lambda: ["en", "es", "id", "ru", "tr"],
+                                 description="languages of every caption", min_length=1)
+    min_langs: int | None = versioned(None, "keep a caption with at least N of the languages", ge=1,
+                                      shown="all of them")
+    drop_flagged: Bool = versioned(False, "remove translations whose quality flag ok is false")
+    shard_size: int = versioned(1000, "samples per shard", ge=1)
+    seed: int = versioned(0, "seed of the sample order")
+    source_versions: dict[str, str] | None = versioned(None, "source versions to use instead of the catalog's "
+                                                       "latest", shown="the latest of each")
+    translations: list[str] | None = versioned(None, "only these translation sets (MODEL_ID/DECODE_ID), in this "
+                                               "priority order", shown="all")
+    shards_per_task: int = setting(16, "shards written by one Prefect task", ge=1)
+    memory: str | None = setting(None, "DuckDB's memory limit while planning, e.g. 8GB",
+                                 shown="CCRK_BUILD_MEMORY, else a third of RAM")
+
+
+class CorpusSpec(Spec):
+    """The reproduce YAML's ``corpus:`` section: the embedded demo's synthetic corpus."""
+
+    seed: int = versioned(0, "seed of the synthetic corpus")
+    n_train: int = versioned(400, "training images, split evenly over the four source formats", ge=1)
+    n_heldout: int = versioned(100, "images of the demo benchmark", ge=0)
+    port: int = versioned(0, "loopback port of the corpus server (fixed: the metadata urls, and so the source "
+                             "versions, stay the same)", ge=0, le=65535, shown="a free port")

@@ -22,16 +22,17 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import publish_markdown, publish_table
-from flows.executors import check_executor, ray_cluster, ray_task_runner
+from flows.executors import ray_cluster, ray_task_runner
 from storage import layout
 from storage.catalog import Artifact, Catalog
 from storage.errors import CCRKError
-from storage.languages import TRANSLATED
 from storage.progress import Progress, or_silent
 from storage.versioning import content_version
 from translation import m2m, store
 from translation.collect import collect_texts
+from translation.imports import import_translations
 from translation.pipeline import EnginePool, cached_engine, decode_settings, ids_for, plan_parts, translate_part
+from translation.spec import TranslateSpec
 
 
 @task(name="translate-part", cache_policy=NO_CACHE)
@@ -89,40 +90,43 @@ def resolve_model(model: str | None) -> str:
 
 
 @flow(name="translate", task_runner=ThreadPoolTaskRunner(max_workers=8))
-def translate_flow(root: str | None = None, langs: list[str] | None = None, model: str | None = None,
-                   sources: list[str] | None = None, engine: str = "ctranslate2", device: str = "cpu",
-                   compute_type: str = "auto", beam_size: int = 1, max_len_a: float = 1.5, max_len_b: int = 10,
-                   max_input_tokens: int | None = None, part_size: int = 20_000, token_budget: int = 4096,
-                   max_batch_size: int = 256, threads: int = 0, progress: Progress | None = None,
-                   executor: str = "local", ray_address: str | None = None) -> dict:
-    """Translate the missing texts; returns the summary (per-language counts, samples, ids).
+def translate_flow(spec: TranslateSpec | None = None, root: str | None = None,
+                   progress: Progress | None = None) -> dict:
+    """Import the spec's existing translations, then translate the missing texts; returns the summary
+    (per-language counts, samples, ids).
 
-    ``executor``: ``local`` (an engine pool on this machine's devices) or ``ray`` (one Ray task per part
-    on the cluster at ``ray_address``, or on a local cluster started for the run). Same store either way.
-    ``progress``: a :data:`storage.progress.Progress` (the command line's bar), else silent.
+    ``spec``: a :class:`translation.spec.TranslateSpec` (or its dict; every default is the spec's).
+    Its ``executor``: ``local`` (an engine pool on this machine's devices, ``device: auto`` = every
+    visible GPU, else the CPU) or ``ray`` (one Ray task per part on the cluster at ``ray_address``, or
+    on a local cluster started for the run). Same store either way. ``progress``: a
+    :data:`storage.progress.Progress` (the command line's bar), else silent.
     """
     t_start = time.perf_counter()
-    check_executor(executor)
+    spec = TranslateSpec.parse(spec)
     root = layout.data_root(root)
-    if executor == "ray" and "://" not in root:
+    if spec.executor == "ray" and "://" not in root:
         root = os.path.abspath(root)  # Ray workers do not share the driver's working directory
-    langs = list(langs or TRANSLATED)
-    model_dir = resolve_model(model)
+    for item in spec.imports:  # e.g. CCLM's de/fr/cs/ja/zh captions, so K reaches 10
+        import_translations(root, item.path, item.name, langs=item.langs)
+    langs = list(spec.langs)
+    model_dir = resolve_model(spec.model)
     m2m.check_langs(langs, m2m.load_tokenizer(model_dir))
-    settings = decode_settings(beam_size, max_len_a, max_len_b, max_input_tokens)
-    model_id, decode_id = ids_for(model_dir, settings)
-    collected = collect_texts(root, sources)
-    jobs, cached = plan_parts(root, collected.texts, langs, model_id, decode_id, part_size)
+    settings = decode_settings(**spec.decode_params())
+    model_id, decode_id = ids_for(model_dir, settings, spec.thresholds)
+    collected = collect_texts(root, spec.sources)
+    jobs, cached = plan_parts(root, collected.texts, langs, model_id, decode_id, spec.part_size, spec.thresholds)
     tally = _Tally(langs, len(collected.texts), cached, collected.empty)
     if jobs:
-        engine_kwargs = dict(compute_type=compute_type, settings=settings, token_budget=token_budget,
-                             max_batch_size=max_batch_size, threads=threads, cache_dir=os.path.join(root, "cache"))
+        engine_kwargs = dict(compute_type=spec.compute_type, settings=settings, token_budget=spec.token_budget,
+                             max_batch_size=spec.max_batch_size, threads=spec.threads,
+                             cache_dir=os.path.join(root, "cache"))
         with or_silent(progress)("translate", sum(len(j.shas) for j in jobs), "texts") as advance:
-            if executor == "ray":
-                results = _parts_on_ray(jobs, model, engine, device, engine_kwargs, model_id, decode_id, ray_address)
+            if spec.executor == "ray":
+                results = _parts_on_ray(jobs, spec.model, spec.engine, spec.device, engine_kwargs, model_id,
+                                        decode_id, spec.ray_address)
             else:
-                results = _parts_on_pool(EnginePool(engine, model_dir, device=device, **engine_kwargs), jobs,
-                                         model_id, decode_id)
+                results = _parts_on_pool(EnginePool(spec.engine, model_dir, device=spec.device, **engine_kwargs),
+                                         jobs, model_id, decode_id)
             for result in results:
                 tally.add(result)
                 advance(result.translated)
@@ -130,10 +134,11 @@ def translate_flow(root: str | None = None, langs: list[str] | None = None, mode
     rows = tally.rows()
     store_path = layout.join(root, "translations", model_id, decode_id)
     params = {"model_id": model_id, "decode_id": decode_id, "langs": sorted(langs), "settings": settings.__dict__,
-              "sources": sorted(f"{a.name}@{a.version}" for a in collected.sources)}
+              "sources": sorted(f"{a.name}@{a.version}" for a in collected.sources),
+              "thresholds": spec.thresholds.version_params()}
     stats = {"captions": collected.captions, "unique_texts": len(collected.texts), "skipped_empty": collected.empty,
-             "per_lang": {r["lang"]: r for r in rows}, "engine": engine, "device": device,
-             "compute_type": compute_type, "executor": executor}
+             "per_lang": {r["lang"]: r for r in rows}, "engine": spec.engine, "device": spec.device,
+             "compute_type": spec.compute_type, "executor": spec.executor}
     version = _record(root, store_path, params, stats, [a.version for a in collected.sources], rows, samples)
     return {"version": version, "model_id": model_id, "decode_id": decode_id, "model_dir": model_dir,
             "path": store_path, "captions": collected.captions, "unique_texts": len(collected.texts),

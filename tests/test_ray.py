@@ -87,8 +87,8 @@ def test_translate_on_ray_stores_the_same_rows_as_the_local_executor(cluster, tm
     for executor in ("local", "ray"):
         root = str(tmp_path / executor)
         write_source(root, "coco", CAPTIONS)
-        summaries[executor] = translate_flow(root=root, langs=["es", "ru"], part_size=2, threads=1,
-                                             executor=executor)
+        summaries[executor] = translate_flow({"langs": ["es", "ru"], "part_size": 2, "threads": 1, "device": "cpu",
+                                              "executor": executor}, root=root)
         rows[executor] = sorted((r["tgt_lang"], r["text_sha"], json.dumps(r, sort_keys=True))
                                 for m, d, lang in store.list_stores(root)
                                 for r in store.read_dir(store.lang_dir(root, m, d, lang)).to_pylist())
@@ -114,7 +114,8 @@ def test_part_tasks_on_ray_are_recorded_as_prefect_task_runs_of_the_flow(cluster
 
     root = str(tmp_path / "data")
     write_source(root, "sbu", CAPTIONS[2:5])
-    state = translate_flow(root=root, langs=["tr"], part_size=1, threads=1, executor="ray", return_state=True)
+    state = translate_flow({"langs": ["tr"], "part_size": 1, "threads": 1, "executor": "ray"}, root=root,
+                           return_state=True)
     assert state.is_completed()
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
@@ -131,7 +132,7 @@ def test_asking_for_gpus_on_a_cluster_without_any_is_one_clear_error(cluster, tm
     root = str(tmp_path / "data")
     write_source(root, "coco", CAPTIONS[:2])
     with pytest.raises(CCRKError, match="the Ray cluster has none"):
-        translate_flow(root=root, langs=["es"], device="cuda", executor="ray")
+        translate_flow({"langs": ["es"], "device": "cuda", "executor": "ray"}, root=root)
 
 
 def test_an_unknown_executor_is_one_clear_error(root):

@@ -28,7 +28,7 @@ def test_flow_translates_each_unique_text_once_and_a_rerun_only_new_texts(root):
 
     coco = write_source(root, "coco", ["a small red circle", "a  small red circle ", "", "   ",
                                        "a blue star on the left", "a large green heart"])
-    first = translate_flow(root=root, langs=["es", "ru"], part_size=2, threads=1)
+    first = translate_flow({"langs": ["es", "ru"], "part_size": 2, "threads": 1, "device": "cpu"}, root=root)
     by_lang = {r["lang"]: r for r in first["per_lang"]}
     assert by_lang["es"]["translated"] == 3 and by_lang["es"]["skipped_empty"] == 2
     assert {r["tgt_text"] for r in _all_rows(root, "es")} == {
@@ -38,7 +38,7 @@ def test_flow_translates_each_unique_text_once_and_a_rerun_only_new_texts(root):
     assert art.kind == "translation" and art.parents == [coco.version]
 
     sbu = write_source(root, "sbu", ["a small red circle", "a black square at the bottom"])
-    second = translate_flow(root=root, langs=["es", "ru"], part_size=2, threads=1)
+    second = translate_flow({"langs": ["es", "ru"], "part_size": 2, "threads": 1, "device": "cpu"}, root=root)
     by_lang = {r["lang"]: r for r in second["per_lang"]}
     assert by_lang["es"]["translated"] == 1 and by_lang["es"]["already_stored"] == 3
     rows = _all_rows(root, "es")
@@ -60,7 +60,8 @@ def test_killed_run_loses_at_most_the_parts_in_flight_and_resumes_without_duplic
 
     directory = store.lang_dir(root, model_id, DecodeSettings().decode_id(), "tr")
     script = ("from flows.translate import translate_flow\n"
-              f"translate_flow(root={root!r}, langs=['tr'], part_size=8, engine='transformers', threads=1)\n")
+              f"translate_flow({{'langs': ['tr'], 'part_size': 8, 'engine': 'transformers', 'threads': 1, "
+              f"'device': 'cpu'}}, root={root!r})\n")
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "CCRK_ROOT": root}
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -76,7 +77,7 @@ def test_killed_run_loses_at_most_the_parts_in_flight_and_resumes_without_duplic
 
     from flows.translate import translate_flow
 
-    resumed = translate_flow(root=root, langs=["tr"], part_size=8, threads=1)
+    resumed = translate_flow({"langs": ["tr"], "part_size": 8, "threads": 1, "device": "cpu"}, root=root)
     assert resumed["per_lang"][0]["already_stored"] == 8 * len(parts)
     rows = store.read_dir(directory).to_pylist()
     assert len(rows) == len({r["text_sha"] for r in rows}) == 240

@@ -7,6 +7,7 @@ one engine per device; workers take an engine for a part and give it back (one w
 """
 from __future__ import annotations
 
+import hashlib
 import queue
 import time
 from contextlib import contextmanager
@@ -14,7 +15,9 @@ from dataclasses import dataclass, field
 
 from translation import m2m, store
 from translation.engines.base import DecodeSettings, Engine, make_engine, resolve_devices
+from storage.versioning import canonical_json
 from translation.scores import score
+from translation.spec import Thresholds
 
 
 @dataclass
@@ -24,6 +27,7 @@ class PartJob:
     directory: str
     shas: list[str]
     texts: list[str]
+    thresholds: Thresholds | None = None  # the ok flag's (None: the defaults)
 
 
 @dataclass
@@ -39,7 +43,7 @@ class PartResult:
 
 
 def plan_parts(root: str, texts: dict[str, str], langs, model_id: str, decode_id: str,
-               part_size: int) -> tuple[list[PartJob], dict[str, int]]:
+               part_size: int, thresholds: Thresholds | None = None) -> tuple[list[PartJob], dict[str, int]]:
     """Parts to translate (missing texts only, sorted by sha for a stable order) and per-language
     counts of texts already stored."""
     jobs: list[PartJob] = []
@@ -52,7 +56,7 @@ def plan_parts(root: str, texts: dict[str, str], langs, model_id: str, decode_id
         first = store.next_part_index(directory)
         for k, start in enumerate(range(0, len(missing), part_size)):
             shas = missing[start:start + part_size]
-            jobs.append(PartJob(lang, first + k, directory, shas, [texts[s] for s in shas]))
+            jobs.append(PartJob(lang, first + k, directory, shas, [texts[s] for s in shas], thresholds))
     return jobs, cached
 
 
@@ -64,7 +68,7 @@ def translate_part(engine: Engine, job: PartJob, model_id: str, decode_id: str, 
     for sha, src, out in zip(job.shas, job.texts, outputs):
         rows.append({"text_sha": sha, "tgt_lang": job.lang, "src_text": src, "tgt_text": out.text,
                      "model_id": model_id, "decode_id": decode_id,
-                     **score(src, out.text, job.lang, truncated=out.truncated)})
+                     **score(src, out.text, job.lang, truncated=out.truncated, config=job.thresholds)})
     path = store.write_part(job.directory, job.index, rows)
     return PartResult(job.lang, job.index, path, len(rows), sum(not r["ok"] for r in rows),
                       sum(r["truncated"] for r in rows), time.perf_counter() - t0, rows[:n_samples])
@@ -111,6 +115,10 @@ def decode_settings(beam_size: int = 1, max_len_a: float = 1.5, max_len_b: int =
                           max_input_tokens=max_input_tokens)
 
 
-def ids_for(model_dir: str, settings: DecodeSettings) -> tuple[str, str]:
-    """(model_id, decode_id) of a model directory and decoding settings."""
-    return m2m.model_id(model_dir), settings.decode_id()
+def ids_for(model_dir: str, settings: DecodeSettings, thresholds: Thresholds | None = None) -> tuple[str, str]:
+    """(model_id, decode_id) of a model directory and decoding settings. Quality thresholds other than
+    the defaults set other ok flags, so they are part of the decode id (a store of their own)."""
+    decode_id = settings.decode_id()
+    if thresholds is not None and thresholds != Thresholds():
+        decode_id += "-q" + hashlib.sha256(canonical_json(thresholds.version_params()).encode()).hexdigest()[:8]
+    return m2m.model_id(model_dir), decode_id

@@ -21,12 +21,16 @@ class DistInfo:
 
 
 def init(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes (RANK / WORLD_SIZE / LOCAL_RANK), or run alone."""
+    """Join the process group torchrun describes (RANK / WORLD_SIZE / LOCAL_RANK), or run alone.
+
+    ``device``: auto | cpu | cuda (each rank its local GPU) | cuda:N (alone: that GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda and world == 1 and ":" in device:
+        dev = torch.device(device)
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

@@ -1,24 +1,49 @@
-"""Pre-training loop: streaming batches, AdamW with warm-up + linear decay, DDP, exact resume.
+"""The training loop, and pre-training through it: AdamW with warm-up + linear decay, DDP, bf16, exact resume.
+
+:func:`run_loop` trains a :class:`TrainJob` -- a model, an objective (``objective(batch, seed)`` ->
+``{"loss": ..., parts}``), a :class:`BatchSource` (this rank's batch of a global step, a pure
+function of the step) and its schedule -- into a run directory. Pre-training (:func:`train`, the
+K-lingual shards and the CCRk / CL2CM objectives) and retrieval fine-tuning
+(``ccrk.evaluation.protocols``, image-text pairs and the ITC + ITM loss) are two such jobs.
 
 A run directory holds ``config.json``, ``tokenizer/``, ``checkpoints/step-XXXXXXX/`` (model
 safetensors + run config + optimizer safetensors + ``trainer_state.json`` + per-rank RNG
 safetensors; no pickle), ``metrics.jsonl`` and ``loss_curve.png``. Exact resume restores model,
-optimiser, learning-rate step, RNG and the data stream position.
+optimiser, learning-rate step, RNG and the data position (the step).
+
+Progress goes to a ``progress(step, total, row)`` callable the caller supplies (the CLI draws a
+bar), else to the ``ccrk.trainer`` logger.
 """
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 import json
+import logging
 import math
 import os
 import shutil
-import sys
 import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
+import yaml
+from safetensors.torch import load_file, load_model, save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ccrk import distributed
+from ccrk.data import BatchStream, ImageTransform, heldout_slice
+from ccrk.model import build_model, latest_checkpoint, save_model
+from ccrk.objectives import build_objective
 from storage import atomic
+from storage.catalog import Artifact, Catalog
+from storage.errors import CCRKError
+from storage.versioning import content_version
+
+log = logging.getLogger("ccrk.trainer")
 
 TRAIN_DEFAULTS = {"batch_size": 32, "steps": None, "epochs": None, "lr": 1e-4, "lr_new_mult": 2.0,
                   "weight_decay": 0.01, "betas": [0.9, 0.98], "warmup": 0.03, "clip": 1.0, "bf16": True,
@@ -30,10 +55,6 @@ TRAIN_DEFAULTS = {"batch_size": 32, "steps": None, "epochs": None, "lr": 1e-4, "
 
 
 def load_config(path: str) -> dict:
-    import yaml
-
-    from storage.errors import CCRKError
-
     if not os.path.exists(path):
         raise CCRKError(f"config file {path} does not exist")
     with open(path, encoding="utf-8") as f:
@@ -56,9 +77,6 @@ def normalise_config(config: dict) -> dict:
 def dataset_version(dataset_dir: str, root: str | None = None) -> tuple[str, bool]:
     """(version, in_catalog): the dataset's catalog version (its directory name under
     datasets/<name>/), else a hash of its shard names and sizes."""
-    from storage.catalog import Catalog
-    from storage.versioning import content_version
-
     dataset_dir = os.path.abspath(dataset_dir)
     candidate = os.path.basename(dataset_dir.rstrip("/"))
     try:
@@ -77,8 +95,6 @@ def dataset_version(dataset_dir: str, root: str | None = None) -> tuple[str, boo
 
 
 def run_id(config: dict, dataset_ver: str) -> str:
-    from storage.versioning import content_version
-
     return content_version("run", [dataset_ver], {"config": config, "seed": config["seed"]})
 
 
@@ -151,10 +167,6 @@ def _restore_optimizer(opt, tensors: dict, meta: dict) -> None:
 def save_checkpoint(run_dir: str, step: int, model, opt, config: dict, position, info: distributed.DistInfo,
                     keep: int) -> str:
     """Write checkpoints/step-XXXXXXX atomically (a temp dir renamed at the end)."""
-    from safetensors.torch import save_file
-
-    from ccrk.model import save_model
-
     root = os.path.join(run_dir, "checkpoints")
     final = os.path.join(root, f"step-{step:07d}")
     tmp = os.path.join(root, f".tmp-step-{step:07d}")
@@ -184,8 +196,6 @@ def save_checkpoint(run_dir: str, step: int, model, opt, config: dict, position,
 
 
 def load_checkpoint(ckpt: str, model, opt, info: distributed.DistInfo) -> dict:
-    from safetensors.torch import load_file, load_model
-
     load_model(model, os.path.join(ckpt, "model.safetensors"), device=str(info.device))
     with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
         state = json.load(f)
@@ -252,7 +262,8 @@ def plot_losses(rows: list[dict], out_png: str, title: str) -> str:
             ax2.plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=key)
     if evals:
         ax2.axhline(evals[-1]["chance"], color="gray", linestyle="--", label="chance")
-    ax2.set_xlabel("step"), ax2.set_ylabel("held-out R@1"), ax2.set_ylim(0, 1), ax2.legend()
+        ax2.legend()
+    ax2.set_xlabel("step"), ax2.set_ylabel("held-out R@1"), ax2.set_ylim(0, 1)
     fig.tight_layout()
     with atomic.atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
@@ -263,8 +274,6 @@ def plot_losses(rows: list[dict], out_png: str, title: str) -> str:
 @torch.no_grad()
 def retrieval_r1(model, heldout, config: dict, tokenizer, device) -> dict:
     """R@1 image->text (any of the image's captions, every language) and text->image on the held-out slice."""
-    from ccrk.data import ImageTransform
-
     was_training = model.training
     model.eval()
     transform = ImageTransform(config, train=False)
@@ -291,42 +300,183 @@ def retrieval_r1(model, heldout, config: dict, tokenizer, device) -> dict:
 
 # ---------------------------------------------------------------------- the loop
 
+StepProgress = Callable[[int, int, "dict | None"], None]
+"""``progress(step, total, row)``: at the start (the resumed step) and after every step; ``row`` is
+the metrics row when that step logged one (loss, samples/s, ...), else None. Called on rank 0 only.
+(Not ``storage.progress.Progress``, which counts items: a training run reports its losses too.)"""
+
+
+class BatchSource(Protocol):
+    """This rank's batches by global step: batch ``s`` is a pure function of (seed, ``s``), so the
+    data position of a run is its step."""
+
+    per_epoch: int  # global steps per epoch
+
+    def loader(self, start: int, num_workers: int = 0) -> Iterable[dict]:
+        """Batches ``start, start + 1, ...`` (endless): dicts of tensors, ``pixel_values`` [B, ...] among them."""
+
+
+@dataclass
+class TrainJob:
+    """What :func:`run_loop` trains: a model, its loss, its batches and its schedule.
+
+    ``objective(batch, seed)`` returns ``{"loss": ..., parts}``; it has ``uses_all_parameters`` (DDP)
+    and may have ``after_step()`` (run after every optimiser step). ``settings`` holds the schedule
+    keys of ``TRAIN_DEFAULTS`` (warmup, clip, bf16, log_every, checkpoint_every, keep_checkpoints,
+    eval_every); every optimiser group has a ``base_lr``.
+    """
+
+    model: nn.Module
+    objective: nn.Module
+    batches: BatchSource
+    optimizer: torch.optim.Optimizer
+    settings: dict
+    total_steps: int
+    config: dict  # written to config.json and with every checkpoint
+    seed: int
+    tokenizer: Any = None
+    evaluate: Callable[[], dict] | None = None  # held-out metrics every eval_every steps (rank 0)
+    num_workers: int = 0
+
+
+@dataclass
+class LoopResult:
+    step: int
+    resumed_from: str | None
+    rows: list[dict] = field(default_factory=list)  # metrics.jsonl (rank 0; empty elsewhere)
+    last_eval: dict = field(default_factory=dict)
+
+
+def step_loader(dataset: torch.utils.data.Dataset, start: int, num_workers: int = 0):
+    """A map-style dataset's items ``start, start+1, ...`` (endless), built in ``num_workers`` processes, in order."""
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=itertools.count(start),
+                                       num_workers=num_workers, persistent_workers=num_workers > 0,
+                                       prefetch_factor=4 if num_workers else None)
+
+
+def log_progress(step: int, total: int, row: dict | None) -> None:
+    """The progress of a run without a caller's: each logged row as a line of the ``ccrk.trainer`` logger."""
+    if row is not None:
+        log.info("step %d/%d loss %.4f (%.1f samples/s)", step, total, row["loss"], row["samples_per_s"])
+
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return ((seed * 1_000_003 + step) * 1009 + rank) % (2 ** 62)
 
 
-def _progress(enabled: bool, total: int, completed: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+class _Window:
+    """The steps since the last logged row: their values' mean and the samples per second."""
 
-    from ccrk.app.console import err_console
+    def __init__(self):
+        self.reset()
 
-    return Progress(TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-                    TextColumn("{task.fields[sps]:.1f} samples/s  loss {task.fields[loss]:.3f}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
-                    disable=not (enabled and sys.stderr.isatty()))
+    def reset(self) -> None:
+        self.values: list[dict] = []
+        self.samples, self.t0 = 0, time.perf_counter()
+
+    def add(self, values: dict, samples: int) -> None:
+        self.values.append(values)
+        self.samples += samples
+
+    def row(self, step: int, job: TrainJob, info: distributed.DistInfo) -> dict:
+        """The window's metrics row, averaged over ranks (a collective: every rank calls it)."""
+        elapsed = time.perf_counter() - self.t0
+        row = {k: sum(w[k] for w in self.values) / len(self.values) for k in self.values[0]}
+        row = distributed.mean_across(row, info.device)
+        row.update(step=step, epoch=step / job.batches.per_epoch, lr=job.optimizer.param_groups[0]["lr"],
+                   temp=float(job.model.temp.detach()),
+                   samples_per_s=self.samples * info.world / max(elapsed, 1e-9))
+        self.reset()
+        return row
 
 
-def train(config: dict, dataset_dir: str, run_dir: str, resume: bool = False, root: str | None = None,
-          max_steps: int | None = None) -> dict:
-    """Pre-train from the K-lingual shards in ``dataset_dir`` into ``run_dir``; returns a summary.
+def _open_run(job: TrainJob, run_dir: str, info: distributed.DistInfo, resume: bool):
+    """(step, resumed_from, metrics log): the latest checkpoint loaded when ``resume``; config and tokenizer written."""
+    step, resumed_from = 0, None
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt:
+        state = load_checkpoint(ckpt, job.model, job.optimizer, info)
+        step, resumed_from = state["step"], ckpt
+    if info.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        atomic.write_json(os.path.join(run_dir, "config.json"), job.config)
+        if hasattr(job.tokenizer, "save_pretrained"):
+            job.tokenizer.save_pretrained(os.path.join(run_dir, "tokenizer"))
+    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), step if resume else None) if info.is_main else None
+    distributed.barrier()
+    return step, resumed_from, metrics
 
-    ``max_steps`` stops early (the schedule still spans the configured steps): tests use it to cut a
-    run that ``resume`` then continues.
+
+def _parallel(objective: nn.Module, info: distributed.DistInfo) -> nn.Module:
+    if info.world == 1:
+        return objective
+    return DDP(objective, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+               find_unused_parameters=not objective.uses_all_parameters)
+
+
+def _train_step(job: TrainJob, net: nn.Module, batch: dict, step: int, info: distributed.DistInfo,
+                use_bf16: bool) -> tuple[dict, int]:
+    """One optimiser step at ``step``; (the step's loss values and gradient norm, this rank's batch size)."""
+    batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
+    opt = job.optimizer
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * lr_factor(step, job.total_steps, job.settings["warmup"])
+    with torch.autocast(device_type=info.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        out = net(batch, _step_seed(job.seed, step, info.rank))
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), job.settings["clip"])
+    opt.step()
+    after_step = getattr(job.objective, "after_step", None)
+    if after_step is not None:
+        after_step()
+    values = {k: float(v.detach()) for k, v in out.items()} | {"grad_norm": float(grad_norm)}
+    return values, int(batch["pixel_values"].shape[0])
+
+
+def run_loop(job: TrainJob, run_dir: str, info: distributed.DistInfo, resume: bool = False,
+             max_steps: int | None = None, progress: StepProgress | None = None) -> LoopResult:
+    """Train ``job`` into ``run_dir`` (from its latest checkpoint when ``resume``) up to its last step.
+
+    ``max_steps`` stops early (the schedule still spans ``job.total_steps``): a cut run that a
+    resumed one continues. A row is logged every ``log_every`` steps and at every checkpoint, so
+    what a run resumed from a checkpoint logs is what an uninterrupted run logs after it.
     """
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    s, total = job.settings, job.total_steps
+    step, resumed_from, metrics = _open_run(job, run_dir, info, resume)
+    net = _parallel(job.objective, info)
+    use_bf16 = bool(s["bf16"]) and info.device.type == "cuda"
+    stop = min(total, max_steps) if max_steps else total
+    report = progress or log_progress
+    window, last_eval = _Window(), {}
+    job.model.train()
+    if info.is_main:
+        report(step, total, None)
+    batches = iter(job.batches.loader(step, job.num_workers))
+    while step < stop:
+        values, samples = _train_step(job, net, next(batches), step, info, use_bf16)
+        step += 1
+        window.add(values, samples)
+        checkpoint = step % s["checkpoint_every"] == 0 or step == stop
+        row = window.row(step, job, info) if step % s["log_every"] == 0 or checkpoint else None
+        if info.is_main:
+            if row is not None:
+                metrics.write(row)
+            report(step, total, row)
+            if job.evaluate is not None and (step % s["eval_every"] == 0 or step == stop):
+                last_eval = job.evaluate()
+                metrics.write({"step": step, **last_eval})
+        if checkpoint:
+            save_checkpoint(run_dir, step, job.model, job.optimizer, job.config, step, info, s["keep_checkpoints"])
+    return LoopResult(step, resumed_from, metrics.rows() if info.is_main else [], last_eval)
 
-    from ccrk.app.console import console
-    from ccrk.data import BatchStream, heldout_slice
-    from ccrk.model import build_model, latest_checkpoint
-    from ccrk.objectives import build_objective
-    from storage.catalog import Artifact, Catalog
 
-    config = normalise_config(config)
-    ds_ver, ds_known = dataset_version(dataset_dir, root)
-    version = run_id(config, ds_ver)
+# ---------------------------------------------------------------------- pre-training
+
+
+def pretrain_job(config: dict, dataset_dir: str, info: distributed.DistInfo) -> TrainJob:
+    """The pre-training job of a normalised config: the model, its objective, the shards' batch stream."""
     tcfg = config["train"]
-    info = distributed.init(config.get("device", "auto"))
     if tcfg.get("threads"):
         torch.set_num_threads(int(tcfg["threads"]))
     torch.manual_seed(config["seed"])  # identical initialisation on every rank
@@ -334,89 +484,51 @@ def train(config: dict, dataset_dir: str, run_dir: str, resume: bool = False, ro
     model.to(info.device)
     objective = build_objective(model, config, tokenizer).to(info.device)
     opt = make_optimizer(model, tcfg)
-
     n_heldout = int(tcfg["heldout"] or 0)
     heldout = heldout_slice(dataset_dir, config, n_heldout) if n_heldout else []
     stream = BatchStream(dataset_dir, config, tokenizer, info.rank, info.world, heldout=n_heldout)
-    global_batch = tcfg["batch_size"] * info.world
     total = int(tcfg["steps"]) if tcfg["steps"] else max(1, int(tcfg["epochs"] or 1) * stream.per_epoch)
     config["train"]["total_steps"] = total
+    evaluate = functools.partial(retrieval_r1, model, heldout, config, tokenizer, info.device) if heldout else None
+    return TrainJob(model, objective, stream, opt, tcfg, total, config, config["seed"], tokenizer, evaluate,
+                    int(config.get("data", {}).get("num_workers", 0)))
 
-    # The data position is the number of global batches consumed, which is the step.
-    step, resumed_from = 0, None
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt:
-        state = load_checkpoint(ckpt, model, opt, info)
-        step, resumed_from = state["step"], ckpt
+
+def _record_pretrain(summary: dict, result: LoopResult, config: dict, dataset_dir: str, ds_ver: str,
+                     ds_known: bool, root: str | None) -> None:
+    """Rank 0's end of a pre-training run: losses in the summary, the loss curve, summary.json, the catalog."""
+    run_dir = summary["run_dir"]
+    train_rows = [r for r in result.rows if "loss" in r]
+    summary.update(first_loss=train_rows[0]["loss"] if train_rows else None,
+                   final_loss=train_rows[-1]["loss"] if train_rows else None,
+                   samples_per_s=train_rows[-1]["samples_per_s"] if train_rows else None, **result.last_eval)
+    summary["loss_curve"] = plot_losses(result.rows, os.path.join(run_dir, "loss_curve.png"), config["name"])
+    atomic.write_json(os.path.join(run_dir, "summary.json"), summary)
+    Catalog(root).record(Artifact(version=summary["run_id"], kind="run", name=config["name"],
+                                  path=os.path.abspath(run_dir),
+                                  params={"config": config, "dataset": os.path.abspath(dataset_dir),
+                                          "dataset_version": ds_ver},
+                                  stats={k: v for k, v in summary.items() if k != "run_dir"},
+                                  parents=[ds_ver] if ds_known else []))
+
+
+def train(config: dict, dataset_dir: str, run_dir: str, resume: bool = False, root: str | None = None,
+          max_steps: int | None = None, progress: StepProgress | None = None) -> dict:
+    """Pre-train from the K-lingual shards in ``dataset_dir`` into ``run_dir``; returns a summary.
+
+    ``max_steps`` stops early (the schedule still spans the configured steps): tests use it to cut a
+    run that ``resume`` then continues. ``progress``: see :data:`StepProgress` (default: the logger).
+    """
+    config = normalise_config(config)
+    ds_ver, ds_known = dataset_version(dataset_dir, root)
+    version = run_id(config, ds_ver)
+    info = distributed.init(config.get("device", "auto"))
+    job = pretrain_job(config, dataset_dir, info)
+    result = run_loop(job, run_dir, info, resume, max_steps, progress)
+    summary = {"run_dir": run_dir, "run_id": version, "steps": result.step, "total_steps": job.total_steps,
+               "resumed_from": result.resumed_from, "skipped_samples": job.batches.skipped,
+               "rejected_captions": job.batches.rejected_captions, "world": info.world}
     if info.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        atomic.write_json(os.path.join(run_dir, "config.json"), config)
-        tokenizer.save_pretrained(os.path.join(run_dir, "tokenizer"))
-    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), step if resume else None) if info.is_main else None
-    distributed.barrier()
-
-    net = objective
-    if info.world > 1:
-        net = DDP(objective, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-                  find_unused_parameters=not objective.uses_all_parameters)
-    use_bf16 = bool(tcfg["bf16"]) and info.device.type == "cuda"
-    stop = min(total, max_steps) if max_steps else total
-    window: list[dict] = []
-    t_window = time.perf_counter()
-    last_eval: dict = {}
-    model.train()
-    tty = sys.stderr.isatty()
-    with _progress(info.is_main, total, step) as progress:
-        task = progress.add_task("pretrain", total=total, completed=step, sps=0.0, loss=float("nan"))
-        batches = iter(stream.loader(step, int(config.get("data", {}).get("num_workers", 0))))
-        while step < stop:
-            batch = next(batches)
-            batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * lr_factor(step, total, tcfg["warmup"])
-            with torch.autocast(device_type=info.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = net(batch, _step_seed(config["seed"], step, info.rank))
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["clip"])
-            opt.step()
-            step += 1
-            window.append({k: float(v.detach()) for k, v in out.items()} | {"grad_norm": float(grad_norm)})
-            if step % tcfg["log_every"] == 0 or step == stop:
-                elapsed = time.perf_counter() - t_window
-                row = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-                row = distributed.mean_across(row, info.device)
-                row.update(step=step, epoch=step / stream.per_epoch, lr=opt.param_groups[0]["lr"], temp=float(model.temp.detach()),
-                           samples_per_s=len(window) * global_batch / max(elapsed, 1e-9))
-                if info.is_main:
-                    metrics.write(row)
-                    progress.update(task, completed=step, sps=row["samples_per_s"], loss=row["loss"])
-                    if not tty:
-                        console.print(f"step {step}/{total} loss {row['loss']:.4f} "
-                                      f"({row['samples_per_s']:.1f} samples/s)")
-                window, t_window = [], time.perf_counter()
-            if heldout and info.is_main and (step % tcfg["eval_every"] == 0 or step == stop):
-                last_eval = retrieval_r1(model, heldout, config, tokenizer, info.device)
-                metrics.write({"step": step, **last_eval})
-            if step % tcfg["checkpoint_every"] == 0 or step == stop:
-                save_checkpoint(run_dir, step, model, opt, config, step, info, tcfg["keep_checkpoints"])
-
-    summary = {"run_dir": run_dir, "run_id": version, "steps": step, "total_steps": total, "resumed_from": resumed_from,
-               "skipped_samples": stream.skipped, "rejected_captions": stream.rejected_captions,
-               "world": info.world}
-    if info.is_main:
-        rows = metrics.rows()
-        train_rows = [r for r in rows if "loss" in r]
-        summary.update(first_loss=train_rows[0]["loss"] if train_rows else None,
-                       final_loss=train_rows[-1]["loss"] if train_rows else None,
-                       samples_per_s=train_rows[-1]["samples_per_s"] if train_rows else None, **last_eval)
-        summary["loss_curve"] = plot_losses(rows, os.path.join(run_dir, "loss_curve.png"), config["name"])
-        atomic.write_json(os.path.join(run_dir, "summary.json"), summary)
-        Catalog(root).record(Artifact(version=version, kind="run",
-                                      name=config["name"], path=os.path.abspath(run_dir),
-                                      params={"config": config, "dataset": os.path.abspath(dataset_dir),
-                                              "dataset_version": ds_ver},
-                                      stats={k: v for k, v in summary.items() if k != "run_dir"},
-                                      parents=[ds_ver] if ds_known else []))
+        _record_pretrain(summary, result, config, dataset_dir, ds_ver, ds_known, root)
     distributed.barrier()
     return summary

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from ccrk.model import latest_checkpoint
+from ccrk.trainer import dataset_version, load_config, run_id, train
 from flows.artifacts import publish_link, publish_table
+from storage import layout
 
 
 def resolve_run(config: dict, dataset_dir: str, root: str | None, run_dir: str | None = None) -> tuple[str, str, dict | None]:
     """(run id, run dir, the finished run's summary or None)."""
-    from ccrk.trainer import dataset_version, run_id
-    from storage import layout
-
     root = layout.data_root(root)
     version = run_id(config, dataset_version(dataset_dir, root)[0])
     run_dir = os.path.abspath(run_dir) if run_dir else layout.run_dir(root, version)
@@ -32,19 +33,19 @@ def resolve_run(config: dict, dataset_dir: str, root: str | None, run_dir: str |
 
 
 @task(name="pretrain", cache_policy=NO_CACHE)
-def train_task(config: dict, dataset_dir: str, run_dir: str, resume: bool, root: str | None) -> dict:
-    from ccrk.trainer import train
-
-    return train(config, dataset_dir, run_dir, resume=resume, root=root)
+def train_task(config: dict, dataset_dir: str, run_dir: str, resume: bool, root: str | None,
+               progress: Callable | None = None) -> dict:
+    return train(config, dataset_dir, run_dir, resume=resume, root=root, progress=progress)
 
 
 @flow(name="pretrain")
 def pretrain_flow(config: dict | str, dataset_dir: str, run_dir: str | None = None, resume: bool = False,
-                  root: str | None = None) -> dict:
-    """Train one run (``config`` a dict or a YAML path); a finished run is skipped and says so."""
-    from ccrk.model import latest_checkpoint
-    from ccrk.trainer import load_config
+                  root: str | None = None, progress: Callable | None = None) -> dict:
+    """Train one run (``config`` a dict or a YAML path); a finished run is skipped and says so.
 
+    ``progress``: the training loop's ``progress(step, total, row)`` (ccrk.trainer.StepProgress), e.g. the
+    CLI's bar; without one the loop logs to the ``ccrk.trainer`` logger.
+    """
     if isinstance(config, str):
         config = load_config(config)
     dataset_dir = os.path.abspath(dataset_dir)
@@ -55,7 +56,7 @@ def pretrain_flow(config: dict | str, dataset_dir: str, run_dir: str | None = No
             done["loss_curve"] = os.path.join(run_dir, os.path.basename(done["loss_curve"]))
         return done
     resume = resume or latest_checkpoint(run_dir) is not None
-    summary = train_task(config, dataset_dir, run_dir, resume, root)
+    summary = train_task(config, dataset_dir, run_dir, resume, root, progress)
     summary.update(run_dir=run_dir, skipped=False)
     publish_table("pretrain-summary", [{"metric": k, "value": str(v)} for k, v in summary.items()],
                   description=f"pre-training run {summary.get('run_id')}")

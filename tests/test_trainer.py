@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -31,9 +32,12 @@ def _losses(run_dir):
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-def test_resume_gives_the_uninterrupted_next_step_losses(dataset, tmp_path, root):
+def test_resume_gives_the_uninterrupted_next_step_losses(dataset, tmp_path, root, caplog):
     config = small_config()
-    train(config, dataset, str(tmp_path / "straight"), root=root)
+    with caplog.at_level(logging.INFO, logger="ccrk.trainer"):  # no progress given: the loop logs its rows
+        train(config, dataset, str(tmp_path / "straight"), root=root)
+    assert [r.getMessage().split(" loss")[0] for r in caplog.records if r.name == "ccrk.trainer"] == \
+        [f"step {s}/4" for s in (1, 2, 3, 4)]
     train(config, dataset, str(tmp_path / "cut"), root=root, max_steps=2)  # checkpoint at step 2, then "killed"
     assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["step-0000002"]
     summary = train(config, dataset, str(tmp_path / "cut"), resume=True, root=root)
@@ -44,7 +48,7 @@ def test_resume_gives_the_uninterrupted_next_step_losses(dataset, tmp_path, root
         assert resumed[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6)
 
 
-def test_cli_runs_the_flow_and_records_the_run(dataset, tmp_path, root):
+def test_cli_runs_the_flow_and_records_the_run(dataset, tmp_path, root, capsys):
     import yaml
 
     from ccrk.app.cli import main
@@ -55,6 +59,7 @@ def test_cli_runs_the_flow_and_records_the_run(dataset, tmp_path, root):
     cfg_path.write_text(yaml.safe_dump(small_config(steps=2, checkpoint_every=1, keep_checkpoints=1)))
     out = tmp_path / "run"
     assert main(["pretrain", "--dataset", dataset, "--config", str(cfg_path), "--out", str(out)]) == 0
+    assert "step 2/2 loss" in capsys.readouterr().out  # the CLI's progress: a line per row off a terminal
     ckpt = out / "checkpoints" / "step-0000002"
     assert sorted(os.listdir(out / "checkpoints")) == ["step-0000002"]  # keep_checkpoints: 1
     for name in ("model.safetensors", "config.json", "optimizer.safetensors", "trainer_state.json",

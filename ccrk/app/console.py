@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
@@ -29,6 +29,29 @@ def progress_bar(description: str, total: int | None, unit: str = "items") -> It
 
         advance.set_total = lambda n: prog.update(task, total=n)  # once it is known
         yield advance
+
+
+@contextmanager
+def training_progress(label: str) -> Iterator[Callable[[int, int, dict | None], None]]:
+    """A training loop's ``progress(step, total, row)`` (ccrk.trainer.StepProgress): a bar with samples/s
+    and the loss on a terminal (stderr), else a line per logged row on stdout."""
+    tty = sys.stderr.isatty()
+    prog = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                    TextColumn("{task.fields[sps]:.1f} samples/s  loss {task.fields[loss]:.3f}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=not tty)
+    task = None
+
+    def progress(step: int, total: int, row: dict | None = None) -> None:
+        nonlocal task
+        if task is None:
+            task = prog.add_task(label, total=total, completed=step, sps=0.0, loss=float("nan"))
+        fields = {"sps": row["samples_per_s"], "loss": row["loss"]} if row else {}
+        prog.update(task, completed=step, **fields)
+        if row and not tty:
+            console.print(f"step {step}/{total} loss {row['loss']:.4f} ({row['samples_per_s']:.1f} samples/s)")
+
+    with prog:
+        yield progress
 
 
 def track(items: Iterable, description: str, total: int | None = None, unit: str = "items") -> Iterator:

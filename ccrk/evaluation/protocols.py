@@ -8,10 +8,13 @@ The fine-tuning loss is the reference's: ITC whose positives are every pair shar
 plus ITM on the positives and one hard negative text per image and image per text, drawn with
 probability softmax(ITC similarity / temperature) among pairs of other images.
 
-A fine-tune writes a run directory (``runs/<id>/``: ``checkpoints/step-XXXXXXX/`` in the model's
-checkpoint layout, ``tokenizer/``, ``finetune.jsonl``) recorded in the catalog as kind ``run``
-with the starting run as parent. A checkpoint is written after every epoch; a killed fine-tune
-resumes from its last epoch (with a fresh optimiser state at the right learning-rate step).
+Fine-tuning runs through the pre-training loop (``ccrk.trainer.run_loop``: DDP, bf16 autocast on
+GPUs, exact step resume) with :class:`PairBatches` as its batches and :class:`FinetuneObjective` as
+its loss. A fine-tune writes a run directory (``runs/<id>/``) in the trainer's layout --
+``config.json``, ``tokenizer/``, ``checkpoints/step-XXXXXXX/`` (model, optimizer, trainer state,
+per-rank RNG), ``metrics.jsonl``, ``loss_curve.png`` -- recorded in the catalog as kind ``run``
+with the starting run as parent. A checkpoint is written at the end of every epoch; a killed
+fine-tune resumes from its latest checkpoint exactly as if it had not stopped.
 
 When the checkpoint's config has ``data: {pre_caption: true}``, training and test captions go through
 the authors' normalisation at the benchmark's word limit (``benchmarks.MAX_WORDS``), as in their
@@ -29,10 +32,16 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ccrk import losses
+from ccrk import distributed, losses, trainer
+from ccrk.data import image_transform, uses_pre_caption
 from ccrk.evaluation import benchmarks as bm
-from storage import atomic, layout
+from ccrk.evaluation import reports
+from ccrk.evaluation.retrieval import evaluate_benchmark
+from ccrk.model import latest_checkpoint, load_pretrained
+from storage import layout
+from storage.catalog import Artifact, Catalog
 from storage.errors import CCRKError
 from storage.versioning import content_version, file_sha256
 
@@ -81,16 +90,151 @@ def finetune_loss(model, pixel_values, input_ids, attention_mask, image_ids, gen
 
 # --------------------------------------------------------------------------- training
 
+# The loop's settings for fine-tuning beside FINETUNE_DEFAULTS' schedule (a key of either may be
+# given in train_pairs' ``hp``): gradients clipped at 1.0 and AdamW's default betas, as before the
+# trainer ran fine-tuning; bf16 autocast on GPUs as in pre-training; checkpoint_every None = an
+# epoch (a row is logged there too, so the epoch's mean loss is read off the rows).
+FINETUNE_LOOP = {"clip": 1.0, "bf16": True, "betas": [0.9, 0.999], "log_every": 10, "checkpoint_every": None,
+                 "keep_checkpoints": 2, "eval_every": 0}
 
-def _lr_factor(step: int, total: int, warmup: float) -> float:
-    n_warm = max(1, math.ceil(warmup * total))
-    if step < n_warm:
-        return (step + 1) / n_warm
-    return max(0.0, (total - step) / max(1, total - n_warm))
+
+class FinetuneObjective(nn.Module):
+    """:func:`finetune_loss` as the trainer's objective; the hard negatives are drawn from the step's seed."""
+
+    uses_all_parameters = False  # the MLM head is idle (DDP must know)
+
+    def __init__(self, model, temp_clamp: bool = False):
+        super().__init__()
+        self.model, self.temp_clamp = model, temp_clamp
+
+    def forward(self, batch: dict, seed: int) -> dict:
+        gen = torch.Generator(device=batch["input_ids"].device).manual_seed(seed)
+        return finetune_loss(self.model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                             batch["image_ids"], gen)
+
+    def after_step(self) -> None:
+        if self.temp_clamp:
+            self.model.clamp_temp()
+
+
+def augment_rng(seed: int, epoch: int, position: int) -> random.Random:
+    return random.Random(f"{seed}/{epoch}/augment/{position}")
+
+
+class PairBatches(torch.utils.data.Dataset):
+    """This rank's fine-tuning batches as a map from the global step: a pure function of (seed, step).
+
+    Epoch ``e`` is the pairs as ``random.Random(f"{seed}/{e}")`` shuffles them; its global batch
+    ``b`` is positions ``[b*B*W, (b+1)*B*W)`` (the last one partial), of which rank r reads its
+    contiguous share: B positions, and in the last batch an even share, padded from the epoch's
+    start so every rank has as many rows (their features are gathered). The image at position p is
+    augmented by :func:`augment_rng` (seed, e, p).
+    """
+
+    def __init__(self, pairs: Sequence[bm.TrainPair], config: dict, tokenizer, batch_size: int, seed: int,
+                 rank: int = 0, world: int = 1):
+        self.pairs, self.tok, self.batch_size, self.seed = list(pairs), tokenizer, int(batch_size), int(seed)
+        self.rank, self.world = rank, world
+        self.transform = image_transform(config, train=True)
+        self.max_tokens = _max_tokens(config)
+        self.id_index = {i: n for n, i in enumerate(dict.fromkeys(p.image_id for p in self.pairs))}
+        self.per_epoch = math.ceil(len(self.pairs) / (self.batch_size * world))
+        self._order: tuple[int, list[int]] | None = None
+
+    def order(self, epoch: int) -> list[int]:
+        if self._order is None or self._order[0] != epoch:
+            order = list(range(len(self.pairs)))
+            random.Random(f"{self.seed}/{epoch}").shuffle(order)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def positions(self, number: int) -> tuple[int, list[int]]:
+        """(epoch, this rank's positions in the epoch's order) of global batch ``number``; positions
+        past the epoch's end stand for the epoch's first ones."""
+        epoch, b = divmod(int(number), self.per_epoch)
+        start = b * self.batch_size * self.world
+        share = math.ceil(min(self.batch_size * self.world, len(self.pairs) - start) / self.world)
+        first = start + self.rank * share
+        return epoch, list(range(first, first + share))
+
+    def __getitem__(self, number: int) -> dict:
+        epoch, positions = self.positions(number)
+        order = self.order(epoch)
+        batch = [self.pairs[order[p % len(order)]] for p in positions]
+        pixels = torch.stack([self.transform(pair.image.open(), augment_rng(self.seed, epoch, p))
+                              for pair, p in zip(batch, positions)])
+        enc = self.tok([p.caption for p in batch], padding="longest", truncation=True, max_length=self.max_tokens,
+                       return_tensors="pt")
+        return {"pixel_values": pixels, "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "image_ids": torch.tensor([self.id_index[p.image_id] for p in batch], dtype=torch.long)}
+
+    def loader(self, start: int, num_workers: int = 0):
+        return trainer.step_loader(self, start, num_workers)
 
 
 def _max_tokens(config: dict) -> int:
     return int(config.get("data", {}).get("max_tokens", 40))
+
+
+def finetune_job(model, tokenizer, config: dict, pairs: Sequence[bm.TrainPair], hp: dict,
+                 info: distributed.DistInfo, num_workers: int = 0) -> trainer.TrainJob:
+    """The trainer's job for fine-tuning ``model`` on ``pairs`` with ``hp`` (FINETUNE_DEFAULTS' keys,
+    and optionally FINETUNE_LOOP's): one AdamW group over every parameter, the lr schedule of
+    pre-training (linear warm-up, linear decay to 0) over ``epochs``."""
+    batches = PairBatches(pairs, config, tokenizer, hp["batch_size"], hp["seed"], info.rank, info.world)
+    total = batches.per_epoch * int(hp["epochs"])
+    settings = {**FINETUNE_LOOP, **{k: hp[k] for k in FINETUNE_LOOP if k in hp}, "warmup": hp["warmup"]}
+    settings["checkpoint_every"] = settings["checkpoint_every"] or batches.per_epoch
+    group = {"params": [p for p in model.parameters() if p.requires_grad], "lr": hp["lr"], "base_lr": hp["lr"],
+             "weight_decay": hp["weight_decay"]}
+    opt = trainer.adamw([group], lr=hp["lr"], betas=tuple(settings["betas"]), weight_decay=hp["weight_decay"])
+    run_config = {**config, "finetune": {**hp, "steps_per_epoch": batches.per_epoch, "total_steps": total,
+                                         "pairs": len(batches.pairs)}}
+    return trainer.TrainJob(model, FinetuneObjective(model, hp["temp_clamp"]), batches, opt, settings, total,
+                            run_config, int(hp["seed"]), tokenizer, num_workers=num_workers)
+
+
+def last_epoch_means(rows: list[dict], per_epoch: int, keys=("loss", "itc", "itm")) -> dict:
+    """The mean of ``keys`` over the steps of the last (possibly unfinished) epoch, from the logged
+    rows (each the mean of the steps since the row before it)."""
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return {}
+    end = rows[-1]["step"]
+    epoch_start = (end - 1) // per_epoch * per_epoch
+    sums, steps, prev = dict.fromkeys(keys, 0.0), 0, 0
+    for r in rows:
+        n = r["step"] - max(prev, epoch_start)
+        if n > 0:
+            steps += n
+            for k in keys:
+                sums[k] += r[k] * n
+        prev = r["step"]
+    return {k: v / steps for k, v in sums.items()}
+
+
+def train_pairs(model, tokenizer, config: dict, pairs: Sequence[bm.TrainPair], run_dir: str, hp: dict,
+                info: distributed.DistInfo | None = None, max_steps: int | None = None,
+                progress: trainer.StepProgress | None = None, num_workers: int = 0) -> dict:
+    """Fine-tune ``model`` (on ``info.device``) on ``pairs`` through the trainer's loop, resuming from
+    the run's latest checkpoint; returns a summary. ``max_steps`` stops early (tests: a cut run)."""
+    if not pairs:
+        raise CCRKError("no training pairs to fine-tune on")
+    info = info or distributed.DistInfo(device=next(model.parameters()).device)
+    torch.manual_seed(int(hp["seed"]))  # dropout and drop-path, identical on every rank
+    job = finetune_job(model, tokenizer, config, pairs, hp, info, num_workers)
+    result = trainer.run_loop(job, run_dir, info, resume=True, max_steps=max_steps, progress=progress)
+    model.eval()
+    per_epoch = job.batches.per_epoch
+    summary = {"run_dir": run_dir, "checkpoint": latest_checkpoint(run_dir), "epochs": result.step // per_epoch,
+               "epoch": result.step / per_epoch, "step": result.step, "total_steps": job.total_steps,
+               "resumed_from": result.resumed_from, "pairs": len(job.batches.pairs), "world": info.world,
+               **last_epoch_means(result.rows, per_epoch), "temp": float(model.temp.detach())}
+    if info.is_main and result.rows:
+        summary["loss_curve"] = trainer.plot_losses(result.rows, os.path.join(run_dir, "loss_curve.png"),
+                                                    f"fine-tune ({len(job.batches.pairs)} pairs)")
+    distributed.barrier()
+    return summary
 
 
 def _checkpoint_config(ckpt_path: str) -> dict:
@@ -101,83 +245,7 @@ def _checkpoint_config(ckpt_path: str) -> dict:
 
 def _max_words(config: dict, benchmark: str) -> int | None:
     """The benchmark's pre_caption word limit when the checkpoint was trained on normalised captions, else None."""
-    from ccrk.data import uses_pre_caption
-
     return bm.default_max_words(benchmark) if uses_pre_caption(config) else None
-
-
-def _last_epoch_checkpoint(run_dir: str) -> tuple[str | None, int]:
-    state_path = os.path.join(run_dir, "finetune_state.json")
-    if not os.path.exists(state_path):
-        return None, 0
-    with open(state_path, encoding="utf-8") as f:
-        state = json.load(f)
-    return state["checkpoint"], int(state["epochs_done"])
-
-
-def train_pairs(model, tokenizer, config: dict, pairs: Sequence[bm.TrainPair], run_dir: str, epochs: int,
-                batch_size: int, lr: float, weight_decay: float = 0.01, warmup: float = 0.1, seed: int = 42,
-                log: Callable[[dict], None] | None = None, temp_clamp: bool = False) -> dict:
-    """Fine-tune ``model`` on ``pairs`` (resuming from the run's last finished epoch); returns a summary."""
-    from ccrk.data import image_transform
-    from ccrk.model import save_model
-
-    if not pairs:
-        raise CCRKError("no training pairs to fine-tune on")
-    device = next(model.parameters()).device
-    transform = image_transform(config, train=True)
-    id_index = {i: n for n, i in enumerate(dict.fromkeys(p.image_id for p in pairs))}
-    steps_per_epoch = math.ceil(len(pairs) / batch_size)
-    total = steps_per_epoch * epochs
-    ckpt, done = _last_epoch_checkpoint(run_dir)
-    if ckpt and done:
-        from safetensors.torch import load_model
-
-        load_model(model, os.path.join(ckpt, "model.safetensors"), device=str(device))
-    from ccrk.trainer import adamw
-
-    opt = adamw([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    metrics_path = os.path.join(run_dir, "finetune.jsonl")
-    step = done * steps_per_epoch
-    model.train()
-    last = {}
-    for epoch in range(done, epochs):
-        order = list(range(len(pairs)))
-        random.Random(f"{seed}/{epoch}").shuffle(order)
-        rng = random.Random(f"{seed}/{epoch}/augment")
-        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-        sums = {"loss": 0.0, "itc": 0.0, "itm": 0.0}
-        for b0 in range(0, len(order), batch_size):
-            batch = [pairs[i] for i in order[b0:b0 + batch_size]]
-            pixels = torch.stack([transform(p.image.open(), rng) for p in batch]).to(device)
-            enc = tokenizer([p.caption for p in batch], padding="longest", truncation=True,
-                            max_length=_max_tokens(config), return_tensors="pt")
-            ids = torch.tensor([id_index[p.image_id] for p in batch], device=device)
-            for g in opt.param_groups:
-                g["lr"] = lr * _lr_factor(step, total, warmup)
-            out = finetune_loss(model, pixels, enc["input_ids"].to(device), enc["attention_mask"].to(device), ids, gen)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            if temp_clamp:
-                model.clamp_temp()
-            step += 1
-            for k in sums:
-                sums[k] += float(out[k].detach())
-        n = steps_per_epoch
-        last = {"epoch": epoch + 1, "step": step, **{k: v / n for k, v in sums.items()}, "temp": float(model.temp.detach())}
-        ckpt_dir = os.path.join(run_dir, "checkpoints", f"step-{step:07d}")
-        save_model(model, {**config, "finetune_state": last}, ckpt_dir)
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(last) + "\n")
-        atomic.write_json(os.path.join(run_dir, "finetune_state.json"),
-                          {"checkpoint": ckpt_dir, "epochs_done": epoch + 1, "step": step})
-        if log:
-            log(last)
-    model.eval()
-    ckpt, done = _last_epoch_checkpoint(run_dir)
-    return {"run_dir": run_dir, "checkpoint": ckpt, "epochs": done, "pairs": len(pairs), **last}
 
 
 # --------------------------------------------------------------------------- protocol plumbing
@@ -240,12 +308,10 @@ def _weights_file(ckpt_path: str) -> str:
     direct = os.path.join(ckpt_path, "model.safetensors")
     if os.path.exists(direct):
         return direct
-    steps_dir = os.path.join(ckpt_path, "checkpoints")
-    steps = sorted(d for d in os.listdir(steps_dir) if os.path.exists(os.path.join(steps_dir, d, "model.safetensors"))) \
-        if os.path.isdir(steps_dir) else []
-    if not steps:
+    latest = latest_checkpoint(ckpt_path)
+    if latest is None:
         raise CCRKError(f"{ckpt_path} has no checkpoint (expected checkpoints/step-*/model.safetensors)")
-    return os.path.join(steps_dir, steps[-1], "model.safetensors")
+    return os.path.join(latest, "model.safetensors")
 
 
 def _resolve_checkpoint(checkpoint: str, root: str | None) -> str:
@@ -256,60 +322,69 @@ def _resolve_checkpoint(checkpoint: str, root: str | None) -> str:
     candidate = layout.run_dir(r, checkpoint)
     if os.path.exists(candidate):
         return candidate
-    from storage.catalog import Catalog
-
     art = Catalog(r).find(checkpoint)
     if art is not None and art.kind == "run":
         return art.path
     raise CCRKError(f"checkpoint {checkpoint!r} is neither a directory, a run under {r}/runs nor a run version")
 
 
+def finetune_hparams(mode: str, epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
+                     seed: int | None = None) -> dict:
+    """FINETUNE_DEFAULTS for ``mode`` (few-shot: its lower learning rate) with the given overrides."""
+    hp = dict(FINETUNE_DEFAULTS)
+    if mode == "few-shot":
+        hp["lr"] = hp["few_shot_lr"]
+    hp.update({k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}.items()
+               if v is not None})
+    return hp
+
+
+def _finetune_params(root: str, plan: FinetunePlan, skip_missing: bool, ckpt_path: str, hp: dict,
+                     max_words: int | None) -> tuple[dict, str | None]:
+    """(the run's parameters, its parent run's version): what the fine-tune's run id hashes."""
+    parent = reports.find_run_version(root, ckpt_path)
+    params = {"protocol": plan.mode, "benchmark": plan.benchmark, "train_lang": plan.train_lang, "shots": plan.shots,
+              "train_file_sha256": file_sha256(plan.train_file), "skip_missing": skip_missing,
+              "start": parent or layout.rooted(root, ckpt_path),
+              **{k: hp[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup", "seed", "temp_clamp")},
+              # Augmentations and hard negatives drawn per (seed, step), as the trainer's loop does:
+              # other numbers than the epoch-sequential draws of earlier runs, which this does not resume.
+              "draws": "per-step"}
+    if max_words is not None:  # only when on, so runs without normalisation keep their ids
+        params["max_words"] = max_words
+    return params, parent
+
+
 def run_finetune(root: str | None, checkpoint: str, benchmark: str, data_dir: str, mode: str = "zero-shot",
                  lang: str | None = None, shots: int | None = None, epochs: int | None = None,
                  batch_size: int | None = None, lr: float | None = None, seed: int | None = None,
                  images: str | None = None, coco_images: str | None = None, skip_missing: bool = False,
-                 device: str = "cpu", log: Callable[[dict], None] | None = None) -> dict:
-    """Fine-tune a pre-trained (or English fine-tuned) checkpoint; records the run in the catalog."""
-    from ccrk.model import load_pretrained
-    from storage.catalog import Artifact, Catalog
-
+                 device: str = "cpu", progress: trainer.StepProgress | None = None, num_workers: int = 0,
+                 max_steps: int | None = None) -> dict:
+    """Fine-tune a pre-trained (or English fine-tuned) checkpoint, resuming its run if one was cut;
+    rank 0 records the run in the catalog (under torchrun every rank calls this)."""
     plan = plan_finetune(mode, benchmark, data_dir, lang, shots)
     ckpt_path = _resolve_checkpoint(checkpoint, root)
     max_words = _max_words(_checkpoint_config(ckpt_path), benchmark)
     clean = bm.CaptionCleaner(max_words)
     pairs, skipped = load_training_pairs(benchmark, plan.train_file, data_dir, images, coco_images, skip_missing,
                                          clean)
-    hp = dict(FINETUNE_DEFAULTS)
-    if mode == "few-shot":
-        hp["lr"] = hp["few_shot_lr"]
-    hp.update({k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}.items()
-               if v is not None})
+    hp = finetune_hparams(mode, epochs, batch_size, lr, seed)
     r = layout.data_root(root)
-    from ccrk.evaluation.reports import find_run_version
-
-    parent = find_run_version(r, ckpt_path)
-    params = {"protocol": mode, "benchmark": benchmark, "train_lang": plan.train_lang, "shots": shots,
-              "train_file_sha256": file_sha256(plan.train_file), "skip_missing": skip_missing,
-              "start": parent or layout.rooted(r, ckpt_path),
-              **{k: hp[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup", "seed", "temp_clamp")}}
-    if max_words is not None:  # only when on, so runs without normalisation keep their ids
-        params["max_words"] = max_words
+    params, parent = _finetune_params(r, plan, skip_missing, ckpt_path, hp, max_words)
     run_id = content_version("run", [parent] if parent else [], params)
     run_dir = layout.run_dir(r, run_id)
-    model, tokenizer, config = load_pretrained(ckpt_path, device=device)
-    os.makedirs(run_dir, exist_ok=True)
-    tok_dir = os.path.join(run_dir, "tokenizer")
-    if not os.path.isdir(tok_dir) and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(tok_dir)
+    info = distributed.init(device)
+    model, tokenizer, config = load_pretrained(ckpt_path, device=info.device)
     t0 = time.time()
-    summary = train_pairs(model, tokenizer, config, pairs, run_dir, hp["epochs"], hp["batch_size"], hp["lr"],
-                          hp["weight_decay"], hp["warmup"], hp["seed"], log, hp["temp_clamp"])
+    summary = train_pairs(model, tokenizer, config, pairs, run_dir, hp, info, max_steps, progress, num_workers)
     summary.update(run_id=run_id, skipped_images=skipped, rejected_captions=clean.rejected,
-                   seconds=round(time.time() - t0, 1), params=params,
-                   eval_langs=plan.eval_langs)
-    Catalog(r).record(Artifact(run_id, "run", f"finetune-{benchmark}-{mode}", run_dir, params=params,
-                               stats={k: summary.get(k) for k in ("loss", "itc", "itm", "epochs", "pairs")},
-                               parents=[parent] if parent else []))
+                   seconds=round(time.time() - t0, 1), params=params, eval_langs=plan.eval_langs)
+    if info.is_main:
+        Catalog(r).record(Artifact(run_id, "run", f"finetune-{benchmark}-{mode}", run_dir, params=params,
+                                   stats={k: summary.get(k) for k in ("loss", "itc", "itm", "epochs", "pairs")},
+                                   parents=[parent] if parent else []))
+    distributed.barrier()  # the other ranks read the catalog again only once rank 0 has written it
     return summary
 
 
@@ -318,11 +393,6 @@ def run_evaluation(root: str | None, checkpoint: str, benchmark: str, data_dir: 
                    coco_images: str | None = None, skip_missing: bool = False, batch_size: int = 64,
                    device: str = "cpu", progress: Callable[[str], None] | None = None) -> dict:
     """Evaluate a checkpoint on a benchmark and publish ``reports/<id>/``; returns the report summary."""
-    from ccrk.data import image_transform
-    from ccrk.evaluation import reports
-    from ccrk.evaluation.retrieval import evaluate_benchmark
-    from ccrk.model import load_pretrained
-
     ckpt_path = _resolve_checkpoint(checkpoint, root)
     max_words = _max_words(_checkpoint_config(ckpt_path), benchmark)
     bench = bm.load_benchmark(benchmark, data_dir, langs, images, coco_images, skip_missing, max_words)

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import os
 
-    from ccrk.app.console import console, print_mapping
+    from ccrk.app.console import console, print_mapping, training_progress
     from ccrk.trainer import load_config, train
     from flows.pretrain import pretrain_flow, resolve_run
     from storage import layout
@@ -43,7 +43,9 @@ def run(args) -> int:
             train(config, args.dataset, run_dir, resume=args.resume or latest_checkpoint(run_dir) is not None,
                   root=root)
         return 0
-    summary = pretrain_flow(config, args.dataset, run_dir=args.out, resume=args.resume, root=root)
+    with training_progress("pretrain") as progress:
+        summary = pretrain_flow(config, args.dataset, run_dir=args.out, resume=args.resume, root=root,
+                                progress=progress)
     if summary.get("skipped"):
         console.print(f"run {summary['run_id']} is already trained: {summary['run_dir']} "
                       f"(loss curve {summary.get('loss_curve')})")

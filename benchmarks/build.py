@@ -131,7 +131,7 @@ def flow_time(root: str, kw: dict, repeat: int, clear) -> tuple[float, float]:
 
         args = {**kw, "langs": kw["langs"].split(",")}
         with local_flow_runs():  # as `ccrk build` runs it
-            return best(lambda: build_flow(root=root, **args), repeat, clear)
+            return best(lambda: build_flow(args, root=root), repeat, clear)
 
 
 def main(argv=None) -> int:

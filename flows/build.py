@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.artifacts import publish_link, publish_markdown, publish_table
 from storage import build
 from storage.progress import Advance, Progress, or_silent
+from storage.specs import BuildSpec
 
 
 @task(name="resolve-dataset", cache_policy=NO_CACHE)
@@ -60,17 +61,13 @@ class FlowSteps(build.PartSteps):
 
 
 @flow(name="build-dataset")
-def build_flow(root: str | None = None, name: str = "default", sources: list[str] = ("cc3m", "sbu", "vg", "coco"),
-               langs: list[str] = ("en", "es", "id", "ru", "tr"), min_langs: int | None = None,
-               drop_flagged: bool = False, shard_size: int = 1000, seed: int = 0,
-               source_versions: dict | None = None, translations: list[str] | None = None,
-               shards_per_task: int = 16, memory: str | None = None, progress: Progress | None = None) -> dict:
-    """``progress``: a :data:`storage.progress.Progress` (the command line's bar of written samples)."""
+def build_flow(spec: BuildSpec | None = None, root: str | None = None, progress: Progress | None = None) -> dict:
+    """Build the dataset of ``spec`` (a :class:`storage.specs.BuildSpec` or its dict; every default is
+    the spec's). ``progress``: a :data:`storage.progress.Progress` (the command line's bar of written samples)."""
+    spec = BuildSpec.parse(spec)
+    name = spec.name
     with or_silent(progress)("build shards", None, "samples") as advance:
-        result = build.build_dataset(root=root, name=name, sources=list(sources), langs=list(langs),
-                                     min_langs=min_langs, drop_flagged=drop_flagged, shard_size=shard_size, seed=seed,
-                                     source_versions=source_versions, translations=translations, memory=memory,
-                                     steps=FlowSteps(shards_per_task, advance))
+        result = build.build_dataset(root=root, spec=spec, steps=FlowSteps(spec.shards_per_task, advance))
     publish_table(f"dataset-{name}-drops", result.drops or [{"unit": "-", "reason": "none", "lang": None, "count": 0}],
                   description="rows dropped by the language policy and the join, by reason")
     publish_markdown(f"dataset-{name}-summary",

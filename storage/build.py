@@ -60,6 +60,7 @@ from storage.build_staging import BOX_COLUMNS, COMPLETE, MANIFEST, SIZES, STAGIN
 from storage.build_write import shard_groups, write_part, write_shard_group
 from storage.manifest import discard_draft
 from storage.shards import drop_source_maps
+from storage.specs import BuildSpec, build_spec
 
 __all__ = [
     "BOX_COLUMNS", "COMPLETE", "MANIFEST", "PART_COLUMNS", "PLAN_BUCKET_ROWS", "SIZES", "STAGING", "WIDS_INDEX",
@@ -71,11 +72,8 @@ __all__ = [
 ]
 
 
-def build_dataset(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "coco"),
-                  langs=("en", "es", "id", "ru", "tr"), min_langs: int | None = None, drop_flagged: bool = False,
-                  shard_size: int = 1000, seed: int = 0, source_versions: dict | None = None,
-                  translations=None, progress=None, memory: str | None = None,
-                  steps: BuildSteps | None = None) -> BuildResult:
+def build_dataset(root=None, spec: BuildSpec | dict | None = None, progress=None, steps: BuildSteps | None = None,
+                  **fields) -> BuildResult:
     """The build -- the one orchestration of its steps, however they run: resolve (inputs, version);
     unless that version is built already, plan, and while the plan is being made write each group
     of shards as soon as the plan has all their samples; then finalize (manifest, ``_COMPLETE``,
@@ -84,15 +82,18 @@ def build_dataset(root=None, name: str = "default", sources=("cc3m", "sbu", "vg"
     ``steps``: how each step runs (:class:`BuildSteps`); default :class:`LocalSteps` (all of them
     in this process, one DuckDB instance, overlapped), which report each written shard's sample
     count to ``progress`` (and the number of samples, once known, to its ``set_total`` if it has
-    one); steps passed in report their own. ``memory``: DuckDB's limit while planning."""
+    one); steps passed in report their own.
+
+    ``spec``: the :class:`storage.specs.BuildSpec` (or its dict), with ``fields`` set over it (so
+    ``build_dataset(root, name="x", langs="en,es")`` works too); every default is the spec's.
+    Its ``memory`` is DuckDB's limit while planning; ``shards_per_task`` is for the flow's steps."""
+    spec = build_spec(spec, **fields)
     steps = LocalSteps(progress) if steps is None else steps
     with steps:
-        resolved = steps.resolve(root=root, name=name, sources=sources, langs=langs, min_langs=min_langs,
-                                 drop_flagged=drop_flagged, shard_size=shard_size, seed=seed,
-                                 source_versions=source_versions, translations=translations)
+        resolved = steps.resolve(root=root, spec=spec)
         if resolved.plan.skipped:
             return skipped_result(resolved.plan)
-        plan, writing = _plan_and_write(steps, resolved, memory)
+        plan, writing = _plan_and_write(steps, resolved, spec.memory)
         return steps.finalize(plan, lambda: _results(writing))
 
 

@@ -18,14 +18,12 @@ from storage.errors import CCRKError
 from storage.manifest import sql_str as _sql_str
 from storage.shards import index_source_tar
 from storage.sidecar import cached_beside
+from storage.specs import BuildSpec, build_spec
 from storage.versioning import normalize, text_sha
 
 
-def plan_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "coco"),
-               langs=("en", "es", "id", "ru", "tr"), min_langs: int | None = None, drop_flagged: bool = False,
-               shard_size: int = 1000, seed: int = 0, source_versions: dict | None = None,
-               translations=None, engine=None, on_plan=None, keep_draft: bool = False,
-               memory: str | None = None) -> BuildPlan:
+def plan_build(root=None, spec: BuildSpec | dict | None = None, engine=None, on_plan=None, keep_draft: bool = False,
+               **fields) -> BuildPlan:
     """Resolve inputs, derive the version, and (unless already built) plan the samples: writes
     ``_build/plan.parquet`` (what the shard tasks read), ``_build/lineage.json`` and the manifest's
     plan-determined tables (``_build/manifest.partial.duckdb``, completed by :func:`finalize_build`).
@@ -40,11 +38,11 @@ def plan_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "
     :func:`finalize_build` to complete (``BuildPlan.draft``) and skip ``plan.parquet`` -- for one
     process running every step (:func:`build_dataset`); a re-run plans again anyway. ``memory``:
     DuckDB's limit while planning (:func:`plan_memory_limit`)."""
-    resolved = resolve_build(root, name, sources, langs, min_langs, drop_flagged, shard_size, seed,
-                             source_versions, translations, engine)
+    spec = build_spec(spec, **fields)
+    resolved = resolve_build(root, spec, engine)
     if resolved.plan.skipped:
         return resolved.plan
-    return plan_resolved(resolved, engine, on_plan, keep_draft, memory=memory)
+    return plan_resolved(resolved, engine, on_plan, keep_draft, memory=spec.memory)
 
 
 def plan_resolved(resolved: ResolvedBuild, engine=None, on_plan=None, keep_draft: bool = False,

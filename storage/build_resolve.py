@@ -12,6 +12,7 @@ from storage.build_staging import COMPLETE, MANIFEST, STAGING, duckdb_cursor, wr
 from storage.catalog import Catalog
 from storage.errors import CCRKError
 from storage.languages import SOURCE_LANG, parse_langs
+from storage.specs import BuildSpec, build_spec
 from storage.verify import verify_dataset
 from storage.versioning import CODE_VERSION, content_version, files_sha256
 
@@ -153,17 +154,16 @@ def is_complete(dataset_path: str) -> bool:
     return os.path.exists(os.path.join(dataset_path, COMPLETE)) and os.path.exists(os.path.join(dataset_path, MANIFEST))
 
 
-def resolve_build(root=None, name: str = "default", sources=("cc3m", "sbu", "vg", "coco"),
-                  langs=("en", "es", "id", "ru", "tr"), min_langs: int | None = None, drop_flagged: bool = False,
-                  shard_size: int = 1000, seed: int = 0, source_versions: dict | None = None,
-                  translations=None, engine=None) -> ResolvedBuild:
+def resolve_build(root=None, spec: BuildSpec | dict | None = None, engine=None, **fields) -> ResolvedBuild:
     """Check the parameters, resolve the inputs (source versions, translation sets) and derive the
     version. Unless that version is already built (``plan.skipped``: every shard present at its
-    recorded size), makes its ``_build/`` staging directory with ``lineage.json``. ``engine``: as for
-    :func:`plan_build`."""
+    recorded size), makes its ``_build/`` staging directory with ``lineage.json``. ``spec`` and
+    ``fields``: as for :func:`storage.specs.build_spec`; ``engine``: as for :func:`plan_build`."""
+    spec = build_spec(spec, **fields)
     root = layout.data_root(root)
-    langs = parse_langs(langs)
-    sources = parse_langs(sources) if isinstance(sources, str) else tuple(sources)
+    name, langs, sources = spec.name, parse_langs(",".join(spec.langs)), tuple(spec.sources)
+    min_langs, drop_flagged, shard_size, seed = spec.min_langs, spec.drop_flagged, spec.shard_size, spec.seed
+    source_versions, translations = spec.source_versions, spec.translations
     if not langs:
         raise CCRKError("--langs is empty")
     if min_langs is not None and not 1 <= min_langs <= len(langs):

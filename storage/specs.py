@@ -106,3 +106,15 @@ class CorpusSpec(Spec):
     n_heldout: int = versioned(100, "images of the demo benchmark", ge=0)
     port: int = versioned(0, "loopback port of the corpus server (fixed: the metadata urls, and so the source "
                              "versions, stay the same)", ge=0, le=65535, shown="a free port")
+
+
+_BUILD_LIST_FIELDS = ("sources", "langs", "translations")
+
+
+def build_spec(spec: BuildSpec | dict | None = None, **fields) -> BuildSpec:
+    """``spec`` (a :class:`BuildSpec`, its dict or None) with ``fields`` set over it; a list field may
+    come as comma-separated text (``langs="en,es"``), as on the command line."""
+    listed = {k: [p.strip() for p in v.split(",") if p.strip()] if k in _BUILD_LIST_FIELDS and isinstance(v, str)
+              else v for k, v in fields.items()}
+    base = BuildSpec.parse(spec).to_config(defaults=False)
+    return BuildSpec.parse({**base, **listed})

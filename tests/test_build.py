@@ -298,12 +298,12 @@ def test_flow_starts_shard_tasks_from_plan_parts_and_matches_the_in_process_buil
 
     class Recording:
         @staticmethod
-        def submit(path, group, part=None):
+        def submit(path, group, part=None, advance=None):
             parts_seen.append((tuple(group), part))
-            return real_shards_task.submit(path, group, part)
+            return real_shards_task.submit(path, group, part, advance)
 
     monkeypatch.setattr(flow_module, "shards_task", Recording)
-    flowed = build_flow(root=a, **{**args, "langs": args["langs"].split(",")}, shards_per_task=2)
+    flowed = build_flow({**args, "langs": args["langs"].split(","), "shards_per_task": 2}, root=a)
     local = build_dataset(b, **args)
     assert flowed["version"] == local.version and flowed["n_samples"] == local.n_samples == 5
     assert _shard_bytes(flowed["path"]) == _shard_bytes(local.path)
@@ -821,7 +821,7 @@ def test_build_progress_gets_the_sample_total_before_the_shards(root):
         advance.set_total = lambda n: events.append(("total", n))
         yield advance
 
-    result = build_flow(root=root, **{**ARGS, "langs": ARGS["langs"].split(",")}, shards_per_task=1,
+    result = build_flow({**ARGS, "langs": ARGS["langs"].split(","), "shards_per_task": 1}, root=root,
                         progress=progress)
     assert result["n_samples"] == 5
     assert events[0] == ("total", 5)

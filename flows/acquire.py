@@ -3,7 +3,8 @@
 Thin: one task per sub-job (never one per url). :mod:`storage.sources` turns the official metadata
 into ``images.parquet`` + ``captions.parquet``; :mod:`storage.download` runs img2dataset into shards
 (resumable, ``retry_failed``); the summary goes to ``summary.json``, a Prefect table artifact and the
-catalog. Callable from Python: ``acquire_flow("coco", ["captions_val2017.json"], root="data")``.
+catalog. The settings are an :class:`storage.specs.AcquireSpec` (or its dict); callable from
+Python: ``acquire_flow({"source": "coco", "metadata": ["captions_val2017.json"]}, root="data")``.
 """
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import publish_link, publish_table
 from flows.executors import check_executor, ray_cluster
-from storage.download import DEFAULT_MAX_IMAGE_AREA, download_images
+from storage.download import download_images
 from storage.sources import prepare_source, record_source
+from storage.specs import AcquireSpec
 
-# Download settings that change the shard contents: part of the source version.
-VERSIONED_SETTINGS = ("image_size", "resize_mode", "resize_only_if_bigger", "number_sample_per_shard",
-                      "max_image_area", "encode_quality")
+# The download settings img2dataset runs with (AcquireSpec's fields; thread_count as it names it).
+DOWNLOAD_SETTINGS = ("image_size", "resize_mode", "resize_only_if_bigger", "processes", "thread_count", "timeout",
+                     "retries", "retry_failed", "number_sample_per_shard", "max_image_area", "encode_quality")
 
 
 @task(name="prepare-metadata", cache_policy=NO_CACHE)
@@ -51,28 +53,23 @@ def summary_rows(summary: dict) -> list[dict]:
 
 
 @flow(name="acquire")
-def acquire_flow(source: str, metadata: list[str] | None = None, root: str | None = None,
-                 limit: int | None = None, image_size: int = 256, resize_mode: str = "border",
-                 resize_only_if_bigger: bool = False, processes: int = 1, thread_count: int = 16,
-                 timeout: int = 10, retries: int = 0, retry_failed: bool = False,
-                 number_sample_per_shard: int = 10_000, max_image_area: float | None = None,
-                 encode_quality: int = 95, progress: bool = False, executor: str = "local",
-                 ray_address: str | None = None) -> dict:
+def acquire_flow(spec: AcquireSpec | dict | None = None, root: str | None = None, progress: bool = False) -> dict:
     """Acquire one source into ``<root>/sources/<source>/<version>/``; returns its summary.
 
-    ``executor``: ``local`` (img2dataset's multiprocessing distributor, ``processes`` workers) or
-    ``ray`` (its Ray distributor: one task per shard on the cluster at ``ray_address``, or on a local
-    cluster started for the download). Same shards either way; not part of the source version.
+    ``spec``: an :class:`AcquireSpec` or its dict (``source`` required). Its ``executor``: ``local``
+    (img2dataset's multiprocessing distributor, ``processes`` workers) or ``ray`` (its Ray
+    distributor: one task per shard on the cluster at ``ray_address``, or on a local cluster started
+    for the download). Same shards either way; not part of the source version, which hashes
+    ``spec.download_params()``. ``progress``: img2dataset's own progress bar.
     """
-    check_executor(executor)
-    settings = dict(image_size=image_size, resize_mode=resize_mode, resize_only_if_bigger=resize_only_if_bigger,
-                    processes=processes, thread_count=thread_count, timeout=timeout, retries=retries,
-                    retry_failed=retry_failed, number_sample_per_shard=number_sample_per_shard,
-                    max_image_area=max_image_area or DEFAULT_MAX_IMAGE_AREA, encode_quality=encode_quality,
-                    progress=progress, distributor="ray" if executor == "ray" else "multiprocessing")
-    download_params = {k: settings[k] for k in VERSIONED_SETTINGS}
-    prepared = prepare_task(source, list(metadata) if metadata else None, root, limit, download_params)
-    summary = download_task(prepared, settings, ray_address)
+    spec = AcquireSpec.parse(spec, where="acquire_flow")
+    check_executor(spec.executor)
+    settings = {k: getattr(spec, k) for k in DOWNLOAD_SETTINGS}
+    settings.update(progress=progress, distributor="ray" if spec.executor == "ray" else "multiprocessing")
+    source = spec.source
+    prepared = prepare_task(source, list(spec.metadata) if spec.metadata else None, root, spec.limit,
+                            spec.download_params())
+    summary = download_task(prepared, settings, spec.ray_address)
     summary["path"] = prepared.directory
     if summary["shards_incomplete"] == 0:
         record_task(prepared, summary)

@@ -1,32 +1,30 @@
 """`ccrk acquire`: official metadata of one source -> images.parquet, captions.parquet, image shards."""
 from __future__ import annotations
 
-SOURCES = ("cc3m", "sbu", "vg", "coco")
+# The spec's fields this verb takes as flags (AcquireSpec holds their defaults and help); the source
+# and the repeatable --metadata are added by hand (--source is required).
+FLAGS = ("limit", "image_size", "resize_mode", "resize_only_if_bigger", "processes", "thread_count", "timeout",
+         "retries", "retry_failed", "number_sample_per_shard", "max_image_area", "encode_quality", "executor",
+         "ray_address")
+FLAG_NAMES = {"thread_count": "--threads", "number_sample_per_shard": "--shard-size"}
 
 
 def add_parser(sub) -> None:
-    from ccrk.app.cli import add_root_argument
+    import typing
 
+    from ccrk.app.cli import add_root_argument
+    from storage.spec import add_arguments
+    from storage.specs import AcquireSpec
+
+    fields = AcquireSpec.model_fields
     p = sub.add_parser("acquire", help="read a source's metadata and download its images (sources/<source>/<version>/)")
     add_root_argument(p)
-    p.add_argument("--source", required=True, choices=SOURCES, help="which dataset's metadata format")
+    p.add_argument("--source", required=True, choices=list(typing.get_args(fields["source"].annotation)),
+                   help=fields["source"].description)
     p.add_argument("--metadata", action="append", default=None, metavar="PATH_OR_URL",
-                   help="official metadata file or archive, local or http(s) (repeatable; default: official urls)")
-    p.add_argument("--limit", type=int, default=None, help="read at most N images")
-    p.add_argument("--image-size", type=int, default=256, help="side of the stored images (pixels)")
-    p.add_argument("--resize-mode", default="border", choices=("no", "keep_ratio", "center_crop", "border",
-                                                                 "keep_ratio_largest"), help="img2dataset resize mode")
-    p.add_argument("--processes", type=int, default=1, help="download processes")
-    p.add_argument("--threads", type=int, default=16, help="download threads per process")
-    p.add_argument("--timeout", type=int, default=10, help="seconds before a request times out")
-    p.add_argument("--shard-size", type=int, default=10_000, help="images per shard")
-    p.add_argument("--retry-failed", action="store_true",
-                   help="download again the images that failed with retryable errors (timeouts, 5xx, connection)")
-    p.add_argument("--executor", choices=("local", "ray"), default="local",
-                   help="local: download processes on this machine; ray: one Ray task per shard")
-    p.add_argument("--ray-address", default=None, metavar="ADDR",
-                   help="with --executor ray: a running cluster (HOST:PORT, ray://HOST:10001 or auto); "
-                        "default: a local cluster for this run")
+                   help=f"{fields['metadata'].description} (repeatable; default: "
+                        f"{fields['metadata'].json_schema_extra['shown']})")
+    add_arguments(p, AcquireSpec, fields=FLAGS, flags=FLAG_NAMES)
     p.set_defaults(func=run, runs_flows=True)
 
 
@@ -44,18 +42,11 @@ def print_summary(summary: dict) -> None:
 
 def run(args) -> int:
     from flows.acquire import acquire_flow
-    from storage.errors import CCRKError
+    from storage.spec import from_arguments
+    from storage.specs import AcquireSpec
 
-    for name in ("limit", "image_size", "processes", "threads", "timeout", "shard_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise CCRKError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.ray_address and args.executor != "ray":
-        raise CCRKError("--ray-address needs --executor ray")
-    summary = acquire_flow(source=args.source, metadata=args.metadata, root=args.root, limit=args.limit,
-                           image_size=args.image_size, resize_mode=args.resize_mode, processes=args.processes,
-                           thread_count=args.threads, timeout=args.timeout, retry_failed=args.retry_failed,
-                           number_sample_per_shard=args.shard_size, progress=True, executor=args.executor,
-                           ray_address=args.ray_address)
+    spec = from_arguments(AcquireSpec, args, base={"source": args.source, "metadata": args.metadata},
+                          fields=FLAGS, where="ccrk acquire")
+    summary = acquire_flow(spec, root=args.root, progress=True)
     print_summary(summary)
     return 0 if summary["shards_incomplete"] == 0 else 1

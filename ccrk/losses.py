@@ -5,7 +5,7 @@ missing: ``text_valid`` is False there), ``N`` images in the gathered (global) b
 image-major: caption ``k`` of image ``b`` is row ``b*K + k``.
 
 Where the paper and the authors' code (github.com/BUAADreamer/CCRK, 06449d2) differ, each form is
-a named option (``loss:`` in the config, defaults in ``ccrk.objectives.LOSS_DEFAULTS``):
+a named option (``loss:`` in the config, defaults in ``ccrk.specs.LossSpec``):
 
 - ``kcl_norm``, the 1-to-K normalisation: ``code`` | ``paper`` | ``soft`` (:func:`one_to_k_contrastive`);
 - ``itm_positive``, the MITM positive: ``code`` | ``paper`` | ``softmax`` | ``uniform`` (:func:`positive_weights`);

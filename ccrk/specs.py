@@ -465,6 +465,11 @@ class ReproduceSpec(ChainSections):
         spec._config_path = os.path.abspath(path)
         return spec
 
+    @property
+    def config_dir(self) -> str | None:
+        """The directory of the YAML this spec was loaded from (run configs resolve against it)."""
+        return os.path.dirname(self._config_path) if self._config_path else None
+
     # -- each stage's spec, with the chain's settings applied
 
     def _chain_settings(self, section: Spec) -> dict:

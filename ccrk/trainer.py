@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
-import yaml
 from safetensors.torch import load_file, load_model, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -38,34 +37,33 @@ from ccrk import distributed
 from ccrk.data import BatchStream, ImageTransform, heldout_slice
 from ccrk.model import build_model, latest_checkpoint, save_model
 from ccrk.objectives import build_objective
+from ccrk.specs import PretrainSpec, TrainSpec
 from storage import atomic
 from storage.catalog import Artifact, Catalog
-from storage.errors import CCRKError
+from storage.spec import deep_merge, read_yaml
 from storage.versioning import content_version
 
 log = logging.getLogger("ccrk.trainer")
 
-TRAIN_DEFAULTS = {"batch_size": 32, "steps": None, "epochs": None, "lr": 1e-4, "lr_new_mult": 2.0,
-                  "weight_decay": 0.01, "betas": [0.9, 0.98], "warmup": 0.03, "clip": 1.0, "bf16": True,
-                  "log_every": 10, "checkpoint_every": 500, "keep_checkpoints": 2, "eval_every": 100,
-                  "heldout": 64, "threads": None}
+# The train section's defaults: ccrk.specs.TrainSpec's, as a dict.
+TRAIN_DEFAULTS = TrainSpec().to_config()
 
 
 # ---------------------------------------------------------------------- configuration and identity
 
 
-def load_config(path: str) -> dict:
-    if not os.path.exists(path):
-        raise CCRKError(f"config file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        config = yaml.safe_load(f) or {}
-    for key in ("model", "langs", "train"):
-        if key not in config:
-            raise CCRKError(f"config {path} has no '{key}' section")
+def load_config(path: str, overrides: dict | None = None) -> dict:
+    """A run config YAML (with ``overrides`` deep-merged over it), checked against
+    :class:`ccrk.specs.PretrainSpec` -- a misspelt key anywhere is one line naming it and the nearest
+    valid one -- and normalised (:func:`normalise_config`)."""
+    config = deep_merge(read_yaml(path), overrides or {})
+    PretrainSpec.parse(config, where=path)
     return normalise_config(config)
 
 
 def normalise_config(config: dict) -> dict:
+    """The train section's unset keys from :class:`ccrk.specs.TrainSpec` (a checkpoint's saved config,
+    which adds its own keys such as ``total_steps``, goes through here too)."""
     config = copy.deepcopy(config)
     config["train"] = {**TRAIN_DEFAULTS, **config["train"]}
     config.setdefault("objective", "ccrk")

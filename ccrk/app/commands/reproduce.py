@@ -12,9 +12,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ccrk.app.console import training_progress
     from flows.reproduce import reproduce_flow
 
-    reproduce_flow(config=args.config, root=args.root, report=print_stage)
+    with training_progress("pretrain") as progress:
+        reproduce_flow(config=args.config, root=args.root, report=print_stage, progress=progress)
     return 0
 
 

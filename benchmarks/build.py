@@ -84,7 +84,8 @@ def make_source(root: str, n: int, image_size: int, per_tar: int = 1000, distinc
         status["key"] = [f"{t:05d}{k[5:]}" for k in status["key"]]
         pq.write_table(pa.table(status), os.path.join(d, "shards", f"{t:05d}.parquet"))
         shutil.copy(os.path.join(sub, "shards", "00000_stats.json"), os.path.join(d, "shards", f"{t:05d}_stats.json"))
-        import tarfile, io
+        import io
+        import tarfile
         with tarfile.open(os.path.join(sub, "shards", "00000.tar")) as src, \
                 tarfile.open(os.path.join(d, "shards", f"{t:05d}.tar"), "w") as dst:
             for m in src.getmembers():

@@ -2,6 +2,8 @@
 
 One task per coarse unit: a fine-tune, an evaluation (all languages of a benchmark share one image
 encoding pass), a report. A new report is published here as markdown + table artifacts.
+Each flow takes its stage's spec (:class:`ccrk.specs.EvaluateSpec`, :class:`ccrk.specs.FinetuneSpec`)
+or its dict: ``evaluate_flow({"checkpoint": run_dir, "benchmark": "demo", "data": bench}, root="data")``.
 ``progress`` parameters are callables the caller supplies (the CLI's bars); Prefect passes them
 through without storing them.
 """
@@ -13,7 +15,9 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from ccrk.evaluation import protocols
+from ccrk.specs import BenchmarkSpec, EvaluateSpec, FinetuneSpec, resolve_device
 from flows.artifacts import publish_markdown, publish_table
+from storage.errors import CCRKError
 
 
 @task(name="evaluate-benchmark", cache_policy=NO_CACHE)
@@ -31,39 +35,50 @@ def finetune_task(**kwargs) -> dict:
     return protocols.run_finetune(**kwargs)
 
 
+def benchmark_args(spec: BenchmarkSpec, root: str | None) -> dict:
+    """What every protocol call takes from a spec: root, checkpoint, benchmark files, concrete device."""
+    missing = [name for name in ("checkpoint", "data") if not getattr(spec, name)]
+    if missing:
+        raise CCRKError(f"{type(spec).__name__}: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                        f"required")
+    return dict(root=root, checkpoint=spec.checkpoint, benchmark=spec.benchmark, data_dir=spec.data,
+                images=spec.images, coco_images=spec.coco_images, skip_missing=spec.skip_missing,
+                device=resolve_device(spec.device))
+
+
+def finetune_args(spec: FinetuneSpec, root: str | None) -> dict:
+    """``protocols.run_finetune``'s arguments from a :class:`FinetuneSpec` (the CLI's other torchrun
+    ranks call it directly with these)."""
+    return dict(**benchmark_args(spec, root), mode=spec.mode, lang=spec.lang, shots=spec.shots, epochs=spec.epochs,
+                batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed, num_workers=spec.num_workers)
+
+
 @flow(name="evaluate")
-def evaluate_flow(root: str | None, checkpoint: str, benchmark: str, data_dir: str, langs: list[str] | None = None,
-                  mrv_langs: list[str] | None = None, k_test: int | None = None, itc_only: bool = False,
-                  images: str | None = None, coco_images: str | None = None, skip_missing: bool = False,
-                  batch_size: int = 64, device: str = "cpu", progress: Callable | None = None) -> dict:
-    """``progress``: ``progress(set_name)`` as each retrieval set is scored."""
-    return evaluate_task(root=root, checkpoint=checkpoint, benchmark=benchmark, data_dir=data_dir, langs=langs,
-                         mrv_langs=mrv_langs, k_test=k_test, itc_only=itc_only, images=images,
-                         coco_images=coco_images, skip_missing=skip_missing, batch_size=batch_size, device=device,
-                         progress=progress)
+def evaluate_flow(spec: EvaluateSpec | dict, root: str | None = None, progress: Callable | None = None) -> dict:
+    """Evaluate ``spec.checkpoint`` on ``spec.benchmark`` (an :class:`EvaluateSpec` or its dict;
+    ``checkpoint`` and ``data`` required; device ``auto``: a GPU when visible).
+
+    ``progress``: ``progress(set_name)`` as each retrieval set is scored."""
+    spec = EvaluateSpec.parse(spec, where="evaluate_flow")
+    return evaluate_task(**benchmark_args(spec, root), langs=spec.langs, mrv_langs=spec.mrv_langs,
+                         k_test=spec.k_test, itc_only=spec.itc_only, batch_size=spec.batch_size, progress=progress)
 
 
 @flow(name="finetune")
-def finetune_flow(root: str | None, checkpoint: str, benchmark: str, data_dir: str, mode: str = "zero-shot",
-                  lang: str | None = None, shots: int | None = None, epochs: int | None = None,
-                  batch_size: int | None = None, lr: float | None = None, seed: int | None = None,
-                  images: str | None = None, coco_images: str | None = None, skip_missing: bool = False,
-                  evaluate: bool = True, langs: list[str] | None = None, mrv_langs: list[str] | None = None,
-                  k_test: int | None = None, itc_only: bool = False, device: str = "cpu", num_workers: int = 0,
-                  progress: Callable | None = None) -> dict:
-    """Fine-tune (zero-shot / few-shot / single-language), then evaluate the protocol's languages.
+def finetune_flow(spec: FinetuneSpec | dict, root: str | None = None, progress: Callable | None = None) -> dict:
+    """Fine-tune (zero-shot / few-shot / single-language), then (``spec.evaluate``) evaluate the
+    protocol's languages. ``spec``: a :class:`FinetuneSpec` or its dict (``checkpoint`` and ``data``
+    required); its unset hyperparameters are the reference's (``FinetuneSpec.hyperparameters``).
 
     ``progress``: the training loop's ``progress(step, total, row)`` (ccrk.trainer.StepProgress).
     """
-    plan = protocols.plan_finetune(mode, benchmark, data_dir, lang, shots, langs)
-    run = finetune_task(root=root, checkpoint=checkpoint, benchmark=benchmark, data_dir=data_dir, mode=mode,
-                        lang=lang, shots=shots, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, images=images,
-                        coco_images=coco_images, skip_missing=skip_missing, device=device, num_workers=num_workers,
-                        progress=progress)
+    spec = FinetuneSpec.parse(spec, where="finetune_flow")
+    args = finetune_args(spec, root)
+    plan = protocols.plan_finetune(spec.mode, spec.benchmark, spec.data, spec.lang, spec.shots, spec.langs)
+    run = finetune_task(**args, progress=progress)
     out = {"run": run}
-    if evaluate:
-        out["report"] = evaluate_task(root=root, checkpoint=run["run_dir"], benchmark=benchmark, data_dir=data_dir,
-                                      langs=plan.eval_langs, mrv_langs=mrv_langs, k_test=k_test, itc_only=itc_only,
-                                      images=images, coco_images=coco_images, skip_missing=skip_missing,
-                                      device=device)
+    if spec.evaluate:
+        out["report"] = evaluate_task(**{**benchmark_args(spec, root), "checkpoint": run["run_dir"]},
+                                      langs=plan.eval_langs, mrv_langs=spec.mrv_langs, k_test=spec.k_test,
+                                      itc_only=spec.itc_only, batch_size=EvaluateSpec().batch_size)
     return out

@@ -40,17 +40,16 @@ from ccrk.evaluation import benchmarks as bm
 from ccrk.evaluation import reports
 from ccrk.evaluation.retrieval import evaluate_benchmark
 from ccrk.model import latest_checkpoint, load_pretrained
+from ccrk.specs import FinetuneHyperparameters, FinetuneSpec
 from storage import layout
 from storage.catalog import Artifact, Catalog
 from storage.errors import CCRKError
 from storage.versioning import content_version, file_sha256
 
 MODES = ("zero-shot", "few-shot", "single")
-# The reference's fine-tuning settings (xFlickrCO / Multi30K / COCO: AdamW lr 3e-5, 10 epochs).
-FINETUNE_DEFAULTS = {"epochs": 10, "batch_size": 32, "lr": 3e-5, "weight_decay": 0.01, "warmup": 0.1,
-                     "seed": 42, "few_shot_lr": 1e-5,
-                     # The authors' retrieval model never clamps its temperature (pre-training does).
-                     "temp_clamp": False}
+# The reference's fine-tuning settings (xFlickrCO / Multi30K / COCO: AdamW lr 3e-5, 10 epochs), as
+# ccrk.specs.FinetuneHyperparameters declares them (the one place they are written).
+FINETUNE_DEFAULTS = FinetuneHyperparameters().to_config()
 
 
 # --------------------------------------------------------------------------- loss
@@ -330,13 +329,10 @@ def _resolve_checkpoint(checkpoint: str, root: str | None) -> str:
 
 def finetune_hparams(mode: str, epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
                      seed: int | None = None) -> dict:
-    """FINETUNE_DEFAULTS for ``mode`` (few-shot: its lower learning rate) with the given overrides."""
-    hp = dict(FINETUNE_DEFAULTS)
-    if mode == "few-shot":
-        hp["lr"] = hp["few_shot_lr"]
-    hp.update({k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}.items()
-               if v is not None})
-    return hp
+    """FINETUNE_DEFAULTS for ``mode`` (few-shot: its lower learning rate) with the given overrides:
+    :meth:`ccrk.specs.FinetuneSpec.hyperparameters`."""
+    return FinetuneSpec.parse({"mode": mode, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                               "seed": seed}).hyperparameters()
 
 
 def _finetune_params(root: str, plan: FinetunePlan, skip_missing: bool, ckpt_path: str, hp: dict,

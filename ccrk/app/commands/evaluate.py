@@ -1,42 +1,47 @@
 """`ccrk evaluate`: retrieval Recall@K and MRV of a checkpoint on a benchmark, as a Prefect flow -> reports/<id>/."""
 from __future__ import annotations
 
-BENCHMARKS = ("xflickrco", "multi30k", "coco", "wit", "demo")
+# The spec fields every benchmark verb takes as flags (BenchmarkSpec holds their defaults and help),
+# besides the required --checkpoint, --benchmark and --data; FLAGS: ccrk evaluate's.
+REQUIRED = ("checkpoint", "benchmark", "data")
+BENCHMARK_FLAGS = ("images", "coco_images", "langs", "mrv_langs", "k_test", "itc_only", "skip_missing", "device")
+FLAGS = BENCHMARK_FLAGS + ("batch_size",)
 
 
-def add_benchmark_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory, run id or run version")
-    p.add_argument("--benchmark", required=True, choices=BENCHMARKS)
-    p.add_argument("--data", required=True, help="benchmark folder (xFlickrCO: holds annotations/<lang>/; "
-                                                 "Multi30K/COCO: the CCLM json files; WIT: test_<lang>.jsonl)")
-    p.add_argument("--images", default=None, help="image folder (Flickr30K images for xFlickrCO; the CCLM image "
-                                                  "root for Multi30K/COCO); default <data>/images")
-    p.add_argument("--coco-images", default=None, help="COCO val2014 folder (xFlickrCO's COCO half)")
-    p.add_argument("--langs", default=None, help="comma-separated languages to evaluate (default: all present)")
-    p.add_argument("--mrv-langs", default=None, help="languages over which MRV is computed (default: the paper's set for the "
-                                                       "benchmark when all its languages are evaluated, else --langs)")
-    p.add_argument("--k-test", type=int, default=None, help="candidates re-ranked by ITM (default 128; COCO 256)")
-    p.add_argument("--itc-only", action="store_true", help="rank by ITC similarity only (no ITM re-ranking)")
-    p.add_argument("--skip-missing", action="store_true", help="skip (and count) images that are missing")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+def add_benchmark_arguments(p, spec_cls, fields) -> None:
+    """The required --checkpoint, --benchmark, --data, then ``fields`` of ``spec_cls`` as flags."""
+    import typing
+
+    from storage.spec import add_arguments
+
+    info = spec_cls.model_fields
+    p.add_argument("--checkpoint", required=True, help=info["checkpoint"].description)
+    p.add_argument("--benchmark", required=True, choices=list(typing.get_args(info["benchmark"].annotation)),
+                   help=info["benchmark"].description)
+    p.add_argument("--data", required=True, help=info["data"].description)
+    add_arguments(p, spec_cls, fields=fields)
+
+
+def spec_from_arguments(spec_cls, args, fields, where: str):
+    """The verb's spec from its flags (languages lower-cased, duplicates dropped, as before)."""
+    from storage.languages import parse_langs
+    from storage.spec import from_arguments
+
+    values = dict(vars(args))
+    for name in ("langs", "mrv_langs"):
+        if values.get(name):
+            values[name] = list(parse_langs(values[name]))
+    return from_arguments(spec_cls, values, fields=REQUIRED + tuple(fields), where=where)
 
 
 def add_parser(sub) -> None:
     from ccrk.app.cli import add_root_argument
+    from ccrk.specs import EvaluateSpec
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a retrieval benchmark (Recall@K, MRV)")
     add_root_argument(p)
-    add_benchmark_arguments(p)
-    p.add_argument("--batch-size", type=int, default=64)
+    add_benchmark_arguments(p, EvaluateSpec, FLAGS)
     p.set_defaults(func=run, runs_flows=True)
-
-
-def device_of(args) -> str:
-    if args.device:
-        return args.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def print_report(report: dict) -> None:
@@ -54,13 +59,9 @@ def print_report(report: dict) -> None:
 
 
 def run(args) -> int:
+    from ccrk.specs import EvaluateSpec
     from flows.evaluate import evaluate_flow
-    from storage.languages import parse_langs
 
-    out = evaluate_flow(root=args.root, checkpoint=args.checkpoint, benchmark=args.benchmark, data_dir=args.data,
-                        langs=list(parse_langs(args.langs)) if args.langs else None,
-                        mrv_langs=list(parse_langs(args.mrv_langs)) if args.mrv_langs else None,
-                        k_test=args.k_test, itc_only=args.itc_only, images=args.images, coco_images=args.coco_images,
-                        skip_missing=args.skip_missing, batch_size=args.batch_size, device=device_of(args))
-    print_report(out)
+    spec = spec_from_arguments(EvaluateSpec, args, FLAGS, where="ccrk evaluate")
+    print_report(evaluate_flow(spec, root=args.root))
     return 0

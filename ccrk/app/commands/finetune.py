@@ -5,49 +5,37 @@ evaluation, the other ranks the same fine-tune directly).
 """
 from __future__ import annotations
 
+# FinetuneSpec's fields this verb takes as flags besides the benchmark's (the spec holds their
+# defaults and help; --no-evaluate: fine-tune only).
+FLAGS = ("mode", "lang", "shots", "epochs", "batch_size", "lr", "seed", "num_workers", "evaluate")
+
 
 def add_parser(sub) -> None:
     from ccrk.app.cli import add_root_argument
-    from ccrk.app.commands.evaluate import add_benchmark_arguments
+    from ccrk.app.commands.evaluate import BENCHMARK_FLAGS, add_benchmark_arguments
+    from ccrk.specs import FinetuneSpec
 
     p = sub.add_parser("finetune", help="fine-tune a checkpoint for retrieval (ITC with image-id positives + ITM)")
     add_root_argument(p)
-    add_benchmark_arguments(p)
-    p.add_argument("--mode", default="zero-shot", choices=("zero-shot", "few-shot", "single"),
-                   help="zero-shot: English training set, evaluate every language; few-shot: continue on "
-                        "annotations/<lang>/train_<N>.jsonl; single: one language's training set")
-    p.add_argument("--lang", default=None, help="target language (few-shot, single)")
-    p.add_argument("--shots", type=int, default=None, help="N of the few-shot file train_<N>.jsonl")
-    p.add_argument("--epochs", type=int, default=None, help="default 10 (the reference's)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 32")
-    p.add_argument("--lr", type=float, default=None, help="default 3e-5 (few-shot 1e-5)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--num-workers", type=int, default=0, help="processes building the training batches")
-    p.add_argument("--no-evaluate", action="store_true", help="fine-tune only")
+    add_benchmark_arguments(p, FinetuneSpec, BENCHMARK_FLAGS + FLAGS)
     p.set_defaults(func=run, runs_flows=True)
 
 
 def run(args) -> int:
     import os
 
-    from ccrk.app.commands.evaluate import device_of, print_report
+    from ccrk.app.commands.evaluate import BENCHMARK_FLAGS, print_report, spec_from_arguments
     from ccrk.app.console import print_mapping, training_progress
     from ccrk.evaluation.protocols import run_finetune
-    from flows.evaluate import finetune_flow
-    from storage.languages import parse_langs
+    from ccrk.specs import FinetuneSpec
+    from flows.evaluate import finetune_args, finetune_flow
 
-    run_args = dict(root=args.root, checkpoint=args.checkpoint, benchmark=args.benchmark, data_dir=args.data,
-                    mode=args.mode, lang=args.lang, shots=args.shots, epochs=args.epochs, batch_size=args.batch_size,
-                    lr=args.lr, seed=args.seed, images=args.images, coco_images=args.coco_images,
-                    skip_missing=args.skip_missing, device=device_of(args), num_workers=args.num_workers)
+    spec = spec_from_arguments(FinetuneSpec, args, BENCHMARK_FLAGS + FLAGS, where="ccrk finetune")
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 runs the flow, the others fine-tune directly
-        run_finetune(**run_args)
+        run_finetune(**finetune_args(spec, args.root))
         return 0
     with training_progress("finetune") as progress:
-        out = finetune_flow(**run_args, evaluate=not args.no_evaluate,
-                            langs=list(parse_langs(args.langs)) if args.langs else None,
-                            mrv_langs=list(parse_langs(args.mrv_langs)) if args.mrv_langs else None,
-                            k_test=args.k_test, itc_only=args.itc_only, progress=progress)
+        out = finetune_flow(spec, root=args.root, progress=progress)
     run_ = out["run"]
     print_mapping(f"fine-tuned run {run_['run_id']}", {k: run_.get(k) for k in
                                                        ("run_dir", "checkpoint", "epochs", "pairs", "loss", "itc", "itm",

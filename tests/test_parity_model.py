@@ -288,8 +288,8 @@ def test_imported_reference_model_evaluates_on_the_demo_benchmark(fx, tmp_path):
     root = str(tmp_path / "root")
     run = reference.import_checkpoint(str(FIXTURE / "model.safetensors"), root=root,
                                       text_heads=fx["spec"]["text"]["num_attention_heads"])
-    report = evaluate_flow(root=root, checkpoint=run["run_id"], benchmark="demo", data_dir=str(tmp_path / "bench"),
-                           k_test=4, device="cpu")
+    report = evaluate_flow({"checkpoint": run["run_id"], "benchmark": "demo", "data": str(tmp_path / "bench"),
+                            "k_test": 4, "device": "cpu"}, root=root)
     m = report["metrics"]
     assert set(m["langs"]) == {"en", "es", "id", "ru", "tr"} and "tr_std" in m["mrv"]
     assert os.path.exists(os.path.join(report["dir"], "report.md"))

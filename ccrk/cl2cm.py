@@ -47,14 +47,12 @@ from torch import nn
 from ccrk.losses import gather_features
 from ccrk.optimal_transport import sinkhorn, uniform_marginal
 from ccrk.specs import CL2CMSpec
-from storage.spec import check_unknown_keys
 
 
 def cl2cm_config(config: dict) -> dict:
     """The ``cl2cm`` section validated by :class:`ccrk.specs.CL2CMSpec` (defaults filled) and
     checked against ``langs`` and ``loss.kcl``; errors are one-line :class:`storage.spec.SpecError`."""
     user = config.get("cl2cm", {}) or {}
-    check_unknown_keys(user, CL2CMSpec, "cl2cm")
     spec = CL2CMSpec.parse(user, section="cl2cm")
     spec.check_langs(config.get("langs", []), (config.get("loss", {}) or {}).get("kcl", True))
     return spec.to_config()

@@ -14,7 +14,6 @@ from torch import nn
 from ccrk import losses
 from ccrk.model import CCRKModel
 from ccrk.specs import LossSpec
-from storage.spec import check_unknown_keys
 
 # The objective's options (``loss:``) are ccrk.specs.LossSpec: where the paper and the authors' code
 # disagree, the default is the code's and the other form is selectable (ccrk.losses has the
@@ -26,7 +25,6 @@ def loss_config(config: dict) -> dict:
     """The ``loss:`` section validated by :class:`ccrk.specs.LossSpec` (defaults filled, aliases
     resolved); a bad key or value is a one-line :class:`storage.spec.SpecError` (a ValueError)."""
     user = config.get("loss", {}) or {}
-    check_unknown_keys(user, LossSpec, "loss")
     return LossSpec.parse(user, section="loss").to_config()
 
 

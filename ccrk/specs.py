@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import PrivateAttr, field_validator, model_validator
 
 from ccrk.evaluation.benchmarks import BENCHMARKS
-from storage.spec import Bool, Device, Spec, SpecError, read_yaml, setting, versioned
+from storage.spec import Bool, Device, Spec, SpecError, deep_merge, read_yaml, setting, versioned
 from storage.specs import AcquireChainSpec, AcquireSpec, BuildSpec, CorpusSpec, Executor
 from translation.spec import TranslateSpec
 
@@ -498,14 +498,23 @@ class ReproduceSpec(ChainSections):
         ref = next((r for r in self.pretrain.runs if r.name == run_name), None)
         return self.evaluate.itc_only if ref is None or ref.itc_only is None else ref.itc_only
 
-    def run_configs(self) -> dict[str, PretrainSpec]:
-        """Each run's config (its file with the overrides merged), validated."""
-        config_dir = os.path.dirname(self._config_path) if self._config_path else None
+    def run_config_files(self) -> dict[str, tuple[str, dict, str]]:
+        """Each run's (config path, overrides, where its errors say they are)."""
         where_self = self._config_path or "reproduce config"
         out = {}
         for i, ref in enumerate(self.pretrain.runs):
-            path = resolve_config_path(ref.config, config_dir)
-            base = PretrainSpec.load(path)
-            out[ref.name] = base.merged(ref.overrides, where=f"{where_self}: pretrain.runs[{i}] ({path} + overrides)") \
-                if ref.overrides else base
+            path = resolve_config_path(ref.config, self.config_dir)
+            out[ref.name] = (path, ref.overrides,
+                             f"{where_self}: pretrain.runs[{i}] ({path} + overrides)" if ref.overrides else path)
         return out
+
+    def run_configs(self) -> dict[str, PretrainSpec]:
+        """Each run's config (its file with the overrides merged), validated."""
+        return {name: read_run_config(*files)[1] for name, files in self.run_config_files().items()}
+
+
+def read_run_config(path: str, overrides: dict | None = None, where: str | None = None) -> tuple[dict, PretrainSpec]:
+    """A run config YAML with ``overrides`` deep-merged over it: the dict as written, and its
+    :class:`PretrainSpec` (a misspelt key anywhere is one line naming it, prefixed by ``where``)."""
+    config = deep_merge(read_yaml(path), overrides or {})
+    return config, PretrainSpec.parse(config, where=where or path)

@@ -37,10 +37,9 @@ from ccrk import distributed
 from ccrk.data import BatchStream, ImageTransform, heldout_slice
 from ccrk.model import build_model, latest_checkpoint, save_model
 from ccrk.objectives import build_objective
-from ccrk.specs import PretrainSpec, TrainSpec
+from ccrk.specs import TrainSpec, read_run_config
 from storage import atomic
 from storage.catalog import Artifact, Catalog
-from storage.spec import deep_merge, read_yaml
 from storage.versioning import content_version
 
 log = logging.getLogger("ccrk.trainer")
@@ -52,13 +51,11 @@ TRAIN_DEFAULTS = TrainSpec().to_config()
 # ---------------------------------------------------------------------- configuration and identity
 
 
-def load_config(path: str, overrides: dict | None = None) -> dict:
+def load_config(path: str, overrides: dict | None = None, where: str | None = None) -> dict:
     """A run config YAML (with ``overrides`` deep-merged over it), checked against
-    :class:`ccrk.specs.PretrainSpec` -- a misspelt key anywhere is one line naming it and the nearest
-    valid one -- and normalised (:func:`normalise_config`)."""
-    config = deep_merge(read_yaml(path), overrides or {})
-    PretrainSpec.parse(config, where=path)
-    return normalise_config(config)
+    :class:`ccrk.specs.PretrainSpec` (:func:`ccrk.specs.read_run_config`) and normalised
+    (:func:`normalise_config`)."""
+    return normalise_config(read_run_config(path, overrides, where)[0])
 
 
 def normalise_config(config: dict) -> dict:

@@ -24,7 +24,7 @@ from prefect.logging import get_run_logger
 
 from ccrk.evaluation.demo_benchmark import write_demo_benchmark
 from ccrk.evaluation.reports import compare_report
-from ccrk.specs import ReproduceSpec, resolve_config_path
+from ccrk.specs import ReproduceSpec
 from ccrk.trainer import StepProgress, load_config
 from flows.acquire import acquire_flow
 from flows.artifacts import publish_link, publish_markdown, publish_table
@@ -100,12 +100,12 @@ def _build(spec: ReproduceSpec, root: str, report: Reporter) -> dict:
 
 def _pretrain(spec: ReproduceSpec, root: str, dataset_dir: str, report: Reporter,
               progress: StepProgress | None) -> dict:
-    spec.run_configs()  # every run's config (and its overrides) checked before the first one trains
+    # Every run's config (and its overrides) read and checked before the first one trains.
+    configs = {name: load_config(*files) for name, files in spec.run_config_files().items()}
     runs = {}
-    for ref in spec.pretrain.runs:
-        config = load_config(resolve_config_path(ref.config, spec.config_dir), ref.overrides)
-        runs[ref.name] = run = pretrain_flow(config, dataset_dir, root=root, progress=progress)
-        report("pretrain", {**run, "_line": f"{ref.name}: run {run['run_id']}"
+    for name, config in configs.items():
+        runs[name] = run = pretrain_flow(config, dataset_dir, root=root, progress=progress)
+        report("pretrain", {**run, "_line": f"{name}: run {run['run_id']}"
                                             f"{' (already trained)' if run.get('skipped') else ''}, "
                                             f"loss curve {run.get('loss_curve')}"})
     return {"runs": runs, "_note": ", ".join(runs)}

@@ -30,19 +30,15 @@ import re
 import types
 import typing
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Self, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 from pydantic_core import PydanticCustomError, PydanticUndefined
 
 from storage.errors import CCRKError
 
-try:  # Python 3.11+
-    from typing import Self
-except ImportError:  # pragma: no cover
-    from typing_extensions import Self
 
-__all__ = ["Bool", "Device", "Spec", "SpecError", "add_arguments", "check_unknown_keys", "deep_merge",
+__all__ = ["Bool", "Device", "Spec", "SpecError", "add_arguments", "deep_merge",
            "format_errors", "from_arguments", "nearest", "read_yaml", "setting", "versioned"]
 
 # ---------------------------------------------------------------------------- field declarations
@@ -345,24 +341,6 @@ def _describe(cls, err: dict, section: str) -> str:
         message = str(ctx.get("error", err.get("msg", "")))
         return f"{name}: {message}" if loc or section else message
     return f"{name}: {err.get('msg', kind)}, not {_show(value)}"
-
-
-def check_unknown_keys(data, spec_cls: type[Spec], section: str) -> None:
-    """Raise ``SpecError("<section> has unknown keys [...] (did you mean ...?)")`` for every key of
-    ``data`` (and of its nested spec sections) that ``spec_cls`` lacks: the wording of the section
-    readers that took plain dicts before the specs (``loss_config``, ``cl2cm_config``)."""
-    if not isinstance(data, Mapping):
-        return
-    known = list(spec_cls.model_fields)
-    unknown = [k for k in data if k not in spec_cls.model_fields]
-    if unknown:
-        guesses = [f"'{g}'" for g in (nearest(k, known) for k in unknown) if g]
-        hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
-        raise SpecError(f"{section} has unknown keys {sorted(unknown)}{hint}; known: {', '.join(known)}")
-    for name, info in spec_cls.model_fields.items():
-        sub = _unwrap(info.annotation)
-        if isinstance(sub, type) and issubclass(sub, Spec) and isinstance(data.get(name), Mapping):
-            check_unknown_keys(data[name], sub, f"{section}.{name}")
 
 
 def format_errors(cls, error: ValidationError, where: str = "", section: str = "") -> str:

@@ -160,7 +160,7 @@ def test_a_batch_without_any_pair_gives_zero_loss_not_nan():
     ({"cl2cm": {"target_lang": "de"}}, "target_lang"),
     ({"cl2cm": {"target_lang": "en"}}, "target_lang"),
     ({"cl2cm": {"word_loss": "l2"}}, "word_loss"),
-    ({"cl2cm": {"weights": {"mlm": 1.0}}}, "unknown keys"),
+    ({"cl2cm": {"weights": {"mlm": 1.0}}}, "unknown key 'mlm'"),
     ({"cl2cm": {"sinkhorn": {"eps": 0.0}}}, "sinkhorn"),
     ({"loss": {"kcl": False}}, "kcl"),
 ])

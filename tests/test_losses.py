@@ -193,7 +193,7 @@ def test_loss_config_checks_values_and_keys():
                          ({"mask_prob": 1.5}, "loss.mask_prob is out of range"),
                          ({"max_masks": 0}, "loss.max_masks is out of range"),
                          ({"temp_clamp": "no"}, "loss.temp_clamp must be true or false"),
-                         ({"hard_positive": "code"}, "loss has unknown keys")]:
+                         ({"hard_positive": "code"}, "loss: unknown key 'hard_positive'")]:
         with pytest.raises(ValueError, match=message):
             loss_config({"loss": bad})
 

@@ -323,7 +323,7 @@ def test_thresholds_are_the_former_configs_translation_yaml():
     assert Thresholds.parse({"by_lang": {"ru": {}}}).for_lang("ru")["max_len_ratio"] == 2.5
     strict = Thresholds.parse({"default": {"max_copy_sim": 0.5}})
     assert not scores.score("a red star", "a red starr", "es", config=strict)["ok"]
-    assert scores.load_config()["defaults"]["device"] == "auto"  # what the translate CLI reads today
+    assert TranslateSpec().device == "auto"  # what ccrk translate (its flags from the spec) runs on by default
 
 
 def test_the_choices_are_the_modules_choices():

@@ -14,20 +14,12 @@ import unicodedata
 from functools import lru_cache
 
 from storage.languages import expected_script
-from translation.spec import Thresholds, TranslateSpec
+from translation.spec import Thresholds
 
 
 @lru_cache(maxsize=None)
 def _default_thresholds(lang: str) -> dict:
     return Thresholds().for_lang(lang)
-
-
-def load_config() -> dict:
-    """The translation defaults in the shape of the former configs/translation.yaml
-    (``{"defaults": {...}, "thresholds": {...}}``), from :class:`translation.spec.TranslateSpec`:
-    for callers not yet reading the spec."""
-    spec = TranslateSpec()
-    return {"defaults": spec.to_config(), "thresholds": spec.thresholds.to_config()}
 
 
 def thresholds(lang: str, config: Thresholds | None = None) -> dict:

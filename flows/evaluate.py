@@ -1,7 +1,9 @@
 """Prefect flows for ``ccrk evaluate`` and ``ccrk finetune``: thin wrappers over ccrk.evaluation.protocols.
 
 One task per coarse unit: a fine-tune, an evaluation (all languages of a benchmark share one image
-encoding pass), a report. A new report is published here as markdown + table artifacts.
+encoding pass), a report. Both are stages (:class:`EvaluateStage`, ``protocols.FinetuneStage``) run
+through storage.stage.run_stage, which records them in the catalog; a new report is published here
+as markdown + table artifacts.
 Each flow takes its stage's spec (:class:`ccrk.specs.EvaluateSpec`, :class:`ccrk.specs.FinetuneSpec`)
 or its dict: ``evaluate_flow({"checkpoint": run_dir, "benchmark": "demo", "data": bench}, root="data")``.
 ``progress`` parameters are callables the caller supplies (the CLI's bars); Prefect passes them
@@ -14,19 +16,51 @@ from typing import Callable
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from ccrk.evaluation import protocols
+from ccrk.evaluation import protocols, reports
 from ccrk.specs import BenchmarkSpec, EvaluateSpec, FinetuneSpec, resolve_device
 from flows.artifacts import publish_markdown, publish_table
 from storage.errors import CCRKError
+from storage.stage import Outcome, StagePlan, run_stage
+
+
+class EvaluateStage:
+    """An evaluation through storage.stage's contract: plan = the report's id, params and parent run;
+    completed = the report already written; execute = score the checkpoint and write ``reports/<id>/``;
+    publish = the new report's markdown + table artifacts. ``setup``: ``protocols.evaluation_setup``'s
+    keywords besides root."""
+
+    def __init__(self, root: str | None, batch_size: int = 64, device: str = "cpu",
+                 progress: Callable[[str], None] | None = None, **setup):
+        self.root, self.batch_size, self.device, self.progress, self.setup_args = (root, batch_size, device,
+                                                                                   progress, setup)
+
+    def plan(self) -> StagePlan:
+        self.setup = protocols.evaluation_setup(self.root, **self.setup_args)
+        params = self.setup.params
+        rid, run_version, out_dir = reports.report_target(self.root, self.setup.ckpt_path, params)
+        return StagePlan("report", params["benchmark"], rid, out_dir, params, [run_version] if run_version else [])
+
+    def completed(self, plan: StagePlan) -> Outcome | None:
+        done = reports.existing_report(self.root, self.setup.ckpt_path, plan.params)
+        return None if done is None else Outcome(done, reports.report_stats(done["metrics"]))
+
+    def execute(self, plan: StagePlan) -> Outcome:
+        m, results = protocols.score_checkpoint(self.setup, self.batch_size, self.device, self.progress)
+        out = reports.write_report_dir(self.root, m, results, plan.params, title=f"{plan.name} retrieval")
+        stats = out.pop("stats")
+        return Outcome({**out, "metrics": m}, stats)
+
+    def publish(self, plan: StagePlan, summary: dict) -> None:
+        if summary["skipped"]:  # a report found already written is not published again
+            return
+        key = f"report-{summary['metrics']['benchmark']}-{summary['report_id']}"
+        publish_markdown(key, summary["markdown"], description="evaluation report")
+        publish_table(f"{key}-table", summary["table"], description="recall per language")
 
 
 @task(name="evaluate-benchmark", cache_policy=NO_CACHE)
-def evaluate_task(**kwargs) -> dict:
-    out = protocols.run_evaluation(**kwargs)
-    if "table" in out:  # a new report (one found already written is not published again)
-        key = f"report-{out['metrics']['benchmark']}-{out['report_id']}"
-        publish_markdown(key, out["markdown"], description="evaluation report")
-        publish_table(f"{key}-table", out["table"], description="recall per language")
+def evaluate_task(root: str | None = None, **kwargs) -> dict:
+    out = run_stage(EvaluateStage(root, **kwargs), root)
     return {k: out[k] for k in ("report_id", "run_version", "dir", "metrics")}
 
 
@@ -48,7 +82,7 @@ def benchmark_args(spec: BenchmarkSpec, root: str | None) -> dict:
 
 def finetune_args(spec: FinetuneSpec, root: str | None) -> dict:
     """``protocols.run_finetune``'s arguments from a :class:`FinetuneSpec` (the CLI's other torchrun
-    ranks call it directly with these)."""
+    ranks call it directly with these: the same stage, which only rank 0 records)."""
     return dict(**benchmark_args(spec, root), mode=spec.mode, lang=spec.lang, shots=spec.shots, epochs=spec.epochs,
                 batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed, num_workers=spec.num_workers)
 

@@ -120,9 +120,12 @@ def test_finetune_runs_have_the_trainers_layout(demo, tmp_path):
     for name in ("config.json", "tokenizer", "metrics.jsonl", "loss_curve.png"):
         assert os.path.exists(os.path.join(run["run_dir"], name)), name
     assert sorted(_losses(run["run_dir"])) == [3, 6]  # log_every 10; a row at every checkpoint
-    # A finished run resumes at its end and trains nothing.
+    # A finished run is complete: nothing is trained, its summary is read from its files.
     again = _finetune(root, demo[1])
     assert again["resumed_from"] == ckpt and again["step"] == 6 and again["loss"] == pytest.approx(run["loss"])
+    assert again["skipped"] and not run["skipped"] and again["temp"] == pytest.approx(run["temp"])
+    assert {k: again[k] for k in ("epochs", "pairs", "total_steps", "run_id")} == {
+        k: run[k] for k in ("epochs", "pairs", "total_steps", "run_id")}
 
 
 def _ddp_worker(rank: int, world: int, port: int, roots: list[str], bench: str) -> None:

@@ -97,16 +97,17 @@ def test_compare_report_puts_runs_side_by_side(results, tmp_path):
         tmp_path / "cmp" / "compare.md").read_text()
 
 
-def test_published_report_is_recorded_with_the_run_as_parent(results, root):
+def test_a_report_directory_names_its_run_and_stats_and_leaves_the_catalog_to_the_stage(results, root):
     run_dir = os.path.join(root, "runs", "r1")
     Catalog(root).record(Artifact("run0001", "run", "finetune", run_dir))
     m = reports.build_metrics(results, "demo", checkpoint=os.path.join(run_dir, "checkpoints", "step-0000010"))
-    out = reports.publish_report(root, m, results, params={"benchmark": "demo"})
-    art = Catalog(root).get(out["report_id"])
-    assert art.kind == "report" and art.parents == ["run0001"]
-    assert art.stats["mrv_tr_std"] == pytest.approx(1.75) and art.stats["mrv_tr"] == pytest.approx(9.25)
-    assert art.path == os.path.join(root, "reports", out["report_id"])
-    assert os.path.exists(os.path.join(art.path, "report.md"))
+    out = reports.write_report_dir(root, m, results, params={"benchmark": "demo"})
+    assert out["run_version"] == "run0001" and out["dir"] == os.path.join(root, "reports", out["report_id"])
+    assert out["stats"]["mrv_tr_std"] == pytest.approx(1.75) and out["stats"]["mrv_tr"] == pytest.approx(9.25)
+    assert os.path.exists(os.path.join(out["dir"], "report.md"))
+    assert Catalog(root).get(out["report_id"]) is None  # storage.stage.run_stage records it
+    again = reports.existing_report(root, m["checkpoint"], {"benchmark": "demo"})
+    assert again["report_id"] == out["report_id"] and reports.report_stats(again["metrics"]) == out["stats"]
 
 
 @pytest.fixture
@@ -147,6 +148,7 @@ def test_finetune_then_evaluate_flows_end_to_end(demo_setup, root):
     assert m["mrv"]["n_tr"] == 4 and m["mrv"]["n_ir"] == 12
     assert m["mrv"]["langs"] == ["en", "es", "ru"] and m["collapsed_langs"] == []
     assert all(v["distinct_text_frac"] == 1.0 for v in m["langs"].values())
+    assert report.stats["mean_recall"] == pytest.approx(m["average"]["mean_recall"])
 
     assert main(["evaluate", "--checkpoint", run_dir, "--benchmark", "demo", "--data", bench, "--langs", "en,es",
                  "--itc-only", "--root", root]) == 0

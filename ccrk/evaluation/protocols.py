@@ -13,8 +13,9 @@ GPUs, exact step resume) with :class:`PairBatches` as its batches and :class:`Fi
 its loss. A fine-tune writes a run directory (``runs/<id>/``) in the trainer's layout --
 ``config.json``, ``tokenizer/``, ``checkpoints/step-XXXXXXX/`` (model, optimizer, trainer state,
 per-rank RNG), ``metrics.jsonl``, ``loss_curve.png`` -- recorded in the catalog as kind ``run``
-with the starting run as parent. A checkpoint is written at the end of every epoch; a killed
-fine-tune resumes from its latest checkpoint exactly as if it had not stopped.
+with the starting run as parent (:class:`FinetuneStage` through storage.stage.run_stage). A checkpoint
+is written at the end of every epoch; a killed fine-tune resumes from its latest checkpoint exactly as
+if it had not stopped, and a finished one is not trained again.
 
 When the checkpoint's config has ``data: {pre_caption: true}``, training and test captions go through
 the authors' normalisation at the benchmark's word limit (``benchmarks.MAX_WORDS``), as in their
@@ -32,6 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from ccrk import distributed, losses, trainer
@@ -42,8 +44,9 @@ from ccrk.evaluation.retrieval import evaluate_benchmark
 from ccrk.model import latest_checkpoint, load_pretrained
 from ccrk.specs import FinetuneHyperparameters, FinetuneSpec
 from storage import layout
-from storage.catalog import Artifact, Catalog
+from storage.catalog import Catalog
 from storage.errors import CCRKError
+from storage.stage import Outcome, StagePlan, run_stage
 from storage.versioning import content_version, file_sha256
 
 MODES = ("zero-shot", "few-shot", "single")
@@ -351,44 +354,117 @@ def _finetune_params(root: str, plan: FinetunePlan, skip_missing: bool, ckpt_pat
     return params, parent
 
 
+class FinetuneStage:
+    """A fine-tune through storage.stage's contract: plan = the run's id, directory, params and parent;
+    completed = its finished run (the latest checkpoint at the schedule's last step); execute = train
+    through the trainer's loop (resuming a cut run). ``options``: :func:`run_finetune`'s keywords."""
+
+    def __init__(self, root: str | None, checkpoint: str, benchmark: str, data_dir: str, **options):
+        self.root, self.checkpoint, self.benchmark, self.data_dir = layout.data_root(root), checkpoint, benchmark, \
+            data_dir
+        self.o = {**FINETUNE_OPTIONS, **options}
+
+    def plan(self) -> StagePlan:
+        o = self.o
+        self.protocol = plan_finetune(o["mode"], self.benchmark, self.data_dir, o["lang"], o["shots"])
+        self.ckpt_path = _resolve_checkpoint(self.checkpoint, self.root)
+        self.clean = bm.CaptionCleaner(_max_words(_checkpoint_config(self.ckpt_path), self.benchmark))
+        self.pairs, self.skipped = load_training_pairs(self.benchmark, self.protocol.train_file, self.data_dir,
+                                                       o["images"], o["coco_images"], o["skip_missing"], self.clean)
+        self.hp = finetune_hparams(o["mode"], o["epochs"], o["batch_size"], o["lr"], o["seed"])
+        params, parent = _finetune_params(self.root, self.protocol, o["skip_missing"], self.ckpt_path, self.hp,
+                                          self.clean.max_words)
+        parents = [parent] if parent else []
+        run_id = content_version("run", parents, params)
+        self.info = distributed.init(o["device"])  # every rank: the process group, for the barriers
+        return StagePlan("run", f"finetune-{self.benchmark}-{o['mode']}", run_id, layout.run_dir(self.root, run_id),
+                         params, parents)
+
+    def _outcome(self, plan: StagePlan, summary: dict, seconds: float) -> Outcome:
+        summary.update(run_id=plan.version, skipped_images=self.skipped, rejected_captions=self.clean.rejected,
+                       seconds=round(seconds, 1), params=plan.params, eval_langs=self.protocol.eval_langs)
+        return Outcome(summary, {k: summary.get(k) for k in ("loss", "itc", "itm", "epochs", "pairs")})
+
+    def completed(self, plan: StagePlan) -> Outcome | None:
+        summary = finished_finetune(plan.path, self.info.is_main)
+        return None if summary is None else self._outcome(plan, summary, 0.0)
+
+    def execute(self, plan: StagePlan) -> Outcome:
+        o = self.o
+        model, tokenizer, config = load_pretrained(self.ckpt_path, device=self.info.device)
+        t0 = time.time()
+        summary = train_pairs(model, tokenizer, config, self.pairs, plan.path, self.hp, self.info, o["max_steps"],
+                              o["progress"], o["num_workers"])
+        return self._outcome(plan, summary, time.time() - t0)
+
+    def publish(self, plan: StagePlan, summary: dict) -> None:
+        """Nothing beyond the run directory (its loss curve) and the catalog entry."""
+
+
+def finished_finetune(run_dir: str, main: bool = True) -> dict | None:
+    """:func:`train_pairs`' summary of a fine-tune run whose latest checkpoint is at the schedule's last
+    step, read from its files (no model is loaded); None when it is absent or cut. ``main``: rank 0
+    (the only one whose summary has the loss means, as in training)."""
+    ckpt = latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    if ckpt is None:
+        return None
+    with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    ft = _checkpoint_config(ckpt).get("finetune", {})
+    per_epoch, total = ft.get("steps_per_epoch"), ft.get("total_steps")
+    if not per_epoch or state["step"] < total:
+        return None
+    rows = []
+    if main and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    with safe_open(os.path.join(ckpt, "model.safetensors"), framework="pt") as f:
+        temp = float(f.get_tensor("temp"))
+    summary = {"run_dir": run_dir, "checkpoint": ckpt, "epochs": state["step"] // per_epoch,
+               "epoch": state["step"] / per_epoch, "step": state["step"], "total_steps": total, "resumed_from": ckpt,
+               "pairs": ft["pairs"], "world": state["world"], **last_epoch_means(rows, per_epoch), "temp": temp}
+    if rows and os.path.exists(os.path.join(run_dir, "loss_curve.png")):
+        summary["loss_curve"] = os.path.join(run_dir, "loss_curve.png")
+    return summary
+
+
+# run_finetune's keywords besides root, checkpoint, benchmark and data_dir, with their defaults.
+FINETUNE_OPTIONS = dict(mode="zero-shot", lang=None, shots=None, epochs=None, batch_size=None, lr=None, seed=None,
+                        images=None, coco_images=None, skip_missing=False, device="cpu", progress=None,
+                        num_workers=0, max_steps=None)
+
+
 def run_finetune(root: str | None, checkpoint: str, benchmark: str, data_dir: str, mode: str = "zero-shot",
                  lang: str | None = None, shots: int | None = None, epochs: int | None = None,
                  batch_size: int | None = None, lr: float | None = None, seed: int | None = None,
                  images: str | None = None, coco_images: str | None = None, skip_missing: bool = False,
                  device: str = "cpu", progress: trainer.StepProgress | None = None, num_workers: int = 0,
                  max_steps: int | None = None) -> dict:
-    """Fine-tune a pre-trained (or English fine-tuned) checkpoint, resuming its run if one was cut;
-    rank 0 records the run in the catalog (under torchrun every rank calls this)."""
-    plan = plan_finetune(mode, benchmark, data_dir, lang, shots)
-    ckpt_path = _resolve_checkpoint(checkpoint, root)
-    max_words = _max_words(_checkpoint_config(ckpt_path), benchmark)
-    clean = bm.CaptionCleaner(max_words)
-    pairs, skipped = load_training_pairs(benchmark, plan.train_file, data_dir, images, coco_images, skip_missing,
-                                         clean)
-    hp = finetune_hparams(mode, epochs, batch_size, lr, seed)
-    r = layout.data_root(root)
-    params, parent = _finetune_params(r, plan, skip_missing, ckpt_path, hp, max_words)
-    run_id = content_version("run", [parent] if parent else [], params)
-    run_dir = layout.run_dir(r, run_id)
-    info = distributed.init(device)
-    model, tokenizer, config = load_pretrained(ckpt_path, device=info.device)
-    t0 = time.time()
-    summary = train_pairs(model, tokenizer, config, pairs, run_dir, hp, info, max_steps, progress, num_workers)
-    summary.update(run_id=run_id, skipped_images=skipped, rejected_captions=clean.rejected,
-                   seconds=round(time.time() - t0, 1), params=params, eval_langs=plan.eval_langs)
-    if info.is_main:
-        Catalog(r).record(Artifact(run_id, "run", f"finetune-{benchmark}-{mode}", run_dir, params=params,
-                                   stats={k: summary.get(k) for k in ("loss", "itc", "itm", "epochs", "pairs")},
-                                   parents=[parent] if parent else []))
-    distributed.barrier()  # the other ranks read the catalog again only once rank 0 has written it
+    """Fine-tune a pre-trained (or English fine-tuned) checkpoint, resuming its run if one was cut, through
+    :class:`FinetuneStage` and storage.stage.run_stage (under torchrun every rank calls this; rank 0 records
+    the run in the catalog)."""
+    stage = FinetuneStage(root, checkpoint, benchmark, data_dir, mode=mode, lang=lang, shots=shots, epochs=epochs,
+                          batch_size=batch_size, lr=lr, seed=seed, images=images, coco_images=coco_images,
+                          skip_missing=skip_missing, device=device, progress=progress, num_workers=num_workers,
+                          max_steps=max_steps)
+    summary = run_stage(stage, stage.root)
+    distributed.barrier()  # no rank touches the run or the catalog again before rank 0 has recorded it
     return summary
 
 
-def run_evaluation(root: str | None, checkpoint: str, benchmark: str, data_dir: str, langs=None, mrv_langs=None,
-                   k_test: int | None = None, itc_only: bool = False, images: str | None = None,
-                   coco_images: str | None = None, skip_missing: bool = False, batch_size: int = 64,
-                   device: str = "cpu", progress: Callable[[str], None] | None = None) -> dict:
-    """Evaluate a checkpoint on a benchmark and publish ``reports/<id>/``; returns the report summary."""
+@dataclass
+class EvaluationSetup:
+    """What an evaluation is of: the checkpoint's path, the loaded benchmark and the report's params."""
+    ckpt_path: str
+    bench: bm.Benchmark
+    params: dict
+    mrv_langs: Sequence[str] | None
+
+
+def evaluation_setup(root: str | None, checkpoint: str, benchmark: str, data_dir: str, langs=None, mrv_langs=None,
+                     k_test: int | None = None, itc_only: bool = False, images: str | None = None,
+                     coco_images: str | None = None, skip_missing: bool = False) -> EvaluationSetup:
+    """The checkpoint, benchmark and report params of an evaluation (what its report id hashes)."""
     ckpt_path = _resolve_checkpoint(checkpoint, root)
     max_words = _max_words(_checkpoint_config(ckpt_path), benchmark)
     bench = bm.load_benchmark(benchmark, data_dir, langs, images, coco_images, skip_missing, max_words)
@@ -401,16 +477,19 @@ def run_evaluation(root: str | None, checkpoint: str, benchmark: str, data_dir: 
               "data": layout.rooted(layout.data_root(root), data_dir), "skip_missing": skip_missing}
     if max_words is not None:  # only when on, so reports without normalisation keep their ids
         params["max_words"] = max_words
-    done = reports.existing_report(root, os.path.abspath(ckpt_path), params)
-    if done is not None:  # same checkpoint, benchmark and settings: the report is already there
-        return done
-    model, tokenizer, config = load_pretrained(ckpt_path, device=device)
+    return EvaluationSetup(os.path.abspath(ckpt_path), bench, params, mrv_langs)
+
+
+def score_checkpoint(setup: EvaluationSetup, batch_size: int = 64, device: str = "cpu",
+                     progress: Callable[[str], None] | None = None) -> tuple[dict, dict]:
+    """(the metrics, the per-language results) of the checkpoint on the benchmark."""
+    p, bench = setup.params, setup.bench
+    model, tokenizer, config = load_pretrained(setup.ckpt_path, device=device)
     t0 = time.time()
-    results = evaluate_benchmark(model, tokenizer, image_transform(config, train=False), bench, k_test=k_test,
-                                 itc_only=itc_only, max_tokens=_max_tokens(config), batch_size=batch_size,
+    results = evaluate_benchmark(model, tokenizer, image_transform(config, train=False), bench, k_test=p["k_test"],
+                                 itc_only=p["itc_only"], max_tokens=_max_tokens(config), batch_size=batch_size,
                                  progress=progress)
-    m = reports.build_metrics(results, benchmark, mrv_langs, k_test, itc_only, os.path.abspath(ckpt_path),
+    m = reports.build_metrics(results, p["benchmark"], setup.mrv_langs, p["k_test"], p["itc_only"], setup.ckpt_path,
                               extra={"skipped_images": bench.skipped_images, "rejected_captions": bench.rejected_texts,
                                      "seconds": round(time.time() - t0, 1)})
-    out = reports.publish_report(root, m, results, params, title=f"{benchmark} retrieval")
-    return {**out, "metrics": m}
+    return m, results

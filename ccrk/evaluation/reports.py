@@ -2,8 +2,8 @@
 
 ``report.md`` is laid out like the paper's Table 1 (TR/IR R@1/5/10 per language, mean recall,
 MRV over the paper's languages); :func:`compare_report` puts several runs side by side like its
-Table 2. Reports are published as Prefect markdown + table artifacts and recorded in the catalog
-(kind ``report``) with the evaluated run as parent.
+Table 2. The evaluate stage (flows.evaluate.EvaluateStage) publishes them as Prefect markdown + table
+artifacts and records them in the catalog (kind ``report``) with the evaluated run as parent.
 
 MRV is given two ways, both in ``metrics.json["mrv"]``:
 
@@ -29,7 +29,7 @@ from ccrk.evaluation import metrics as M
 from ccrk.evaluation.benchmarks import PAPER_MRV_LANGS
 from ccrk.evaluation.retrieval import aligned_ranks
 from storage import atomic, layout
-from storage.catalog import Artifact, Catalog
+from storage.catalog import Catalog
 from storage.errors import CCRKError
 from storage.versioning import content_version
 
@@ -337,12 +337,23 @@ def find_run_version(root: str | None, checkpoint: str) -> str | None:
     return None
 
 
-def existing_report(root: str | None, checkpoint: str, params: dict) -> dict | None:
-    """The summary of a report already written for this checkpoint and these parameters, or None."""
+def report_target(root: str | None, checkpoint: str, params: dict) -> tuple[str, str | None, str]:
+    """(report id, the evaluated run's version or None, ``reports/<id>/``) for ``checkpoint`` and ``params``."""
     root = layout.data_root(root)
     run_version = find_run_version(root, checkpoint)
     rid = report_id(run_version, params)
-    out_dir = layout.report_dir(root, rid)
+    return rid, run_version, layout.report_dir(root, rid)
+
+
+def report_stats(m: dict) -> dict:
+    """What the catalog keeps of a report beside its params: mean recall and the MRVs."""
+    return {"mean_recall": m["average"]["mean_recall"],
+            **{f"mrv_{key}": m["mrv"][key] for key in ("tr_std", "ir_std", "tr", "ir") if key in m["mrv"]}}
+
+
+def existing_report(root: str | None, checkpoint: str, params: dict) -> dict | None:
+    """The summary of a report already written for this checkpoint and these parameters, or None."""
+    rid, run_version, out_dir = report_target(root, checkpoint, params)
     metrics_path = os.path.join(out_dir, "metrics.json")
     if not os.path.exists(metrics_path):
         return None
@@ -351,17 +362,10 @@ def existing_report(root: str | None, checkpoint: str, params: dict) -> dict | N
     return {"report_id": rid, "run_version": run_version, "dir": out_dir, "metrics": m, "skipped": True}
 
 
-def publish_report(root: str | None, m: dict, results: dict | None, params: dict, title: str = "",
-                   run_version: str | None = None) -> dict:
-    """Write ``reports/<id>/`` and record it in the catalog (parent: the run); the returned summary's
-    ``markdown`` and ``table`` are what the evaluate flow publishes."""
-    root = layout.data_root(root)
-    run_version = run_version or find_run_version(root, m.get("checkpoint", ""))
-    rid = report_id(run_version, params)
-    out_dir = layout.report_dir(root, rid)
+def write_report_dir(root: str | None, m: dict, results: dict | None, params: dict, title: str = "") -> dict:
+    """Write ``reports/<id>/`` (the id: the run owning ``m["checkpoint"]`` and ``params``); the returned
+    summary's ``stats`` are what the catalog keeps (storage.stage.run_stage records it, the run as
+    parent), its ``markdown`` and ``table`` what the evaluate flow publishes."""
+    rid, run_version, out_dir = report_target(root, m.get("checkpoint", ""), params)
     out = write_report(out_dir, {**m, "report_id": rid, "run_version": run_version}, results, title)
-    stats = {"mean_recall": m["average"]["mean_recall"],
-             **{f"mrv_{key}": m["mrv"][key] for key in ("tr_std", "ir_std", "tr", "ir") if key in m["mrv"]}}
-    Catalog(root).record(Artifact(rid, "report", f"{m['benchmark']}", out_dir, params=params, stats=stats,
-                                  parents=[run_version] if run_version else []))
-    return {**out, "report_id": rid, "run_version": run_version, "table": table1_rows(m)}
+    return {**out, "report_id": rid, "run_version": run_version, "table": table1_rows(m), "stats": report_stats(m)}

@@ -1,7 +1,7 @@
 """`ccrk finetune`: zero-shot / few-shot / single-language retrieval fine-tuning, then evaluation (Prefect flow).
 
 Multi-GPU: ``torchrun --nproc_per_node G -m ccrk.app.cli finetune ...`` (rank 0 runs the flow and the
-evaluation, the other ranks the same fine-tune directly).
+evaluation, the other ranks the same fine-tune stage directly; only rank 0 records it).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def run(args) -> int:
     from flows.evaluate import finetune_args, finetune_flow
 
     spec = spec_from_arguments(FinetuneSpec, args, BENCHMARK_FLAGS + FLAGS, where="ccrk finetune")
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 runs the flow, the others fine-tune directly
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 runs the flow, the others the same stage
         run_finetune(**finetune_args(spec, args.root))
         return 0
     with training_progress("finetune") as progress:

@@ -2,8 +2,10 @@
 per group of shards, finalize.
 
 Thin: the orchestration is :func:`storage.build.build_dataset`'s, the one the in-process build
-runs; :class:`FlowSteps` runs its steps as this flow's tasks. Re-running after a kill redoes only
-the shards that are not written yet, and a finished version is a no-op that says so. The shard
+runs (through :func:`storage.stage.run_stage`, which records the catalog entry in this flow's
+process once finalize is done); :class:`FlowSteps` runs its steps as this flow's tasks.
+Re-running after a kill redoes only the shards that are not written yet, and a finished version
+is a no-op that says so (and records the catalog entry if a kill lost it). The shard
 tasks do not wait for the whole plan: the plan task hands out each group of shards as soon as all
 their samples are planned (part files, :class:`storage.build.PartSteps`), and the flow submits
 their tasks while the plan goes on.
@@ -39,8 +41,8 @@ def shards_task(dataset_path: str, shard_ids: list[int], part: str | None = None
 
 
 @task(name="finalize-dataset", cache_policy=NO_CACHE)
-def finalize_task(dataset_path: str, root: str) -> build.BuildResult:
-    return build.finalize_build(dataset_path, root=root)
+def finalize_task(dataset_path: str) -> build.BuildResult:
+    return build.finalize_build(dataset_path)
 
 
 class FlowSteps(build.PartSteps):
@@ -56,8 +58,8 @@ class FlowSteps(build.PartSteps):
     def start_write(self, dataset_path: str, shard_ids: list[int], part: str):
         return shards_task.submit(dataset_path, shard_ids, part, self.progress)
 
-    def finalize_step(self, dataset_path: str, root: str) -> build.BuildResult:
-        return finalize_task(dataset_path, root)
+    def finalize_step(self, dataset_path: str) -> build.BuildResult:
+        return finalize_task(dataset_path)
 
 
 @flow(name="build-dataset")

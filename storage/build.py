@@ -20,10 +20,11 @@ tasks (``flows.build``, which subclasses :class:`PartSteps`):
 - :mod:`storage.build_write` -- :func:`write_shard_group`: shards from the plan (temp file, fsync,
   rename); a shard whose ``_build/<shard>.index.json`` exists is done and skipped on resume.
 - :mod:`storage.build_finalize` -- :func:`finalize_build`: the manifest completed (shards, info)
-  into ``manifest.duckdb``, ``shards/sizes.json``, the wids index, the ``_COMPLETE`` marker (last),
-  then the catalog entry.
-- :mod:`storage.build` (here) -- :func:`build_dataset`: resolve, then plan while each group of
-  shards is written as soon as the plan has all its samples, then finalize. :class:`LocalSteps`
+  into ``manifest.duckdb``, ``shards/sizes.json``, the wids index, the ``_COMPLETE`` marker (last).
+- :mod:`storage.build` (here) -- :func:`build_dataset`: the build as a :class:`storage.stage.Stage`
+  (:class:`BuildStage`) run by :func:`storage.stage.run_stage`, which writes its catalog entry:
+  resolve, then (unless built) plan while each group of shards is written as soon as the plan has
+  all its samples, then finalize. :class:`LocalSteps`
   runs the steps in one process with one DuckDB instance: each shard's rows go to a writer thread
   in memory, the manifest is drafted meanwhile (in memory: :func:`storage.manifest.scratch_draft_path`)
   and stays ATTACHed for finalize. :class:`PartSteps` (the flow's tasks) share only files: the plan
@@ -50,7 +51,7 @@ import duckdb
 import pyarrow as pa
 
 from storage.build_assemble import PLAN_BUCKET_ROWS, plan_bucket_rows
-from storage.build_finalize import BuildResult, finalize_build, skipped_result
+from storage.build_finalize import BuildResult, build_stats, finalize_build, skipped_result
 from storage.build_parts import PART_COLUMNS, CompleteShards, ready_parts, split_shards
 from storage.build_plan import cached_tar_index, plan_build, plan_memory_limit, plan_resolved
 from storage.build_resolve import (BuildPlan, ResolvedBuild, SourceInput, TranslationSet, dataset_version,
@@ -61,10 +62,11 @@ from storage.build_write import shard_groups, write_part, write_shard_group
 from storage.manifest import discard_draft
 from storage.shards import drop_source_maps
 from storage.specs import BuildSpec, build_spec
+from storage.stage import Outcome, StagePlan, run_stage
 
 __all__ = [
     "BOX_COLUMNS", "COMPLETE", "MANIFEST", "PART_COLUMNS", "PLAN_BUCKET_ROWS", "SIZES", "STAGING", "WIDS_INDEX",
-    "BuildPlan", "BuildResult", "BuildSteps", "CompleteShards", "LocalSteps", "PartSteps", "ResolvedBuild",
+    "BuildPlan", "BuildResult", "BuildStage", "BuildSteps", "CompleteShards", "LocalSteps", "PartSteps", "ResolvedBuild",
     "ShardQueue", "SourceInput", "TranslationSet", "build_dataset", "cached_tar_index", "dataset_version",
     "discover_translations", "finalize_build", "is_complete", "plan_build", "plan_bucket_rows", "plan_memory_limit",
     "plan_resolved", "policy_params", "ready_parts", "resolve_build", "resolve_sources", "shard_groups",
@@ -76,8 +78,11 @@ def build_dataset(root=None, spec: BuildSpec | dict | None = None, progress=None
                   **fields) -> BuildResult:
     """The build -- the one orchestration of its steps, however they run: resolve (inputs, version);
     unless that version is built already, plan, and while the plan is being made write each group
-    of shards as soon as the plan has all their samples; then finalize (manifest, ``_COMPLETE``,
-    catalog entry).
+    of shards as soon as the plan has all their samples; then finalize (manifest, ``_COMPLETE``).
+    :func:`storage.stage.run_stage` runs them (:class:`BuildStage`) and writes the catalog entry:
+    after the build, or when the version was built already but never recorded (a kill between
+    ``_COMPLETE`` and the entry). With :class:`LocalSteps` the entry goes through the steps' one
+    DuckDB instance (the catalog ATTACHed to it, no second instance started).
 
     ``steps``: how each step runs (:class:`BuildSteps`); default :class:`LocalSteps` (all of them
     in this process, one DuckDB instance, overlapped), which report each written shard's sample
@@ -90,11 +95,37 @@ def build_dataset(root=None, spec: BuildSpec | dict | None = None, progress=None
     spec = build_spec(spec, **fields)
     steps = LocalSteps(progress) if steps is None else steps
     with steps:
-        resolved = steps.resolve(root=root, spec=spec)
-        if resolved.plan.skipped:
-            return skipped_result(resolved.plan)
-        plan, writing = _plan_and_write(steps, resolved, spec.memory)
-        return steps.finalize(plan, lambda: _results(writing))
+        summary = run_stage(BuildStage(steps, root, spec), root, engine=getattr(steps, "engine", None))
+    return BuildResult(**summary)
+
+
+class BuildStage:
+    """The build as a :class:`storage.stage.Stage`: ``plan()`` resolves (inputs, version, lineage);
+    ``completed()`` is the version already built; ``execute()`` plans, writes and finalizes;
+    ``publish()`` does nothing (``flows.build`` publishes its artifacts from the result)."""
+
+    def __init__(self, steps: BuildSteps, root, spec: BuildSpec):
+        self.steps, self.root, self.spec, self.resolved = steps, root, spec, None
+
+    def plan(self) -> StagePlan:
+        self.resolved = r = self.steps.resolve(root=self.root, spec=self.spec)
+        return StagePlan(kind="dataset", name=r.plan.name, version=r.plan.version, path=r.plan.path,
+                         params=r.lineage["params"], parents=r.lineage["parents"])
+
+    def completed(self, plan: StagePlan) -> Outcome | None:
+        if not self.resolved.plan.skipped:
+            return None
+        return self._outcome(skipped_result(self.resolved.plan))
+
+    def execute(self, plan: StagePlan) -> Outcome:
+        built, writing = _plan_and_write(self.steps, self.resolved, self.spec.memory)
+        return self._outcome(self.steps.finalize(built, lambda: _results(writing)))
+
+    def publish(self, plan: StagePlan, summary: dict) -> None:
+        pass
+
+    def _outcome(self, result: BuildResult) -> Outcome:
+        return Outcome(result.as_dict(), build_stats(result, self.resolved.lineage))
 
 
 def _plan_and_write(steps: BuildSteps, resolved: ResolvedBuild, memory: str | None) -> tuple[BuildPlan, list]:
@@ -247,7 +278,7 @@ class LocalSteps(BuildSteps):
 
     def finalize(self, plan: BuildPlan, pending) -> BuildResult:
         draft, plan.draft = plan.draft, None
-        return finalize_build(plan.path, root=plan.root, engine=self.engine, pending=pending, draft=draft)
+        return finalize_build(plan.path, engine=self.engine, pending=pending, draft=draft)
 
 
 class PartSteps(BuildSteps):
@@ -287,8 +318,8 @@ class PartSteps(BuildSteps):
     def start_write(self, dataset_path: str, shard_ids: list[int], part: str):
         return self.pool.submit(write_part, dataset_path, shard_ids, part, self.progress)
 
-    def finalize_step(self, dataset_path: str, root: str) -> BuildResult:
-        return finalize_build(dataset_path, root=root)
+    def finalize_step(self, dataset_path: str) -> BuildResult:
+        return finalize_build(dataset_path)
 
     # How build_dataset drives them.
     def plan(self, resolved: ResolvedBuild, memory: str | None, on_ready=None):
@@ -306,4 +337,4 @@ class PartSteps(BuildSteps):
 
     def finalize(self, plan: BuildPlan, pending) -> BuildResult:
         pending()
-        return self.finalize_step(plan.path, plan.root)
+        return self.finalize_step(plan.path)

@@ -1,4 +1,5 @@
-"""Finalize a build: complete the manifest, write ``_COMPLETE`` last, record the catalog entry."""
+"""Finalize a build: complete the manifest, write ``_COMPLETE`` last. The catalog entry is not
+written here: :func:`storage.stage.run_stage` records it (``build_stats`` are its stats)."""
 from __future__ import annotations
 
 import glob
@@ -10,7 +11,6 @@ from dataclasses import asdict, dataclass
 from storage import atomic
 from storage.build_resolve import BuildPlan
 from storage.build_staging import COMPLETE, STAGING, duckdb_cursor
-from storage.catalog import Artifact, Catalog
 from storage.manifest import finish_draft, summary, write_manifest
 
 
@@ -31,18 +31,16 @@ class BuildResult:
         return asdict(self)
 
 
-def finalize_build(dataset_path: str, record_catalog: bool = True, root: str | None = None,
-                   engine=None, pending=None, draft: tuple[str, str] | None = None) -> BuildResult:
-    """Complete the manifest (shards, info), write sizes.json, the wids index and ``_COMPLETE``;
-    record the catalog entry. ``pending``: a callable waiting for shards still being written.
-    ``draft``: the plan's manifest draft still ATTACHed to ``engine`` (``plan_build(keep_draft=True)``);
-    otherwise ``_build/manifest.partial.duckdb`` is completed."""
-    with duckdb_cursor(engine) as con:  # one instance for the manifest and the catalog
-        return _finalize(dataset_path, record_catalog, root, con, pending, draft)
+def finalize_build(dataset_path: str, engine=None, pending=None, draft: tuple[str, str] | None = None) -> BuildResult:
+    """Complete the manifest (shards, info), write sizes.json, the wids index and ``_COMPLETE``.
+    ``pending``: a callable waiting for shards still being written. ``draft``: the plan's manifest
+    draft still ATTACHed to ``engine`` (``plan_build(keep_draft=True)``); otherwise
+    ``_build/manifest.partial.duckdb`` is completed."""
+    with duckdb_cursor(engine) as con:  # the instance holding the draft, or one for this step
+        return _finalize(dataset_path, con, pending, draft)
 
 
-def _finalize(dataset_path: str, record_catalog: bool, root: str | None, con, pending,
-              draft: tuple[str, str] | None) -> BuildResult:
+def _finalize(dataset_path: str, con, pending, draft: tuple[str, str] | None) -> BuildResult:
     staging = os.path.join(dataset_path, STAGING)
     lineage = json.load(open(os.path.join(staging, "lineage.json")))
 
@@ -59,16 +57,16 @@ def _finalize(dataset_path: str, record_catalog: bool, root: str | None, con, pe
         "name": lineage["name"], "version": lineage["version"], "n_samples": s["n_samples"],
         "n_shards": s["n_shards"]})
     shutil.rmtree(staging, ignore_errors=True)
-    if record_catalog:
-        Catalog(root, con).record(Artifact(
-            version=lineage["version"], kind="dataset", name=lineage["name"], path=dataset_path,
-            params=lineage["params"], parents=lineage["parents"],
-            stats={"n_samples": s["n_samples"], "n_shards": s["n_shards"], "bytes": s["bytes"],
-                   "captions_by_lang": s["captions_by_lang"],
-                   "sources": {x["name"]: x["version"] for x in lineage["sources"]}}))
     return _result(dataset_path, lineage["name"], lineage["version"], False, s,
                    f"built dataset {lineage['name']} {lineage['version']}: {s['n_samples']} samples in "
                    f"{s['n_shards']} shards")
+
+
+def build_stats(result: BuildResult, lineage: dict) -> dict:
+    """The dataset's catalog stats: its counts, and the version of each source it was built from."""
+    return {"n_samples": result.n_samples, "n_shards": result.n_shards, "bytes": result.bytes,
+            "captions_by_lang": result.captions_by_lang,
+            "sources": {x["name"]: x["version"] for x in lineage["sources"]}}
 
 
 def _result(path, name, version, skipped, s, message) -> BuildResult:

@@ -143,7 +143,8 @@ class BuildPlan:
 @dataclass
 class ResolvedBuild:
     """A build's inputs, resolved, and its version (:func:`resolve_build`); ``plan.skipped`` when that
-    version is already built (every shard present at its recorded size)."""
+    version is already built (every shard present at its recorded size). The lineage is there in
+    both cases: the catalog entry of a dataset built but never recorded comes from it."""
     plan: BuildPlan
     srcs: list[SourceInput] = field(default_factory=list)
     tsets: dict[str, list[TranslationSet]] = field(default_factory=dict)
@@ -181,6 +182,11 @@ def resolve_build(root=None, spec: BuildSpec | dict | None = None, engine=None, 
     params = policy_params(langs, min_langs, drop_flagged, shard_size, seed)
     version = dataset_version(srcs, tsets, params)
     path = layout.dataset_dir(root, name, version)
+    lineage = {"name": name, "version": version, "params": params,
+               "rows": _lineage_rows(name, version, srcs, tsets, params),
+               "parents": sorted({s.version for s in srcs if s.recorded}
+                                 | {v for ts in tsets.values() for t in ts for v in t.artifact_versions}),
+               "sources": [asdict(s) for s in srcs]}
     if is_complete(path):
         # Every shard present at its recorded size (no shard is read: at CC3M's scale hashing them
         # all would take minutes; `ccrk verify` re-reads them).
@@ -188,18 +194,14 @@ def resolve_build(root=None, spec: BuildSpec | dict | None = None, engine=None, 
         if report.ok:
             return ResolvedBuild(BuildPlan(root, name, version, path, True, report.n_samples, report.n_shards,
                                            f"dataset {name} {version} is already built (every shard present at "
-                                           "its recorded size; `ccrk verify` re-reads them): nothing to do"))
+                                           "its recorded size; `ccrk verify` re-reads them): nothing to do"),
+                                 srcs, tsets, lineage)
         # A damaged build: forget it was complete and write it again (same bytes).
         for f in (COMPLETE, MANIFEST):
             if os.path.exists(os.path.join(path, f)):
                 os.unlink(os.path.join(path, f))
     staging = os.path.join(path, STAGING)
     os.makedirs(staging, exist_ok=True)
-    lineage = {"name": name, "version": version, "params": params,
-               "rows": _lineage_rows(name, version, srcs, tsets, params),
-               "parents": sorted({s.version for s in srcs if s.recorded}
-                                 | {v for ts in tsets.values() for t in ts for v in t.artifact_versions}),
-               "sources": [asdict(s) for s in srcs]}
     write_staging_json(os.path.join(staging, "lineage.json"), lineage)
     return ResolvedBuild(BuildPlan(root, name, version, path, False), srcs, tsets, lineage)
 

@@ -208,7 +208,7 @@ def test_a_build_killed_while_finishing_its_manifest_resumes(tmp_path):
     plan = plan_and_shards()  # the resumed flow: plan task (a new partial manifest), shard tasks (all done)
     assert not os.path.exists(partial + ".wal")
     killed_finalize(partial)  # killed again, and this time resumed straight at the finalize
-    r = finalize_build(plan.path, root=killed)
+    r = finalize_build(plan.path)
     assert r.n_samples == 5 and _shard_bytes(r.path) == expected
     assert os.path.exists(os.path.join(r.path, "_COMPLETE"))
 
@@ -241,6 +241,35 @@ def test_manifest_indexes_and_catalog_record_lineage(root):
     assert any(k == "translation_artifact" and "tr1" in v and "min_uniformity" in v for k, _, v in lineage)
     assert {a.version for _, a in Catalog(root).lineage(r.version)} == {r.version, "cocov1", "vgv1", "tr1"}
     assert art.stats["n_samples"] == 5
+
+
+@pytest.mark.parametrize("steps", ["local", "parts"])
+def test_a_build_killed_before_its_catalog_entry_gets_it_on_the_next_run(root, steps):
+    """Killed after _COMPLETE but before the catalog entry (simulated: the entry deleted), the next
+    build skips the work -- it is built -- and records the entry it would have written."""
+    from storage import layout
+    from storage.build import PartSteps
+    from storage.catalog import Artifact
+    tiny_corpus(root)
+    Catalog(root).record(Artifact("tr1", "translation", f"{MODEL}/{DECODE}", layout.join(root, "translations", MODEL, DECODE),
+                                  parents=["cocov1", "vgv1"]))
+    first = build_dataset(root, **ARGS)
+    recorded = Catalog(root).get(first.version)
+    con = duckdb.connect(Catalog(root).path)
+    con.execute("DELETE FROM artifacts WHERE version = ?", [first.version])
+    con.execute("DELETE FROM parents WHERE child = ?", [first.version])
+    con.close()
+    assert Catalog(root).get(first.version) is None
+    again = build_dataset(root, **ARGS, steps=PartSteps() if steps == "parts" else None)
+    assert again.skipped and again.version == first.version
+    assert {**again.as_dict(), "skipped": False, "message": ""} == {**first.as_dict(), "message": ""}
+    art = Catalog(root).get(first.version)
+    assert art is not None and art.created_at > recorded.created_at
+    assert (art.kind, art.name, art.path, art.params, art.parents, art.stats) == (
+        recorded.kind, recorded.name, recorded.path, recorded.params, recorded.parents, recorded.stats)
+    assert set(art.parents) == {"cocov1", "vgv1", "tr1"} and art.stats["sources"] == {"coco": "cocov1", "vg": "vgv1"}
+    build_dataset(root, **ARGS)  # recorded: a further skip leaves the entry as it is
+    assert Catalog(root).get(first.version).created_at == art.created_at
 
 
 def test_a_moved_root_builds_from_its_catalog(tmp_path):

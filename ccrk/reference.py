@@ -23,8 +23,9 @@ import torch
 from ccrk.model import CCRKModel, latest_checkpoint, save_model
 from ccrk.tokenizer import build_demo_tokenizer, load_tokenizer
 from storage import layout
-from storage.catalog import Artifact, Catalog
+from storage.catalog import Catalog
 from storage.errors import CCRKError
+from storage.stage import Outcome, StagePlan, run_stage
 from storage.versioning import content_version, file_sha256
 
 # Buffers the reference saves and ccrk rebuilds from the architecture (its load_pretrained drops them too).
@@ -222,40 +223,66 @@ def _tokenizer(spec: str, vocab_size: int, work_dir: str):
     return tok
 
 
+class ImportStage:
+    """A reference checkpoint's import as a :class:`storage.stage.Stage` (kind ``run``; version = a
+    hash of the file's sha256 and the options; complete once its checkpoint and catalog entry exist)."""
+
+    def __init__(self, src: str, root: str | None = None, out: str | None = None, tokenizer: str | None = None,
+                 text_heads: int | None = None, image_size: int | None = None, name: str | None = None):
+        self.src, self.root, self.out, self.tokenizer = src, layout.data_root(root), out, tokenizer
+        self.text_heads, self.image_size, self.name = text_heads, image_size, name
+
+    def plan(self) -> StagePlan:
+        self.sd = sd = read_state_dict(self.src)
+        self.model_cfg = model_cfg = infer_model_config({k: tuple(v.shape) for k, v in sd.items()},
+                                                        self.text_heads, self.image_size)
+        self.vocab = model_cfg.pop("vocab_size")
+        tok_spec = self.tokenizer or default_tokenizer(self.vocab)
+        if "temp" in sd:
+            model_cfg["temp"] = float(sd["temp"])
+        config = {"name": self.name or "imported-" + os.path.splitext(os.path.basename(self.src))[0],
+                  "objective": "ccrk", "seed": 0, "model": model_cfg,
+                  "imported_from": {"sha256": file_sha256(self.src), "tokenizer": tok_spec}}
+        self.config = config  # execute adds the tokenizer's path to its model block (after the version)
+        version = content_version("run", params={"import": config})
+        run_dir = os.path.abspath(self.out or layout.run_dir(self.root, version))
+        self.summary = {"run_id": version, "run_dir": run_dir,
+                        "checkpoint": os.path.join(run_dir, "checkpoints", "step-0000000"),
+                        "source": os.path.abspath(self.src),
+                        "layout": "pre-training" if _text_prefix(sd) == "text_encoder.bert." else "retrieval",
+                        "tokenizer": tok_spec, "text_heads": model_cfg["text"]["num_heads"],
+                        "image_size": model_cfg["vision"]["image_size"]}
+        return StagePlan("run", config["name"], version, run_dir,
+                         {"config": config, "imported_from": self.summary["source"]})
+
+    def completed(self, plan: StagePlan) -> Outcome | None:
+        if latest_checkpoint(plan.path) and Catalog(self.root).get(plan.version) is not None:
+            return Outcome(dict(self.summary))
+        return None
+
+    def execute(self, plan: StagePlan) -> Outcome:
+        summary, model_cfg, vocab = dict(self.summary), self.model_cfg, self.vocab
+        with tempfile.TemporaryDirectory() as work:
+            tok = _tokenizer(summary["tokenizer"], vocab, work)
+            model = CCRKModel(model_cfg, vocab_size=vocab)
+            loaded = import_state_dict(self.sd, model)
+            model_cfg["text"]["tokenizer"] = os.path.join(plan.path, "tokenizer")
+            save_model(model, self.config, summary["checkpoint"])
+            tok.save_pretrained(os.path.join(plan.path, "tokenizer"))
+        summary.update(mlm_head="loaded" if loaded["mlm_head"] else "absent (retrieval layout): initialised fresh",
+                       dropped_buffers=len(loaded["dropped"]), tensors=len(self.sd),
+                       parameters=sum(p.numel() for p in model.parameters()))
+        return Outcome(summary, {k: v for k, v in summary.items() if k not in ("run_dir", "checkpoint")})
+
+    def publish(self, plan: StagePlan, summary: dict) -> None:
+        pass
+
+
 def import_checkpoint(src: str, root: str | None = None, out: str | None = None, tokenizer: str | None = None,
                       text_heads: int | None = None, image_size: int | None = None, name: str | None = None) -> dict:
     """Write a reference checkpoint as a ccrk run (safetensors + JSON config + tokenizer) recorded in
-    the catalog; ``ccrk evaluate`` and ``ccrk finetune`` then take its run id. The same file and
-    options give the same run, so a second import is a no-op."""
-    sd = read_state_dict(src)
-    model_cfg = infer_model_config({k: tuple(v.shape) for k, v in sd.items()}, text_heads, image_size)
-    vocab = model_cfg.pop("vocab_size")
-    tok_spec = tokenizer or default_tokenizer(vocab)
-    if "temp" in sd:
-        model_cfg["temp"] = float(sd["temp"])
-    sha = file_sha256(src)
-    config = {"name": name or "imported-" + os.path.splitext(os.path.basename(src))[0], "objective": "ccrk",
-              "seed": 0, "model": model_cfg, "imported_from": {"sha256": sha, "tokenizer": tok_spec}}
-    version = content_version("run", params={"import": config})
-    r = layout.data_root(root)
-    run_dir = os.path.abspath(out or layout.run_dir(r, version))
-    ckpt_dir = os.path.join(run_dir, "checkpoints", "step-0000000")
-    summary = {"run_id": version, "run_dir": run_dir, "checkpoint": ckpt_dir, "source": os.path.abspath(src),
-               "layout": "pre-training" if _text_prefix(sd) == "text_encoder.bert." else "retrieval",
-               "tokenizer": tok_spec, "text_heads": model_cfg["text"]["num_heads"],
-               "image_size": model_cfg["vision"]["image_size"]}
-    if latest_checkpoint(run_dir) and Catalog(r).get(version) is not None:
-        return {**summary, "skipped": True}
-    with tempfile.TemporaryDirectory() as work:
-        tok = _tokenizer(tok_spec, vocab, work)
-        model = CCRKModel(model_cfg, vocab_size=vocab)
-        loaded = import_state_dict(sd, model)
-        model_cfg["text"]["tokenizer"] = os.path.join(run_dir, "tokenizer")
-        save_model(model, config, ckpt_dir)
-        tok.save_pretrained(os.path.join(run_dir, "tokenizer"))
-    summary.update(mlm_head="loaded" if loaded["mlm_head"] else "absent (retrieval layout): initialised fresh", dropped_buffers=len(loaded["dropped"]), tensors=len(sd),
-                   parameters=sum(p.numel() for p in model.parameters()))
-    Catalog(r).record(Artifact(version=version, kind="run", name=config["name"], path=run_dir,
-                               params={"config": config, "imported_from": summary["source"]},
-                               stats={k: v for k, v in summary.items() if k not in ("run_dir", "checkpoint")}))
-    return {**summary, "skipped": False}
+    the catalog (:class:`ImportStage` through :func:`storage.stage.run_stage`); ``ccrk evaluate`` and
+    ``ccrk finetune`` then take its run id. The same file and options give the same run, so a second
+    import is a no-op."""
+    stage = ImportStage(src, root, out, tokenizer, text_heads, image_size, name)
+    return run_stage(stage, stage.root)

@@ -39,7 +39,7 @@ from ccrk.model import build_model, latest_checkpoint, save_model
 from ccrk.objectives import build_objective
 from ccrk.specs import TrainSpec, read_run_config
 from storage import atomic
-from storage.catalog import Artifact, Catalog
+from storage.catalog import Catalog
 from storage.versioning import content_version
 
 log = logging.getLogger("ccrk.trainer")
@@ -489,9 +489,9 @@ def pretrain_job(config: dict, dataset_dir: str, info: distributed.DistInfo) -> 
                     int(config.get("data", {}).get("num_workers", 0)))
 
 
-def _record_pretrain(summary: dict, result: LoopResult, config: dict, dataset_dir: str, ds_ver: str,
-                     ds_known: bool, root: str | None) -> None:
-    """Rank 0's end of a pre-training run: losses in the summary, the loss curve, summary.json, the catalog."""
+def _finish_pretrain(summary: dict, result: LoopResult, config: dict) -> None:
+    """Rank 0's end of a pre-training run: losses in the summary, the loss curve, summary.json (the
+    catalog entry is the caller's: ``flows.pretrain.PretrainStage`` through ``storage.stage.run_stage``)."""
     run_dir = summary["run_dir"]
     train_rows = [r for r in result.rows if "loss" in r]
     summary.update(first_loss=train_rows[0]["loss"] if train_rows else None,
@@ -499,23 +499,14 @@ def _record_pretrain(summary: dict, result: LoopResult, config: dict, dataset_di
                    samples_per_s=train_rows[-1]["samples_per_s"] if train_rows else None, **result.last_eval)
     summary["loss_curve"] = plot_losses(result.rows, os.path.join(run_dir, "loss_curve.png"), config["name"])
     atomic.write_json(os.path.join(run_dir, "summary.json"), summary)
-    Catalog(root).record(Artifact(version=summary["run_id"], kind="run", name=config["name"],
-                                  path=os.path.abspath(run_dir),
-                                  params={"config": config, "dataset": os.path.abspath(dataset_dir),
-                                          "dataset_version": ds_ver},
-                                  stats={k: v for k, v in summary.items() if k != "run_dir"},
-                                  parents=[ds_ver] if ds_known else []))
 
 
-def train(config: dict, dataset_dir: str, run_dir: str, resume: bool = False, root: str | None = None,
-          max_steps: int | None = None, progress: StepProgress | None = None) -> dict:
-    """Pre-train from the K-lingual shards in ``dataset_dir`` into ``run_dir``; returns a summary.
-
-    ``max_steps`` stops early (the schedule still spans the configured steps): tests use it to cut a
-    run that ``resume`` then continues. ``progress``: see :data:`StepProgress` (default: the logger).
-    """
+def pretrain(config: dict, dataset_dir: str, run_dir: str, resume: bool = False, root: str | None = None,
+             max_steps: int | None = None, progress: StepProgress | None = None) -> tuple[dict, dict]:
+    """(summary, the run's config): :func:`train`'s summary, and the normalised config with its
+    ``train.total_steps`` (known once the job is built), as the run's catalog entry keeps it."""
     config = normalise_config(config)
-    ds_ver, ds_known = dataset_version(dataset_dir, root)
+    ds_ver, _ = dataset_version(dataset_dir, root)
     version = run_id(config, ds_ver)
     info = distributed.init(config.get("device", "auto"))
     job = pretrain_job(config, dataset_dir, info)
@@ -524,6 +515,17 @@ def train(config: dict, dataset_dir: str, run_dir: str, resume: bool = False, ro
                "resumed_from": result.resumed_from, "skipped_samples": job.batches.skipped,
                "rejected_captions": job.batches.rejected_captions, "world": info.world}
     if info.is_main:
-        _record_pretrain(summary, result, config, dataset_dir, ds_ver, ds_known, root)
+        _finish_pretrain(summary, result, config)
     distributed.barrier()
-    return summary
+    return summary, config
+
+
+def train(config: dict, dataset_dir: str, run_dir: str, resume: bool = False, root: str | None = None,
+          max_steps: int | None = None, progress: StepProgress | None = None) -> dict:
+    """Pre-train from the K-lingual shards in ``dataset_dir`` into ``run_dir``; returns a summary.
+
+    ``max_steps`` stops early (the schedule still spans the configured steps): tests use it to cut a
+    run that ``resume`` then continues. ``progress``: see :data:`StepProgress` (default: the logger).
+    The catalog is not written here: ``flows.pretrain.pretrain_flow`` records the run.
+    """
+    return pretrain(config, dataset_dir, run_dir, resume, root, max_steps, progress)[0]

@@ -1,7 +1,8 @@
 """`ccrk pretrain --dataset DIR --config configs/X.yaml [--out RUN_DIR] [--resume]`: CCRk pre-training.
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node G [--nnodes ...] -m ccrk.app.cli pretrain ...``
-(rank 0 runs the Prefect flow, the other ranks the same training loop directly).
+(every rank goes through the same flow: rank 0 runs it under Prefect, the others call its function,
+``pretrain_flow.fn``; only rank 0 records the run and publishes).
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ def run(args) -> int:
     import os
 
     from ccrk.app.console import console, print_mapping, training_progress
-    from ccrk.trainer import load_config, train
-    from flows.pretrain import pretrain_flow, resolve_run
+    from ccrk.trainer import load_config
+    from flows.pretrain import pretrain_flow
     from storage import layout
     from storage.errors import CCRKError
 
@@ -35,13 +36,8 @@ def run(args) -> int:
     config = load_config(args.config)
     if args.seed is not None:
         config["seed"] = args.seed
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 runs the flow, the others train directly
-        from ccrk.model import latest_checkpoint
-
-        _, run_dir, done = resolve_run(config, args.dataset, root, args.out)
-        if done is None:
-            train(config, args.dataset, run_dir, resume=args.resume or latest_checkpoint(run_dir) is not None,
-                  root=root)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 runs the flow, the others its function
+        pretrain_flow.fn(config, args.dataset, run_dir=args.out, resume=args.resume, root=root)
         return 0
     with training_progress("pretrain") as progress:
         summary = pretrain_flow(config, args.dataset, run_dir=args.out, resume=args.resume, root=root,

@@ -3,7 +3,7 @@
 Thin: one task per sub-job (never one per url). :mod:`storage.sources` turns the official metadata
 into ``images.parquet`` + ``captions.parquet``; :mod:`storage.download` runs img2dataset into shards
 (resumable, ``retry_failed``); the summary goes to ``summary.json``, a Prefect table artifact and the
-catalog. The settings are an :class:`storage.specs.AcquireSpec` (or its dict); callable from
+catalog (an :class:`AcquireStage` run by :func:`storage.stage.run_stage`, once every shard finished). The settings are an :class:`storage.specs.AcquireSpec` (or its dict); callable from
 Python: ``acquire_flow({"source": "coco", "metadata": ["captions_val2017.json"]}, root="data")``.
 """
 from __future__ import annotations
@@ -13,9 +13,11 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import publish_link, publish_table
 from flows.executors import check_executor, ray_cluster
+from storage import layout
 from storage.download import download_images
-from storage.sources import prepare_source, record_source
+from storage.sources import PreparedSource, catalog_fields, prepare_source
 from storage.specs import AcquireSpec
+from storage.stage import Outcome, StagePlan, run_stage
 
 # The download settings img2dataset runs with (AcquireSpec's fields; thread_count as it names it).
 DOWNLOAD_SETTINGS = ("image_size", "resize_mode", "resize_only_if_bigger", "processes", "thread_count", "timeout",
@@ -36,10 +38,50 @@ def download_task(prepared, settings: dict, ray_address: str | None = None) -> d
     return download_images(prepared, **settings, cluster=cluster)
 
 
-@task(name="record-source", cache_policy=NO_CACHE)
-def record_task(prepared, summary: dict) -> str:
-    stats = {k: v for k, v in summary.items() if k not in ("settings", "source", "version")}
-    return record_source(prepared, stats).version
+def catalog_stats(summary: dict) -> dict:
+    """The acquire summary as the catalog keeps it (beside the read counts)."""
+    return {k: v for k, v in summary.items() if k not in ("settings", "source", "version")}
+
+
+class _Incomplete(Exception):
+    """Some shards did not finish: the summary is returned and published, the source not recorded."""
+
+    def __init__(self, summary: dict):
+        super().__init__(f"{summary['shards_incomplete']} shard(s) incomplete")
+        self.summary = summary
+
+
+class AcquireStage:
+    """``acquire`` as a :class:`storage.stage.Stage`: plan = prepare the metadata (the version is
+    :func:`storage.sources.prepare_source`'s), execute = download the images (resumable, so never
+    ``completed``), publish = the summary table and the shards' link."""
+
+    def __init__(self, spec: AcquireSpec, root: str | None, settings: dict):
+        self.spec, self.root, self.settings = spec, root, settings
+        self.prepared: PreparedSource | None = None
+
+    def plan(self) -> StagePlan:
+        spec = self.spec
+        self.prepared = prepared = prepare_task(spec.source, list(spec.metadata) if spec.metadata else None,
+                                                self.root, spec.limit, spec.download_params())
+        params, _ = catalog_fields(prepared)
+        return StagePlan(kind="source", name=prepared.source, version=prepared.version, path=prepared.directory,
+                         params=params)
+
+    def completed(self, plan: StagePlan) -> Outcome | None:
+        return None  # the download resumes itself: a complete source downloads nothing
+
+    def execute(self, plan: StagePlan) -> Outcome:
+        summary = download_task(self.prepared, self.settings, self.spec.ray_address)
+        summary["path"] = self.prepared.directory
+        if summary["shards_incomplete"]:
+            raise _Incomplete(summary)
+        return Outcome(summary, catalog_fields(self.prepared, catalog_stats(summary))[1])
+
+    def publish(self, plan: StagePlan, summary: dict) -> None:
+        source, version = plan.name, plan.version
+        publish_table(f"acquire-{source}", summary_rows(summary), description=f"Acquire summary of {source} {version}")
+        publish_link(f"acquire-{source}-dir", plan.path, description=f"{source} {version} shards")
 
 
 def summary_rows(summary: dict) -> list[dict]:
@@ -66,14 +108,10 @@ def acquire_flow(spec: AcquireSpec | dict | None = None, root: str | None = None
     check_executor(spec.executor)
     settings = {k: getattr(spec, k) for k in DOWNLOAD_SETTINGS}
     settings.update(progress=progress, distributor="ray" if spec.executor == "ray" else "multiprocessing")
-    source = spec.source
-    prepared = prepare_task(source, list(spec.metadata) if spec.metadata else None, root, spec.limit,
-                            spec.download_params())
-    summary = download_task(prepared, settings, spec.ray_address)
-    summary["path"] = prepared.directory
-    if summary["shards_incomplete"] == 0:
-        record_task(prepared, summary)
-    publish_table(f"acquire-{source}", summary_rows(summary),
-                  description=f"Acquire summary of {source} {prepared.version}")
-    publish_link(f"acquire-{source}-dir", prepared.directory, description=f"{source} {prepared.version} shards")
-    return summary
+    stage = AcquireStage(spec, layout.data_root(root), settings)
+    try:
+        return run_stage(stage, stage.root)
+    except _Incomplete as incomplete:  # recorded once a rerun finishes the shards
+        summary = {**incomplete.summary, "skipped": False}
+        stage.publish(StagePlan("source", spec.source, stage.prepared.version, stage.prepared.directory), summary)
+        return summary

@@ -4,9 +4,9 @@ Thin: :mod:`translation.collect` gathers and deduplicates the texts, :mod:`trans
 plans the missing parts and translates one part per task (each part written atomically, so a
 killed run resumes where it stopped); devices are an engine pool, one worker per device. With
 ``executor="ray"`` the parts run on a Ray cluster through prefect-ray's task runner, one task per
-part on one GPU each (CPU when there is none), each written by the same part writer. The
-summary goes to a Prefect table artifact and the catalog (kind ``translation``, parents = the
-source versions). Callable from Python: ``translate_flow(root="data", langs=["es", "ru"])``.
+part on one GPU each (CPU when there is none), each written by the same part writer. A
+:class:`TranslateStage` run by :func:`storage.stage.run_stage`: the summary goes to the catalog (kind
+``translation``, parents = the source versions) and a Prefect table artifact. Callable from Python: ``translate_flow(root="data", langs=["es", "ru"])``.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.artifacts import publish_markdown, publish_table
 from flows.executors import ray_cluster, ray_task_runner
 from storage import layout
-from storage.catalog import Artifact, Catalog
 from storage.errors import CCRKError
 from storage.progress import Progress, or_silent
+from storage.stage import Outcome, StagePlan, run_stage
 from storage.versioning import content_version
 from translation import m2m, store
 from translation.collect import collect_texts
@@ -106,44 +106,80 @@ def translate_flow(spec: TranslateSpec | None = None, root: str | None = None,
     root = layout.data_root(root)
     if spec.executor == "ray" and "://" not in root:
         root = os.path.abspath(root)  # Ray workers do not share the driver's working directory
-    for item in spec.imports:  # e.g. CCLM's de/fr/cs/ja/zh captions, so K reaches 10
-        import_translations(root, item.path, item.name, langs=item.langs)
-    langs = list(spec.langs)
-    model_dir = resolve_model(spec.model)
-    m2m.check_langs(langs, m2m.load_tokenizer(model_dir))
-    settings = decode_settings(**spec.decode_params())
-    model_id, decode_id = ids_for(model_dir, settings, spec.thresholds)
-    collected = collect_texts(root, spec.sources)
-    jobs, cached = plan_parts(root, collected.texts, langs, model_id, decode_id, spec.part_size, spec.thresholds)
-    tally = _Tally(langs, len(collected.texts), cached, collected.empty)
-    if jobs:
-        engine_kwargs = dict(compute_type=spec.compute_type, settings=settings, token_budget=spec.token_budget,
+    return run_stage(TranslateStage(spec, root, progress, t_start), root)
+
+
+class TranslateStage:
+    """``translate`` as a :class:`storage.stage.Stage`: plan = resolve the model, collect the texts and
+    version them; execute = import the spec's translations, then translate the missing parts
+    (resumable, so never ``completed``); publish = the summary table and the sample translations."""
+
+    def __init__(self, spec: TranslateSpec, root: str, progress: Progress | None, t_start: float):
+        self.spec, self.root, self.progress, self.t_start = spec, root, progress, t_start
+
+    def plan(self) -> StagePlan:
+        spec = self.spec
+        self.model_dir = model_dir = resolve_model(spec.model)
+        m2m.check_langs(list(spec.langs), m2m.load_tokenizer(model_dir))
+        self.settings = settings = decode_settings(**spec.decode_params())
+        model_id, decode_id = ids_for(model_dir, settings, spec.thresholds)
+        self.collected = collected = collect_texts(self.root, spec.sources)
+        params = {"model_id": model_id, "decode_id": decode_id, "langs": sorted(spec.langs),
+                  "settings": settings.__dict__, "sources": sorted(f"{a.name}@{a.version}" for a in collected.sources),
+                  "thresholds": spec.thresholds.version_params()}
+        parents = [a.version for a in collected.sources]
+        return StagePlan(kind="translation", name=f"{model_id}/{decode_id}",
+                         version=content_version("translation", parents, params),
+                         path=layout.join(self.root, "translations", model_id, decode_id), params=params,
+                         parents=parents)
+
+    def completed(self, plan: StagePlan) -> Outcome | None:
+        return None  # the parts resume themselves: a complete store translates nothing
+
+    def execute(self, plan: StagePlan) -> Outcome:
+        spec, root, collected = self.spec, self.root, self.collected
+        model_id, decode_id = plan.params["model_id"], plan.params["decode_id"]
+        for item in spec.imports:  # e.g. CCLM's de/fr/cs/ja/zh captions, so K reaches 10
+            import_translations(root, item.path, item.name, langs=item.langs)
+        langs = list(spec.langs)
+        jobs, cached = plan_parts(root, collected.texts, langs, model_id, decode_id, spec.part_size, spec.thresholds)
+        tally = _Tally(langs, len(collected.texts), cached, collected.empty)
+        if jobs:
+            self._translate(jobs, tally, model_id, decode_id)
+        samples = tally.samples if any(tally.samples.values()) else _stored_samples(root, langs, model_id, decode_id)
+        rows = tally.rows()
+        stats = {"captions": collected.captions, "unique_texts": len(collected.texts),
+                 "skipped_empty": collected.empty, "per_lang": {r["lang"]: r for r in rows}, "engine": spec.engine,
+                 "device": spec.device, "compute_type": spec.compute_type, "executor": spec.executor}
+        summary = {"version": plan.version, "model_id": model_id, "decode_id": decode_id,
+                   "model_dir": self.model_dir, "path": plan.path, "captions": collected.captions,
+                   "unique_texts": len(collected.texts), "skipped_empty": collected.empty, "per_lang": rows,
+                   "samples": samples, "sources": plan.params["sources"], "parts": len(jobs),
+                   "wall_s": round(time.perf_counter() - self.t_start, 2)}
+        return Outcome(summary, stats)
+
+    def _translate(self, jobs, tally: _Tally, model_id: str, decode_id: str) -> None:
+        spec = self.spec
+        engine_kwargs = dict(compute_type=spec.compute_type, settings=self.settings, token_budget=spec.token_budget,
                              max_batch_size=spec.max_batch_size, threads=spec.threads,
-                             cache_dir=os.path.join(root, "cache"))
-        with or_silent(progress)("translate", sum(len(j.shas) for j in jobs), "texts") as advance:
+                             cache_dir=os.path.join(self.root, "cache"))
+        with or_silent(self.progress)("translate", sum(len(j.shas) for j in jobs), "texts") as advance:
             if spec.executor == "ray":
                 results = _parts_on_ray(jobs, spec.model, spec.engine, spec.device, engine_kwargs, model_id,
                                         decode_id, spec.ray_address)
             else:
-                results = _parts_on_pool(EnginePool(spec.engine, model_dir, device=spec.device, **engine_kwargs),
+                results = _parts_on_pool(EnginePool(spec.engine, self.model_dir, device=spec.device, **engine_kwargs),
                                          jobs, model_id, decode_id)
             for result in results:
                 tally.add(result)
                 advance(result.translated)
-    samples = tally.samples if any(tally.samples.values()) else _stored_samples(root, langs, model_id, decode_id)
-    rows = tally.rows()
-    store_path = layout.join(root, "translations", model_id, decode_id)
-    params = {"model_id": model_id, "decode_id": decode_id, "langs": sorted(langs), "settings": settings.__dict__,
-              "sources": sorted(f"{a.name}@{a.version}" for a in collected.sources),
-              "thresholds": spec.thresholds.version_params()}
-    stats = {"captions": collected.captions, "unique_texts": len(collected.texts), "skipped_empty": collected.empty,
-             "per_lang": {r["lang"]: r for r in rows}, "engine": spec.engine, "device": spec.device,
-             "compute_type": spec.compute_type, "executor": spec.executor}
-    version = _record(root, store_path, params, stats, [a.version for a in collected.sources], rows, samples)
-    return {"version": version, "model_id": model_id, "decode_id": decode_id, "model_dir": model_dir,
-            "path": store_path, "captions": collected.captions, "unique_texts": len(collected.texts),
-            "skipped_empty": collected.empty, "per_lang": rows, "samples": samples,
-            "sources": params["sources"], "parts": len(jobs), "wall_s": round(time.perf_counter() - t_start, 2)}
+
+    def publish(self, plan: StagePlan, summary: dict) -> None:
+        model_id, decode_id = plan.params["model_id"], plan.params["decode_id"]
+        publish_table(f"translate-{model_id}-{decode_id}", summary["per_lang"],
+                      description=f"Translation summary: {plan.name} ({plan.version})")
+        publish_markdown(f"translate-samples-{model_id}-{decode_id}", _samples_markdown(summary["samples"]),
+                         description="Sample translations with their scores")
 
 
 class _Tally:
@@ -182,20 +218,6 @@ def _parts_on_pool(pool, jobs, model_id: str, decode_id: str):
         yield done.result()
         if pending:
             running.append(translate_part_task.submit(pool, pending.pop(0), model_id, decode_id))
-
-
-def _record(root: str, store_path: str, params: dict, stats: dict, parents: list[str], rows: list[dict],
-            samples: dict) -> str:
-    """Catalog the translation (parents: the source versions) and publish its tables; returns its version."""
-    version = content_version("translation", parents, params)
-    name = f"{params['model_id']}/{params['decode_id']}"
-    Catalog(root).record(Artifact(version=version, kind="translation", name=name, path=store_path, params=params,
-                                  stats=stats, parents=parents))
-    publish_table(f"translate-{params['model_id']}-{params['decode_id']}", rows,
-                  description=f"Translation summary: {name} ({version})")
-    publish_markdown(f"translate-samples-{params['model_id']}-{params['decode_id']}", _samples_markdown(samples),
-                     description="Sample translations with their scores")
-    return version
 
 
 def _stored_samples(root: str, langs, model_id: str, decode_id: str, n: int = 3) -> dict[str, list[dict]]:

@@ -8,7 +8,8 @@ import pytest
 from storage.catalog import Catalog
 from storage.demo.corpus import demo_archives, generate_demo_corpus, load_manifest, write_demo_metadata
 from storage.errors import CCRKError
-from storage.sources import SOURCES, default_metadata, prepare_source, record_source
+from storage.sources import SOURCES, catalog_fields, default_metadata, prepare_source
+from storage.stage import Outcome, StagePlan, run_stage
 
 BASE = "http://127.0.0.1:8124"
 
@@ -163,9 +164,29 @@ def test_limit_stops_reading_a_long_tsv_early(demo, root):
     assert p.n_images == 2 and p.rows_read == 2
 
 
-def test_record_source_enters_the_catalog(demo, root):
+class _SourceStage:
+    """The acquire stage's catalog entry without its download: what run_stage records of a source."""
+
+    def __init__(self, prepared, stats):
+        self.prepared, self.stats = prepared, stats
+
+    def plan(self):
+        params, _ = catalog_fields(self.prepared)
+        return StagePlan("source", self.prepared.source, self.prepared.version, self.prepared.directory, params)
+
+    def completed(self, plan):
+        return None
+
+    def execute(self, plan):
+        return Outcome({}, catalog_fields(self.prepared, self.stats)[1])
+
+    def publish(self, plan, summary):
+        pass
+
+
+def test_the_source_enters_the_catalog_through_run_stage(demo, root):
     p = prepare_source("vg", demo["paths"]["vg"], root)
-    record_source(p, {"images_ok": 9})
+    run_stage(_SourceStage(p, {"images_ok": 9}), root)
     art = Catalog(root).latest("source", "vg")
     assert art.version == p.version and art.path == p.directory
     assert art.stats["images_ok"] == 9 and art.stats["n_images"] == 10

@@ -4,8 +4,8 @@ One module per official format (:mod:`.cc3m`, :mod:`.sbu`, :mod:`.vg`, :mod:`.co
 ``detect(files)`` (which of the given files it reads), ``read(files, rejects, limit,
 max_caption_chars)`` (the two arrow tables) and ``MEMBER_PATTERNS`` (archive members worth
 extracting). :func:`prepare_source` resolves the metadata (paths, urls, archives), versions it by
-content, reads it once and writes the tables atomically; :func:`record_source` enters the
-finished source in the catalog (called by the acquire flow once the images are downloaded).
+content, reads it once and writes the tables atomically; :func:`catalog_fields` is what the catalog
+keeps of the finished source (the acquire stage records it once the images are downloaded).
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from types import ModuleType
 
 from storage import atomic, layout
-from storage.catalog import Artifact, Catalog
 from storage.errors import CCRKError
 from storage.metadata import resolve_metadata
 from storage.sources import cc3m, coco, sbu, vg
@@ -160,17 +159,13 @@ def prepare_source(source: str, metadata: list[str] | None, root: str | None, *,
     return prepared
 
 
-def record_source(prepared: PreparedSource, stats: dict | None = None, root: str | None = None):
-    """Record the source in the catalog (kind ``source``, name = source); returns the Artifact.
+def catalog_fields(prepared: PreparedSource, stats: dict | None = None) -> tuple[dict, dict]:
+    """What the catalog records of the source (kind ``source``, name = source): its params and stats.
 
     ``stats``: the acquire summary (images ok, failures, bytes, ...) merged over the read counts.
-    ``root`` defaults to the data root that holds ``prepared.directory``.
+    Writes nothing: the acquire stage's entry is written by :func:`storage.stage.run_stage`.
     """
-    if root is None:
-        root = prepared.directory.rsplit("/", 3)[0]
     read_stats = {"rows_read": prepared.rows_read, "rejected": prepared.rejected,
                   "n_images": prepared.n_images, "n_captions": prepared.n_captions}
     params = prepared.params or {"source": prepared.source, "metadata_sha256": prepared.metadata_sha256}
-    return Catalog(root).record(Artifact(version=prepared.version, kind="source", name=prepared.source,
-                                         path=prepared.directory, params=params,
-                                         stats={**read_stats, **(stats or {})}))
+    return params, {**read_stats, **(stats or {})}

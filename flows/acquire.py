@@ -43,14 +43,6 @@ def catalog_stats(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k not in ("settings", "source", "version")}
 
 
-class _Incomplete(Exception):
-    """Some shards did not finish: the summary is returned and published, the source not recorded."""
-
-    def __init__(self, summary: dict):
-        super().__init__(f"{summary['shards_incomplete']} shard(s) incomplete")
-        self.summary = summary
-
-
 class AcquireStage:
     """``acquire`` as a :class:`storage.stage.Stage`: plan = prepare the metadata (the version is
     :func:`storage.sources.prepare_source`'s), execute = download the images (resumable, so never
@@ -74,9 +66,9 @@ class AcquireStage:
     def execute(self, plan: StagePlan) -> Outcome:
         summary = download_task(self.prepared, self.settings, self.spec.ray_address)
         summary["path"] = self.prepared.directory
-        if summary["shards_incomplete"]:
-            raise _Incomplete(summary)
-        return Outcome(summary, catalog_fields(self.prepared, catalog_stats(summary))[1])
+        # A source with shards left unfinished is recorded once a rerun finishes them.
+        return Outcome(summary, catalog_fields(self.prepared, catalog_stats(summary))[1],
+                       complete=not summary["shards_incomplete"])
 
     def publish(self, plan: StagePlan, summary: dict) -> None:
         source, version = plan.name, plan.version
@@ -109,9 +101,4 @@ def acquire_flow(spec: AcquireSpec | dict | None = None, root: str | None = None
     settings = {k: getattr(spec, k) for k in DOWNLOAD_SETTINGS}
     settings.update(progress=progress, distributor="ray" if spec.executor == "ray" else "multiprocessing")
     stage = AcquireStage(spec, layout.data_root(root), settings)
-    try:
-        return run_stage(stage, stage.root)
-    except _Incomplete as incomplete:  # recorded once a rerun finishes the shards
-        summary = {**incomplete.summary, "skipped": False}
-        stage.publish(StagePlan("source", spec.source, stage.prepared.version, stage.prepared.directory), summary)
-        return summary
+    return run_stage(stage, stage.root)

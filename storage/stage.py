@@ -11,8 +11,9 @@ A stage's parts, in the order :func:`run_stage` calls them:
 - ``execute(plan)`` -> :class:`Outcome`: do the work (resumable: a killed run picks up its parts).
 - ``publish(plan, summary)``: Prefect artifacts (a no-op outside a flow run).
 
-The catalog entry is written after the work and whenever a completed artifact has none (a kill
-between the stage's last write and its catalog entry loses nothing). Under torchrun only rank 0
+The catalog entry is written after complete work and whenever a completed artifact has none (a kill
+between the stage's last write and its catalog entry loses nothing); an outcome that stopped short
+(``complete=False``) is returned and published but not recorded, until a rerun finishes it. Under torchrun only rank 0
 records and publishes; every rank goes through the same entry.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ class StagePlan:
 class Outcome:
     summary: dict            # what the stage returns to its caller
     stats: dict = field(default_factory=dict)  # what the catalog keeps beside the params
+    complete: bool = True    # False: the work stopped short (e.g. shards left to a rerun): not recorded
 
 
 class Stage(Protocol):
@@ -64,7 +66,7 @@ def run_stage(stage: Stage, root: str | None, engine=None) -> dict:
     summary = {**outcome.summary, "skipped": done is not None}
     if is_rank_zero():
         catalog = Catalog(root, engine)
-        if done is None or catalog.get(plan.version) is None:
+        if outcome.complete and (done is None or catalog.get(plan.version) is None):
             catalog.record(Artifact(version=plan.version, kind=plan.kind, name=plan.name, path=plan.path,
                                     params=plan.params, stats=outcome.stats, parents=plan.parents))
         stage.publish(plan, summary)

@@ -76,3 +76,13 @@ def test_the_library_contract_names_every_library_module_of_ccrk():
                if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()}
     assert listed == present - {"ccrk.app"}
     assert {"flows", "ccrk.app"} <= set(contract["forbidden_modules"])
+
+
+def test_only_the_stage_contract_writes_the_catalog():
+    """storage.stage.run_stage is the one place an artifact reaches the catalog: every stage gives it
+    its plan and outcome instead of recording itself."""
+    writers = sorted({str(path.relative_to(REPO)) for path, tree in _modules() for node in ast.walk(tree)
+                      if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                      and node.func.attr == "record" and node.args and isinstance(node.args[0], ast.Call)
+                      and ast.unparse(node.args[0].func) == "Artifact"})
+    assert writers == ["storage/stage.py"], writers

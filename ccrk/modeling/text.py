@@ -144,10 +144,20 @@ class TextFusionEncoder(nn.Module):
         # Positions are 0..L-1 for every row, so row 1 of the table is a real position, not padding.
         self.embeddings.position_embeddings.padding_idx = None
         self.apply(self._init_weights)
-        self.lm_head.decoder.weight = self.embeddings.word_embeddings.weight  # tied, as in XLM-R
+        self._tie_lm_head()
+        # A state dict with both biases (ours before they were tied; the reference's, equal) loads the
+        # decoder's: the one the forward has always used.
+        self.lm_head.register_load_state_dict_pre_hook(_decoder_bias_wins)
         self.pretrained_names: set[str] = set()
         if cfg.get("init", "random") != "random":
             self.pretrained_names = self._load_xlmr(cfg["init"], cfg.get("layers", "odd"))
+
+    def _tie_lm_head(self) -> None:
+        """As in XLM-R: the MLM decoder's weight is the word embedding and its bias the head's ``bias``
+        (transformers ties these in its PreTrainedModel; this head is used on its own). Untied, the
+        head's ``bias`` got no gradient, and DDP without unused-parameter search stopped at step 2."""
+        self.lm_head.decoder.weight = self.embeddings.word_embeddings.weight
+        self.lm_head.decoder.bias = self.lm_head.bias
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -189,7 +199,7 @@ class TextFusionEncoder(nn.Module):
         own = self.state_dict()
         loaded = {k: v for k, v in mapped.items() if k in own and own[k].shape == v.shape}
         self.load_state_dict(loaded, strict=False)
-        self.lm_head.decoder.weight = self.embeddings.word_embeddings.weight
+        self._tie_lm_head()
         return set(loaded) | {"lm_head.decoder.weight"}
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -295,3 +305,10 @@ def _fusion_layer(layer, h: torch.Tensor, mask, image_kv, image_mask, cls_only: 
     ca = layer.crossattention.self
     h = layer.crossattention.output(_attend(ca, ca.query(h), *image_kv, image_mask), h)
     return layer.output(layer.intermediate(h), h)
+
+
+def _decoder_bias_wins(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook of the MLM head: with both ``bias`` and ``decoder.bias`` given, the
+    decoder's is loaded into the (tied) parameter."""
+    if prefix + "decoder.bias" in state_dict:
+        state_dict[prefix + "bias"] = state_dict[prefix + "decoder.bias"]

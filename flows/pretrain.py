@@ -38,14 +38,6 @@ def _finished(run_dir: str, version: str) -> dict | None:
     return None
 
 
-def resolve_run(config: dict, dataset_dir: str, root: str | None, run_dir: str | None = None) -> tuple[str, str, dict | None]:
-    """(run id, run dir, the finished run's summary or None)."""
-    root = layout.data_root(root)
-    version = run_id(config, dataset_version(dataset_dir, root)[0])
-    run_dir = os.path.abspath(run_dir) if run_dir else layout.run_dir(root, version)
-    return version, run_dir, _finished(run_dir, version)
-
-
 @task(name="pretrain", cache_policy=NO_CACHE)
 def train_task(config: dict, dataset_dir: str, run_dir: str, resume: bool, root: str | None,
                progress: Callable | None = None) -> tuple[dict, dict]:

@@ -145,19 +145,18 @@ class TextFusionEncoder(nn.Module):
         self.embeddings.position_embeddings.padding_idx = None
         self.apply(self._init_weights)
         self._tie_lm_head()
-        # A state dict with both biases (ours before they were tied; the reference's, equal) loads the
-        # decoder's: the one the forward has always used.
-        self.lm_head.register_load_state_dict_pre_hook(_decoder_bias_wins)
         self.pretrained_names: set[str] = set()
         if cfg.get("init", "random") != "random":
             self.pretrained_names = self._load_xlmr(cfg["init"], cfg.get("layers", "odd"))
 
     def _tie_lm_head(self) -> None:
-        """As in XLM-R: the MLM decoder's weight is the word embedding and its bias the head's ``bias``
-        (transformers ties these in its PreTrainedModel; this head is used on its own). Untied, the
-        head's ``bias`` got no gradient, and DDP without unused-parameter search stopped at step 2."""
+        """As in XLM-R, the MLM decoder's weight is the word embedding. Its bias is the decoder's own:
+        transformers ties the head's separate ``bias`` to it only inside its PreTrainedModel, and this
+        head is used on its own, so ``lm_head.bias`` is never read. It stays (checkpoints carry it,
+        equal to the decoder's) but frozen: a trainable parameter without a gradient stopped DDP
+        (no unused-parameter search) at step 2."""
         self.lm_head.decoder.weight = self.embeddings.word_embeddings.weight
-        self.lm_head.decoder.bias = self.lm_head.bias
+        self.lm_head.bias.requires_grad_(False)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -189,6 +188,8 @@ class TextFusionEncoder(nn.Module):
         for k, v in source.items():
             if k.startswith("embeddings.") or k.startswith("lm_head."):
                 mapped[k] = v
+                if k == "lm_head.bias" and "lm_head.decoder.bias" not in source:  # saved once, tied
+                    mapped["lm_head.decoder.bias"] = v
             elif k.startswith("encoder.layer."):
                 src = int(k.split(".")[2])
                 rest = k.split(".", 3)[3]
@@ -305,10 +306,3 @@ def _fusion_layer(layer, h: torch.Tensor, mask, image_kv, image_mask, cls_only: 
     ca = layer.crossattention.self
     h = layer.crossattention.output(_attend(ca, ca.query(h), *image_kv, image_mask), h)
     return layer.output(layer.intermediate(h), h)
-
-
-def _decoder_bias_wins(module, state_dict, prefix, *args) -> None:
-    """load_state_dict pre-hook of the MLM head: with both ``bias`` and ``decoder.bias`` given, the
-    decoder's is loaded into the (tied) parameter."""
-    if prefix + "decoder.bias" in state_dict:
-        state_dict[prefix + "bias"] = state_dict[prefix + "decoder.bias"]

@@ -331,21 +331,66 @@ class EvaluateSpec(BenchmarkSpec):
     batch_size: int = setting(64, "images or texts per encoding batch", ge=1)
 
 
-class FinetuneHyperparameters(Spec):
-    """The reference's fine-tuning settings (xFlickrCO / Multi30K / COCO: AdamW lr 3e-5, 10 epochs):
-    ``protocols.FINETUNE_DEFAULTS``."""
+SELECTIONS = ("val", "test", "last")
+PRESETS = ("paper", "code")
+# Fine-tuning settings per benchmark, by preset (the one place they are written; README "Fine-tuning
+# protocols" says where the two differ and why "paper" is the default):
+# - paper: Tables 6 and 7 of the CCRk paper; the checkpoint kept is the best on the benchmark's
+#   validation split (the last epoch where it has none: few-shot);
+# - code: the authors' fine-tuning configs and scripts (configs/cclm-base-ft/*.yaml, xFlickrCO.py,
+#   WIT.py, Retrieval.py): xFlickr&CO at lr 3e-5, WIT for 5 epochs, and the checkpoint chosen on
+#   the *test* set for Multi30K, COCO and few-shot (Retrieval.py sums the test languages' mean
+#   recall; xFlickrCO_fewshot.yaml's val_file is the target language's test.jsonl).
+# Batch sizes are global (the authors': per-GPU size x GPUs). start_eval is the first epoch
+# (0-based) scored for selection, eval_interval the epochs between scorings (epoch + 1 divisible by it).
+# The demo benchmark keeps the checkpoint's resolution and text length (image_size/max_tokens None).
+_COMMON = {"weight_decay": 0.01, "warmup": 0.1, "image_size": 384, "window_size": 12, "start_eval": 0,
+           "eval_interval": 1}
+FINETUNE_PRESETS: dict[str, dict[str, dict]] = {
+    "paper": {
+        "xflickrco": {**_COMMON, "epochs": 10, "batch_size": 64, "lr": 1e-5, "max_tokens": 80, "select": "val"},
+        "wit": {**_COMMON, "epochs": 10, "batch_size": 80, "lr": 3e-5, "max_tokens": 80, "select": "val"},
+        "multi30k": {**_COMMON, "epochs": 10, "batch_size": 64, "lr": 3e-5, "max_tokens": 40, "select": "val"},
+        "coco": {**_COMMON, "epochs": 10, "batch_size": 64, "lr": 3e-5, "max_tokens": 40, "select": "val"},
+        "demo": {**_COMMON, "epochs": 10, "batch_size": 32, "lr": 3e-5, "max_tokens": None, "image_size": None,
+                 "window_size": None, "select": "val"},
+        "few-shot": {"epochs": 60, "batch_size": 64, "lr": 1e-5, "select": "last"},
+    },
+    "code": {
+        "xflickrco": {**_COMMON, "epochs": 10, "batch_size": 64, "lr": 3e-5, "max_tokens": 80, "select": "val",
+                      "start_eval": 7},
+        "wit": {**_COMMON, "epochs": 5, "batch_size": 80, "lr": 3e-5, "max_tokens": 80, "select": "val",
+                "start_eval": 4},
+        "multi30k": {**_COMMON, "epochs": 10, "batch_size": 64, "lr": 3e-5, "max_tokens": 40, "select": "test"},
+        "coco": {**_COMMON, "epochs": 10, "batch_size": 64, "lr": 3e-5, "max_tokens": 40, "select": "test"},
+        "demo": {**_COMMON, "epochs": 10, "batch_size": 32, "lr": 3e-5, "max_tokens": None, "image_size": None,
+                 "window_size": None, "select": "val"},
+        "few-shot": {"epochs": 60, "batch_size": 64, "lr": 1e-5, "select": "test", "start_eval": 9,
+                     "eval_interval": 10},
+    },
+}
+# What the flags may override (FinetuneSpec's fields of these names; None = the preset's).
+FINETUNE_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup", "max_tokens", "image_size", "window_size",
+                 "select", "start_eval", "eval_interval")
 
-    epochs: int = versioned(10, "epochs", ge=1)
-    batch_size: int = versioned(32, "pairs per step", ge=1)
-    lr: float = versioned(3e-5, "learning rate", gt=0)
-    weight_decay: float = versioned(0.01, "AdamW weight decay", ge=0)
-    warmup: float = versioned(0.1, "linear warm-up, as a fraction of the steps", ge=0, le=1)
+
+class FinetuneHyperparameters(Spec):
+    """The settings no preset varies: ``protocols.FINETUNE_DEFAULTS``."""
+
     seed: int = versioned(42, "seed")
-    few_shot_lr: float = versioned(1e-5, "learning rate of few-shot fine-tuning", gt=0)
     temp_clamp: Bool = versioned(False, "clamp the temperature (the authors' retrieval model never does)")
 
 
-_HP = FinetuneHyperparameters.model_fields
+def finetune_settings(benchmark: str, mode: str = "zero-shot", preset: str = "paper") -> dict:
+    """The preset's settings for ``benchmark`` (few-shot: its few-shot row over the benchmark's)."""
+    table = FINETUNE_PRESETS[preset]
+    out = dict(table[benchmark])
+    if mode == "few-shot":
+        out.update(table["few-shot"])
+    return out
+
+
+_SHOWN = "the preset's for the benchmark (README, Fine-tuning protocols)"
 
 
 class FinetuneSpec(BenchmarkSpec):
@@ -356,22 +401,87 @@ class FinetuneSpec(BenchmarkSpec):
                                                            "train_<N>.jsonl; single: one language's training set")
     lang: str | None = versioned(None, "target language (few-shot, single)")
     shots: int | None = versioned(None, "N of the few-shot file train_<N>.jsonl", ge=1)
-    epochs: int | None = versioned(None, "fine-tuning epochs", ge=1, shown=str(_HP["epochs"].default))
-    batch_size: int | None = versioned(None, "pairs per step", ge=1, shown=str(_HP["batch_size"].default))
-    lr: float | None = versioned(None, "learning rate", gt=0,
-                                 shown=f"{_HP['lr'].default:g}; few-shot {_HP['few_shot_lr'].default:g}")
-    seed: int | None = versioned(None, "seed", shown=str(_HP["seed"].default))
+    preset: Literal[PRESETS] = versioned("paper", "paper: Tables 6/7 and selection on validation; code: the "
+                                                  "authors' fine-tuning configs (README)")
+    epochs: int | None = versioned(None, "fine-tuning epochs", ge=1, shown=_SHOWN)
+    batch_size: int | None = versioned(None, "pairs per step (global)", ge=1, shown=_SHOWN)
+    lr: float | None = versioned(None, "learning rate", gt=0, shown=_SHOWN)
+    weight_decay: float | None = versioned(None, "AdamW weight decay (not on biases and norms)", ge=0, shown="0.01")
+    warmup: float | None = versioned(None, "linear warm-up, as a fraction of the steps", ge=0, le=1, shown="0.1")
+    max_tokens: int | None = versioned(None, "text length in tokens", ge=1, shown="80 xFlickr&CO, WIT; 40 Multi30K, "
+                                                                                "COCO; the checkpoint's on the demo")
+    image_size: int | None = versioned(None, "fine-tuning and evaluation resolution (pixels)", ge=1,
+                                       shown="384; the checkpoint's on the demo")
+    window_size: int | None = versioned(None, "Swin window at that resolution", ge=1, shown="12")
+    select: Literal[SELECTIONS] | None = versioned(None, "checkpoint kept: best on val, best on test (the authors' "
+                                                         "Multi30K/COCO/few-shot scripts) or last", shown=_SHOWN)
+    start_eval: int | None = versioned(None, "first epoch (0-based) scored for selection", ge=0, shown=_SHOWN)
+    eval_interval: int | None = versioned(None, "epochs between selection scorings", ge=1, shown=_SHOWN)
+    seed: int | None = versioned(None, "seed", shown=str(FinetuneHyperparameters.model_fields["seed"].default))
     evaluate: Bool = setting(True, "evaluate the protocol's languages after fine-tuning")
     num_workers: int = setting(0, "batch-building processes", ge=0)
 
     def hyperparameters(self) -> dict:
-        """The fine-tuning hyperparameters (``run_finetune``'s ``hp``): the reference's, the few-shot
-        learning rate in few-shot mode, then the ones given here."""
-        hp = FinetuneHyperparameters().to_config()
-        if self.mode == "few-shot":
-            hp["lr"] = hp["few_shot_lr"]
-        hp.update({k: getattr(self, k) for k in ("epochs", "batch_size", "lr", "seed") if getattr(self, k) is not None})
+        """The fine-tuning hyperparameters (``run_finetune``'s ``hp``): the preset's for the benchmark
+        and mode, then the ones given here."""
+        hp = {**FinetuneHyperparameters().to_config(), **finetune_settings(self.benchmark, self.mode, self.preset)}
+        hp.update({k: getattr(self, k) for k in FINETUNE_KEYS + ("seed",) if getattr(self, k) is not None})
         return hp
+
+
+class FewShotSpec(Spec):
+    """A protocol's few-shot rows: one model per language, continued from the English fine-tune."""
+
+    langs: list[str] = versioned(description="target languages (one fine-tuned model each)", min_length=1)
+    shots: int = versioned(100, "N of annotations/<lang>/train_<N>.jsonl", ge=1)
+    settings: dict[str, Any] = versioned(default_factory=dict, description="fine-tuning settings over the preset's "
+                                                                           "few-shot row (FinetuneSpec's names)")
+
+
+class SingleSpec(Spec):
+    """A protocol's single-language rows: one model per language, fine-tuned on that language alone."""
+
+    langs: list[str] = versioned(description="languages (one fine-tuned model each)", min_length=1)
+    settings: dict[str, Any] = versioned(default_factory=dict, description="fine-tuning settings over the preset's")
+
+
+class ProtocolSpec(BenchmarkSpec):
+    """One benchmark of ``ccrk reproduce``'s ``protocol:`` list: zero-shot (fine-tune on English,
+    evaluate ``langs``), then optionally few-shot and single-language, each model scored and the
+    one-model-per-language rows' MRV taken across their models."""
+
+    preset: Literal[PRESETS] = versioned("paper", "fine-tuning settings: paper (Tables 6/7) or code (the authors' "
+                                                  "configs)")
+    zero_shot: Bool = versioned(True, "fine-tune on the English training set, evaluate every language")
+    settings: dict[str, Any] = versioned(default_factory=dict, description="zero-shot fine-tuning settings over the "
+                                                                           "preset's (FinetuneSpec's names)")
+    few_shot: FewShotSpec | None = versioned(None, "few-shot rows", omit_none=True)
+    single: SingleSpec | None = versioned(None, "single-language rows", omit_none=True)
+    paper_model: str | None = versioned(None, "the paper's Table 1 row this reproduces (e.g. CCR10-E): its figures "
+                                              "are printed beside ours", omit_none=True)
+
+    @field_validator("settings")
+    @classmethod
+    def _known(cls, value):
+        unknown = sorted(set(value) - set(FINETUNE_KEYS + ("seed",)))
+        if unknown:
+            raise ValueError(f"unknown fine-tuning setting(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(FINETUNE_KEYS + ('seed',))}")
+        return value
+
+    def finetune_spec(self, mode: str = "zero-shot", lang: str | None = None, checkpoint: str | None = None) -> FinetuneSpec:
+        """The :class:`FinetuneSpec` of one of this protocol's fine-tunes."""
+        extra = {"zero-shot": self.settings, "few-shot": (self.few_shot.settings if self.few_shot else {}),
+                 "single": (self.single.settings if self.single else {})}[mode]
+        base = {k: getattr(self, k) for k in BenchmarkSpec.model_fields if k not in ("langs", "mrv_langs")}
+        values = {**base, "checkpoint": checkpoint, "mode": mode, "lang": lang, "preset": self.preset,
+                  "shots": self.few_shot.shots if mode == "few-shot" else None, "evaluate": False,
+                  **{k: v for k, v in extra.items()}}
+        return FinetuneSpec.parse(values, where=f"protocol {self.benchmark} {mode}")
+
+    def evaluate_spec(self, checkpoint: str, langs: list[str] | None) -> EvaluateSpec:
+        base = {k: getattr(self, k) for k in BenchmarkSpec.model_fields}
+        return EvaluateSpec.parse({**base, "checkpoint": checkpoint, "langs": langs}, where=f"protocol {self.benchmark}")
 
 
 # ---------------------------------------------------------------------------- the chain
@@ -420,6 +530,8 @@ class ChainSections(Spec):
     build: BuildSpec | None = versioned(None, "build settings (name: the chain's; sources: acquire's)",
                                         omit_none=True)
     evaluate: EvaluateSpec | None = versioned(None, "evaluation of every trained run", omit_none=True)
+    protocol: list[ProtocolSpec] | None = versioned(None, "the paper's protocols per benchmark, run on every "
+                                                          "trained run (replaces evaluate)", omit_none=True)
 
 
 class PretrainSpec(RunSpec, ChainSections):
@@ -447,7 +559,8 @@ class ReproduceSpec(ChainSections):
     translate: TranslateSpec = versioned(description="translate settings")
     build: BuildSpec = versioned(description="build settings (name: the chain's; sources: acquire's)")
     pretrain: PretrainChainSpec = versioned(description="the runs to pre-train")
-    evaluate: EvaluateSpec = versioned(description="evaluation of every trained run")
+    evaluate: EvaluateSpec = versioned(default_factory=EvaluateSpec, description="evaluation of every trained run "
+                                                                                 "without fine-tuning (no protocol)")
 
     _config_path: str | None = PrivateAttr(None)
 

@@ -17,7 +17,6 @@ bar), else to the ``ccrk.trainer`` logger.
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
 import json
 import logging
@@ -330,7 +329,8 @@ class TrainJob:
     config: dict  # written to config.json and with every checkpoint
     seed: int
     tokenizer: Any = None
-    evaluate: Callable[[], dict] | None = None  # held-out metrics every eval_every steps (rank 0)
+    # evaluate(step): metrics every eval_every steps and at the last (rank 0; {} = nothing to log)
+    evaluate: Callable[[int], dict] | None = None
     num_workers: int = 0
 
 
@@ -459,8 +459,10 @@ def run_loop(job: TrainJob, run_dir: str, info: distributed.DistInfo, resume: bo
                 metrics.write(row)
             report(step, total, row)
             if job.evaluate is not None and (step % s["eval_every"] == 0 or step == stop):
-                last_eval = job.evaluate()
-                metrics.write({"step": step, **last_eval})
+                scores = job.evaluate(step)
+                if scores:
+                    last_eval = scores
+                    metrics.write({"step": step, **scores})
         if checkpoint:
             save_checkpoint(run_dir, step, job.model, job.optimizer, job.config, step, info, s["keep_checkpoints"])
     return LoopResult(step, resumed_from, metrics.rows() if info.is_main else [], last_eval)
@@ -484,7 +486,7 @@ def pretrain_job(config: dict, dataset_dir: str, info: distributed.DistInfo) -> 
     stream = BatchStream(dataset_dir, config, tokenizer, info.rank, info.world, heldout=n_heldout)
     total = int(tcfg["steps"]) if tcfg["steps"] else max(1, int(tcfg["epochs"] or 1) * stream.per_epoch)
     config["train"]["total_steps"] = total
-    evaluate = functools.partial(retrieval_r1, model, heldout, config, tokenizer, info.device) if heldout else None
+    evaluate = (lambda step: retrieval_r1(model, heldout, config, tokenizer, info.device)) if heldout else None
     return TrainJob(model, objective, stream, opt, tcfg, total, config, config["seed"], tokenizer, evaluate,
                     int(config.get("data", {}).get("num_workers", 0)))
 

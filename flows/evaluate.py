@@ -11,14 +11,16 @@ through without storing them.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from ccrk.evaluation import protocols, reports
-from ccrk.specs import BenchmarkSpec, EvaluateSpec, FinetuneSpec, resolve_device
+from ccrk.specs import FINETUNE_KEYS, BenchmarkSpec, EvaluateSpec, FinetuneSpec, resolve_device
 from flows.artifacts import publish_markdown, publish_table
+from storage import layout
 from storage.errors import CCRKError
 from storage.stage import Outcome, StagePlan, run_stage
 
@@ -58,6 +60,59 @@ class EvaluateStage:
         publish_table(f"{key}-table", summary["table"], description="recall per language")
 
 
+class CombineStage:
+    """Several reports as one (``reports.combine_metrics``: each language from one fine-tuned model,
+    MRV across them) through storage.stage's contract: plan = the combined report's id from its parts'
+    report ids and languages; completed = already written; execute = write ``reports/<id>/``.
+    ``parts``: ``(report directory or id, languages or None)``."""
+
+    def __init__(self, root: str | None, parts, mrv_langs=None, title: str = ""):
+        self.root, self.parts, self.mrv_langs, self.title = layout.data_root(root), list(parts), mrv_langs, title
+
+    def plan(self) -> StagePlan:
+        self.dirs = [(self._report_dir(ref), langs) for ref, langs in self.parts]
+        ids = [reports.load_metrics(d).get("report_id") or os.path.basename(os.path.abspath(d)) for d, _ in self.dirs]
+        params = {"combine": [[rid, langs] for rid, (_, langs) in zip(ids, self.dirs)], "mrv_langs": self.mrv_langs}
+        rid = reports.report_id(None, params)
+        return StagePlan("report", "combined", rid, layout.report_dir(self.root, rid), params,
+                         [i for i in ids if i])
+
+    def _report_dir(self, ref: str) -> str:
+        if os.path.isdir(ref):
+            return ref
+        candidate = layout.report_dir(self.root, ref)
+        if os.path.isdir(candidate):
+            return candidate
+        raise CCRKError(f"report {ref!r} is neither a report directory nor a report id under {self.root}/reports")
+
+    def completed(self, plan: StagePlan) -> Outcome | None:
+        path = os.path.join(plan.path, "metrics.json")
+        if not os.path.exists(path):
+            return None
+        m = reports.load_metrics(plan.path)
+        return Outcome({"report_id": plan.version, "dir": plan.path, "metrics": m, "run_version": None},
+                       reports.report_stats(m))
+
+    def execute(self, plan: StagePlan) -> Outcome:
+        m, ranks = reports.combine_metrics(self.dirs, self.mrv_langs)
+        m.update(report_id=plan.version, run_version=None)
+        out = reports.write_report(plan.path, m, ranks, self.title or f"{m['benchmark']}: one model per language")
+        return Outcome({"report_id": plan.version, "dir": plan.path, "metrics": m, "run_version": None,
+                        "markdown": out["markdown"]}, reports.report_stats(m))
+
+    def publish(self, plan: StagePlan, summary: dict) -> None:
+        if not summary["skipped"]:
+            publish_markdown(f"report-combined-{plan.version}", summary["markdown"], description="combined report")
+
+
+@flow(name="combine-reports")
+def combine_flow(parts: list, root: str | None = None, mrv_langs: list[str] | None = None, title: str = "") -> dict:
+    """One report from several (``parts``: ``"REPORT"`` or ``"REPORT:lang,lang"`` strings, or
+    ``(report, langs)`` pairs): the languages' recalls as reported and MRV over their ranks together."""
+    parsed = [reports.parse_part(p) if isinstance(p, str) else (p[0], p[1]) for p in parts]
+    return run_stage(CombineStage(root, parsed, mrv_langs, title), root)
+
+
 @task(name="evaluate-benchmark", cache_policy=NO_CACHE)
 def evaluate_task(root: str | None = None, **kwargs) -> dict:
     out = run_stage(EvaluateStage(root, **kwargs), root)
@@ -83,8 +138,9 @@ def benchmark_args(spec: BenchmarkSpec, root: str | None) -> dict:
 def finetune_args(spec: FinetuneSpec, root: str | None) -> dict:
     """``protocols.run_finetune``'s arguments from a :class:`FinetuneSpec` (the CLI's other torchrun
     ranks call it directly with these: the same stage, which only rank 0 records)."""
-    return dict(**benchmark_args(spec, root), mode=spec.mode, lang=spec.lang, shots=spec.shots, epochs=spec.epochs,
-                batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed, num_workers=spec.num_workers)
+    return dict(**benchmark_args(spec, root), mode=spec.mode, lang=spec.lang, shots=spec.shots, langs=spec.langs,
+                preset=spec.preset, settings={k: getattr(spec, k) for k in FINETUNE_KEYS + ("seed",)},
+                k_test=spec.k_test, itc_only=spec.itc_only, num_workers=spec.num_workers)
 
 
 @flow(name="evaluate")
@@ -112,7 +168,7 @@ def finetune_flow(spec: FinetuneSpec | dict, root: str | None = None, progress: 
     run = finetune_task(**args, progress=progress)
     out = {"run": run}
     if spec.evaluate:
-        out["report"] = evaluate_task(**{**benchmark_args(spec, root), "checkpoint": run["run_dir"]},
+        out["report"] = evaluate_task(**{**benchmark_args(spec, root), "checkpoint": run["selected"]},
                                       langs=plan.eval_langs, mrv_langs=spec.mrv_langs, k_test=spec.k_test,
                                       itc_only=spec.itc_only, batch_size=EvaluateSpec().batch_size)
     return out

@@ -23,7 +23,7 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
 from ccrk.evaluation.demo_benchmark import write_demo_benchmark
-from ccrk.evaluation.reports import compare_report
+from ccrk.evaluation.reports import compare_report, paper_figures, render_table1, table1_cells
 from ccrk.specs import ReproduceSpec
 from ccrk.trainer import StepProgress, load_config
 from flows.acquire import acquire_flow
@@ -31,8 +31,9 @@ from flows.artifacts import publish_link, publish_markdown, publish_table
 from flows.build import build_flow
 from flows.evaluate import evaluate_flow
 from flows.pretrain import pretrain_flow
+from flows.protocol import run_protocol
 from flows.translate import translate_flow
-from storage import layout
+from storage import atomic, layout
 from storage.demo.corpus import generate_demo_corpus, write_demo_metadata
 from storage.demo.server import serve
 from storage.errors import CCRKError
@@ -126,6 +127,29 @@ def _evaluate(spec: ReproduceSpec, root: str, runs: dict, bench_dir: str | None)
     return {"reports": reports, "comparison": comparison, "dir": out_dir, "_note": out_dir}
 
 
+def _protocols(spec: ReproduceSpec, root: str, runs: dict, bench_dir: str | None, report: Reporter,
+               progress: StepProgress | None) -> dict:
+    """Every configured protocol on every pre-trained run, then the Table-1-shaped report."""
+    rows = []
+    for name, run in runs.items():
+        for entry in spec.protocol:
+            entry = entry.merged({"data": entry.data or bench_dir,
+                                  "itc_only": entry.itc_only or spec.itc_only(name)})
+            for row in run_protocol(entry, name, run["run_dir"], root, progress, report):
+                paper = paper_figures(entry.paper_model, row["group"], entry.benchmark)
+                rows.append({**{k: v for k, v in row.items() if k != "report"}, "metrics": row["report"]["metrics"],
+                             "report_dir": row["report"]["dir"], "paper": paper, "paper_model": entry.paper_model})
+    out_dir = layout.join(root, "reports", f"{spec.name}-table1")
+    markdown = render_table1(rows, title=f"{spec.name}: the paper's protocols (Table 1 layout)")
+    atomic.write_text(os.path.join(out_dir, "table1.md"), markdown)
+    atomic.write_json(os.path.join(out_dir, "table1.json"),
+                      [{**{k: v for k, v in r.items() if k != "metrics"}, "cells": table1_cells(r["metrics"])}
+                       for r in rows])
+    publish_markdown(f"table1-{spec.name}", markdown, description="the paper's protocols, Table 1 layout")
+    return {"rows": rows, "dir": out_dir, "markdown": markdown, "path": os.path.join(out_dir, "table1.md"),
+            "_note": out_dir}
+
+
 @flow(name="reproduce")
 def reproduce_flow(config: str = "configs/demo.yaml", root: str | None = None,
                    report: Reporter | None = None, progress: StepProgress | None = None) -> dict:
@@ -151,6 +175,13 @@ def reproduce_flow(config: str = "configs/demo.yaml", root: str | None = None,
         report("stages", {"rows": clock.rows})
         return out
     trained = clock.stage("pretrain", _pretrain, spec, root, built["result"]["path"], report, progress)
+    if spec.protocol:
+        table = clock.stage("fine-tune + evaluate (protocols)", _protocols, spec, root, trained["runs"], bench_dir,
+                            report, progress)
+        report("stages", {"rows": clock.rows})
+        publish_table(f"reproduce-{spec.name}-stages", clock.rows, description="wall seconds per stage")
+        report("report", {"markdown": table["markdown"], "path": table["path"], "_line": f"report: {table['path']}"})
+        return {**out, "runs": trained["runs"], "report": table["dir"], "table1": table["rows"]}
     evaluated = clock.stage("evaluate", _evaluate, spec, root, trained["runs"], bench_dir)
     report("stages", {"rows": clock.rows})
     report_md = os.path.join(evaluated["dir"], "compare.md")

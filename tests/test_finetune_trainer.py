@@ -47,8 +47,9 @@ def _root(demo, path) -> str:
 
 
 def _finetune(root: str, bench: str, **kwargs) -> dict:
-    return protocols.run_finetune(root, os.path.join(root, "runs", "pretrained"), "demo", bench, epochs=EPOCHS,
-                                  batch_size=BATCH, lr=1e-3, **kwargs)
+    kwargs.setdefault("settings", {"select": "last"})  # 8 train images: the demo benchmark has no val split
+    kwargs = {"epochs": EPOCHS, "batch_size": BATCH, "lr": 1e-3, **kwargs}
+    return protocols.run_finetune(root, os.path.join(root, "runs", "pretrained"), "demo", bench, **kwargs)
 
 
 def _weights(run: dict) -> dict:
@@ -165,8 +166,46 @@ def test_cli_finetune_prints_the_loops_progress(demo, tmp_path, capsys):
 
     root = _root(demo, tmp_path / "cli")
     assert main(["finetune", "--checkpoint", os.path.join(root, "runs", "pretrained"), "--benchmark", "demo",
-                 "--data", demo[1], "--epochs", "1", "--batch-size", "8", "--no-evaluate", "--root", root,
+                 "--data", demo[1], "--epochs", "1", "--batch-size", "8", "--select", "last", "--no-evaluate", "--root", root,
                  "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "step 3/3 loss" in out and "samples/s" in out  # not a terminal: a line per logged row
     assert "fine-tuned run" in out
+
+
+@pytest.fixture(scope="module")
+def with_val(demo, tmp_path_factory):
+    """A demo benchmark with a validation split (20 train images: 18 to train on, 2 to select on)."""
+    base = tmp_path_factory.mktemp("ftval")
+    generate_demo_corpus(str(base / "corpus"), n_train=20, n_heldout=4, image_px=64)
+    write_demo_benchmark(str(base / "corpus"), str(base / "bench"), langs=("en", "es"))
+    return str(base / "bench")
+
+
+def test_selection_keeps_the_best_validation_epoch_and_survives_a_cut(demo, with_val, tmp_path):
+    settings = {"select": "val", "start_eval": 1, "eval_interval": 1}
+    kwargs = dict(epochs=4, settings=settings, itc_only=True, k_test=4)
+    straight = _finetune(_root(demo, tmp_path / "a"), with_val, **kwargs)
+    sel = straight["selection"]
+    assert sel["on"] == "val" and sel["langs"] == ["en"]
+    assert [h["epoch"] for h in sel["history"]] == [2, 3, 4]  # epochs 0-based >= start_eval 1
+    best = max(sel["history"], key=lambda h: h["score"])
+    assert sel["best"] == best and straight["selected"].endswith(os.path.join("checkpoints", "best"))
+    # The kept model scores what the selection recorded for it.
+    bench = protocols.bm.load_benchmark("demo", with_val, ["en"], split="val")
+    model, tok, config = protocols.load_pretrained(straight["selected"])
+    r = protocols.evaluate_benchmark(model, tok, protocols.image_transform(config, train=False), bench, k_test=4,
+                                     itc_only=True, max_tokens=protocols._max_tokens(config))
+    assert r["en"].mean_recall == pytest.approx(best["score"], abs=1e-9)
+    # Cut after the first scoring, resumed: the same scores, the same selected weights.
+    root = _root(demo, tmp_path / "b")
+    cut = _finetune(root, with_val, max_steps=2 * straight["total_steps"] // 4, **kwargs)
+    assert [h["epoch"] for h in cut["selection"]["history"]] == [2]
+    resumed = _finetune(root, with_val, **kwargs)
+    assert resumed["selection"]["history"] == sel["history"]
+    a, b = (load_file(os.path.join(r["selected"], "model.safetensors")) for r in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Without a validation split the default selection is a one-line error naming the file.
+    with pytest.raises(protocols.CCRKError, match="no en validation file") as err:
+        _finetune(_root(demo, tmp_path / "c"), demo[1], settings={})
+    assert "\n" not in str(err.value)

@@ -304,6 +304,23 @@ def xflickrco_train_file(data_dir: str, lang: str = "en", shots: int | None = No
                     f"found; looked for {', '.join(candidates)}")
 
 
+def xflickrco_val_file(data_dir: str, lang: str = "en") -> str:
+    """The validation file of ``lang``: ``annotations/<lang>/valid_ann.jsonl`` (or ``val.jsonl``); for
+    English IGLUE's Flickr30K ``flickr30k/annotations/valid_ann.jsonl`` next to xFlickrCO/ (the authors'
+    val_file for the zero-shot fine-tune)."""
+    ann = os.path.join(data_dir, "annotations", lang)
+    candidates = [os.path.join(ann, "valid_ann.jsonl"), os.path.join(ann, "val.jsonl")]
+    if lang == "en":
+        candidates += [os.path.join(data_dir, "flickr30k", "annotations", "valid_ann.jsonl"),
+                       os.path.join(os.path.dirname(os.path.abspath(data_dir)), "flickr30k", "annotations",
+                                    "valid_ann.jsonl")]
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    raise CCRKError(f"no {lang} validation file found (looked for {', '.join(candidates)}); "
+                    f"choose --select last or test")
+
+
 def load_xflickrco_train(path: str, flickr30k_dir: str, coco_dir: str | None = None, skip_missing: bool = False,
                          clean: CaptionCleaner | None = None) -> tuple[list[TrainPair], int]:
     """Training pairs from an IGLUE jsonl (every sentence of a line is one pair); (pairs, skipped images).
@@ -473,17 +490,38 @@ def load_wit_train(path: str, skip_missing: bool = False,
 
 
 def load_benchmark(name: str, data_dir: str, langs=None, images: str | None = None, coco_images: str | None = None,
-                   skip_missing: bool = False, max_words: int | None = None) -> Benchmark:
+                   skip_missing: bool = False, max_words: int | None = None, split: str = "test") -> Benchmark:
     """Any benchmark by name; ``images`` is the image folder (Flickr30K for xFlickrCO, the CCLM image root);
-    ``max_words`` normalises captions with pre_caption (see :func:`default_max_words`)."""
+    ``max_words`` normalises captions with pre_caption (see :func:`default_max_words`); ``split``: test
+    or val (the checkpoint selection's)."""
     if not os.path.isdir(data_dir):
         raise CCRKError(f"benchmark folder {data_dir} not found")
+    if split not in ("test", "val"):
+        raise CCRKError(f"unknown split {split!r}; choose test or val")
     if name in ("xflickrco", "demo"):
+        if split == "val":
+            return _xflickrco_val(name, data_dir, langs or ["en"], images, coco_images, skip_missing, max_words)
         return load_xflickrco(data_dir, langs, images, coco_images, skip_missing, name=name, max_words=max_words)
     if name == "multi30k":
-        return load_multi30k(data_dir, langs, images, skip_missing=skip_missing, max_words=max_words)
+        return load_multi30k(data_dir, langs, images, split="test_2016_flickr" if split == "test" else "val",
+                             skip_missing=skip_missing, max_words=max_words)
     if name == "coco":
-        return load_coco(data_dir, langs, images, skip_missing=skip_missing, max_words=max_words)
+        return load_coco(data_dir, langs, images, split=split, skip_missing=skip_missing, max_words=max_words)
     if name == "wit":
+        if split == "val":
+            bench = Benchmark("wit")
+            for lang in langs or ["en"]:
+                bench.sets[lang] = [read_wit_file(_wit_file(data_dir, f"val_{lang}.jsonl"), lang, skip_missing,
+                                                  max_words)]
+            return bench
         return load_wit(data_dir, langs, skip_missing, max_words)
     raise _unknown_benchmark(name)
+
+
+def _xflickrco_val(name: str, data_dir: str, langs, images, coco_images, skip_missing, max_words) -> Benchmark:
+    flickr, coco = _image_dirs(data_dir, images, coco_images)
+    bench = Benchmark(name)
+    for lang in langs:
+        bench.sets[lang] = [read_xflickrco_file(xflickrco_val_file(data_dir, lang), lang, flickr, coco, skip_missing,
+                                                benchmark=name, max_words=max_words)]
+    return bench

@@ -3,8 +3,11 @@
 So the demo model is evaluated through the same loader as the real benchmark:
 ``annotations/<lang>/test.jsonl`` (held-out images, every caption in that language),
 ``annotations/en/train_ann.jsonl`` (English training set for the zero-shot fine-tune, from the
-train split), ``annotations/<lang>/train_<N>.jsonl`` (few-shot files, one caption per image, from
-train-split images, as IGLUE's) and ``images/`` holding every referenced image.
+train split), ``annotations/<lang>/valid_ann.jsonl`` (the validation split the fine-tune's checkpoint
+is selected on: the last tenth of the train-split images, left out of train_ann.jsonl, as Flickr30K's
+valid_ann.jsonl is disjoint from its train_ann.jsonl; none under 10 train images),
+``annotations/<lang>/train_<N>.jsonl`` (few-shot files, one caption per image, from the training
+images, as IGLUE's) and ``images/`` holding every referenced image.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from storage.errors import CCRKError
 
 MARKER = "benchmark.json"
 FEW_SHOTS = (1, 5, 10, 25, 50, 100)
+VAL_FRACTION = 10  # one train-split image in 10 is the validation split's
 
 
 def _line(image: dict, sentences: list[str]) -> str:
@@ -51,7 +55,7 @@ def write_demo_benchmark(corpus_dir: str, out_dir: str, langs=grammar.LANGS, see
     with open(manifest_path, encoding="utf-8") as f:
         manifest = json.load(f)
     params = {"manifest_params": manifest.get("params"), "langs": list(langs), "seed": seed,
-              "few_shots": list(FEW_SHOTS), "layout": "xflickrco"}
+              "few_shots": list(FEW_SHOTS), "layout": "xflickrco", "val": VAL_FRACTION}
     marker = os.path.join(out_dir, MARKER)
     if os.path.exists(marker):
         with open(marker, encoding="utf-8") as f:
@@ -68,10 +72,15 @@ def write_demo_benchmark(corpus_dir: str, out_dir: str, langs=grammar.LANGS, see
         if missing:
             raise CCRKError(f"{manifest_path}: image {im['id']} has no {', '.join(missing)} caption")
 
+    n_val = len(train) // VAL_FRACTION
+    train, val = train[:len(train) - n_val], train[len(train) - n_val:]
     ann = os.path.join(out_dir, "annotations")
     for lang in langs:
         atomic.write_text(os.path.join(ann, lang, "test.jsonl"),
                           "".join(_line(im, [c[lang] for c in im["captions"]]) for im in heldout))
+        if val:
+            atomic.write_text(os.path.join(ann, lang, "valid_ann.jsonl"),
+                              "".join(_line(im, [c[lang] for c in im["captions"]]) for im in val))
     atomic.write_text(os.path.join(ann, "en", "train_ann.jsonl"),
                       "".join(_line(im, [c["en"] for c in im["captions"]]) for im in train))
     few_shot = {}
@@ -86,11 +95,11 @@ def write_demo_benchmark(corpus_dir: str, out_dir: str, langs=grammar.LANGS, see
             atomic.write_text(os.path.join(ann, lang, f"train_{n}.jsonl"),
                               "".join(_line(im, [im["captions"][0][lang]]) for im in order[:n]))
             few_shot.setdefault(lang, []).append(n)
-    for im in heldout + train:
+    for im in heldout + train + val:
         _place_image(os.path.join(corpus_dir, im["file"]), os.path.join(out_dir, "images", os.path.basename(im["file"])))
 
     summary = {"params": params, "out_dir": out_dir, "langs": list(langs), "n_test_images": len(heldout),
                "n_test_texts_per_lang": sum(len(im["captions"]) for im in heldout),
-               "n_train_images": len(train), "few_shot": few_shot}
+               "n_train_images": len(train), "n_val_images": len(val), "few_shot": few_shot}
     atomic.write_json(marker, summary)  # last: its presence marks a complete benchmark
     return {**summary, "skipped": False}

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -42,16 +43,17 @@ from ccrk.evaluation import benchmarks as bm
 from ccrk.evaluation import reports
 from ccrk.evaluation.retrieval import evaluate_benchmark
 from ccrk.model import latest_checkpoint, load_pretrained
-from ccrk.specs import FinetuneHyperparameters, FinetuneSpec
-from storage import layout
+from ccrk.model import save_model
+from ccrk.specs import FINETUNE_KEYS, FinetuneHyperparameters, FinetuneSpec
+from storage import atomic, layout
 from storage.catalog import Catalog
 from storage.errors import CCRKError
 from storage.stage import Outcome, StagePlan, run_stage
 from storage.versioning import content_version, file_sha256
 
 MODES = ("zero-shot", "few-shot", "single")
-# The reference's fine-tuning settings (xFlickrCO / Multi30K / COCO: AdamW lr 3e-5, 10 epochs), as
-# ccrk.specs.FinetuneHyperparameters declares them (the one place they are written).
+# The fine-tuning settings no preset varies (seed, temp_clamp), as ccrk.specs.FinetuneHyperparameters
+# declares them; the per-benchmark ones are ccrk.specs.FINETUNE_PRESETS'.
 FINETUNE_DEFAULTS = FinetuneHyperparameters().to_config()
 
 
@@ -92,12 +94,13 @@ def finetune_loss(model, pixel_values, input_ids, attention_mask, image_ids, gen
 
 # --------------------------------------------------------------------------- training
 
-# The loop's settings for fine-tuning beside FINETUNE_DEFAULTS' schedule (a key of either may be
-# given in train_pairs' ``hp``): gradients clipped at 1.0 and AdamW's default betas, as before the
-# trainer ran fine-tuning; bf16 autocast on GPUs as in pre-training; checkpoint_every None = an
-# epoch (a row is logged there too, so the epoch's mean loss is read off the rows).
-FINETUNE_LOOP = {"clip": 1.0, "bf16": True, "betas": [0.9, 0.999], "log_every": 10, "checkpoint_every": None,
-                 "keep_checkpoints": 2, "eval_every": 0}
+# The loop's settings for fine-tuning beside the schedule (a key of either may be given in train_pairs'
+# ``hp``): gradients clipped at 1.0; AdamW betas (0.9, 0.98) and eps 1e-8 as the authors' optim.py;
+# bf16 autocast on GPUs as in pre-training; checkpoint_every None = an epoch (a row is logged there
+# too, so the epoch's mean loss is read off the rows); the selection scoring runs at epoch ends.
+FINETUNE_LOOP = {"clip": 1.0, "bf16": True, "betas": [0.9, 0.98], "log_every": 10, "checkpoint_every": None,
+                 "keep_checkpoints": 2}
+BEST = "best"  # checkpoints/best/: the selected model (model.safetensors, config.json, selection.json)
 
 
 class FinetuneObjective(nn.Module):
@@ -178,22 +181,110 @@ def _max_tokens(config: dict) -> int:
     return int(config.get("data", {}).get("max_tokens", 40))
 
 
+def finetune_config(config: dict, hp: dict) -> dict:
+    """The checkpoint's config with the fine-tune's text length and resolution (what its run saves,
+    so its evaluation reads the same)."""
+    out = json.loads(json.dumps(config))
+    if hp.get("max_tokens"):
+        out.setdefault("data", {})["max_tokens"] = int(hp["max_tokens"])
+    for key in ("image_size", "window_size"):
+        if hp.get(key):
+            out["model"]["vision"][key] = int(hp[key])
+    return out
+
+
+def finetune_groups(model, hp: dict) -> list[dict]:
+    """AdamW groups as the authors' optim.py for a retrieval model (no parameter gets a larger lr):
+    weight decay on matrices, none on biases, norms and the temperature (1-d tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": params, "lr": hp["lr"], "base_lr": hp["lr"], "weight_decay": wd}
+            for params, wd in ((decay, hp["weight_decay"]), (no_decay, 0.0)) if params]
+
+
 def finetune_job(model, tokenizer, config: dict, pairs: Sequence[bm.TrainPair], hp: dict,
                  info: distributed.DistInfo, num_workers: int = 0) -> trainer.TrainJob:
     """The trainer's job for fine-tuning ``model`` on ``pairs`` with ``hp`` (FINETUNE_DEFAULTS' keys,
     and optionally FINETUNE_LOOP's): one AdamW group over every parameter, the lr schedule of
     pre-training (linear warm-up, linear decay to 0) over ``epochs``."""
+    config = finetune_config(config, hp)
     batches = PairBatches(pairs, config, tokenizer, hp["batch_size"], hp["seed"], info.rank, info.world)
     total = batches.per_epoch * int(hp["epochs"])
     settings = {**FINETUNE_LOOP, **{k: hp[k] for k in FINETUNE_LOOP if k in hp}, "warmup": hp["warmup"]}
     settings["checkpoint_every"] = settings["checkpoint_every"] or batches.per_epoch
-    group = {"params": [p for p in model.parameters() if p.requires_grad], "lr": hp["lr"], "base_lr": hp["lr"],
-             "weight_decay": hp["weight_decay"]}
-    opt = trainer.adamw([group], lr=hp["lr"], betas=tuple(settings["betas"]), weight_decay=hp["weight_decay"])
+    settings["eval_every"] = batches.per_epoch
+    opt = trainer.adamw(finetune_groups(model, hp), lr=hp["lr"], betas=tuple(settings["betas"]), eps=1e-8)
     run_config = {**config, "finetune": {**hp, "steps_per_epoch": batches.per_epoch, "total_steps": total,
                                          "pairs": len(batches.pairs)}}
     return trainer.TrainJob(model, FinetuneObjective(model, hp["temp_clamp"]), batches, opt, settings, total,
                             run_config, int(hp["seed"]), tokenizer, num_workers=num_workers)
+
+
+class Selector:
+    """Checkpoint selection: after each scored epoch (``start_eval``, ``eval_interval``), the
+    in-training model's mean recall on ``bench`` (the validation split, or the test set for the
+    authors' ``select: test``); the best (the first of equals) is saved to ``checkpoints/best/``.
+
+    The scores live in ``checkpoints/best/selection.json`` by step; a resumed run drops the ones at or
+    after the step it scores again, so a kill between a scoring and its checkpoint changes nothing.
+    Called on rank 0 only, as the loop's ``evaluate(step)``."""
+
+    def __init__(self, run_dir: str, bench: bm.Benchmark, langs: Sequence[str], hp: dict, per_epoch: int,
+                 score_args: dict):
+        self.dir, self.bench, self.langs, self.hp, self.per_epoch = (os.path.join(run_dir, "checkpoints", BEST),
+                                                                     bench, list(langs), hp, per_epoch)
+        self.score_args = score_args  # evaluate_benchmark's k_test, itc_only, batch_size
+        self.job: trainer.TrainJob | None = None
+
+    def due(self, step: int) -> bool:
+        if step % self.per_epoch:
+            return False
+        epoch = step // self.per_epoch - 1
+        return epoch >= self.hp["start_eval"] and (epoch + 1) % self.hp["eval_interval"] == 0
+
+    def __call__(self, step: int) -> dict:
+        if not self.due(step):
+            return {}
+        job = self.job
+        results = evaluate_benchmark(job.model, job.tokenizer, image_transform(job.config, train=False), self.bench,
+                                     self.langs, max_tokens=_max_tokens(job.config), **self.score_args)
+        job.model.train()
+        score = float(sum(r.mean_recall for r in results.values()) / len(results))
+        history = [h for h in read_selection(self.dir).get("history", []) if h["step"] < step]
+        history.append({"step": step, "epoch": step // self.per_epoch, "score": score})
+        best = max(history, key=lambda h: h["score"])  # max keeps the first of equals
+        selection = {"on": self.hp["select"], "langs": self.langs, "history": history, "best": best}
+        if best["step"] == step:  # the new best: its weights and the scores swapped in together
+            tmp = self.dir + f".tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            save_model(job.model, job.config, tmp)
+            atomic.write_json(os.path.join(tmp, "selection.json"), selection)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            os.replace(tmp, self.dir)
+        else:
+            atomic.write_json(os.path.join(self.dir, "selection.json"), selection)
+        return {f"select_{self.hp['select']}_mean_recall": score}
+
+
+def read_selection(best_dir: str) -> dict:
+    path = os.path.join(best_dir, "selection.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def selected_checkpoint(run_dir: str) -> tuple[str | None, dict]:
+    """(the model a finished fine-tune stands for, its selection): ``checkpoints/best`` when one was
+    scored, else the latest checkpoint."""
+    best = os.path.join(run_dir, "checkpoints", BEST)
+    selection = read_selection(best)
+    if selection and os.path.exists(os.path.join(best, "model.safetensors")):
+        return best, selection
+    return latest_checkpoint(run_dir), {"on": "last"}
 
 
 def last_epoch_means(rows: list[dict], per_epoch: int, keys=("loss", "itc", "itm")) -> dict:
@@ -217,18 +308,26 @@ def last_epoch_means(rows: list[dict], per_epoch: int, keys=("loss", "itc", "itm
 
 def train_pairs(model, tokenizer, config: dict, pairs: Sequence[bm.TrainPair], run_dir: str, hp: dict,
                 info: distributed.DistInfo | None = None, max_steps: int | None = None,
-                progress: trainer.StepProgress | None = None, num_workers: int = 0) -> dict:
+                progress: trainer.StepProgress | None = None, num_workers: int = 0,
+                select: tuple[bm.Benchmark, Sequence[str], dict] | None = None) -> dict:
     """Fine-tune ``model`` (on ``info.device``) on ``pairs`` through the trainer's loop, resuming from
-    the run's latest checkpoint; returns a summary. ``max_steps`` stops early (tests: a cut run)."""
+    the run's latest checkpoint; returns a summary. ``max_steps`` stops early (tests: a cut run).
+    ``select``: (benchmark, languages, evaluate_benchmark's scoring keywords) of the checkpoint
+    selection (:class:`Selector`); None keeps the last epoch."""
     if not pairs:
         raise CCRKError("no training pairs to fine-tune on")
     info = info or distributed.DistInfo(device=next(model.parameters()).device)
     torch.manual_seed(int(hp["seed"]))  # dropout and drop-path, identical on every rank
     job = finetune_job(model, tokenizer, config, pairs, hp, info, num_workers)
+    if select is not None and info.is_main:
+        job.evaluate = Selector(run_dir, *select[:2], hp, job.batches.per_epoch, select[2])
+        job.evaluate.job = job
     result = trainer.run_loop(job, run_dir, info, resume=True, max_steps=max_steps, progress=progress)
     model.eval()
     per_epoch = job.batches.per_epoch
-    summary = {"run_dir": run_dir, "checkpoint": latest_checkpoint(run_dir), "epochs": result.step // per_epoch,
+    selected, selection = selected_checkpoint(run_dir)
+    summary = {"run_dir": run_dir, "checkpoint": latest_checkpoint(run_dir), "selected": selected,
+               "selection": selection, "epochs": result.step // per_epoch,
                "epoch": result.step / per_epoch, "step": result.step, "total_steps": job.total_steps,
                "resumed_from": result.resumed_from, "pairs": len(job.batches.pairs), "world": info.world,
                **last_epoch_means(result.rows, per_epoch), "temp": float(model.temp.detach())}
@@ -330,28 +429,48 @@ def _resolve_checkpoint(checkpoint: str, root: str | None) -> str:
     raise CCRKError(f"checkpoint {checkpoint!r} is neither a directory, a run under {r}/runs nor a run version")
 
 
-def finetune_hparams(mode: str, epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
-                     seed: int | None = None) -> dict:
-    """FINETUNE_DEFAULTS for ``mode`` (few-shot: its lower learning rate) with the given overrides:
-    :meth:`ccrk.specs.FinetuneSpec.hyperparameters`."""
-    return FinetuneSpec.parse({"mode": mode, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                               "seed": seed}).hyperparameters()
+def finetune_hparams(benchmark: str, mode: str = "zero-shot", preset: str = "paper",
+                     settings: dict | None = None) -> dict:
+    """The preset's settings for ``benchmark`` and ``mode`` with ``settings`` (FINETUNE_KEYS, seed; None
+    = the preset's) over them: :meth:`ccrk.specs.FinetuneSpec.hyperparameters`."""
+    given = {k: v for k, v in (settings or {}).items() if v is not None}
+    return FinetuneSpec.parse({"benchmark": benchmark, "mode": mode, "preset": preset, **given},
+                              where="fine-tuning settings").hyperparameters()
 
 
 def _finetune_params(root: str, plan: FinetunePlan, skip_missing: bool, ckpt_path: str, hp: dict,
-                     max_words: int | None) -> tuple[dict, str | None]:
+                     max_words: int | None, scoring: dict) -> tuple[dict, str | None]:
     """(the run's parameters, its parent run's version): what the fine-tune's run id hashes."""
     parent = reports.find_run_version(root, ckpt_path)
     params = {"protocol": plan.mode, "benchmark": plan.benchmark, "train_lang": plan.train_lang, "shots": plan.shots,
               "train_file_sha256": file_sha256(plan.train_file), "skip_missing": skip_missing,
               "start": parent or layout.rooted(root, ckpt_path),
-              **{k: hp[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup", "seed", "temp_clamp")},
-              # Augmentations and hard negatives drawn per (seed, step), as the trainer's loop does:
-              # other numbers than the epoch-sequential draws of earlier runs, which this does not resume.
+              **{k: hp[k] for k in FINETUNE_KEYS + ("seed", "temp_clamp")},
+              # Augmentations and hard negatives drawn per (seed, step), as the trainer's loop does.
               "draws": "per-step"}
+    if hp["select"] != "last":
+        params["select_scoring"] = scoring
     if max_words is not None:  # only when on, so runs without normalisation keep their ids
         params["max_words"] = max_words
     return params, parent
+
+
+def selection_benchmark(benchmark: str, data_dir: str, plan: FinetunePlan, select: str, images, coco_images,
+                        skip_missing: bool, max_words: int | None) -> tuple[bm.Benchmark, list[str]] | None:
+    """(benchmark, languages) a fine-tune's checkpoint is selected on: the training language's
+    validation split (``val``), or the test sets of the languages it is evaluated on (``test``, as the
+    authors' scripts; COCO's zero-shot: English alone, as Retrieval.py); None for ``last``."""
+    if select == "last":
+        return None
+    if select == "val":
+        langs = [plan.train_lang]
+    elif benchmark == "coco" and plan.mode == "zero-shot":
+        langs = ["en"]
+    else:
+        langs = list(plan.eval_langs) if plan.eval_langs else None
+    bench = bm.load_benchmark(benchmark, data_dir, langs, images, coco_images, skip_missing, max_words,
+                              split="val" if select == "val" else "test")
+    return bench, list(bench.langs)
 
 
 class FinetuneStage:
@@ -366,14 +485,20 @@ class FinetuneStage:
 
     def plan(self) -> StagePlan:
         o = self.o
-        self.protocol = plan_finetune(o["mode"], self.benchmark, self.data_dir, o["lang"], o["shots"])
+        self.protocol = plan_finetune(o["mode"], self.benchmark, self.data_dir, o["lang"], o["shots"], o["langs"])
         self.ckpt_path = _resolve_checkpoint(self.checkpoint, self.root)
         self.clean = bm.CaptionCleaner(_max_words(_checkpoint_config(self.ckpt_path), self.benchmark))
         self.pairs, self.skipped = load_training_pairs(self.benchmark, self.protocol.train_file, self.data_dir,
                                                        o["images"], o["coco_images"], o["skip_missing"], self.clean)
-        self.hp = finetune_hparams(o["mode"], o["epochs"], o["batch_size"], o["lr"], o["seed"])
+        settings = {**(o["settings"] or {}), **{k: o[k] for k in ("epochs", "batch_size", "lr", "seed")
+                                                 if o[k] is not None}}
+        self.hp = finetune_hparams(self.benchmark, o["mode"], o["preset"], settings)
+        self.scoring = {"k_test": o["k_test"] or bm.default_k_test(self.benchmark), "itc_only": bool(o["itc_only"]),
+                        "batch_size": 64}
+        self.select = selection_benchmark(self.benchmark, self.data_dir, self.protocol, self.hp["select"],
+                                          o["images"], o["coco_images"], o["skip_missing"], self.clean.max_words)
         params, parent = _finetune_params(self.root, self.protocol, o["skip_missing"], self.ckpt_path, self.hp,
-                                          self.clean.max_words)
+                                          self.clean.max_words, {k: self.scoring[k] for k in ("k_test", "itc_only")})
         parents = [parent] if parent else []
         run_id = content_version("run", parents, params)
         self.info = distributed.init(o["device"])  # every rank: the process group, for the barriers
@@ -383,18 +508,22 @@ class FinetuneStage:
     def _outcome(self, plan: StagePlan, summary: dict, seconds: float) -> Outcome:
         summary.update(run_id=plan.version, skipped_images=self.skipped, rejected_captions=self.clean.rejected,
                        seconds=round(seconds, 1), params=plan.params, eval_langs=self.protocol.eval_langs)
-        return Outcome(summary, {k: summary.get(k) for k in ("loss", "itc", "itm", "epochs", "pairs")})
+        stats = {k: summary.get(k) for k in ("loss", "itc", "itm", "epochs", "pairs")}
+        stats["selected_epoch"] = summary["selection"].get("best", {}).get("epoch")
+        return Outcome(summary, stats)
 
     def completed(self, plan: StagePlan) -> Outcome | None:
         summary = finished_finetune(plan.path, self.info.is_main)
         return None if summary is None else self._outcome(plan, summary, 0.0)
 
     def execute(self, plan: StagePlan) -> Outcome:
-        o = self.o
-        model, tokenizer, config = load_pretrained(self.ckpt_path, device=self.info.device)
+        o, hp = self.o, self.hp
+        vision = {k: hp[k] for k in ("image_size", "window_size") if hp.get(k)}
+        model, tokenizer, config = load_pretrained(self.ckpt_path, device=self.info.device, vision=vision or None)
         t0 = time.time()
-        summary = train_pairs(model, tokenizer, config, self.pairs, plan.path, self.hp, self.info, o["max_steps"],
-                              o["progress"], o["num_workers"])
+        select = None if self.select is None else (*self.select, self.scoring)
+        summary = train_pairs(model, tokenizer, config, self.pairs, plan.path, hp, self.info, o["max_steps"],
+                              o["progress"], o["num_workers"], select)
         return self._outcome(plan, summary, time.time() - t0)
 
     def publish(self, plan: StagePlan, summary: dict) -> None:
@@ -420,7 +549,9 @@ def finished_finetune(run_dir: str, main: bool = True) -> dict | None:
             rows = [json.loads(line) for line in f if line.strip()]
     with safe_open(os.path.join(ckpt, "model.safetensors"), framework="pt") as f:
         temp = float(f.get_tensor("temp"))
-    summary = {"run_dir": run_dir, "checkpoint": ckpt, "epochs": state["step"] // per_epoch,
+    selected, selection = selected_checkpoint(run_dir)
+    summary = {"run_dir": run_dir, "checkpoint": ckpt, "selected": selected, "selection": selection,
+               "epochs": state["step"] // per_epoch,
                "epoch": state["step"] / per_epoch, "step": state["step"], "total_steps": total, "resumed_from": ckpt,
                "pairs": ft["pairs"], "world": state["world"], **last_epoch_means(rows, per_epoch), "temp": temp}
     if rows and os.path.exists(os.path.join(run_dir, "loss_curve.png")):
@@ -428,25 +559,22 @@ def finished_finetune(run_dir: str, main: bool = True) -> dict | None:
     return summary
 
 
-# run_finetune's keywords besides root, checkpoint, benchmark and data_dir, with their defaults.
-FINETUNE_OPTIONS = dict(mode="zero-shot", lang=None, shots=None, epochs=None, batch_size=None, lr=None, seed=None,
-                        images=None, coco_images=None, skip_missing=False, device="cpu", progress=None,
-                        num_workers=0, max_steps=None)
+# run_finetune's keywords besides root, checkpoint, benchmark and data_dir, with their defaults
+# (settings: FinetuneSpec's FINETUNE_KEYS given, None = the preset's; k_test, itc_only: the selection's scoring).
+FINETUNE_OPTIONS = dict(mode="zero-shot", lang=None, shots=None, langs=None, epochs=None, batch_size=None, lr=None,
+                        seed=None, preset="paper", settings=None, k_test=None, itc_only=False, images=None,
+                        coco_images=None, skip_missing=False, device="cpu", progress=None, num_workers=0,
+                        max_steps=None)
 
 
-def run_finetune(root: str | None, checkpoint: str, benchmark: str, data_dir: str, mode: str = "zero-shot",
-                 lang: str | None = None, shots: int | None = None, epochs: int | None = None,
-                 batch_size: int | None = None, lr: float | None = None, seed: int | None = None,
-                 images: str | None = None, coco_images: str | None = None, skip_missing: bool = False,
-                 device: str = "cpu", progress: trainer.StepProgress | None = None, num_workers: int = 0,
-                 max_steps: int | None = None) -> dict:
+def run_finetune(root: str | None, checkpoint: str, benchmark: str, data_dir: str, **options) -> dict:
     """Fine-tune a pre-trained (or English fine-tuned) checkpoint, resuming its run if one was cut, through
     :class:`FinetuneStage` and storage.stage.run_stage (under torchrun every rank calls this; rank 0 records
-    the run in the catalog)."""
-    stage = FinetuneStage(root, checkpoint, benchmark, data_dir, mode=mode, lang=lang, shots=shots, epochs=epochs,
-                          batch_size=batch_size, lr=lr, seed=seed, images=images, coco_images=coco_images,
-                          skip_missing=skip_missing, device=device, progress=progress, num_workers=num_workers,
-                          max_steps=max_steps)
+    the run in the catalog). ``options``: FINETUNE_OPTIONS' keys."""
+    unknown = sorted(set(options) - set(FINETUNE_OPTIONS))
+    if unknown:
+        raise TypeError(f"run_finetune: unknown option(s) {', '.join(unknown)}")
+    stage = FinetuneStage(root, checkpoint, benchmark, data_dir, **options)
     summary = run_stage(stage, stage.root)
     distributed.barrier()  # no rank touches the run or the catalog again before rank 0 has recorded it
     return summary

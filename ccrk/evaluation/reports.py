@@ -369,3 +369,141 @@ def write_report_dir(root: str | None, m: dict, results: dict | None, params: di
     rid, run_version, out_dir = report_target(root, m.get("checkpoint", ""), params)
     out = write_report(out_dir, {**m, "report_id": rid, "run_version": run_version}, results, title)
     return {**out, "report_id": rid, "run_version": run_version, "table": table1_rows(m), "stats": report_stats(m)}
+
+
+# --------------------------------------------------------------------------- MRV across models
+
+
+class StoredRanks:
+    """One language's ranks and instance keys as a report saved them (``ranks.npz``): what
+    :func:`ccrk.evaluation.retrieval.aligned_ranks` reads of a result."""
+
+    def __init__(self, arrays, lang: str):
+        self.lang = lang
+        self.tr_ranks, self.ir_ranks = arrays[f"{lang}/tr"], arrays[f"{lang}/ir"]
+        self.image_keys = [str(k) for k in arrays[f"{lang}/image_keys"]]
+        self.text_keys = [str(k) for k in arrays[f"{lang}/text_keys"]]
+
+
+def load_ranks(report_dir: str, langs: Sequence[str]) -> dict[str, StoredRanks]:
+    path = os.path.join(report_dir, "ranks.npz")
+    if not os.path.exists(path):
+        raise CCRKError(f"{path} not found: the report has no ranks to combine")
+    with np.load(path) as arrays:
+        missing = [lang for lang in langs if f"{lang}/tr" not in arrays]
+        if missing:
+            raise CCRKError(f"{path}: no ranks for {', '.join(missing)}")
+        return {lang: StoredRanks(arrays, lang) for lang in langs}
+
+
+def parse_part(part: str) -> tuple[str, list[str] | None]:
+    """``REPORT`` or ``REPORT:lang,lang`` (the languages taken from that report; default all of them)."""
+    head, sep, tail = part.rpartition(":")
+    if sep and tail and "/" not in tail and os.sep not in tail:
+        return head, [lang.strip() for lang in tail.split(",") if lang.strip()]
+    return part, None
+
+
+def combine_metrics(parts: Sequence[tuple[str, list[str] | None]], mrv_langs: Sequence[str] | None = None
+                    ) -> tuple[dict, dict[str, StoredRanks]]:
+    """One report's metrics from several, each language from one of them (one fine-tuned model per
+    language, as Table 1's few-shot and single-language rows): their recalls as reported, and the MRV
+    of their ranks together; (metrics, the ranks per language)."""
+    per_lang, results, sources, benchmarks = {}, {}, [], set()
+    for report_dir, langs in parts:
+        m = load_metrics(report_dir)
+        benchmarks.add(m["benchmark"])
+        langs = langs or list(m["langs"])
+        unknown = [lang for lang in langs if lang not in m["langs"]]
+        if unknown:
+            raise CCRKError(f"{report_dir}: the report has no {', '.join(unknown)} (it has {', '.join(m['langs'])})")
+        twice = [lang for lang in langs if lang in per_lang]
+        if twice:
+            raise CCRKError(f"{', '.join(twice)} given by two reports; name each language's report once (REPORT:lang)")
+        per_lang.update({lang: m["langs"][lang] for lang in langs})
+        results.update(load_ranks(report_dir, langs))
+        sources.append({"report": os.path.abspath(report_dir), "report_id": m.get("report_id"),
+                        "checkpoint": m.get("checkpoint"), "langs": langs})
+    if len(benchmarks) != 1:
+        raise CCRKError(f"reports of different benchmarks cannot be combined: {', '.join(sorted(benchmarks))}")
+    benchmark = benchmarks.pop()
+    langs = list(per_lang)
+    average = {d: {str(k): float(np.mean([per_lang[lang][d][str(k)] for lang in langs])) for k in KS}
+               for d in ("tr", "ir")}
+    average["mean_recall"] = float(np.mean([per_lang[lang]["mean_recall"] for lang in langs]))
+    first = load_metrics(parts[0][0])
+    m = {"benchmark": benchmark, "checkpoint": "; ".join(s["checkpoint"] or "" for s in sources),
+         "k_test": first["k_test"], "itc_only": first["itc_only"], "metrics_version": METRICS_VERSION,
+         "rank_ties": first.get("rank_ties"), "langs": per_lang, "average": average,
+         "mrv": build_mrv(results, benchmark, mrv_langs), "collapsed_langs": [], "collapsed_below": COLLAPSED_BELOW,
+         "combined_from": sources}
+    return m, results
+
+
+# --------------------------------------------------------------------------- Table 1
+
+PAPER_TABLE1 = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "paper_table1.json")
+GROUPS = {"zero-shot": "zero_shot", "few-shot": "few_shot", "single-language": "single_language_finetune"}
+# Table 1's cells per benchmark: R@1 averaged over the non-English languages (xFlickr&CO, WIT: the
+# IGLUE convention; the paper's caption does not say), mean recall per language (Multi30K, COCO), MRV.
+TABLE1_COLUMNS = {"xflickrco": ("IR R@1", "TR R@1", "MRV"), "demo": ("IR R@1", "TR R@1", "MRV"),
+                  "wit": ("IR R@1", "TR R@1"), "multi30k": ("en", "de", "fr", "cs", "MRV"), "coco": ("en", "zh", "ja")}
+_PAPER_KEYS = {"IR R@1": ("ir_r1", "ir"), "TR R@1": ("tr_r1", "tr"), "MRV": ("mrv4",)}
+
+
+def paper_figures(model: str | None, group: str, benchmark: str) -> dict | None:
+    """The paper's Table 1 cells for ``model`` (e.g. CCR10-E) in ``group`` on ``benchmark``, by our column names."""
+    if not model:
+        return None
+    with open(PAPER_TABLE1, encoding="utf-8") as f:
+        table = json.load(f)
+    row = next((r for r in table["rows"] if r["model"].lower() == model.lower() and r["benchmark"] == benchmark
+                and r["group"] == GROUPS.get(group)), None)
+    if row is None:
+        return None
+    out = {}
+    for col in TABLE1_COLUMNS[benchmark]:
+        key = next((k for k in _PAPER_KEYS.get(col, (col,)) if k in row["values"]), None)
+        out[col] = row["values"].get(key) if key else None
+    return out if any(v is not None for v in out.values()) else None
+
+
+def table1_cells(m: dict) -> dict:
+    """Our Table 1 cells of a report (see TABLE1_COLUMNS)."""
+    bench, langs = m["benchmark"], m["langs"]
+    cells: dict = {}
+    if bench in ("xflickrco", "demo", "wit"):
+        targets = [lang for lang in langs if lang != "en"] or list(langs)
+        cells["IR R@1"] = float(np.mean([langs[lang]["ir"]["1"] for lang in targets]))
+        cells["TR R@1"] = float(np.mean([langs[lang]["tr"]["1"] for lang in targets]))
+    else:
+        cells.update({lang: langs[lang]["mean_recall"] for lang in TABLE1_COLUMNS[bench] if lang in langs})
+    if "MRV" in TABLE1_COLUMNS[bench]:
+        cells["MRV"] = m["mrv"].get("mean_std")
+    return {col: cells.get(col) for col in TABLE1_COLUMNS[bench]}
+
+
+def render_table1(rows: Sequence[dict], title: str = "Table 1") -> str:
+    """Protocol rows (run, group, benchmark, setting, report metrics, paper figures) as Table 1: one
+    block per benchmark, a row per (run, group), the paper's figures beneath ours where they match."""
+    lines = [f"# {title}", ""]
+    for bench in dict.fromkeys(r["benchmark"] for r in rows):
+        cols = TABLE1_COLUMNS[bench]
+        lines += [f"## {bench}", "", "| run | protocol | " + " | ".join(cols) + " | MRV langs |",
+                  "|" + "---|" * (len(cols) + 3)]
+        for r in (r for r in rows if r["benchmark"] == bench):
+            m = r["metrics"]
+            lines.append(f"| {r['run']} | {r['group']} | " + " | ".join(_cell(v) for v in table1_cells(m).values())
+                         + f" | {','.join(m['mrv']['langs'])} |")
+            if r.get("paper"):
+                lines.append(f"| *paper: {r['paper_model']}* | {r['group']} | "
+                             + " | ".join(_cell(r["paper"].get(c)) for c in cols) + " | |")
+        lines.append("")
+    lines += ["IR/TR R@1: Recall@1 averaged over the evaluated languages other than English (IGLUE's convention "
+              "for xFlickr&CO and WIT; the paper's caption does not say); en/de/...: mean recall (R@1/5/10 of both "
+              f"directions) of that language; MRV: {MRV_LABEL}, the mean of its TR and IR values (the paper prints "
+              "one number and does not say how the directions combine). Few-shot and single-language rows take "
+              "each language from its own fine-tuned model and their MRV across those models. The paper's "
+              "figures (ccrk/assets/paper_table1.json) are shown only where the benchmark and protocol match; "
+              "they were obtained with the paper's full pre-training data and model.", ""]
+    return "\n".join(lines)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 # FinetuneSpec's fields this verb takes as flags besides the benchmark's (the spec holds their
 # defaults and help; --no-evaluate: fine-tune only).
-FLAGS = ("mode", "lang", "shots", "epochs", "batch_size", "lr", "seed", "num_workers", "evaluate")
+FLAGS = ("mode", "lang", "shots", "preset", "epochs", "batch_size", "lr", "weight_decay", "warmup", "max_tokens",
+         "image_size", "window_size", "select", "start_eval", "eval_interval", "seed", "num_workers", "evaluate")
 
 
 def add_parser(sub) -> None:
@@ -38,7 +39,7 @@ def run(args) -> int:
         out = finetune_flow(spec, root=args.root, progress=progress)
     run_ = out["run"]
     print_mapping(f"fine-tuned run {run_['run_id']}", {k: run_.get(k) for k in
-                                                       ("run_dir", "checkpoint", "epochs", "pairs", "loss", "itc", "itm",
+                                                       ("run_dir", "selected", "epochs", "pairs", "loss", "itc", "itm",
                                                         "skipped_images", "rejected_captions", "seconds")})
     if "report" in out:
         print_report(out["report"])

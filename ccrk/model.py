@@ -15,12 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ccrk.modeling.text import TextFusionEncoder
-from ccrk.modeling.vision import VisionEncoder
+from ccrk.modeling.vision import VisionEncoder, check_window_fits, interpolate_relative_position_bias
 from ccrk.tokenizer import load_tokenizer
 from storage import atomic
 from storage.errors import CCRKError
 
 TEMP_RANGE = (0.001, 0.5)
+# The vision keys load_pretrained may change: none alters a weight's shape but the bias tables'.
+RESIZABLE_VISION_KEYS = ("image_size", "window_size", "drop_path")
 
 
 def _mlp(width: int, out: int) -> nn.Sequential:
@@ -163,8 +165,15 @@ def save_model(model: CCRKModel, config: dict, ckpt_dir: str) -> None:
     atomic.write_json(os.path.join(ckpt_dir, "config.json"), config)
 
 
-def load_pretrained(run_or_dir: str, device: str | torch.device = "cpu"):
-    """(model, tokenizer, config) from a run dir (its latest checkpoint) or a checkpoint dir."""
+def load_pretrained(run_or_dir: str, device: str | torch.device = "cpu", vision: dict | None = None):
+    """(model, tokenizer, config) from a run dir (its latest checkpoint) or a checkpoint dir.
+
+    ``vision`` overrides keys of ``config["model"]["vision"]`` (:data:`RESIZABLE_VISION_KEYS`),
+    e.g. ``{"image_size": 384, "window_size": 12}`` to fine-tune or evaluate a 224 px / window 7
+    pre-training at the authors' 384 px / window 12: the model is built at the new settings, every
+    relative position bias table is interpolated to the new window, the window-tied buffers are the
+    new model's, and the returned config carries the new vision block.
+    """
     from safetensors.torch import load_model
 
     ckpt = run_or_dir
@@ -174,6 +183,8 @@ def load_pretrained(run_or_dir: str, device: str | torch.device = "cpu"):
             raise CCRKError(f"{run_or_dir} has no checkpoint (expected checkpoints/step-*/model.safetensors)")
     with open(os.path.join(ckpt, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
+    if vision:
+        config = _with_vision(config, vision)
     tok_dir = next((d for d in (os.path.join(ckpt, "tokenizer"),
                                 os.path.join(os.path.dirname(os.path.dirname(ckpt)), "tokenizer"))
                     if os.path.isdir(d)), None)
@@ -182,7 +193,42 @@ def load_pretrained(run_or_dir: str, device: str | torch.device = "cpu"):
     model_cfg = json.loads(json.dumps(config["model"]))
     model_cfg["vision"]["init"] = model_cfg["text"]["init"] = "random"
     model = CCRKModel(model_cfg, vocab_size=len(tokenizer))
-    load_model(model, os.path.join(ckpt, "model.safetensors"), device=str(device))
+    if vision:
+        _load_resized(model, os.path.join(ckpt, "model.safetensors"), str(device))
+    else:
+        load_model(model, os.path.join(ckpt, "model.safetensors"), device=str(device))
     model.to(device).eval()
     return model, tokenizer, config
 
+
+def _with_vision(config: dict, vision: dict) -> dict:
+    """A copy of the run config with ``vision`` overriding its vision block, checked to fit Swin."""
+    unknown = sorted(set(vision) - set(RESIZABLE_VISION_KEYS))
+    if unknown:
+        raise CCRKError(f"vision overrides {unknown} change weight shapes; only {list(RESIZABLE_VISION_KEYS)} can")
+    config = json.loads(json.dumps(config))
+    config["model"]["vision"].update(vision)
+    check_window_fits(config["model"]["vision"])
+    return config
+
+
+def _load_resized(model: CCRKModel, path: str, device: str) -> None:
+    """Load a checkpoint saved at another window size: bias tables interpolated, as the authors'
+    ``load_pretrained`` does; any ``relative_position_index`` / ``attn_mask`` buffer a checkpoint
+    may hold (older transformers persisted the index) is dropped for the one the new model built."""
+    from safetensors.torch import load_file
+
+    state = load_file(path, device=device)
+    for name in list(state):
+        if "relative_position_bias_table" in name:
+            window = model.get_submodule(name.rsplit(".", 1)[0]).window_size[0]
+            state[name] = interpolate_relative_position_bias(state[name], window)
+        elif "relative_position_index" in name or "attn_mask" in name:
+            del state[name]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # save_model writes one of each group of tied tensors; a missing name is fine if it shares a loaded one's storage.
+    params = model.state_dict()
+    loaded = {params[n].data_ptr() for n in state if n in params}
+    missing = [n for n in missing if params[n].data_ptr() not in loaded]
+    if missing or unexpected:
+        raise CCRKError(f"{path}: missing weights {sorted(missing)}, unexpected {sorted(unexpected)}")

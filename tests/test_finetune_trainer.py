@@ -62,7 +62,7 @@ def _losses(run_dir: str) -> dict:
 
 
 def test_batches_are_a_function_of_the_step_and_ranks_share_each_global_batch(demo):
-    pairs, _ = protocols.load_training_pairs("demo", protocols.training_file("demo", demo[1], "en"), demo[1])
+    pairs, _ = protocols.loaders.training_pairs("demo", demo[1], "en")
     with open(CONFIG, encoding="utf-8") as f:
         config = yaml.safe_load(f)
     _, tok = build_model(config)

@@ -212,9 +212,9 @@ def test_finetune_plans_pick_the_published_training_files(tmp_path):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text("")
     zs = plan_finetune("zero-shot", "xflickrco", str(tmp_path))
-    assert zs.train_file.endswith("en/train_ann.jsonl") and zs.eval_langs is None
+    assert zs.train_files[0].endswith("en/train_ann.jsonl") and zs.eval_langs is None
     fs = plan_finetune("few-shot", "xflickrco", str(tmp_path), lang="de", shots=100)
-    assert fs.train_file.endswith("de/train_100.jsonl") and fs.eval_langs == ["de"]
+    assert fs.train_files[0].endswith("de/train_100.jsonl") and fs.eval_langs == ["de"]
     with pytest.raises(CCRKError, match="--shots is required"):
         plan_finetune("few-shot", "xflickrco", str(tmp_path), lang="de")
     with pytest.raises(CCRKError, match="train.cs.json not found"):

@@ -23,6 +23,7 @@ fine-tuning scripts; captions it leaves empty are counted (``rejected_captions``
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -40,7 +41,7 @@ from torch import nn
 from ccrk import distributed, losses, trainer
 from ccrk.data import image_transform, uses_pre_caption
 from ccrk.evaluation import benchmarks as bm
-from ccrk.evaluation import reports
+from ccrk.evaluation import loaders, reports
 from ccrk.evaluation.retrieval import evaluate_benchmark
 from ccrk.model import latest_checkpoint, load_pretrained
 from ccrk.model import save_model
@@ -352,37 +353,13 @@ def _max_words(config: dict, benchmark: str) -> int | None:
 # --------------------------------------------------------------------------- protocol plumbing
 
 
-def training_file(benchmark: str, data_dir: str, lang: str, shots: int | None = None) -> str:
-    """The published training file of ``lang`` (``shots``: the few-shot file) for a benchmark."""
-    if benchmark in ("xflickrco", "demo"):
-        return bm.xflickrco_train_file(data_dir, lang, shots)
-    if shots is not None:
-        raise CCRKError(f"few-shot files exist for xFlickr&CO only, not {benchmark}")
-    name = {"multi30k": f"train.{lang}.json", "coco": f"{lang}.train.json", "wit": f"train_{lang}.jsonl"}[benchmark]
-    for d in (data_dir, os.path.join(data_dir, "annotations")):
-        if os.path.exists(os.path.join(d, name)):
-            return os.path.join(d, name)
-    raise CCRKError(f"training file {name} not found in {data_dir}")
-
-
-def load_training_pairs(benchmark: str, path: str, data_dir: str, images: str | None = None,
-                        coco_images: str | None = None, skip_missing: bool = False,
-                        clean: bm.CaptionCleaner | None = None) -> tuple[list[bm.TrainPair], int]:
-    images = images or os.path.join(data_dir, "images")
-    if benchmark in ("xflickrco", "demo"):
-        return bm.load_xflickrco_train(path, images, coco_images or images, skip_missing, clean)
-    if benchmark == "wit":
-        return bm.load_wit_train(path, skip_missing, clean)
-    return bm.load_cclm_train(path, images, skip_missing, clean)
-
-
 @dataclass
 class FinetunePlan:
     mode: str
     benchmark: str
     train_lang: str
     shots: int | None
-    train_file: str
+    train_files: list[str]
     eval_langs: list[str] | None
 
 
@@ -391,16 +368,16 @@ def plan_finetune(mode: str, benchmark: str, data_dir: str, lang: str | None = N
     if mode not in MODES:
         raise CCRKError(f"unknown fine-tuning mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "zero-shot":
-        return FinetunePlan(mode, benchmark, "en", None, training_file(benchmark, data_dir, "en"),
+        return FinetunePlan(mode, benchmark, "en", None, loaders.training_sources(benchmark, data_dir, "en"),
                             list(langs) if langs else None)
     if not lang:
         raise CCRKError(f"--lang is required for {mode} fine-tuning")
     if mode == "few-shot":
         if shots is None:
             raise CCRKError("--shots is required for few-shot fine-tuning")
-        return FinetunePlan(mode, benchmark, lang, shots, training_file(benchmark, data_dir, lang, shots),
+        return FinetunePlan(mode, benchmark, lang, shots, loaders.training_sources(benchmark, data_dir, lang, shots),
                             list(langs) if langs else [lang])
-    return FinetunePlan(mode, benchmark, lang, None, training_file(benchmark, data_dir, lang),
+    return FinetunePlan(mode, benchmark, lang, None, loaders.training_sources(benchmark, data_dir, lang),
                         list(langs) if langs else [lang])
 
 
@@ -438,12 +415,19 @@ def finetune_hparams(benchmark: str, mode: str = "zero-shot", preset: str = "pap
                               where="fine-tuning settings").hyperparameters()
 
 
+def _sources_sha256(paths: Sequence[str]) -> str:
+    """The sha256 of one training file, or of the list of several files' sha256s."""
+    if len(paths) == 1:
+        return file_sha256(paths[0])
+    return hashlib.sha256("\n".join(file_sha256(p) for p in paths).encode()).hexdigest()
+
+
 def _finetune_params(root: str, plan: FinetunePlan, skip_missing: bool, ckpt_path: str, hp: dict,
                      max_words: int | None, scoring: dict) -> tuple[dict, str | None]:
     """(the run's parameters, its parent run's version): what the fine-tune's run id hashes."""
     parent = reports.find_run_version(root, ckpt_path)
     params = {"protocol": plan.mode, "benchmark": plan.benchmark, "train_lang": plan.train_lang, "shots": plan.shots,
-              "train_file_sha256": file_sha256(plan.train_file), "skip_missing": skip_missing,
+              "train_file_sha256": _sources_sha256(plan.train_files), "skip_missing": skip_missing,
               "start": parent or layout.rooted(root, ckpt_path),
               **{k: hp[k] for k in FINETUNE_KEYS + ("seed", "temp_clamp")},
               # Augmentations and hard negatives drawn per (seed, step), as the trainer's loop does.
@@ -468,8 +452,8 @@ def selection_benchmark(benchmark: str, data_dir: str, plan: FinetunePlan, selec
         langs = ["en"]
     else:
         langs = list(plan.eval_langs) if plan.eval_langs else None
-    bench = bm.load_benchmark(benchmark, data_dir, langs, images, coco_images, skip_missing, max_words,
-                              split="val" if select == "val" else "test")
+    bench = loaders.load_benchmark(benchmark, data_dir, langs, images, coco_images, skip_missing, max_words,
+                                   split="val" if select == "val" else "test")
     return bench, list(bench.langs)
 
 
@@ -488,8 +472,9 @@ class FinetuneStage:
         self.protocol = plan_finetune(o["mode"], self.benchmark, self.data_dir, o["lang"], o["shots"], o["langs"])
         self.ckpt_path = _resolve_checkpoint(self.checkpoint, self.root)
         self.clean = bm.CaptionCleaner(_max_words(_checkpoint_config(self.ckpt_path), self.benchmark))
-        self.pairs, self.skipped = load_training_pairs(self.benchmark, self.protocol.train_file, self.data_dir,
-                                                       o["images"], o["coco_images"], o["skip_missing"], self.clean)
+        self.pairs, self.skipped = loaders.training_pairs(self.benchmark, self.data_dir, self.protocol.train_lang,
+                                                          self.protocol.shots, o["images"], o["coco_images"],
+                                                          o["skip_missing"], self.clean)
         settings = {**(o["settings"] or {}), **{k: o[k] for k in ("epochs", "batch_size", "lr", "seed")
                                                  if o[k] is not None}}
         self.hp = finetune_hparams(self.benchmark, o["mode"], o["preset"], settings)
@@ -595,7 +580,7 @@ def evaluation_setup(root: str | None, checkpoint: str, benchmark: str, data_dir
     """The checkpoint, benchmark and report params of an evaluation (what its report id hashes)."""
     ckpt_path = _resolve_checkpoint(checkpoint, root)
     max_words = _max_words(_checkpoint_config(ckpt_path), benchmark)
-    bench = bm.load_benchmark(benchmark, data_dir, langs, images, coco_images, skip_missing, max_words)
+    bench = loaders.load_benchmark(benchmark, data_dir, langs, images, coco_images, skip_missing, max_words)
     k_test = k_test or bm.default_k_test(benchmark)
     eval_langs = list(bench.langs)
     params = {"benchmark": benchmark, "langs": eval_langs,

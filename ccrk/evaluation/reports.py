@@ -488,20 +488,24 @@ def render_table1(rows: Sequence[dict], title: str = "Table 1") -> str:
     block per benchmark, a row per (run, group), the paper's figures beneath ours where they match."""
     lines = [f"# {title}", ""]
     for bench in dict.fromkeys(r["benchmark"] for r in rows):
-        cols = TABLE1_COLUMNS[bench]
-        lines += [f"## {bench}", "", "| run | protocol | " + " | ".join(cols) + " | MRV langs |",
-                  "|" + "---|" * (len(cols) + 3)]
-        for r in (r for r in rows if r["benchmark"] == bench):
+        cols, block = TABLE1_COLUMNS[bench], [r for r in rows if r["benchmark"] == bench]
+        # R@1 benchmarks: each language's mean recall after the paper's columns.
+        extra = [] if bench in ("multi30k", "coco") else list(dict.fromkeys(
+            lang for r in block for lang in r["metrics"]["langs"]))
+        lines += [f"## {bench}", "", "| run | protocol | " + " | ".join([*cols, *(f"mR {x}" for x in extra)])
+                  + " | MRV langs |", "|" + "---|" * (len(cols) + len(extra) + 3)]
+        for r in block:
             m = r["metrics"]
-            lines.append(f"| {r['run']} | {r['group']} | " + " | ".join(_cell(v) for v in table1_cells(m).values())
+            cells = [*table1_cells(m).values(), *(m["langs"].get(x, {}).get("mean_recall") for x in extra)]
+            lines.append(f"| {r['run']} | {r['group']} | " + " | ".join(_cell(v) for v in cells)
                          + f" | {','.join(m['mrv']['langs'])} |")
             if r.get("paper"):
                 lines.append(f"| *paper: {r['paper_model']}* | {r['group']} | "
-                             + " | ".join(_cell(r["paper"].get(c)) for c in cols) + " | |")
+                             + " | ".join(_cell(r["paper"].get(c)) for c in cols) + " |" * (len(extra) + 1) + " |")
         lines.append("")
     lines += ["IR/TR R@1: Recall@1 averaged over the evaluated languages other than English (IGLUE's convention "
-              "for xFlickr&CO and WIT; the paper's caption does not say); en/de/...: mean recall (R@1/5/10 of both "
-              f"directions) of that language; MRV: {MRV_LABEL}, the mean of its TR and IR values (the paper prints "
+              "for xFlickr&CO and WIT; the paper's caption does not say); en/de/... and mR <lang>: mean recall (R@1/5/10 "
+              f"of both directions) of that language; MRV: {MRV_LABEL}, the mean of its TR and IR values (the paper prints "
               "one number and does not say how the directions combine). Few-shot and single-language rows take "
               "each language from its own fine-tuned model and their MRV across those models. The paper's "
               "figures (ccrk/assets/paper_table1.json) are shown only where the benchmark and protocol match; "

@@ -149,9 +149,9 @@ def test_two_gloo_ranks_finetune_one_model_and_resume_exactly(demo, tmp_path):
     runs = [[a for a in Catalog(r).list("run") if a.name == "finetune-demo-zero-shot"] for r in roots]
     assert [len(r) for r in runs] == [1, 1] and runs[0][0].version == runs[1][0].version
     ckpts = [os.path.join(r[0].path, "checkpoints") for r in runs]
-    # 24 pairs, 2 ranks x 8: 2 global steps an epoch, the second one 4 pairs a rank.
-    assert sorted(os.listdir(ckpts[0])) == ["step-0000002", "step-0000004"]
-    last = [os.path.join(c, "step-0000004") for c in ckpts]
+    # 24 pairs, a global batch of 8 (2 ranks x 4, as the authors' --bs): 3 global steps an epoch.
+    assert sorted(os.listdir(ckpts[0])) == ["step-0000003", "step-0000006"]
+    last = [os.path.join(c, "step-0000006") for c in ckpts]
     assert {"rng-rank0.safetensors", "rng-rank1.safetensors"} <= set(os.listdir(last[0]))
     with open(os.path.join(last[1], "trainer_state.json"), encoding="utf-8") as f:
         assert json.load(f)["world"] == 2

@@ -211,7 +211,9 @@ def finetune_job(model, tokenizer, config: dict, pairs: Sequence[bm.TrainPair], 
     and optionally FINETUNE_LOOP's): one AdamW group over every parameter, the lr schedule of
     pre-training (linear warm-up, linear decay to 0) over ``epochs``."""
     config = finetune_config(config, hp)
-    batches = PairBatches(pairs, config, tokenizer, hp["batch_size"], hp["seed"], info.rank, info.world)
+    # batch_size is global, as the authors' --bs: each rank takes its share (at least one pair).
+    batches = PairBatches(pairs, config, tokenizer, max(1, int(hp["batch_size"]) // info.world), hp["seed"],
+                          info.rank, info.world)
     total = batches.per_epoch * int(hp["epochs"])
     settings = {**FINETUNE_LOOP, **{k: hp[k] for k in FINETUNE_LOOP if k in hp}, "warmup": hp["warmup"]}
     settings["checkpoint_every"] = settings["checkpoint_every"] or batches.per_epoch

@@ -137,7 +137,8 @@ def test_finetune_then_evaluate_flows_end_to_end(demo_setup, root):
 
     run_dir, bench = demo_setup
     assert main(["finetune", "--checkpoint", run_dir, "--benchmark", "demo", "--data", bench, "--epochs", "1",
-                 "--batch-size", "8", "--lr", "1e-4", "--k-test", "4", "--root", root, "--device", "cpu"]) == 0
+                 "--batch-size", "8", "--lr", "1e-4", "--select", "last", "--k-test", "4", "--root", root,
+                 "--device", "cpu"]) == 0
     cat = Catalog(root)
     [ft] = [a for a in cat.list("run") if a.name == "finetune-demo-zero-shot"]
     assert ft.parents == ["pre0001"] and ft.stats["pairs"] == 8 * 3

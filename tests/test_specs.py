@@ -12,7 +12,7 @@ import typing
 import pytest
 import yaml
 
-from ccrk.specs import (AugmentSpec, CL2CMSpec, DataSpec, EvaluateSpec, FinetuneHyperparameters, FinetuneSpec,
+from ccrk.specs import (FINETUNE_PRESETS, AugmentSpec, CL2CMSpec, DataSpec, EvaluateSpec, FinetuneHyperparameters, FinetuneSpec,
                         LossSpec, ModelSpec, PretrainSpec, ReproduceSpec, RunSpec, TextSpec, TrainSpec, VisionSpec)
 from storage.errors import CCRKError
 from storage.spec import Spec, SpecError, add_arguments, from_arguments, nearest
@@ -79,7 +79,9 @@ def test_demo_chain_runs_and_their_overrides():
     assert list(runs) == ["ccrk-1toK", "ccrk-1to1", "cl2cm"]
     assert runs["ccrk-1toK"].loss.kcl and not runs["ccrk-1to1"].loss.kcl
     assert runs["cl2cm"].objective == "cl2cm"
-    assert chain.itc_only("cl2cm") and chain.itc_only("ccrk-1toK")  # evaluate.itc_only: true in the demo
+    assert chain.itc_only("cl2cm") and not chain.itc_only("ccrk-1toK")  # the run's own; evaluate's default off
+    [protocol] = chain.protocol
+    assert protocol.itc_only and protocol.few_shot.langs == ["es", "id", "ru", "tr"]  # the demo scores by ITC
     assert chain.corpus == CorpusSpec(seed=0, n_train=400, n_heldout=100, port=18765)
 
 
@@ -105,7 +107,9 @@ def test_a_paper_config_is_its_own_single_run_and_carries_the_chain():
     assert chain.translate.imports == [ImportSpec(name="cclm", path="pretrained/cclm/cc3m_multilingual.jsonl")]
     assert chain.translate.device == "auto" and chain.translate.compute_type == "float16"
     run = PretrainSpec.load(path)
-    assert run.acquire.thread_count == 64 and run.evaluate.k_test == 128
+    assert run.acquire.thread_count == 64
+    assert [p.benchmark for p in run.protocol] == ["xflickrco", "wit", "multi30k", "coco"]  # every Table 1 block
+    assert all(p.paper_model == "CCR10-E" for p in run.protocol) and run.protocol[0].few_shot.shots == 100
     assert set(run.run_spec().to_config(defaults=False)) == {"name", "objective", "seed", "langs", "model", "data", "loss", "train"}
 
 
@@ -165,7 +169,7 @@ def test_misspelt_chain_keys_give_the_dotted_path():
     assert _error(BuildSpec, {"shard_sise": 5}, where="configs/demo.yaml", section="build") == \
         "configs/demo.yaml: build: unknown key 'shard_sise' (did you mean 'shard_size'?)"
     assert _error(ReproduceSpec, {"name": "x"}, where="x.yaml") == \
-        "x.yaml: acquire, translate, build, evaluate and pretrain are required"
+        "x.yaml: acquire, translate, build and pretrain are required"
 
 
 def test_a_key_far_from_every_valid_one_lists_them():
@@ -268,9 +272,11 @@ def test_train_and_finetune_defaults_are_the_modules_dicts():
 
     assert TrainSpec().to_config() == TRAIN_DEFAULTS
     assert FinetuneHyperparameters().to_config() == FINETUNE_DEFAULTS
-    assert FinetuneSpec().hyperparameters() == FINETUNE_DEFAULTS
+    hp = FinetuneSpec().hyperparameters()  # the demo benchmark under the paper preset
+    assert {k: hp[k] for k in FINETUNE_DEFAULTS} == FINETUNE_DEFAULTS
+    assert {k: v for k, v in hp.items() if k not in FINETUNE_DEFAULTS} == FINETUNE_PRESETS["paper"]["demo"]
     few = FinetuneSpec(mode="few-shot", lang="de", shots=5).hyperparameters()
-    assert few["lr"] == FINETUNE_DEFAULTS["few_shot_lr"]
+    assert few["lr"] == FINETUNE_PRESETS["paper"]["few-shot"]["lr"] and few["epochs"] == 60
     assert FinetuneSpec(mode="few-shot", lang="de", shots=5, lr=2e-5, epochs=3).hyperparameters()["lr"] == 2e-5
 
 

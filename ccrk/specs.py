@@ -309,11 +309,13 @@ class BenchmarkSpec(Spec):
     checkpoint: str | None = versioned(None, "run directory, checkpoint directory, run id or run version",
                                        shown="in ccrk reproduce: each trained run")
     benchmark: Literal[BENCHMARKS] = versioned("demo", "retrieval benchmark")
-    data: str | None = versioned(None, "benchmark folder (xFlickrCO: holds annotations/<lang>/; Multi30K/COCO: "
-                                       "the CCLM json files; WIT: test_<lang>.jsonl)",
+    data: str | None = versioned(None, "benchmark folder (xFlickrCO: holds annotations/<lang>/; Multi30K: a "
+                                       "checkout of multi30k/dataset or CCLM's json; COCO: dataset_coco.json "
+                                       "(+ stair/, COCO-CN) or CCLM's json; WIT: test_<lang>.jsonl)",
                                  shown="in ccrk reproduce: the demo benchmark")
-    images: str | None = versioned(None, "image folder (Flickr30K images for xFlickrCO; the CCLM image root for "
-                                         "Multi30K/COCO)", shown="<data>/images")
+    images: str | None = versioned(None, "image folder (Flickr30K images for xFlickrCO and Multi30K; COCO: holding "
+                                         "train2014/ and val2014/; WIT: its image-pixel files, joined by URL)",
+                                   shown="<data>/images")
     coco_images: str | None = versioned(None, "COCO val2014 folder (xFlickrCO's COCO half)")
     langs: list[str] | None = versioned(None, "languages to evaluate", shown="all present")
     mrv_langs: list[str] | None = versioned(None, "languages over which MRV is computed",

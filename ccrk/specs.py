@@ -348,14 +348,15 @@ PRESETS = ("paper", "code")
 # The demo benchmark keeps the checkpoint's resolution and text length (image_size/max_tokens None).
 _COMMON = {"weight_decay": 0.01, "warmup": 0.1, "image_size": 384, "window_size": 12, "start_eval": 0,
            "eval_interval": 1}
+_DEMO = {**_COMMON, "epochs": 10, "batch_size": 32, "lr": 3e-5, "max_tokens": None, "image_size": None,
+         "window_size": None, "select": "val"}  # the same in both presets
 FINETUNE_PRESETS: dict[str, dict[str, dict]] = {
     "paper": {
         "xflickrco": {**_COMMON, "epochs": 10, "batch_size": 64, "lr": 1e-5, "max_tokens": 80, "select": "val"},
         "wit": {**_COMMON, "epochs": 10, "batch_size": 80, "lr": 3e-5, "max_tokens": 80, "select": "val"},
         "multi30k": {**_COMMON, "epochs": 10, "batch_size": 64, "lr": 3e-5, "max_tokens": 40, "select": "val"},
         "coco": {**_COMMON, "epochs": 10, "batch_size": 64, "lr": 3e-5, "max_tokens": 40, "select": "val"},
-        "demo": {**_COMMON, "epochs": 10, "batch_size": 32, "lr": 3e-5, "max_tokens": None, "image_size": None,
-                 "window_size": None, "select": "val"},
+        "demo": _DEMO,
         "few-shot": {"epochs": 60, "batch_size": 64, "lr": 1e-5, "select": "last"},
     },
     "code": {
@@ -365,8 +366,7 @@ FINETUNE_PRESETS: dict[str, dict[str, dict]] = {
                 "start_eval": 4},
         "multi30k": {**_COMMON, "epochs": 10, "batch_size": 64, "lr": 3e-5, "max_tokens": 40, "select": "test"},
         "coco": {**_COMMON, "epochs": 10, "batch_size": 64, "lr": 3e-5, "max_tokens": 40, "select": "test"},
-        "demo": {**_COMMON, "epochs": 10, "batch_size": 32, "lr": 3e-5, "max_tokens": None, "image_size": None,
-                 "window_size": None, "select": "val"},
+        "demo": _DEMO,
         "few-shot": {"epochs": 60, "batch_size": 64, "lr": 1e-5, "select": "test", "start_eval": 9,
                      "eval_interval": 10},
     },

@@ -164,11 +164,10 @@ def finetune_flow(spec: FinetuneSpec | dict, root: str | None = None, progress: 
     """
     spec = FinetuneSpec.parse(spec, where="finetune_flow")
     args = finetune_args(spec, root)
-    plan = protocols.plan_finetune(spec.mode, spec.benchmark, spec.data, spec.lang, spec.shots, spec.langs)
     run = finetune_task(**args, progress=progress)
     out = {"run": run}
     if spec.evaluate:
         out["report"] = evaluate_task(**{**benchmark_args(spec, root), "checkpoint": run["selected"]},
-                                      langs=plan.eval_langs, mrv_langs=spec.mrv_langs, k_test=spec.k_test,
+                                      langs=run["eval_langs"], mrv_langs=spec.mrv_langs, k_test=spec.k_test,
                                       itc_only=spec.itc_only, batch_size=EvaluateSpec().batch_size)
     return out

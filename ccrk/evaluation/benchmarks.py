@@ -225,7 +225,8 @@ def _read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
             yield n, row
 
 
-def _read_json_list(path: str) -> list:
+def read_json(path: str, kind: type, expected: str):
+    """A whole JSON file that must be a ``kind`` (list, dict); one-line errors naming ``expected``."""
     if not os.path.exists(path):
         raise CCRKError(f"annotation file {path} not found")
     try:
@@ -233,9 +234,21 @@ def _read_json_list(path: str) -> list:
             data = json.load(f)
     except json.JSONDecodeError as exc:
         raise CCRKError(f"{path}: not a JSON file ({exc.msg} at line {exc.lineno})") from exc
-    if not isinstance(data, list):
-        raise CCRKError(f"{path}: expected a JSON list of {{image, caption, image_id}} entries")
+    if not isinstance(data, kind):
+        raise CCRKError(f"{path}: expected {expected}")
     return data
+
+
+def _read_json_list(path: str) -> list:
+    return read_json(path, list, "a JSON list of {image, caption, image_id} entries")
+
+
+def first_existing(candidates: list[str], error: str) -> str:
+    """The first of ``candidates`` that exists, else a CCRKError: ``error`` and the places looked."""
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    raise CCRKError(f"{error} (looked for {', '.join(candidates)})")
 
 
 def _require(row: dict, keys: tuple[str, ...], where: str) -> None:
@@ -285,40 +298,29 @@ def load_xflickrco(data_dir: str, langs=None, flickr30k_dir: str | None = None, 
     return bench
 
 
-def xflickrco_train_file(data_dir: str, lang: str = "en", shots: int | None = None) -> str:
-    """The few-shot file ``annotations/<lang>/train_<N>.jsonl``, or the full training file of ``lang``
-    (for English, IGLUE ships it as ``flickr30k/annotations/train_ann.jsonl`` next to xFlickrCO/)."""
+def _xflickrco_candidates(data_dir: str, lang: str, split: str) -> list[str]:
+    """``annotations/<lang>/{split}_ann.jsonl`` or ``{split}.jsonl``; for English also IGLUE's Flickr30K
+    ``flickr30k/annotations/{split}_ann.jsonl`` inside or next to ``data_dir`` (xFlickrCO/)."""
     ann = os.path.join(data_dir, "annotations", lang)
+    candidates = [os.path.join(ann, f"{split}_ann.jsonl"), os.path.join(ann, f"{split}.jsonl")]
+    if lang == "en":
+        candidates += [os.path.join(d, "flickr30k", "annotations", f"{split}_ann.jsonl")
+                       for d in (data_dir, os.path.dirname(os.path.abspath(data_dir)))]
+    return candidates
+
+
+def xflickrco_train_file(data_dir: str, lang: str = "en", shots: int | None = None) -> str:
+    """The few-shot file ``annotations/<lang>/train_<N>.jsonl``, or the full training file of ``lang``."""
     if shots is not None:
-        candidates = [os.path.join(ann, f"train_{shots}.jsonl")]
-    else:
-        candidates = [os.path.join(ann, "train_ann.jsonl"), os.path.join(ann, "train.jsonl")]
-        if lang == "en":
-            candidates += [os.path.join(data_dir, "flickr30k", "annotations", "train_ann.jsonl"),
-                           os.path.join(os.path.dirname(os.path.abspath(data_dir)), "flickr30k", "annotations",
-                                        "train_ann.jsonl")]
-    for path in candidates:
-        if os.path.exists(path):
-            return path
-    raise CCRKError(f"no {lang} training file {'with ' + str(shots) + ' shots ' if shots else ''}"
-                    f"found; looked for {', '.join(candidates)}")
+        return first_existing([os.path.join(data_dir, "annotations", lang, f"train_{shots}.jsonl")],
+                              f"no {lang} training file with {shots} shots found")
+    return first_existing(_xflickrco_candidates(data_dir, lang, "train"), f"no {lang} training file found")
 
 
 def xflickrco_val_file(data_dir: str, lang: str = "en") -> str:
-    """The validation file of ``lang``: ``annotations/<lang>/valid_ann.jsonl`` (or ``val.jsonl``); for
-    English IGLUE's Flickr30K ``flickr30k/annotations/valid_ann.jsonl`` next to xFlickrCO/ (the authors'
-    val_file for the zero-shot fine-tune)."""
-    ann = os.path.join(data_dir, "annotations", lang)
-    candidates = [os.path.join(ann, "valid_ann.jsonl"), os.path.join(ann, "val.jsonl")]
-    if lang == "en":
-        candidates += [os.path.join(data_dir, "flickr30k", "annotations", "valid_ann.jsonl"),
-                       os.path.join(os.path.dirname(os.path.abspath(data_dir)), "flickr30k", "annotations",
-                                    "valid_ann.jsonl")]
-    for path in candidates:
-        if os.path.exists(path):
-            return path
-    raise CCRKError(f"no {lang} validation file found (looked for {', '.join(candidates)}); "
-                    f"choose --select last or test")
+    """The validation file of ``lang`` (``valid``: for English the authors' val_file of the zero-shot fine-tune)."""
+    return first_existing(_xflickrco_candidates(data_dir, lang, "valid"),
+                          f"no {lang} validation file found; choose --select last or test")
 
 
 def load_xflickrco_train(path: str, flickr30k_dir: str, coco_dir: str | None = None, skip_missing: bool = False,
@@ -432,8 +434,9 @@ def _wit_file(data_dir: str, name: str) -> str:
     return os.path.join(data_dir, name)
 
 
-def read_wit_file(path: str, lang: str, skip_missing: bool = False, max_words: int | None = None) -> RetrievalSet:
-    """Lines grouped by ``image_url`` (one image, several captions), image bytes from ``image_content``."""
+def wit_groups(path: str) -> dict[str, dict]:
+    """A WIT annotation file's lines by ``image_url``: captions in order, the inline ``image_content``
+    (None without one), the first line's place."""
     groups: dict[str, dict] = {}
     for n, row in _read_jsonl(path):
         where = f"{path}:{n}"
@@ -442,25 +445,35 @@ def read_wit_file(path: str, lang: str, skip_missing: bool = False, max_words: i
         g["captions"].append(row["caption_reference_description"] or "")
         if row.get("image_content") and g["b64"] is None:
             g["b64"] = row["image_content"]
+    return groups
+
+
+def wit_langs(data_dir: str, split: str = "test") -> list[str]:
+    """The languages of the ``<split>_<lang>.jsonl`` files under ``data_dir`` (or its annotations/)."""
+    found: set[str] = set()
+    for d in (data_dir, os.path.join(data_dir, "annotations")):
+        if os.path.isdir(d):
+            found |= {f[len(split) + 1:-6] for f in os.listdir(d) if f.startswith(f"{split}_") and f.endswith(".jsonl")}
+    return sorted(found) or list(WIT_LANGS)
+
+
+def read_wit_file(path: str, lang: str, skip_missing: bool = False, max_words: int | None = None) -> RetrievalSet:
+    """Lines grouped by ``image_url`` (one image, several captions), image bytes from ``image_content``."""
     b = _Builder("wit", lang, path, skip_missing, max_words=max_words)
-    for url, g in groups.items():
+    for url, g in wit_groups(path).items():
         ref = ImageRef(key=f"wit:{url}", b64=g["b64"])
         b.add(url, ref, g["captions"], g["where"] + " (no image_content; run the WIT image preprocessing)",
               g["b64"] is not None)
     return b.build()
 
 
-def load_wit(data_dir: str, langs=None, skip_missing: bool = False, max_words: int | None = None) -> Benchmark:
-    """``test_<lang>.jsonl`` under ``data_dir`` (or ``data_dir/annotations``)."""
-    if not langs:
-        found = []
-        for d in (data_dir, os.path.join(data_dir, "annotations")):
-            if os.path.isdir(d):
-                found += [f[5:-6] for f in os.listdir(d) if f.startswith("test_") and f.endswith(".jsonl")]
-        langs = sorted(set(found)) or WIT_LANGS
+def load_wit(data_dir: str, langs=None, skip_missing: bool = False, max_words: int | None = None,
+             split: str = "test") -> Benchmark:
+    """``<split>_<lang>.jsonl`` under ``data_dir`` (or ``data_dir/annotations``), every language present by default."""
     bench = Benchmark("wit")
-    for lang in langs:
-        bench.sets[lang] = [read_wit_file(_wit_file(data_dir, f"test_{lang}.jsonl"), lang, skip_missing, max_words)]
+    for lang in langs or wit_langs(data_dir, split):
+        bench.sets[lang] = [read_wit_file(_wit_file(data_dir, f"{split}_{lang}.jsonl"), lang, skip_missing,
+                                          max_words)]
     return bench
 
 
@@ -508,13 +521,7 @@ def load_benchmark(name: str, data_dir: str, langs=None, images: str | None = No
     if name == "coco":
         return load_coco(data_dir, langs, images, split=split, skip_missing=skip_missing, max_words=max_words)
     if name == "wit":
-        if split == "val":
-            bench = Benchmark("wit")
-            for lang in langs or ["en"]:
-                bench.sets[lang] = [read_wit_file(_wit_file(data_dir, f"val_{lang}.jsonl"), lang, skip_missing,
-                                                  max_words)]
-            return bench
-        return load_wit(data_dir, langs, skip_missing, max_words)
+        return load_wit(data_dir, langs, skip_missing, max_words, split)
     raise _unknown_benchmark(name)
 
 

@@ -22,7 +22,6 @@ three languages' instances match (MRV); captions keep their order in the file.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Iterable, NamedTuple
@@ -36,6 +35,7 @@ from ccrk.evaluation.benchmarks import (
     RetrievalSet,
     TrainPair,
     _Builder,
+    read_json,
 )
 from storage.errors import CCRKError
 
@@ -102,16 +102,21 @@ def find_published(data_dir: str) -> dict[str, str] | None:
 
 
 def _read_json_object(path: str) -> dict:
-    if not os.path.exists(path):
-        raise CCRKError(f"file {path} not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise CCRKError(f"{path}: not a JSON file ({exc.msg} at line {exc.lineno})") from exc
-    if not isinstance(data, dict):
-        raise CCRKError(f"{path}: expected a JSON object")
-    return data
+    return read_json(path, dict, "a JSON object")
+
+
+def train_sources(data_dir: str, lang: str) -> list[str]:
+    """The files the ``lang`` training set is read from (what a fine-tune's id hashes), found without
+    reading them: dataset_coco.json (the split), then STAIR's two files (train + restval span
+    train2014 and val2014) or COCO-CN's train list and captions."""
+    found = find_published(data_dir) or {}
+    if lang not in found:
+        raise CCRKError(f"no published COCO {lang} files under {data_dir}")
+    if lang == "ja":
+        return [found["en"], *(os.path.join(found["ja"], name) for name in STAIR_FILES.values())]
+    if lang == "zh":
+        return [os.path.join(found["zh"], "coco-cn_train.txt"), os.path.join(found["zh"], COCOCN_CAPTIONS)]
+    return [found["en"]]
 
 
 def _karpathy_images(path: str) -> list[dict]:

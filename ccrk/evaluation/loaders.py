@@ -48,17 +48,17 @@ def training_sources(benchmark: str, data_dir: str, lang: str, shots: int | None
         return [bm.xflickrco_train_file(data_dir, lang, shots)]
     if shots is not None:
         raise CCRKError(f"few-shot files exist for xFlickr&CO only, not {benchmark}")
-    if benchmark == "multi30k" and multi30k.find_raw_root(data_dir):
-        root = multi30k.find_raw_root(data_dir)
-        return [multi30k.read_image_split(root, "train")[0], os.path.join(root, "raw", f"train.{lang}.gz")]
-    if benchmark == "coco" and coco.find_published(data_dir) is not None:
-        source = coco.published_entries(data_dir, lang, "train")[0].split(",")
-        if lang == "zh":
-            source.append(os.path.join(os.path.dirname(source[0]), coco.COCOCN_CAPTIONS))
-        elif lang == "ja":
-            source.insert(0, coco.find_published(data_dir)["en"])  # the Karpathy split chooses the images
-        return source
-    return [_cclm_training_file(benchmark, data_dir, lang)]
+    root = multi30k.find_raw_root(data_dir) if benchmark == "multi30k" else None
+    if root:
+        sources = [os.path.join(root, "image_splits", "train.txt"), os.path.join(root, "raw", f"train.{lang}.gz")]
+    elif benchmark == "coco" and coco.find_published(data_dir) is not None:
+        sources = coco.train_sources(data_dir, lang)
+    else:
+        return [_cclm_training_file(benchmark, data_dir, lang)]
+    missing = [path for path in sources if not os.path.exists(path)]
+    if missing:
+        raise CCRKError(f"{benchmark} {lang} training file {missing[0]} not found")
+    return sources
 
 
 def training_pairs(benchmark: str, data_dir: str, lang: str, shots: int | None = None, images: str | None = None,

@@ -45,7 +45,7 @@ from ccrk.evaluation import loaders, reports
 from ccrk.evaluation.retrieval import evaluate_benchmark
 from ccrk.model import latest_checkpoint, load_pretrained
 from ccrk.model import save_model
-from ccrk.specs import FINETUNE_KEYS, FinetuneHyperparameters, FinetuneSpec
+from ccrk.specs import FINETUNE_KEYS, EvaluateSpec, FinetuneHyperparameters, FinetuneSpec
 from storage import atomic, layout
 from storage.catalog import Catalog
 from storage.errors import CCRKError
@@ -234,12 +234,12 @@ class Selector:
     after the step it scores again, so a kill between a scoring and its checkpoint changes nothing.
     Called on rank 0 only, as the loop's ``evaluate(step)``."""
 
-    def __init__(self, run_dir: str, bench: bm.Benchmark, langs: Sequence[str], hp: dict, per_epoch: int,
+    def __init__(self, run_dir: str, job: trainer.TrainJob, hp: dict, bench: bm.Benchmark, langs: Sequence[str],
                  score_args: dict):
-        self.dir, self.bench, self.langs, self.hp, self.per_epoch = (os.path.join(run_dir, "checkpoints", BEST),
-                                                                     bench, list(langs), hp, per_epoch)
+        self.dir, self.job, self.hp, self.bench, self.langs = (os.path.join(run_dir, "checkpoints", BEST), job, hp,
+                                                               bench, list(langs))
+        self.per_epoch = job.batches.per_epoch
         self.score_args = score_args  # evaluate_benchmark's k_test, itc_only, batch_size
-        self.job: trainer.TrainJob | None = None
 
     def due(self, step: int) -> bool:
         if step % self.per_epoch:
@@ -323,8 +323,7 @@ def train_pairs(model, tokenizer, config: dict, pairs: Sequence[bm.TrainPair], r
     torch.manual_seed(int(hp["seed"]))  # dropout and drop-path, identical on every rank
     job = finetune_job(model, tokenizer, config, pairs, hp, info, num_workers)
     if select is not None and info.is_main:
-        job.evaluate = Selector(run_dir, *select[:2], hp, job.batches.per_epoch, select[2])
-        job.evaluate.job = job
+        job.evaluate = Selector(run_dir, job, hp, *select)
     result = trainer.run_loop(job, run_dir, info, resume=True, max_steps=max_steps, progress=progress)
     model.eval()
     per_epoch = job.batches.per_epoch
@@ -481,7 +480,7 @@ class FinetuneStage:
                                                  if o[k] is not None}}
         self.hp = finetune_hparams(self.benchmark, o["mode"], o["preset"], settings)
         self.scoring = {"k_test": o["k_test"] or bm.default_k_test(self.benchmark), "itc_only": bool(o["itc_only"]),
-                        "batch_size": 64}
+                        "batch_size": EvaluateSpec().batch_size}
         self.select = selection_benchmark(self.benchmark, self.data_dir, self.protocol, self.hp["select"],
                                           o["images"], o["coco_images"], o["skip_missing"], self.clean.max_words)
         params, parent = _finetune_params(self.root, self.protocol, o["skip_missing"], self.ckpt_path, self.hp,

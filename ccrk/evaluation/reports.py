@@ -18,6 +18,7 @@ in ``metrics.json["collapsed_langs"]`` and in one line of ``report.md``.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -409,9 +410,10 @@ def combine_metrics(parts: Sequence[tuple[str, list[str] | None]], mrv_langs: Se
     """One report's metrics from several, each language from one of them (one fine-tuned model per
     language, as Table 1's few-shot and single-language rows): their recalls as reported, and the MRV
     of their ranks together; (metrics, the ranks per language)."""
-    per_lang, results, sources, benchmarks = {}, {}, [], set()
+    per_lang, results, sources, benchmarks, first = {}, {}, [], set(), None
     for report_dir, langs in parts:
         m = load_metrics(report_dir)
+        first = first or m
         benchmarks.add(m["benchmark"])
         langs = langs or list(m["langs"])
         unknown = [lang for lang in langs if lang not in m["langs"]]
@@ -431,7 +433,6 @@ def combine_metrics(parts: Sequence[tuple[str, list[str] | None]], mrv_langs: Se
     average = {d: {str(k): float(np.mean([per_lang[lang][d][str(k)] for lang in langs])) for k in KS}
                for d in ("tr", "ir")}
     average["mean_recall"] = float(np.mean([per_lang[lang]["mean_recall"] for lang in langs]))
-    first = load_metrics(parts[0][0])
     m = {"benchmark": benchmark, "checkpoint": "; ".join(s["checkpoint"] or "" for s in sources),
          "k_test": first["k_test"], "itc_only": first["itc_only"], "metrics_version": METRICS_VERSION,
          "rank_ties": first.get("rank_ties"), "langs": per_lang, "average": average,
@@ -451,13 +452,17 @@ TABLE1_COLUMNS = {"xflickrco": ("IR R@1", "TR R@1", "MRV"), "demo": ("IR R@1", "
 _PAPER_KEYS = {"IR R@1": ("ir_r1", "ir"), "TR R@1": ("tr_r1", "tr"), "MRV": ("mrv4",)}
 
 
+@functools.lru_cache(maxsize=1)
+def _paper_table() -> dict:
+    with open(PAPER_TABLE1, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def paper_figures(model: str | None, group: str, benchmark: str) -> dict | None:
     """The paper's Table 1 cells for ``model`` (e.g. CCR10-E) in ``group`` on ``benchmark``, by our column names."""
     if not model:
         return None
-    with open(PAPER_TABLE1, encoding="utf-8") as f:
-        table = json.load(f)
-    row = next((r for r in table["rows"] if r["model"].lower() == model.lower() and r["benchmark"] == benchmark
+    row = next((r for r in _paper_table()["rows"] if r["model"].lower() == model.lower() and r["benchmark"] == benchmark
                 and r["group"] == GROUPS.get(group)), None)
     if row is None:
         return None

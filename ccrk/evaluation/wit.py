@@ -20,8 +20,8 @@ import os
 import tempfile
 from typing import Callable, Iterable, Iterator, TextIO
 
-from ccrk.evaluation.benchmarks import (WIT_LANGS, Benchmark, CaptionCleaner, ImageRef, TrainPair, _Builder,
-                                        _read_jsonl, _require, _wit_file)
+from ccrk.evaluation.benchmarks import (Benchmark, CaptionCleaner, ImageRef, TrainPair, _Builder, _read_jsonl,
+                                        _require, _wit_file, wit_groups, wit_langs)
 from storage import atomic
 from storage.errors import CCRKError
 
@@ -117,33 +117,12 @@ def _missing_error(missing: list[str], where: str, n_files: int) -> CCRKError:
                      f"({shown}); give the image_pixels folder holding them or pass --skip-missing")
 
 
-def _wit_groups(path: str) -> dict[str, dict]:
-    """An annotation file's lines by ``image_url``: captions in order, inline image, first line's place."""
-    groups: dict[str, dict] = {}
-    for n, row in _read_jsonl(path):
-        where = f"{path}:{n}"
-        _require(row, ("image_url", "caption_reference_description"), where)
-        g = groups.setdefault(row["image_url"], {"captions": [], "b64": None, "where": where})
-        g["captions"].append(row["caption_reference_description"] or "")
-        if row.get("image_content") and g["b64"] is None:
-            g["b64"] = row["image_content"]
-    return groups
-
-
-def _split_langs(data_dir: str, split: str) -> list[str]:
-    found = set()
-    for d in (data_dir, os.path.join(data_dir, "annotations")):
-        if os.path.isdir(d):
-            found |= {f[len(split) + 1:-6] for f in os.listdir(d) if f.startswith(f"{split}_") and f.endswith(".jsonl")}
-    return sorted(found) or list(WIT_LANGS)
-
-
 def load_wit_joined(data_dir: str, pixels: Pixels, langs=None, skip_missing: bool = False,
                     max_words: int | None = None, split: str = "test") -> Benchmark:
     """``<split>_<lang>.jsonl`` under ``data_dir`` (or ``data_dir/annotations``) with images from the pixel
     files or folders ``pixels``; an ``image_content`` already in a line wins."""
-    paths = {lang: _wit_file(data_dir, f"{split}_{lang}.jsonl") for lang in (langs or _split_langs(data_dir, split))}
-    groups = {lang: _wit_groups(path) for lang, path in paths.items()}
+    paths = {lang: _wit_file(data_dir, f"{split}_{lang}.jsonl") for lang in (langs or wit_langs(data_dir, split))}
+    groups = {lang: wit_groups(path) for lang, path in paths.items()}
     wanted = {url for g in groups.values() for url, grp in g.items() if grp["b64"] is None}
     files = _expand(pixels) if wanted else []
     found, _ = collect_images(files, wanted)

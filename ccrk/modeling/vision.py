@@ -11,7 +11,6 @@ import os
 
 import numpy as np
 import torch
-from scipy.interpolate import RectBivariateSpline
 from torch import nn
 
 from storage.errors import CCRKError
@@ -79,6 +78,8 @@ def interpolate_relative_position_bias(table: torch.Tensor, dst_window: int) -> 
         return table
     if src_side < 5:
         raise CCRKError(f"a window of {(src_side + 1) // 2} has too few offsets for a bicubic resize (needs 3+)")
+    from scipy.interpolate import RectBivariateSpline  # about 1 s to import: only when a table is resized
+
     src = _geometric_offsets(src_side // 2, dst_side // 2)
     dst = np.arange(-(dst_side // 2), dst_side // 2 + 1, dtype=np.float64)
     heads = []

@@ -4,7 +4,8 @@
 - zero-shot: fine-tune on the benchmark's English training set, evaluate every language;
 - few-shot: from the English fine-tune, one model per target language on its N-shot file, each
   evaluated on its language; their ranks combined into one MRV (with English from the zero-shot model);
-- single-language: one model per language fine-tuned on that language alone, combined likewise.
+- single-language: one model per language fine-tuned on that language alone, combined likewise (English
+  from the English fine-tune: in Table 1 its EN cells are the zero-shot ones and MRV_4 spans en too).
 
 Every fine-tune is a run in the catalog with its parent (the pre-trained run, or the English
 fine-tune for few-shot), every score a report; each is a stage, so a killed protocol resumes at
@@ -50,8 +51,10 @@ def run_protocol(entry: ProtocolSpec, run_name: str, checkpoint: str, root: str,
     if entry.zero_shot:
         rows.append({"run": run_name, "group": "zero-shot", "benchmark": entry.benchmark,
                      "setting": "fine-tuned on English", "report": zero})
+    # English in the one-model-per-language rows: the English fine-tune's.
+    english_part = [(zero["dir"], ["en"])] if "en" in zero["metrics"]["langs"] else []
     if entry.few_shot:
-        parts = [(zero["dir"], ["en"])] if "en" in zero["metrics"]["langs"] else []
+        parts = [p for p in english_part if "en" not in entry.few_shot.langs]
         for lang in entry.few_shot.langs:
             run = _finetune(entry.finetune_spec("few-shot", lang, english["selected"]), root, progress, report,
                             f"{name} few-shot {entry.few_shot.shots} ({lang})")
@@ -61,7 +64,7 @@ def run_protocol(entry: ProtocolSpec, run_name: str, checkpoint: str, root: str,
                      "setting": f"{entry.few_shot.shots}-shot per language, from the English fine-tune",
                      "report": combine_flow(parts, root=root, mrv_langs=entry.mrv_langs)})
     if entry.single:
-        parts = []
+        parts = [p for p in english_part if "en" not in entry.single.langs]
         for lang in entry.single.langs:
             run = _finetune(entry.finetune_spec("single", lang, checkpoint), root, progress, report,
                             f"{name} single-language fine-tune ({lang})")

@@ -133,26 +133,32 @@ def test_the_protocol_fine_tunes_english_then_few_shot_and_resumes(demo_bench, r
     entry = ProtocolSpec.parse({"benchmark": "demo", "data": demo_bench, "langs": ["en", "es", "ru"], "k_test": 4,
                                 "itc_only": True, "device": "cpu", "settings": {"epochs": 2, "batch_size": 16},
                                 "few_shot": {"langs": ["es", "ru"], "shots": 5,
-                                             "settings": {"epochs": 2, "batch_size": 5, "lr": 1e-3}}})
+                                             "settings": {"epochs": 2, "batch_size": 5, "lr": 1e-3}},
+                                "single": {"langs": ["ru"], "settings": {"epochs": 1, "batch_size": 16}}})
     said = []
     rows = run_protocol(entry, "tiny", pre, root, report=lambda kind, s: said.append((kind, s["_line"])))
-    assert [r["group"] for r in rows] == ["zero-shot", "few-shot"]
-    zero, few = (r["report"]["metrics"] for r in rows)
+    assert [r["group"] for r in rows] == ["zero-shot", "few-shot", "single-language"]
+    zero, few, single = (r["report"]["metrics"] for r in rows)
     assert list(zero["langs"]) == ["en", "es", "ru"] and list(few["langs"]) == ["en", "es", "ru"]
     assert few["langs"]["en"] == zero["langs"]["en"]  # English from the English model
     assert few["langs"]["es"] != zero["langs"]["es"]  # es from its own few-shot model
     assert [s["langs"] for s in few["combined_from"]] == [["en"], ["es"], ["ru"]]
+    # Single-language: ru from a model fine-tuned on Russian alone, English from the English model (Table 1).
+    assert list(single["langs"]) == ["en", "ru"] and single["langs"]["en"] == zero["langs"]["en"]
+    assert single["mrv"]["langs"] == ["en", "ru"]
     runs = {a.version: a for a in Catalog(root).list("run")}
     english = next(a for a in runs.values() if a.name == "finetune-demo-zero-shot")
     shots = [a for a in runs.values() if a.name == "finetune-demo-few-shot"]
+    [russian] = [a for a in runs.values() if a.name == "finetune-demo-single"]
+    assert russian.parents == ["pre0001"] and russian.params["train_lang"] == "ru"
     assert english.parents == ["pre0001"] and len(shots) == 2
     assert all(a.parents == [english.version] for a in shots)  # continued from the English fine-tune
     assert english.stats["selected_epoch"] in (1, 2) and all(a.params["select"] == "last" for a in shots)
-    assert sum(kind == "finetune" for kind, _ in said) == 3
+    assert sum(kind == "finetune" for kind, _ in said) == 4
     # Killed or finished: a second run trains nothing and scores nothing.
     said.clear()
     again = run_protocol(entry, "tiny", pre, root, report=lambda kind, s: said.append(s["_line"]))
     assert [r["report"]["report_id"] for r in again] == [r["report"]["report_id"] for r in rows]
     assert all("already trained" in line for line in said if "fine-tune" in line)
     table = reports.render_table1([{**r, "metrics": r["report"]["metrics"], "paper": None} for r in rows])
-    assert "| tiny | zero-shot |" in table and "| tiny | few-shot |" in table
+    assert "| tiny | zero-shot |" in table and "| tiny | few-shot |" in table and "| tiny | single-language |" in table

@@ -2,8 +2,9 @@
 
 So the demo model is evaluated through the same loader as the real benchmark:
 ``annotations/<lang>/test.jsonl`` (held-out images, every caption in that language),
-``annotations/en/train_ann.jsonl`` (English training set for the zero-shot fine-tune, from the
-train split), ``annotations/<lang>/valid_ann.jsonl`` (the validation split the fine-tune's checkpoint
+``annotations/<lang>/train_ann.jsonl`` (the training set, from the train split: English for the
+zero-shot fine-tune, each language for a single-language one, which IGLUE does not ship),
+``annotations/<lang>/valid_ann.jsonl`` (the validation split the fine-tune's checkpoint
 is selected on: the last tenth of the train-split images, left out of train_ann.jsonl, as Flickr30K's
 valid_ann.jsonl is disjoint from its train_ann.jsonl; none under 10 train images),
 ``annotations/<lang>/train_<N>.jsonl`` (few-shot files, one caption per image, from the training
@@ -55,7 +56,8 @@ def write_demo_benchmark(corpus_dir: str, out_dir: str, langs=grammar.LANGS, see
     with open(manifest_path, encoding="utf-8") as f:
         manifest = json.load(f)
     params = {"manifest_params": manifest.get("params"), "langs": list(langs), "seed": seed,
-              "few_shots": list(FEW_SHOTS), "layout": "xflickrco", "val": VAL_FRACTION}
+              "few_shots": list(FEW_SHOTS), "layout": "xflickrco", "val": VAL_FRACTION,
+              "train_langs": "all"}
     marker = os.path.join(out_dir, MARKER)
     if os.path.exists(marker):
         with open(marker, encoding="utf-8") as f:
@@ -78,11 +80,11 @@ def write_demo_benchmark(corpus_dir: str, out_dir: str, langs=grammar.LANGS, see
     for lang in langs:
         atomic.write_text(os.path.join(ann, lang, "test.jsonl"),
                           "".join(_line(im, [c[lang] for c in im["captions"]]) for im in heldout))
+        atomic.write_text(os.path.join(ann, lang, "train_ann.jsonl"),
+                          "".join(_line(im, [c[lang] for c in im["captions"]]) for im in train))
         if val:
             atomic.write_text(os.path.join(ann, lang, "valid_ann.jsonl"),
                               "".join(_line(im, [c[lang] for c in im["captions"]]) for im in val))
-    atomic.write_text(os.path.join(ann, "en", "train_ann.jsonl"),
-                      "".join(_line(im, [c["en"] for c in im["captions"]]) for im in train))
     few_shot = {}
     for lang in langs:
         if lang == "en":

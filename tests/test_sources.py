@@ -201,12 +201,13 @@ def test_source_json_describes_the_version(demo, root):
 
 
 def test_default_metadata_are_the_official_urls():
-    expected_hosts = {"cc3m": "storage.googleapis.com", "sbu": "www.cs.rice.edu",
-                      "vg": "homes.cs.washington.edu", "coco": "images.cocodataset.org"}
-    for source, host in expected_hosts.items():
+    expected_hosts = {"cc3m": {"storage.googleapis.com"}, "sbu": {"www.cs.rice.edu"},
+                      "vg": {"homes.cs.washington.edu"}, "coco": {"images.cocodataset.org", "cs.stanford.edu"}}
+    for source, hosts in expected_hosts.items():
         urls = default_metadata(source)
-        assert urls and all(u.split("/")[2] == host for u in urls)
-    assert any(u.endswith("annotations_trainval2017.zip") for u in default_metadata("coco"))
+        assert urls and {u.split("/")[2] for u in urls} == hosts
+    assert [u.rsplit("/", 1)[1] for u in default_metadata("coco")] == ["annotations_trainval2017.zip",
+                                                                       "caption_datasets.zip"]
 
 
 # --------------------------------------------------------------------------- bad records: counted, skipped
@@ -303,7 +304,7 @@ def test_sbu_json_record_with_invalid_utf8_is_rejected_alone(tmp_path, root):
 def _coco(tmp_path, root, images, annotations, name="captions_train2017.json"):
     path = _write(tmp_path / "annotations" / name,
                   json.dumps({"info": {}, "licenses": [], "images": images, "annotations": annotations}))
-    return prepare_source("coco", [path], root)
+    return prepare_source("coco", [path], root, settings={"all_official_images": True})  # no split file here
 
 
 def _im(i, url=None):
@@ -377,7 +378,7 @@ def test_missing_metadata_file_is_a_clear_error(tmp_path, root):
 def test_metadata_that_is_not_json_is_a_clear_error(tmp_path, root):
     path = _write(tmp_path / "captions_train2017.json", "<html>not json</html>")
     with pytest.raises(CCRKError, match="captions_train2017.json is not valid JSON"):
-        prepare_source("coco", [path], root)
+        prepare_source("coco", [path], root, settings={"all_official_images": True})
 
 
 @pytest.mark.parametrize("source,name,body", [
@@ -391,7 +392,7 @@ def test_metadata_with_the_wrong_top_level_structure_is_a_clear_error(tmp_path, 
     if source == "vg":
         files.append(_write(tmp_path / "region_descriptions.json", "[]"))
     with pytest.raises(CCRKError, match=f"{name} has the wrong structure"):
-        prepare_source(source, files, root)
+        prepare_source(source, files, root, settings={"all_official_images": True} if source == "coco" else None)
 
 
 def test_empty_metadata_is_a_clear_error(tmp_path, root):

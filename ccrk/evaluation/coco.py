@@ -38,8 +38,8 @@ from ccrk.evaluation.benchmarks import (
     read_json,
 )
 from storage.errors import CCRKError
+from storage.sources.coco import KARPATHY_FILE, karpathy_images
 
-KARPATHY_FILE = "dataset_coco.json"
 KARPATHY_DIRS = ("", "karpathy")
 # STAIR ships one file per COCO 2014 image folder.
 STAIR_FILES = {"train2014": "stair_captions_v1.2_train.json", "val2014": "stair_captions_v1.2_val.json"}
@@ -119,24 +119,10 @@ def train_sources(data_dir: str, lang: str) -> list[str]:
     return [found["en"]]
 
 
-def _karpathy_images(path: str) -> list[dict]:
-    """Every image of dataset_coco.json, in file order, with the fields the loaders read checked."""
-    images = _read_json_object(path).get("images")
-    if not isinstance(images, list):
-        raise CCRKError(f"{path}: expected {{\"images\": [...]}} as in Karpathy's dataset_coco.json")
-    for i, img in enumerate(images):
-        if not isinstance(img, dict):
-            raise CCRKError(f"{path} image {i}: expected an object")
-        missing = [k for k in ("split", "cocoid", "filepath", "filename") if k not in img]
-        if missing:
-            raise CCRKError(f"{path} image {i}: missing field(s) {', '.join(missing)}")
-    return images
-
-
 def karpathy_split(path: str) -> dict[str, list[dict]]:
     """The images of Karpathy's ``dataset_coco.json`` per split (train, restval, val, test), in file order."""
     splits: dict[str, list[dict]] = {}
-    for img in _karpathy_images(path):
+    for img in karpathy_images(path):
         splits.setdefault(str(img["split"]), []).append(img)
     return splits
 
@@ -144,7 +130,7 @@ def karpathy_split(path: str) -> dict[str, list[dict]]:
 def karpathy_ids(path: str, splits: Iterable[str]) -> set[int]:
     """The COCO ids of the images in ``splits`` (e.g. ("val", "test"): the images evaluation reads)."""
     wanted = {splits} if isinstance(splits, str) else set(splits)
-    return {int(img["cocoid"]) for img in _karpathy_images(path) if img["split"] in wanted}
+    return {int(img["cocoid"]) for img in karpathy_images(path) if img["split"] in wanted}
 
 
 def _karpathy_split_images(data_dir: str, split: str) -> tuple[str, list[tuple[int, dict]]]:
@@ -153,7 +139,7 @@ def _karpathy_split_images(data_dir: str, split: str) -> tuple[str, list[tuple[i
     if path is None:
         raise _not_found("Karpathy split", data_dir, KARPATHY_DIRS, KARPATHY_FILE)
     wanted = KARPATHY_SPLITS[split]
-    return path, [(i, img) for i, img in enumerate(_karpathy_images(path)) if img["split"] in wanted]
+    return path, [(i, img) for i, img in enumerate(karpathy_images(path)) if img["split"] in wanted]
 
 
 def _en_entries(data_dir: str, split: str) -> tuple[str, list[PublishedImage]]:

@@ -77,6 +77,18 @@ def default_metadata(source: str, config: dict | None = None) -> list[str]:
     return list(urls)
 
 
+def source_settings(source: str, config: dict, overrides: dict | None = None) -> dict:
+    """The adapter's settings: configs/sources.yaml's ``sources.<source>.settings``, then ``overrides``,
+    over the adapter's defaults (``{}`` for an adapter without settings)."""
+    module = adapter(source)
+    given = {**((config["sources"].get(source) or {}).get("settings") or {}), **(overrides or {})}
+    if not hasattr(module, "check_settings"):
+        if given:
+            raise CCRKError(f"source {source} has no settings, got {', '.join(sorted(given))}")
+        return {}
+    return module.check_settings(given)
+
+
 def _sha_by_name(files: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for f in files:
@@ -111,12 +123,13 @@ def _load_prepared(directory: str) -> PreparedSource:
 
 def prepare_source(source: str, metadata: list[str] | None, root: str | None, *, limit: int | None = None,
                    download_params: dict | None = None,
-                   max_caption_chars: int | None = None) -> PreparedSource:
+                   max_caption_chars: int | None = None, settings: dict | None = None) -> PreparedSource:
     """Read ``source``'s metadata into ``<root>/sources/<source>/<version>/`` (images, captions, source.json).
 
     ``metadata``: local paths / urls of the official files or their archives; None -> the official
     urls in configs/sources.yaml. The version hashes the metadata contents (not their paths),
-    ``limit``, ``max_caption_chars`` and ``download_params`` (the image download settings that
+    ``limit``, ``max_caption_chars``, the adapter's settings (:func:`source_settings`; ``settings``
+    overrides configs/sources.yaml's) and ``download_params`` (the image download settings that
     will fill the same directory). Idempotent: a complete version directory is loaded, not re-read.
     """
     module = adapter(source)
@@ -132,8 +145,10 @@ def prepare_source(source: str, metadata: list[str] | None, root: str | None, *,
         raise CCRKError(f"no {source} metadata among {', '.join(specs)}: expected "
                         f"{' / '.join(module.MEMBER_PATTERNS)} (see storage/sources/{source}.py)")
     sha = _sha_by_name(picked)
+    adapter_settings = source_settings(source, config, settings)
     params = {"source": source, "metadata_sha256": sha, "limit": limit, "max_caption_chars": max_chars,
-              "download_params": download_params or {}}
+              "download_params": download_params or {},
+              **({"settings": adapter_settings} if adapter_settings else {})}
     version = content_version("source", [], params)
     directory = layout.source_dir(root, source, version)
     images_path = layout.join(directory, IMAGES_FILE)
@@ -142,7 +157,7 @@ def prepare_source(source: str, metadata: list[str] | None, root: str | None, *,
         return _load_prepared(directory)
 
     rejects = Rejects()
-    images, captions = module.read(picked, rejects, limit=limit, max_caption_chars=max_chars)
+    images, captions = module.read(picked, rejects, limit=limit, max_caption_chars=max_chars, **adapter_settings)
     if rejects.rows_read == 0:
         raise CCRKError(f"{source} metadata holds no records: {', '.join(picked)}")
     atomic.write_parquet(images, images_path)

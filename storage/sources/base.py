@@ -12,6 +12,9 @@ host: ``file:``, ``ftp:``, ``javascript:``, ``data:``, no scheme), ``blank_capti
 caption id seen before: the first one is kept), ``orphan_caption`` (a caption for an image id the
 metadata never lists), ``caption_of_rejected_image`` (a caption whose image was rejected),
 ``no_caption`` (an image left with no valid caption: nothing to train on).
+Records an adapter leaves out by a published split, not for a fault (COCO: Karpathy's val and test,
+the benchmarks): ``excluded_split`` (an image of a split not kept), ``caption_of_excluded_image``,
+``not_in_split_file`` (an image the split file does not list).
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from storage.errors import CCRKError
 
 DEFAULT_MAX_CAPTION_CHARS = 1000
 REJECT_CLASSES = ("malformed_row", "invalid_utf8", "bad_url_scheme", "blank_caption", "overlong_caption",
-                  "duplicate_id", "orphan_caption", "caption_of_rejected_image", "no_caption")
+                  "duplicate_id", "orphan_caption", "caption_of_rejected_image", "no_caption",
+                  "excluded_split", "caption_of_excluded_image", "not_in_split_file")
 ALLOWED_SCHEMES = ("http", "https")
 _FETCHABLE = re.compile(rf"(?:{'|'.join(ALLOWED_SCHEMES)})://[^/?#\s]", re.IGNORECASE)
 _EXAMPLES_PER_CLASS = 3

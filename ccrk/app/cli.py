@@ -74,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     server = early_server() if runs_flows else None  # comes up while the command imports its stage
     try:
         with use_server(server), local_flow_runs() if runs_flows else nullcontext():
-            code = args.func(args)
+            try:
+                code = args.func(args)
+            finally:
+                if runs_flows:
+                    _settle_prefect()
         return int(code or 0)
     except CCRKError as exc:
         if args.debug:
@@ -115,6 +119,17 @@ def _brief_run_errors(kinds: tuple) -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _BriefRunErrors) for f in logger.filters):
             logger.addFilter(_BriefRunErrors(kinds))
+
+
+def _settle_prefect(timeout: float = 10.0) -> None:
+    """Send the events and run logs Prefect still queues while its API server is up. Left to the
+    interpreter's exit they drain after the command's last line, sometimes with a "Still
+    processing items" warning after the one-line error."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (EventsWorker, APILogWorker):
+        service.drain_all(timeout=timeout, at_exit=False)
 
 
 def _release(exc: BaseException) -> None:

@@ -134,8 +134,8 @@ def filter_lines(f: DatasetFacts) -> list[str]:
         lines.append(f"Language policy min_langs = all: every sample has all {n} languages (complete K-lingual "
                      "tuples); captions missing a language were dropped.")
     elif min_langs is not None:
-        lines.append(f"Language policy min_langs = {min_langs}: samples with fewer than {min_langs} of the {n} "
-                     "languages were dropped.")
+        lines.append(f"Language policy min_langs = {min_langs}: captions with fewer than {min_langs} of the {n} "
+                     "languages were dropped (and images left without captions).")
     if "drop_flagged" in p:
         lines.append("Quality filter drop_flagged = true: translations flagged by the quality scores (ok = false) "
                      "were dropped." if p["drop_flagged"] else
@@ -250,7 +250,7 @@ def dataset_card(f: DatasetFacts, files: dict) -> str:
         "multilinguality": "multilingual",
         "license": "other",
         "license_name": "mixed-source-terms",
-        "license_details": "Translations: " + "; ".join(f"{m.name}: {m.licence}" for m in f.models)
+        "license_details": "Translations: " + ("; ".join(f"{m.name}: {m.licence}" for m in f.models) or "none")
                            + ". Captions and image urls: " + "; ".join(f"{x.terms.title}: {x.terms.terms}"
                                                                      for x in f.sources),
         "size_categories": [size_category(max(files.values()) if files else 0)],

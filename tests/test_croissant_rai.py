@@ -66,7 +66,7 @@ def test_rai_fields_carry_the_model_decoding_overlap_and_licences(tmp_path, file
             f"beam 5, output at most 1.5 x source tokens + 10 (decode_id {D5})") in protocol
     assert any(x.startswith("de: machine-translated from English by imported translations (cclm)") for x in protocol)
     assert any("xflickrco: 12 images; coco_karpathy_test: 3 images (total 15)" in x for x in protocol)
-    assert any("min_langs = 4: samples with fewer than 4 of the 4 languages" in x for x in protocol)
+    assert any("min_langs = 4: captions with fewer than 4 of the 4 languages" in x for x in protocol)
     assert any("drop_flagged = true" in x for x in protocol)
     assert any(x.startswith("ru: ok when max_copy_sim 0.8, max_uniformity 0.5") for x in protocol)
     assert "Languages per sample: 100 samples with 4 languages." in protocol

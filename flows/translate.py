@@ -10,6 +10,7 @@ part on one GPU each (CPU when there is none), each written by the same part wri
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -17,7 +18,9 @@ from contextlib import contextmanager
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
+from prefect.exceptions import MissingContextError
 from prefect.futures import as_completed
+from prefect.logging import get_run_logger
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -29,10 +32,12 @@ from storage.progress import Progress, or_silent
 from storage.stage import Outcome, StagePlan, run_stage
 from storage.versioning import content_version
 from translation import m2m, store
-from translation.collect import collect_texts
-from translation.imports import import_translations
+from translation.collect import collect_texts, covered_texts
+from translation.imports import import_report, import_translations
 from translation.pipeline import EnginePool, cached_engine, decode_settings, ids_for, plan_parts, translate_part
-from translation.spec import TranslateSpec
+from translation.spec import ImportSpec, TranslateSpec
+
+log = logging.getLogger("ccrk.translate")
 
 
 @task(name="translate-part", cache_policy=NO_CACHE)
@@ -139,8 +144,8 @@ class TranslateStage:
     def execute(self, plan: StagePlan) -> Outcome:
         spec, root, collected = self.spec, self.root, self.collected
         model_id, decode_id = plan.params["model_id"], plan.params["decode_id"]
-        for item in spec.imports:  # e.g. CCLM's de/fr/cs/ja/zh captions, so K reaches 10
-            import_translations(root, item.path, item.name, langs=item.langs)
+        imports = [self._import(item) for item in spec.imports]  # e.g. CCLM's de/fr/cs/ja/zh, so K reaches 10
+        warnings = [w for report in imports for w in report["warnings"]]
         langs = list(spec.langs)
         jobs, cached = plan_parts(root, collected.texts, langs, model_id, decode_id, spec.part_size, spec.thresholds)
         tally = _Tally(langs, len(collected.texts), cached, collected.empty)
@@ -150,13 +155,24 @@ class TranslateStage:
         rows = tally.rows()
         stats = {"captions": collected.captions, "unique_texts": len(collected.texts),
                  "skipped_empty": collected.empty, "per_lang": {r["lang"]: r for r in rows}, "engine": spec.engine,
-                 "device": spec.device, "compute_type": spec.compute_type, "executor": spec.executor}
+                 "device": spec.device, "compute_type": spec.compute_type, "executor": spec.executor,
+                 "imports": imports, "warnings": warnings}
         summary = {"version": plan.version, "model_id": model_id, "decode_id": decode_id,
                    "model_dir": self.model_dir, "path": plan.path, "captions": collected.captions,
                    "unique_texts": len(collected.texts), "skipped_empty": collected.empty, "per_lang": rows,
                    "samples": samples, "sources": plan.params["sources"], "parts": len(jobs),
-                   "wall_s": round(time.perf_counter() - self.t_start, 2)}
+                   "imports": imports, "warnings": warnings, "wall_s": round(time.perf_counter() - self.t_start, 2)}
         return Outcome(summary, stats)
+
+    def _import(self, item: ImportSpec) -> dict:
+        """Import one file (matched to the captions of the sources it names, if any); its report, whose
+        warnings (a source under the item's min_match_rate) also go to the run's log."""
+        covered = covered_texts(self.collected, item.source, f"import {item.name}") if item.source else None
+        stats = import_translations(self.root, item.path, item.name, langs=item.langs, sources=covered)
+        report = import_report(item.name, item.path, stats, item.min_match_rate)
+        for warning in report["warnings"]:
+            _logger().warning(warning)
+        return report
 
     def _translate(self, jobs, tally: _Tally, model_id: str, decode_id: str) -> None:
         spec = self.spec
@@ -178,8 +194,20 @@ class TranslateStage:
         model_id, decode_id = plan.params["model_id"], plan.params["decode_id"]
         publish_table(f"translate-{model_id}-{decode_id}", summary["per_lang"],
                       description=f"Translation summary: {plan.name} ({plan.version})")
+        matches = [{"import": r["name"], **m, "unmatched_examples": "; ".join(m["unmatched_examples"])}
+                   for r in summary.get("imports", []) for m in r["sources"]]
+        if matches:
+            publish_table(f"translate-imports-{model_id}-{decode_id}", matches,
+                          description="Imported translations: match rate per covered source")
         publish_markdown(f"translate-samples-{model_id}-{decode_id}", _samples_markdown(summary["samples"]),
                          description="Sample translations with their scores")
+
+
+def _logger():
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
 
 
 class _Tally:

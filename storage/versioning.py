@@ -5,12 +5,14 @@ canonical JSON, shortened to 16 hex digits. Same inputs -> same version -> the s
 
 Captions are keyed by :func:`text_sha` of :func:`normalize` (the one normalisation of English
 captions before translation): the translation stage stores its rows under that key and the build
-finds them by it.
+finds them by it. :func:`match_key` is looser, for joining another release's English (CCLM's, UC2's)
+to the sources' captions; it never keys the store.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import unicodedata
 from typing import Any, Iterable
 
@@ -20,6 +22,8 @@ from storage.sidecar import cached_beside
 # Bump CODE_VERSION when a stage's output bytes change for the same inputs.
 CODE_VERSION = "1"
 VERSION_LEN = 16
+# A word of match_key: letters and digits, with their combining marks (casefold("İ") is i + U+0307).
+_WORD = re.compile(r"(?:[^\W_]|[\u0300-\u036f])+")
 
 
 def canonical_json(obj: Any) -> str:
@@ -39,6 +43,17 @@ def normalize(text: str | None) -> str:
     if text is None:
         return ""
     return " ".join(unicodedata.normalize("NFC", str(text)).split())
+
+
+def match_key(text: str | None) -> str:
+    """A looser key than :func:`normalize`, to find one release's English caption among another's:
+    Unicode NFKC, case folded, its words (runs of letters and digits) one space apart: so case,
+    spacing, punctuation and quotes (straight or curly) do not count ("A dog, running." and
+    "a dog running" meet). CCLM's caption cleaning (lower case, punctuation to spaces) keeps the key.
+    '' for None or a text without words."""
+    if text is None:
+        return ""
+    return " ".join(_WORD.findall(unicodedata.normalize("NFKC", str(text)).casefold()))
 
 
 def text_sha(text: str) -> str:

@@ -2,6 +2,7 @@
 
 Sources come from the catalog (kind ``source``): the latest version of each source by default,
 or the names/versions given (``coco``, ``coco@<version>``, or a version alone).
+:func:`covered_texts` gives the unique captions of the sources an import names, to match it against.
 """
 from __future__ import annotations
 
@@ -52,15 +53,18 @@ def select_sources(root: str | None, wanted: list[str] | None = None) -> list[Ar
     return chosen
 
 
+def _captions(art: Artifact) -> list:
+    path = os.path.join(art.path, "captions.parquet")
+    if not os.path.isfile(path):
+        raise CCRKError(f"source {art.name} {art.version}: missing {path}")
+    return pq.read_table(path, columns=["caption"]).column("caption").to_pylist()
+
+
 def collect_texts(root: str | None, wanted: list[str] | None = None) -> Collected:
     """Normalised unique English captions of the selected sources (empty ones counted, not kept)."""
     out = Collected(sources=select_sources(root, wanted))
     for art in out.sources:
-        path = os.path.join(art.path, "captions.parquet")
-        if not os.path.isfile(path):
-            raise CCRKError(f"source {art.name} {art.version}: missing {path}")
-        column = pq.read_table(path, columns=["caption"]).column("caption").to_pylist()
-        for caption in column:
+        for caption in _captions(art):
             out.captions += 1
             text = normalize(caption)
             if not text:
@@ -68,3 +72,24 @@ def collect_texts(root: str | None, wanted: list[str] | None = None) -> Collecte
                 continue
             out.texts.setdefault(text_sha(text), text)
     return out
+
+
+def source_texts(art: Artifact) -> dict[str, str]:
+    """One source's unique normalised English captions: text_sha -> text, first seen order."""
+    texts: dict[str, str] = {}
+    for caption in _captions(art):
+        text = normalize(caption)
+        if text:
+            texts.setdefault(text_sha(text), text)
+    return texts
+
+
+def covered_texts(collected: Collected, names: list[str], what: str) -> dict[str, dict[str, str]]:
+    """``{name@version: source_texts}`` of the collected sources called ``names`` (``what``, e.g. an
+    import, for the error when one of them is not among the sources this run reads)."""
+    by_name = {a.name: a for a in collected.sources}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise CCRKError(f"{what} covers source {', '.join(missing)}, which this run does not read "
+                        f"(its sources: {', '.join(sorted(by_name)) or 'none'})")
+    return {f"{by_name[n].name}@{by_name[n].version}": source_texts(by_name[n]) for n in dict.fromkeys(names)}

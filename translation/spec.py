@@ -65,11 +65,25 @@ class Thresholds(Spec):
 
 
 class ImportSpec(Spec):
-    """Existing translations imported as model_id ``import:NAME`` (e.g. CCLM's de/fr/cs/ja/zh)."""
+    """Existing translations imported as model_id ``import:NAME`` (e.g. CCLM's de/fr/cs/ja/zh).
+
+    ``source``: the sources the file translates (``cc3m``, or ``[sbu, vg, coco]``): its rows are matched
+    to their English captions whatever case, spacing or punctuation the release changed, and the match
+    rate per source is reported (:mod:`translation.imports`)."""
 
     name: str = versioned(description="the import's name (model_id import:NAME)")
     path: str = versioned(description="JSON lines or parquet file")
     langs: list[str] | None = versioned(None, "import only these languages", shown="every language in the file")
+    source: list[str] | None = versioned(None, "the sources it translates (names): rows matched to their captions "
+                                               "by a loose key, stored under the captions' own text_sha",
+                                         shown="none: rows keyed by their own normalised English", omit_none=True)
+    min_match_rate: float = setting(0.95, "warn when a covered source's unique captions find an import row less "
+                                          "often than this", ge=0, le=1)
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _one_source(cls, value):
+        return [value] if isinstance(value, str) else value
 
 
 class TranslateSpec(Spec):
@@ -102,7 +116,7 @@ class TranslateSpec(Spec):
     ray_address: str | None = setting(None, "with executor ray: a running cluster (HOST:PORT, ray://HOST:10001 or "
                                             "auto)", shown="a local cluster for this run")
     imports: list[ImportSpec] = versioned(default_factory=list, description="existing translations to import "
-                                          "first ([{name, path, langs}])")
+                                          "first ([{name, path, langs, source}])")
     thresholds: Thresholds = versioned(default_factory=Thresholds, description="quality thresholds of the ok flag")
 
     @model_validator(mode="after")

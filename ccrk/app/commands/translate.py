@@ -58,6 +58,13 @@ def print_translation_summary(summary: dict) -> None:
     print_table("sample translations", ["lang", "source", "translation", "ok", "unif", "copy", "len"],
                 [(lang, r["src_text"], r["tgt_text"], r["ok"], r["uniformity"], r["copy_sim"], r["len_ratio"])
                  for lang, rows in summary["samples"].items() for r in rows])
+    for imp in summary.get("imports", []):
+        if imp["sources"]:
+            print_table(f"import:{imp['name']} ({imp['rows']} rows, {imp['unmatched_rows']} matching no caption)",
+                        ["source", "unique captions", "matched", "rate"],
+                        [(m["source"], m["captions"], m["matched"], f"{m['rate']:.1%}") for m in imp["sources"]])
+    for warning in summary.get("warnings", []):
+        console.print(f"warning: {warning}", markup=False)
     console.print(f"recorded translation {summary['version']} -> {summary['path']}", markup=False)
 
 

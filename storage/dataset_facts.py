@@ -199,6 +199,7 @@ class DatasetFacts:
     lang_counts: dict[int, int]  # {number of languages: samples}
     benchmark_overlap: dict[str, int]  # {benchmark: images excluded}; {} = none configured
     drops: list[dict]
+    overlap_by_kind: dict[str, dict[str, int]] = field(default_factory=dict)  # {benchmark: {kind of match: images}}
     lineage: list = field(default_factory=list)  # the manifest's (kind, name, value) rows
     built_at: datetime | None = None
 
@@ -251,7 +252,16 @@ def dataset_facts(s: dict, models: list[tuple], dataset_dir: str | None = None,
         sources=sources, translations=translations, policy=params,
         lang_counts={int(k): int(v) for k, v in sorted(counts.items(), key=lambda kv: int(kv[0]))},
         benchmark_overlap={str(k): int(v) for k, v in (s.get("benchmark_overlap") or {}).items()},
+        overlap_by_kind=_by_kind(s.get("overlap_by_kind") or []),
         drops=list(s.get("drops") or []), lineage=[list(r) for r in lineage], built_at=built_at)
+
+
+def _by_kind(rows: list[dict]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for r in rows:
+        kinds = out.setdefault(str(r["benchmark"]), {})
+        kinds[str(r["kind"])] = kinds.get(str(r["kind"]), 0) + int(r["n_images"])
+    return out
 
 
 def _json(value: str):

@@ -154,10 +154,15 @@ def benchmark_text(f: DatasetFacts) -> str:
         return ("No evaluation benchmark was excluded (none was configured at build time): images of evaluation "
                 "sets (COCO Karpathy test, xFlickr&CO, Multi30K, WIT) may be in this data, and a model trained on "
                 "it may score inflated on them.")
-    counts = "; ".join(f"{b}: {n:,} images" for b, n in f.benchmark_overlap.items())
+    counts = "; ".join(f"{b}: {n:,} images{_kinds(f, b)}" for b, n in f.benchmark_overlap.items())
     return ("Evaluation-benchmark exclusion: images of the configured benchmarks were removed at build time, "
             "matched by source id, image url, sha256 of the image bytes and a perceptual hash (near-duplicates): "
             f"{counts} (total {sum(f.benchmark_overlap.values()):,}).")
+
+
+def _kinds(f: DatasetFacts, benchmark: str) -> str:
+    kinds = {k: n for k, n in f.overlap_by_kind.get(benchmark, {}).items() if n}
+    return f" (by {', '.join(f'{k} {n:,}' for k, n in kinds.items())})" if kinds else ""
 
 
 def lang_count_text(f: DatasetFacts) -> str:
@@ -278,8 +283,10 @@ def dataset_card(f: DatasetFacts, files: dict) -> str:
     lines += ["", "## Evaluation benchmarks excluded", ""]
     if f.benchmark_overlap:
         lines += ["Images of these benchmarks were removed at build time (matched by source id, url, sha256 of the "
-                  "image bytes and a perceptual hash):", "", "| benchmark | images removed |", "|---|---|"]
-        lines += [f"| {b} | {n:,} |" for b, n in f.benchmark_overlap.items()]
+                  "image bytes and a perceptual hash):", "", "| benchmark | images removed | matched by |",
+                  "|---|---|---|"]
+        lines += [f"| {b} | {n:,} | {_kinds(f, b).strip(' ()').removeprefix('by ')} |"
+                  for b, n in f.benchmark_overlap.items()]
     else:
         lines.append("No benchmark excluded.")
     lines += ["", "## Translation", "", "| language | model | decoding | model_id | decode_id | licence |",

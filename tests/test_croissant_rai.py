@@ -83,11 +83,14 @@ def test_rai_fields_carry_the_model_decoding_overlap_and_licences(tmp_path, file
 
 
 def test_card_states_languages_per_sample_the_exclusion_and_decoding_per_language(files):
-    facts = dataset_facts(summary(benchmark_overlap={"xflickrco": 12, "multi30k": 0},
+    by_kind = [{"benchmark": "xflickrco", "kind": "source_id", "n_images": 10},
+               {"benchmark": "xflickrco", "kind": "phash", "n_images": 2}]
+    facts = dataset_facts(summary(benchmark_overlap={"xflickrco": 12, "multi30k": 0}, overlap_by_kind=by_kind,
                                   lang_counts={4: 70, 3: 30}), MODELS)
     body = dataset_card(facts, files).split("---\n", 2)[2]
     assert "| 4 | 70 |\n| 3 | 30 |" in body
-    assert "| xflickrco | 12 |\n| multi30k | 0 |" in body
+    assert "| xflickrco | 12 | source_id 10, phash 2 |\n| multi30k | 0 |  |" in body
+    assert "xflickrco: 12 images (by source_id 10, phash 2); multi30k: 0 images (total 12)" in body
     assert "Warning" not in body
     assert (f"| es | M2M-100 1.2B | beam search, beam 5, output at most 1.5 x source tokens + 10 | {M12B} | {D5} | "
             "MIT (M2M-100, Fan et al. 2021) |") in body

@@ -110,6 +110,7 @@ def test_croissant_is_1_1_with_the_responsible_ai_fields_from_the_build(exported
     overlap = summary.get("benchmark_overlap") or {}
     if overlap:
         assert all(f"{b}: {n:,} images" in protocol for b, n in overlap.items())
+        assert not any("No evaluation benchmark" in x for x in meta.data_limitations)
     else:
         assert "No evaluation benchmark was excluded" in protocol
     assert "COCO Captions (source version cocov1, 3 images" in meta.data_collection
@@ -132,5 +133,6 @@ def test_dataset_card_states_languages_per_sample_benchmarks_and_decoding(export
     overlap = summary.get("benchmark_overlap") or {}
     if overlap:
         assert all(f"| {b} | {n:,} |" in body for b, n in overlap.items())
+        assert "> **Warning:**" not in body
     else:
         assert "> **Warning:** No evaluation benchmark was excluded" in body and "No benchmark excluded." in body

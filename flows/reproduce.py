@@ -37,7 +37,7 @@ from storage import atomic, layout
 from storage.demo.corpus import generate_demo_corpus, write_demo_metadata
 from storage.demo.server import serve
 from storage.errors import CCRKError
-from storage.specs import CorpusSpec
+from storage.specs import BuildSpec, CorpusSpec, ExcludeBenchmark
 from storage.verify import verify_dataset
 
 log = logging.getLogger("ccrk.reproduce")
@@ -88,15 +88,54 @@ def _translate(spec: ReproduceSpec, root: str, report: Reporter) -> dict:
     return {"summary": summary, "_note": ", ".join(translate.langs)}
 
 
-def _build(spec: ReproduceSpec, root: str, report: Reporter) -> dict:
-    result = build_flow(spec.build_spec(), root=root)
+def build_spec_with_exclusions(spec: ReproduceSpec, bench_dir: str | None = None) -> BuildSpec:
+    """The chain's build spec, its ``exclude`` spelled out for :func:`flows.build.build_flow` (which
+    makes each benchmark entry's exclusion list): ``protocol`` becomes one entry per benchmark of
+    the protocol section, with that entry's files; an entry without ``data`` takes the demo
+    benchmark's folder (``bench_dir``), as protocol entries do."""
+    build = spec.build_spec()
+    if not build.exclude:
+        return build
+    entries: list = []
+    for entry in build.exclude:
+        if entry == "protocol":
+            if not spec.protocol:
+                raise CCRKError("build.exclude: protocol names the benchmarks of the protocol section, "
+                                "and this config has none")
+            entries += [ExcludeBenchmark(benchmark=p.benchmark, data=p.data, images=p.images,
+                                         coco_images=p.coco_images) for p in spec.protocol]
+        else:
+            entries.append(entry)
+    out = []
+    for entry in entries:
+        if isinstance(entry, ExcludeBenchmark):
+            if not (entry.data or bench_dir):
+                raise CCRKError(f"build.exclude: benchmark {entry.benchmark} needs data: its folder")
+            entry = entry.merged({"data": entry.data or bench_dir}).to_config(defaults=False)
+        if entry not in out:
+            out.append(entry)
+    return build.merged({"exclude": out})
+
+
+def excludes_benchmark(spec: ReproduceSpec, benchmark: str) -> bool:
+    """Whether the chain's build keeps ``benchmark``'s evaluation images out."""
+    build = spec.build_spec()
+    return any((isinstance(e, ExcludeBenchmark) and e.benchmark == benchmark)
+               or (e == "protocol" and any(p.benchmark == benchmark for p in spec.protocol or ()))
+               for e in build.exclude or ())
+
+
+def _build(spec: ReproduceSpec, root: str, report: Reporter, bench_dir: str | None = None) -> dict:
+    result = build_flow(build_spec_with_exclusions(spec, bench_dir), root=root)
     report("build", result)
     verified = verify_dataset(result["path"])
     if not verified.ok:
         problems = "; ".join(f"{p.kind} {p.shard}" for p in verified.problems[:5])
         raise CCRKError(f"dataset {result['path']} failed verification: {problems}")
     report("verify", {"_line": f"verified: {verified.n_shards} shards, {verified.n_samples} samples, no problems"})
-    return {"result": result, "_note": f"{result['n_samples']} samples, {result['n_shards']} shards"}
+    overlap = ", ".join(f"{n} {bench} images kept out" for bench, n in result.get("benchmark_overlap", {}).items())
+    return {"result": result, "_note": f"{result['n_samples']} samples, {result['n_shards']} shards"
+                                       + (f"; {overlap}" if overlap else "")}
 
 
 def _pretrain(spec: ReproduceSpec, root: str, dataset_dir: str, report: Reporter,
@@ -164,11 +203,11 @@ def reproduce_flow(config: str = "configs/demo.yaml", root: str | None = None,
         metadata: dict[str, list[str]] = {}
         bench_dir = None
         if spec.corpus is not None:  # the embedded demo: generate, serve on loopback, write metadata
-            metadata, bench_dir = _demo_corpus(spec.corpus, root, clock, stack)
+            metadata, bench_dir = _demo_corpus(spec.corpus, root, clock, stack, excludes_benchmark(spec, "demo"))
         acquired = clock.stage("acquire", _acquire_all, spec, root, metadata, report)
         stack.close()  # the images are local now
     clock.stage("translate", _translate, spec, root, report)
-    built = clock.stage("build + verify", _build, spec, root, report)
+    built = clock.stage("build + verify", _build, spec, root, report, bench_dir)
     out = {"root": root, "dataset": built["result"]["path"], "stages": clock.rows,
            "sources": {k: v.get("path") for k, v in acquired["sources"].items()}}
     if not spec.pretrain.runs:  # a data-only chain (configs/demo-small.yaml)
@@ -196,14 +235,17 @@ def reproduce_flow(config: str = "configs/demo.yaml", root: str | None = None,
     return {**out, "runs": trained["runs"], "report": evaluated["dir"]}
 
 
-def _demo_corpus(c: CorpusSpec, root: str, clock: StageClock, stack: ExitStack) -> tuple[dict, str]:
+def _demo_corpus(c: CorpusSpec, root: str, clock: StageClock, stack: ExitStack,
+                 plant: bool = False) -> tuple[dict, str]:
     """Generate the demo corpus, serve it on loopback for the acquisition (until ``stack`` closes) and
-    write its benchmark; returns (metadata files per source, the benchmark's directory)."""
+    write its benchmark; returns (metadata files per source, the benchmark's directory). ``plant``
+    (a chain whose build excludes the demo benchmark): the metadata also lists the corpus's planted
+    copies of benchmark images (storage.demo.corpus), which that build must find and keep out."""
     corpus = layout.join(root, "demo-corpus")
     clock.stage("demo corpus", lambda: {"_note": str(generate_demo_corpus(
         corpus, seed=c.seed, n_train=c.n_train, n_heldout=c.n_heldout).get("n_images", ""))})
     server = stack.enter_context(serve(corpus, port=c.port))
-    metadata = write_demo_metadata(corpus, server.url)
+    metadata = write_demo_metadata(corpus, server.url, plant=plant)
     metadata["sbu"] = metadata["sbu"][:1]  # one of SBU's two official layouts
     bench_dir = layout.join(root, "benchmarks", "demo")
     write_demo_benchmark(corpus, bench_dir)

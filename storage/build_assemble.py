@@ -216,7 +216,7 @@ def _draft_manifest(con, staging, tsets, langs, drop_rows, lineage, json_bytes: 
     alias = manifest.open_draft(con, draft_path)
     try:
         manifest.write_plan_tables(con, alias, "SELECT * FROM plan_samples", caption_texts_sql, langs, sets,
-                                   drop_rows, lineage["rows"], SOURCE_LANG)
+                                   drop_rows, lineage["rows"], SOURCE_LANG, OVERLAP_SQL, OVERLAP_IMAGES_SQL)
         if keep_draft:
             con.execute(f"CHECKPOINT {alias}")  # written now, while shards are; closing it later is quick
             return alias, draft_path
@@ -232,6 +232,11 @@ def _draft_manifest(con, staging, tsets, langs, drop_rows, lineage, json_bytes: 
         raise
     return None
 
+
+# The benchmark exclusion's manifest tables, from storage.build_plan.exclude_benchmark_images's temp tables
+OVERLAP_SQL = "SELECT benchmark, kind, n_images FROM overlap_counts"
+OVERLAP_IMAGES_SQL = ("SELECT source, image_key, i.url, benchmark, split, kind, value FROM excluded "
+                      "JOIN excluded_images i USING (source, image_key) ORDER BY benchmark, source, image_key")
 
 PLAN_BUCKET_ROWS = 100_000  # kept captions per bucket of the plan (held in memory: about 3 KB each at 5 languages)
 

@@ -6,7 +6,7 @@ import glob
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from storage import atomic
 from storage.build_resolve import BuildPlan
@@ -26,6 +26,9 @@ class BuildResult:
     captions_by_lang: dict[str, int]
     drops: list[dict]
     message: str = ""
+    benchmark_overlap: dict[str, int] = field(default_factory=dict)  # {benchmark: images kept out}
+    overlap_by_kind: list[dict] = field(default_factory=list)        # (benchmark, kind, n_images) rows
+    lang_counts: dict[int, int] = field(default_factory=dict)        # {number of languages: samples}
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -64,15 +67,19 @@ def _finalize(dataset_path: str, con, pending, draft: tuple[str, str] | None) ->
 
 def build_stats(result: BuildResult, lineage: dict) -> dict:
     """The dataset's catalog stats: its counts, and the version of each source it was built from."""
-    return {"n_samples": result.n_samples, "n_shards": result.n_shards, "bytes": result.bytes,
-            "captions_by_lang": result.captions_by_lang,
-            "sources": {x["name"]: x["version"] for x in lineage["sources"]}}
+    stats = {"n_samples": result.n_samples, "n_shards": result.n_shards, "bytes": result.bytes,
+             "captions_by_lang": result.captions_by_lang,
+             "sources": {x["name"]: x["version"] for x in lineage["sources"]}}
+    if result.benchmark_overlap:
+        stats["benchmark_overlap"] = result.benchmark_overlap
+    return stats
 
 
 def _result(path, name, version, skipped, s, message) -> BuildResult:
     return BuildResult(name=name, version=version, path=path, skipped=skipped, n_samples=s["n_samples"],
                        n_shards=s["n_shards"], bytes=s["bytes"], captions_by_lang=s["captions_by_lang"],
-                       drops=s["drops"], message=message)
+                       drops=s["drops"], message=message, benchmark_overlap=s.get("benchmark_overlap", {}),
+                       overlap_by_kind=s.get("overlap_by_kind", []), lang_counts=s.get("lang_counts", {}))
 
 
 def skipped_result(plan: BuildPlan) -> BuildResult:

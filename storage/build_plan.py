@@ -15,6 +15,8 @@ from storage.build_policy import join_captions
 from storage.build_resolve import BuildPlan, ResolvedBuild, resolve_build
 from storage.build_staging import BOX_COLUMNS, STAGING, duckdb_cursor, parquet_columns
 from storage.errors import CCRKError
+from storage.exclusion import (KIND_OF, KINDS, SCHEMA, SourceImages, load_identities, match_exclusions,
+                               overlap_counts, read_exclusion_list)
 from storage.manifest import sql_str as _sql_str
 from storage.shards import index_source_tar
 from storage.sidecar import cached_beside
@@ -66,7 +68,8 @@ def plan_resolved(resolved: ResolvedBuild, engine=None, on_plan=None, keep_draft
     keep_draft = keep_draft and engine is not None
     n_samples, draft = _plan(staging, r.srcs, r.tsets, params["langs"], min_langs, params["drop_flagged"], shard_size,
                              params["seed"], r.lineage, engine, on_plan, keep_draft,
-                             write_plan=parts_dir is None and not keep_draft, on_total=on_total, memory=memory)
+                             write_plan=parts_dir is None and not keep_draft, on_total=on_total, memory=memory,
+                             exclusions=r.exclusions)
     n_shards = -(-n_samples // shard_size)
     return BuildPlan(p.root, p.name, p.version, p.path, False, n_samples, n_shards,
                      f"planned {n_samples} samples in {n_shards} shards", draft)
@@ -74,7 +77,7 @@ def plan_resolved(resolved: ResolvedBuild, engine=None, on_plan=None, keep_draft
 
 def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed, lineage, engine=None,
           on_plan=None, keep_draft=False, write_plan=True, on_total=None,
-          memory: str | None = None) -> tuple[int, tuple[str, str] | None]:
+          memory: str | None = None, exclusions=()) -> tuple[int, tuple[str, str] | None]:
     # The plan's temp tables vanish with its connection.
     pool = ThreadPoolExecutor(1)
     try:
@@ -90,11 +93,47 @@ def _plan(staging, srcs, tsets, langs, min_langs, drop_flagged, shard_size, seed
                 raise CCRKError(f"build memory {limit!r} (--memory or CCRK_BUILD_MEMORY) is not a DuckDB "
                                 f"memory size such as 8GB: {exc}") from None
             boxes = _load_sources(con, srcs, tar_index, seed)
+            exclude_benchmark_images(con, srcs, exclusions, lineage["params"])
             join_captions(con, tsets, langs, min_langs, drop_flagged, boxes)
             return assemble(con, staging, tsets, langs, shard_size, boxes, lineage, on_plan, keep_draft, write_plan,
                             on_total)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def exclude_benchmark_images(con, srcs, exclusions, params: dict) -> None:
+    """The benchmark exclusion (:mod:`storage.exclusion`), between loading the sources and the join:
+    the temp tables ``excluded`` (each excluded image once per benchmark, with the kind of match),
+    ``excluded_images`` (source, image_key, url, n_captions) and ``overlap_counts`` (benchmark, kind,
+    n_images); the excluded images and their captions leave ``img`` and ``cap``. Without
+    exclusion lists the three tables are empty and nothing is read."""
+    lists = pa.concat_tables([SCHEMA.empty_table()] + [read_exclusion_list(e.path) for e in exclusions])
+    kinds = params.get("exclude_kinds", [])
+    if lists.num_rows:
+        listed = set(lists.column("kind").to_pylist())
+        wanted = {k for k in KINDS if KIND_OF[k] in kinds and k in listed}
+        sources = [SourceImages(s.name, os.path.join(s.path, "images.parquet"), _finished_shards(s.path, ".parquet"),
+                                _finished_shards(s.path, ".tar")) for s in srcs]
+        load_identities(con, sources, wanted)
+        match_exclusions(con, lists, kinds, params.get("exclude_phash_distance", 0))
+    else:
+        con.execute("CREATE OR REPLACE TEMP TABLE excluded AS SELECT NULL::VARCHAR AS source, NULL::VARCHAR AS "
+                    "image_key, NULL::VARCHAR AS benchmark, NULL::VARCHAR AS split, NULL::VARCHAR AS kind, "
+                    "NULL::VARCHAR AS value WHERE false")
+    con.register("overlap_view", overlap_counts(con, lists, kinds))
+    try:
+        con.execute("CREATE OR REPLACE TEMP TABLE overlap_counts AS SELECT * FROM overlap_view")
+    finally:
+        con.unregister("overlap_view")
+    con.execute("""CREATE OR REPLACE TEMP TABLE excluded_images AS
+                   SELECT e.source, e.image_key, i.url, count(c.image_key) AS n_captions
+                   FROM (SELECT DISTINCT source, image_key FROM excluded) e
+                   JOIN img i ON i.source = e.source AND i.image_key = e.image_key
+                   LEFT JOIN cap c ON c.source = e.source AND c.image_key = e.image_key GROUP BY ALL""")
+    if con.execute("SELECT count(*) FROM excluded_images").fetchall()[0][0]:
+        for table in ("cap", "img"):
+            con.execute(f"""DELETE FROM {table} t WHERE EXISTS (SELECT 1 FROM excluded_images e
+                            WHERE e.source = t.source AND e.image_key = t.image_key)""")
 
 
 def plan_memory_limit(memory: str | None = None) -> str:

@@ -57,13 +57,17 @@ def _make_cj(con, langs, min_langs, drop_flagged, boxes: bool, rels: dict[str, s
 
 
 def count_drops(con, langs) -> tuple[Counter, list[dict]]:
-    """The drops by (unit, reason, language) -- a Counter, and the manifest's rows of it."""
+    """The drops by (unit, reason, language) -- a Counter, and the manifest's rows of it. Reads the
+    temp table ``excluded_images`` besides ``img``, ``cap`` and ``cj``."""
     counts = ["""SELECT 'image', 'no_image', NULL, count(*) FROM img WHERE tar_path IS NULL""",
               """SELECT 'image', 'no_captions', NULL, count(*) FROM img i WHERE tar_path IS NOT NULL
                  AND NOT EXISTS (SELECT 1 FROM cap c WHERE c.source = i.source AND c.image_key = i.image_key)""",
               """SELECT 'caption', 'no_image', NULL, count(*) FROM cap c WHERE NOT EXISTS
                  (SELECT 1 FROM img i WHERE i.source = c.source AND i.image_key = c.image_key AND i.tar_path IS NOT NULL)""",
-              "SELECT 'caption', drop_reason, NULL, count(*) FROM cj WHERE drop_reason IS NOT NULL GROUP BY drop_reason"]
+              "SELECT 'caption', drop_reason, NULL, count(*) FROM cj WHERE drop_reason IS NOT NULL GROUP BY drop_reason",
+              # the images of an evaluation benchmark and their captions (storage.build_plan.exclude_benchmark_images)
+              "SELECT 'image', 'benchmark_overlap', NULL, count(*) FROM excluded_images",
+              "SELECT 'caption', 'benchmark_overlap', NULL, coalesce(sum(n_captions), 0) FROM excluded_images"]
     for i, lang in enumerate(target_langs(langs)):
         counts.append(f"SELECT 'translation', 'missing', {_sql_str(lang)}, "
                       f"count(*) FILTER (WHERE NOT {EMPTY} AND miss{i}) FROM cj")

@@ -11,8 +11,9 @@ from storage import layout
 from storage.build_staging import COMPLETE, MANIFEST, STAGING, duckdb_cursor, write_staging_json
 from storage.catalog import Catalog
 from storage.errors import CCRKError
+from storage.exclusion import EXCLUSION_FILE, read_exclusion_list
 from storage.languages import SOURCE_LANG, parse_langs
-from storage.specs import BuildSpec, build_spec
+from storage.specs import MATCH_KINDS, BuildSpec, build_spec
 from storage.verify import verify_dataset
 from storage.versioning import CODE_VERSION, content_version, files_sha256
 
@@ -23,6 +24,15 @@ class SourceInput:
     version: str
     path: str
     recorded: bool  # in the catalog (then it is a parent of the dataset)
+
+
+@dataclass
+class ExclusionInput:
+    """An exclusion list a build reads (:mod:`storage.exclusion`)."""
+    path: str                 # the parquet file
+    content_id: str           # sha256 of its bytes (16 hex digits): what the dataset version holds
+    benchmarks: list[str]
+    artifact_versions: list[str] = field(default_factory=list)  # recorded exclusion artifacts holding it
 
 
 @dataclass
@@ -113,9 +123,50 @@ def _same_or_parent(artifact_path: str, set_path: str) -> bool:
     return p == a or p.startswith(a + "/")
 
 
-def policy_params(langs, min_langs, drop_flagged, shard_size, seed) -> dict:
-    return {"langs": list(langs), "min_langs": min_langs if min_langs is not None else "all",
-            "drop_flagged": bool(drop_flagged), "shard_size": int(shard_size), "seed": int(seed)}
+def resolve_exclusions(root: str, entries, engine=None) -> list[ExclusionInput]:
+    """Each ``build.exclude`` entry's exclusion list: a parquet file, a folder holding
+    ``exclusion.parquet``, or the version of a recorded ``exclusion`` artifact. Benchmark entries
+    must have been made into lists first (the ccrk layer does: ``flows.build``)."""
+    cat = Catalog(root, engine)
+    recorded = cat.list("exclusion")
+    out: dict[str, ExclusionInput] = {}
+    for entry in entries or ():
+        if not isinstance(entry, str):
+            raise CCRKError(f"build.exclude: benchmark {entry.benchmark}: make its exclusion list first "
+                            "(ccrk build and ccrk reproduce do; the build reads exclusion lists only)")
+        if entry == "protocol":
+            raise CCRKError("build.exclude: 'protocol' means the benchmarks of a reproduce config's protocol "
+                            "section; ccrk build takes exclusion lists or --exclude-benchmark")
+        path = entry if os.path.isfile(entry) else os.path.join(entry, EXCLUSION_FILE)
+        if not os.path.isfile(path):
+            art = cat.find(entry) if entry and "/" not in entry else None
+            if art is None or art.kind != "exclusion":
+                raise CCRKError(f"build.exclude {entry!r}: no exclusion list there (a parquet file, a folder "
+                                f"holding {EXCLUSION_FILE}, or an exclusion artifact's version)")
+            path = os.path.join(art.path, EXCLUSION_FILE)
+        path = os.path.abspath(path)
+        table = read_exclusion_list(path)
+        content_id = files_sha256([path], cached=True)[:16]
+        if content_id in out:
+            continue  # the same list twice
+        versions = sorted(a.version for a in recorded if _same_or_parent(a.path, path))
+        out[content_id] = ExclusionInput(path, content_id, sorted(set(table.column("benchmark").to_pylist())),
+                                         versions)
+    return sorted(out.values(), key=lambda e: e.content_id)
+
+
+def policy_params(langs, min_langs, drop_flagged, shard_size, seed, exclusions=(), exclude_kinds=(),
+                  exclude_phash_distance=None) -> dict:
+    """The parameters the dataset's version and its policy are derived from; those of the benchmark
+    exclusion only when it has lists (a build without one keeps the version it had before)."""
+    params = {"langs": list(langs), "min_langs": min_langs if min_langs is not None else "all",
+              "drop_flagged": bool(drop_flagged), "shard_size": int(shard_size), "seed": int(seed)}
+    if exclusions:
+        params["exclude"] = sorted(e.content_id for e in exclusions)
+        params["exclude_kinds"] = [k for k in MATCH_KINDS if k in set(exclude_kinds)]
+        if "phash" in params["exclude_kinds"]:
+            params["exclude_phash_distance"] = int(exclude_phash_distance)
+    return params
 
 
 def dataset_version(sources: list[SourceInput], tsets: dict[str, list[TranslationSet]], params: dict) -> str:
@@ -148,6 +199,7 @@ class ResolvedBuild:
     plan: BuildPlan
     srcs: list[SourceInput] = field(default_factory=list)
     tsets: dict[str, list[TranslationSet]] = field(default_factory=dict)
+    exclusions: list[ExclusionInput] = field(default_factory=list)
     lineage: dict = field(default_factory=dict)  # its "params" hold the policy (policy_params)
 
 
@@ -171,21 +223,26 @@ def resolve_build(root=None, spec: BuildSpec | dict | None = None, engine=None, 
         raise CCRKError(f"--min-langs {min_langs} must be between 1 and the {len(langs)} requested languages")
     if shard_size < 1:
         raise CCRKError(f"--shard-size {shard_size} must be positive")
+    if not spec.exclude_kinds and spec.exclude:
+        raise CCRKError("--exclude-kinds is empty: name at least one of " + ", ".join(MATCH_KINDS))
     with duckdb_cursor(engine) as con:
         srcs = resolve_sources(root, sources, source_versions, con)
         tsets = discover_translations(root, langs, translations, con)
+        exclusions = resolve_exclusions(root, spec.exclude, con)
     if min_langs is None:
         lacking = [lang for lang in langs if lang != SOURCE_LANG and lang not in tsets]
         if lacking:
             raise CCRKError(f"no translations for {','.join(lacking)} under {layout.join(root, 'translations')}: "
                             "translate or import them first, or relax the policy with --min-langs")
-    params = policy_params(langs, min_langs, drop_flagged, shard_size, seed)
+    params = policy_params(langs, min_langs, drop_flagged, shard_size, seed, exclusions, spec.exclude_kinds,
+                           spec.exclude_phash_distance)
     version = dataset_version(srcs, tsets, params)
     path = layout.dataset_dir(root, name, version)
     lineage = {"name": name, "version": version, "params": params,
-               "rows": _lineage_rows(name, version, srcs, tsets, params),
+               "rows": _lineage_rows(name, version, srcs, tsets, params, exclusions, root),
                "parents": sorted({s.version for s in srcs if s.recorded}
-                                 | {v for ts in tsets.values() for t in ts for v in t.artifact_versions}),
+                                 | {v for ts in tsets.values() for t in ts for v in t.artifact_versions}
+                                 | {v for e in exclusions for v in e.artifact_versions}),
                "sources": [asdict(s) for s in srcs]}
     if is_complete(path):
         # Every shard present at its recorded size (no shard is read: at CC3M's scale hashing them
@@ -195,7 +252,7 @@ def resolve_build(root=None, spec: BuildSpec | dict | None = None, engine=None, 
             return ResolvedBuild(BuildPlan(root, name, version, path, True, report.n_samples, report.n_shards,
                                            f"dataset {name} {version} is already built (every shard present at "
                                            "its recorded size; `ccrk verify` re-reads them): nothing to do"),
-                                 srcs, tsets, lineage)
+                                 srcs, tsets, exclusions, lineage)
         # A damaged build: forget it was complete and write it again (same bytes).
         for f in (COMPLETE, MANIFEST):
             if os.path.exists(os.path.join(path, f)):
@@ -203,9 +260,9 @@ def resolve_build(root=None, spec: BuildSpec | dict | None = None, engine=None, 
     staging = os.path.join(path, STAGING)
     os.makedirs(staging, exist_ok=True)
     write_staging_json(os.path.join(staging, "lineage.json"), lineage)
-    return ResolvedBuild(BuildPlan(root, name, version, path, False), srcs, tsets, lineage)
+    return ResolvedBuild(BuildPlan(root, name, version, path, False), srcs, tsets, exclusions, lineage)
 
-def _lineage_rows(name, version, srcs, tsets, params) -> list[list[str]]:
+def _lineage_rows(name, version, srcs, tsets, params, exclusions=(), root: str = "") -> list[list[str]]:
     rows = [["dataset", "name", name], ["dataset", "version", version], ["code", "code_version", CODE_VERSION]]
     for s in srcs:
         rows.append(["source", s.name, s.version])
@@ -216,6 +273,9 @@ def _lineage_rows(name, version, srcs, tsets, params) -> list[list[str]]:
             for version, p in sorted(t.artifact_params.items()):
                 rows.append(["translation_artifact", f"{t.set_id}/{lang}",
                              f"{version} " + json.dumps(p, sort_keys=True, default=str)])
+    for e in exclusions:
+        rows.append(["exclusion", ",".join(e.benchmarks), f"content={e.content_id} path={layout.rooted(root, e.path)}"
+                     + "".join(f" artifact={v}" for v in e.artifact_versions)])
     for k, v in sorted(params.items()):
         rows.append(["param", k, json.dumps(v)])
     return rows

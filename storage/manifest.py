@@ -13,6 +13,10 @@ Tables in ``manifest.duckdb``:
 - ``translation_sets`` (lang, set_rank, model_id, decode_id) -- what ``set_L`` points at
 - ``lang_counts`` (lang, captions, samples)
 - ``drops``     (unit, reason, lang, count) -- every dropped image / caption / translation
+- ``benchmark_overlap`` (benchmark, kind, n_images) -- per excluded benchmark and kind of match, the
+                 images kept out of the dataset (storage.exclusion; each image once per benchmark)
+- ``benchmark_overlap_images`` (source, image_key, url, benchmark, split, kind, value) -- which ones,
+                 and the benchmark's value each matched
 - ``lineage``   (kind, name, value) -- source versions, translation model/decode ids, policy, code
 ``sizes.json`` (``{shard: n_samples}``, as open_clip reads it) and ``wids-index.json`` (wids
 ``shardlist`` format) sit beside the shards.
@@ -100,14 +104,22 @@ def captions_view_sql(langs, source_lang: str = SOURCE_LANG) -> str:
     return f"SELECT * FROM ({' UNION ALL '.join(parts)}) ORDER BY key, caption_index, lang"
 
 
+OVERLAP_COLUMNS = "benchmark VARCHAR, kind VARCHAR, n_images BIGINT"
+OVERLAP_IMAGE_COLUMNS = ("source VARCHAR, image_key VARCHAR, url VARCHAR, benchmark VARCHAR, split VARCHAR, "
+                         "kind VARCHAR, value VARCHAR")
+
+
 def write_plan_tables(con, alias: str, samples_sql: str, caption_texts_sql: str, langs, sets: list[tuple],
-                      drops: list[dict], lineage_rows: list, source_lang: str = SOURCE_LANG) -> None:
+                      drops: list[dict], lineage_rows: list, source_lang: str = SOURCE_LANG,
+                      overlap_sql: str | None = None, overlap_images_sql: str | None = None) -> None:
     """The manifest tables that need no shard result: ``samples`` (from ``samples_sql``: the
     :data:`SAMPLE_COLUMNS`, in dataset order), ``caption_texts`` (from ``caption_texts_sql``: key,
     caption_index, caption_id and each language's :func:`caption_text_fields`, in (key,
     caption_index) order), ``translation_sets`` (``sets``: (lang, set_rank, model_id, decode_id)
-    rows), the ``captions`` view, ``lang_counts``, ``drops`` and ``lineage``. The queries may read
-    ``con``'s temp tables.
+    rows), the ``captions`` view, ``lang_counts``, ``drops``, ``lineage`` and the benchmark
+    exclusion's ``benchmark_overlap`` / ``benchmark_overlap_images`` (from ``overlap_sql`` /
+    ``overlap_images_sql``, in that order of columns; None: empty). The queries may read ``con``'s
+    temp tables.
 
     Captions are stored one row per caption rather than per caption and language: the build has
     them that way, and writing (and compressing) five times the rows, sorted by language, cost more
@@ -133,6 +145,11 @@ def write_plan_tables(con, alias: str, samples_sql: str, caption_texts_sql: str,
         con.execute(f"CREATE VIEW {alias}.captions AS {captions_view_sql(langs, source_lang)}")
         con.execute(f"CREATE TABLE {alias}.drops AS SELECT * FROM draft_drops ORDER BY unit, reason, lang")
         con.execute(f"CREATE TABLE {alias}.lineage AS SELECT * FROM draft_lineage")
+        for table, columns, sql in (("benchmark_overlap", OVERLAP_COLUMNS, overlap_sql),
+                                    ("benchmark_overlap_images", OVERLAP_IMAGE_COLUMNS, overlap_images_sql)):
+            con.execute(f"CREATE TABLE {alias}.{table} ({columns})")
+            if sql:
+                con.execute(f"INSERT INTO {alias}.{table} {sql}")
         counts = " UNION ALL ".join(
             f"SELECT {sql_str(lang)} AS lang, count({sql_ident(f'text_{lang}')}) AS captions, "
             f"count(DISTINCT key) FILTER (WHERE {sql_ident(f'text_{lang}')} IS NOT NULL) AS samples "
@@ -365,7 +382,11 @@ def connect(dataset_path: str) -> duckdb.DuckDBPyConnection:
 
 
 def summary(dataset_path: str) -> dict:
-    """Counts for the CLI table, the catalog and the dataset card."""
+    """Counts for the CLI table, the catalog and the dataset card: besides the info, per-language
+    captions, drops, samples per source and lineage, ``benchmark_overlap`` ({benchmark: images kept
+    out}, every excluded benchmark, zeros included; {} without exclusion), ``overlap_by_kind``
+    (its rows per kind of match) and ``lang_counts`` ({number of languages: samples}, a sample's
+    languages being those every one of its captions has)."""
     con = connect(dataset_path)
     try:
         return _summary(con)
@@ -381,9 +402,20 @@ def _summary(con, db: str | None = None) -> dict:
              for u, r, lang, c in con.execute(f"SELECT unit, reason, lang, count FROM {p}drops").fetchall()]
     by_source = dict(con.execute(f"SELECT source, count(*) FROM {p}samples GROUP BY source ORDER BY source").fetchall())
     lineage = [list(r) for r in con.execute(f"SELECT kind, name, value FROM {p}lineage").fetchall()]
+    by_langs = dict(con.execute(f"SELECT CASE WHEN langs = '' THEN 0 ELSE len(string_split(langs, ',')) END AS k, "
+                                f"count(*) FROM {p}samples GROUP BY k ORDER BY k").fetchall())
+    tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = "
+                                        "coalesce(?, current_database()) AND schema_name = 'main'", [db]).fetchall()}
+    overlap_rows = con.execute(f"SELECT benchmark, kind, n_images FROM {p}benchmark_overlap").fetchall() \
+        if "benchmark_overlap" in tables else []  # manifests from before the exclusion have none
+    overlap: dict[str, int] = {}
+    for bench, _, count in overlap_rows:
+        overlap[bench] = overlap.get(bench, 0) + int(count)
     return {"name": name, "version": version, "n_samples": n, "n_shards": n_shards, "bytes": nbytes,
             "code_version": code, "captions_by_lang": langs, "drops": drops, "samples_by_source": by_source,
-            "lineage": lineage}
+            "lineage": lineage, "benchmark_overlap": overlap,
+            "overlap_by_kind": [{"benchmark": b, "kind": k, "n_images": int(c)} for b, k, c in overlap_rows],
+            "lang_counts": {int(k): int(c) for k, c in by_langs.items()}}
 
 
 def shard_records(dataset_path: str) -> list[dict]:

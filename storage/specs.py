@@ -7,14 +7,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 
 from storage.download import DEFAULT_MAX_IMAGE_AREA
-from storage.spec import Bool, Spec, setting, versioned
+from storage.spec import Bool, Spec, SpecError, setting, versioned
 
 SOURCES = ("cc3m", "sbu", "vg", "coco")
 EXECUTORS = ("local", "ray")
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
+
+# How a build matches a source image to a benchmark's (storage.exclusion), in the order an image
+# matched several ways is attributed: an id (COCO, Flickr), the url, the bytes' sha256, the pHash.
+MATCH_KINDS = ("id", "url", "sha256", "phash")
 
 Source = Literal[SOURCES]
 Executor = Literal[EXECUTORS]
@@ -77,8 +81,21 @@ class AcquireChainSpec(AcquireSettings):
         return AcquireSpec.parse({**values, **changes, "source": source, "metadata": files})
 
 
+class ExcludeBenchmark(Spec):
+    """A benchmark whose evaluation images a build keeps out (an entry of ``build.exclude``; ``ccrk
+    build --exclude-benchmark``): its files as ``ccrk evaluate`` reads them. Its exclusion list is
+    made from them before the build (ccrk.evaluation.exclusion; the build itself reads lists only)."""
+
+    benchmark: str = versioned(description="benchmark name (xflickrco, multi30k, coco, wit, demo)")
+    data: str | None = versioned(None, "benchmark folder, as ccrk evaluate --data",
+                                 shown="in ccrk reproduce: the demo benchmark")
+    images: str | None = versioned(None, "image folder, as ccrk evaluate --images", shown="<data>/images")
+    coco_images: str | None = versioned(None, "COCO val2014 folder (xFlickrCO's COCO half)")
+
+
 class BuildSpec(Spec):
-    """``ccrk build`` / ``build_flow``: the K-lingual dataset (inputs, language policy, sharding)."""
+    """``ccrk build`` / ``build_flow``: the K-lingual dataset (inputs, language policy, sharding,
+    the evaluation images kept out)."""
 
     name: str = setting("default", "dataset name (directory under datasets/)")
     sources: list[str] = versioned(default_factory=lambda: list(SOURCES), description="sources to join")
@@ -93,9 +110,35 @@ class BuildSpec(Spec):
                                                        "latest", shown="the latest of each")
     translations: list[str] | None = versioned(None, "only these translation sets (MODEL_ID/DECODE_ID), in this "
                                                "priority order", shown="all")
+    exclude: list[str | ExcludeBenchmark] | None = versioned(
+        None, "evaluation images kept out of the dataset: exclusion lists (parquet files, their folders or "
+              "catalog versions), or benchmarks (entries with benchmark, data, images; in ccrk reproduce also "
+              "protocol: every benchmark of the protocol section); versioned by the lists' contents",
+        shown="none")
+    exclude_kinds: list[Literal[MATCH_KINDS]] = versioned(
+        default_factory=lambda: list(MATCH_KINDS), description="how a source image is matched to an excluded "
+        "one: id (COCO / Flickr ids), url, sha256 (the downloaded bytes), phash (re-encoded or resized copies)")
+    exclude_phash_distance: int = versioned(8, "a pHash match: at most this many of the 64 bits differ", ge=0, le=16)
     shards_per_task: int = setting(16, "shards written by one Prefect task", ge=1)
     memory: str | None = setting(None, "DuckDB's memory limit while planning, e.g. 8GB",
                                  shown="CCRK_BUILD_MEMORY, else a third of RAM")
+
+    @field_validator("exclude", mode="before")
+    @classmethod
+    def _exclude_entries(cls, value):
+        """One entry alone is a list of one; a mapping is a benchmark entry (its own errors, one line)."""
+        entries = [value] if isinstance(value, (str, dict)) else value
+        if not isinstance(entries, list):
+            return entries
+        out = []
+        for i, entry in enumerate(entries):
+            if isinstance(entry, dict):
+                try:
+                    entry = ExcludeBenchmark.parse(entry)
+                except SpecError as exc:
+                    raise ValueError(f"entry {i}: {exc}") from None
+            out.append(entry)
+        return out
 
 
 class CorpusSpec(Spec):
@@ -108,7 +151,7 @@ class CorpusSpec(Spec):
                              "versions, stay the same)", ge=0, le=65535, shown="a free port")
 
 
-_BUILD_LIST_FIELDS = ("sources", "langs", "translations")
+_BUILD_LIST_FIELDS = ("sources", "langs", "translations", "exclude_kinds")
 
 
 def build_spec(spec: BuildSpec | dict | None = None, **fields) -> BuildSpec:

@@ -7,6 +7,13 @@ sizes at five positions) as JPEGs and writes ``demo_manifest.json``, the ground 
 COCO publish theirs, with urls under a base url (the loopback server), so the real source adapters
 read them; :func:`demo_archives` packs those files the way they ship (zip / tar.gz).
 
+The corpus also plants copies of held-out (benchmark) images, drawn from a random stream of their
+own after every other image (:func:`plant_copies`): the same bytes under another url, one per
+source, listed in the metadata only with ``write_demo_metadata(plant=True)`` -- for a build that
+excludes the demo benchmark to find (``ccrk reproduce`` plants them when it does). Each copy takes
+the captions of an earlier image of its source, so the corpus's set of English texts, every other
+image and every other caption stay as they are.
+
 Everything is a pure function of the seed (and of ``base_url`` for the metadata): same arguments,
 byte-identical files.
 """
@@ -29,7 +36,7 @@ from storage import atomic
 from storage.demo import grammar
 
 MANIFEST = "demo_manifest.json"
-CORPUS_VERSION = "1"
+CORPUS_VERSION = "2"  # 2: planted copies of held-out images
 TRAIN_SOURCES = ("cc3m", "sbu", "vg", "coco")
 SIZE_FRACTION = {"small": 0.22, "large": 0.45}
 # Centre of each position region, as a fraction of the side (x, y).
@@ -152,6 +159,7 @@ def _summary(manifest: dict, out_dir: str, skipped: bool) -> dict:
     return {"out_dir": out_dir, "manifest": os.path.join(out_dir, MANIFEST), "n_images": len(images),
             "n_train": sum(im["split"] == "train" for im in images),
             "n_heldout": sum(im["split"] == "heldout" for im in images),
+            "n_planted": len(manifest.get("planted", [])),
             "by_source": dict(sorted(by_source.items())), "skipped": skipped, **manifest["params"]}
 
 
@@ -192,9 +200,32 @@ def generate_demo_corpus(out_dir: str, seed: int = 0, n_train: int = 400, n_held
             "file": rel, "width": image_px, "height": image_px, "objects": objects,
             "captions": [grammar.render_all(p) for p in phrases],
         })
-    manifest = {"params": params, "images": images}
+    manifest = {"params": params, "images": images, "planted": plant_copies(out_dir, images, seed)}
     atomic.write_json(manifest_path, manifest)  # last: its presence marks a complete corpus
     return _summary(manifest, out_dir, skipped=False)
+
+
+def plant_copies(out_dir: str, images: list[dict], seed: int) -> list[dict]:
+    """Copies of held-out images to plant in the training metadata, one per source: the held-out
+    image's very bytes under another name (``images/planted-<source>.jpg``: another url), drawn
+    from their own random stream so that no other image changes. Each takes the captions (and, for
+    Visual Genome, the regions) of the first train image of its source. Only exact copies: the
+    demo's scenes are too alike for a perceptual hash (README, Benchmark exclusion)."""
+    heldout = [im for im in images if im["split"] == "heldout"]
+    rng = random.Random(f"ccrk-demo-plant/{seed}")
+    planted = []
+    for k, source in enumerate(TRAIN_SOURCES):
+        donor = next((im for im in images if im["split"] == "train" and im["source"] == source), None)
+        if not heldout or donor is None:
+            break
+        original = rng.choice(heldout)
+        rel = f"images/planted-{source}.jpg"
+        with open(os.path.join(out_dir, original["file"]), "rb") as f:
+            atomic.write_bytes(os.path.join(out_dir, rel), f.read())
+        planted.append({"id": f"planted-{source}", "index": 1_000_000 + k, "source": source, "file": rel,
+                        "copy_of": original["id"], "how": "same bytes, another url", "width": original["width"],
+                        "height": original["height"], "objects": donor["objects"], "captions": donor["captions"]})
+    return planted
 
 
 # --------------------------------------------------------------------------- official metadata
@@ -206,6 +237,10 @@ def _dumps(obj) -> str:
 
 def _train_images(manifest: dict, source: str) -> list[dict]:
     return [im for im in manifest["images"] if im["split"] == "train" and im["source"] == source]
+
+
+def _planted(manifest: dict, source: str, plant: bool) -> list[dict]:
+    return [im for im in manifest.get("planted", []) if im["source"] == source] if plant else []
 
 
 def _is_validation(k: int) -> bool:
@@ -226,18 +261,19 @@ def _object_phrase(o: dict) -> str:
     return grammar.render(grammar.Phrase("size", (grammar.Obj(o["shape"], o["color"], o["size"], o["position"]),)), "en")
 
 
-def _write_cc3m(manifest, base_url, d) -> list[str]:
+def _write_cc3m(manifest, base_url, d, plant=False) -> list[str]:
     train, val = [], []
     for k, im in enumerate(_train_images(manifest, "cc3m")):
         (val if _is_validation(k) else train).append(f"{im['captions'][0]['en']}\t{_url(base_url, im)}\n")
+    train += [f"{im['captions'][0]['en']}\t{_url(base_url, im)}\n" for im in _planted(manifest, "cc3m", plant)]
     paths = [os.path.join(d, "Train_GCC-training.tsv"), os.path.join(d, "Validation_GCC-1.1.0-Validation.tsv")]
     for path, lines in zip(paths, (train, val)):
         atomic.write_text(path, "".join(lines))
     return paths
 
 
-def _write_sbu(manifest, base_url, d) -> list[str]:
-    ims = _train_images(manifest, "sbu")
+def _write_sbu(manifest, base_url, d, plant=False) -> list[str]:
+    ims = _train_images(manifest, "sbu") + _planted(manifest, "sbu", plant)
     urls = [_url(base_url, im) for im in ims]
     caps = [im["captions"][0]["en"] for im in ims]
     users = [f"{10000000 + im['index']}@N0{im['index'] % 10}" for im in ims]
@@ -250,10 +286,10 @@ def _write_sbu(manifest, base_url, d) -> list[str]:
     return paths
 
 
-def _write_vg(manifest, base_url, d) -> list[str]:
+def _write_vg(manifest, base_url, d, plant=False) -> list[str]:
     image_data, regions = [], []
     region_id = 0
-    for im in _train_images(manifest, "vg"):
+    for im in _train_images(manifest, "vg") + _planted(manifest, "vg", plant):
         vid = _numeric_id(im)
         image_data.append({"image_id": vid, "url": _url(base_url, im), "width": im["width"],
                            "height": im["height"], "coco_id": None, "flickr_id": None})
@@ -270,14 +306,15 @@ def _write_vg(manifest, base_url, d) -> list[str]:
     return paths
 
 
-def _write_coco(manifest, base_url, d) -> list[str]:
+def _write_coco(manifest, base_url, d, plant=False) -> list[str]:
     info = {"description": "ccrk demo corpus in COCO 2017 captions format", "version": "1.0",
             "year": 2017, "contributor": "ccrk", "date_created": "2017/09/01", "url": base_url}
     licenses = [{"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}]
     splits = {"train2017": ([], []), "val2017": ([], [])}
     ann_id = 0
-    for k, im in enumerate(_train_images(manifest, "coco")):
-        split = "val2017" if _is_validation(k) else "train2017"
+    planted = _planted(manifest, "coco", plant)
+    for k, im in enumerate(_train_images(manifest, "coco") + planted):
+        split = "val2017" if _is_validation(k) and im not in planted else "train2017"
         cid = _numeric_id(im)
         images, anns = splits[split]
         images.append({"id": cid, "file_name": f"{cid:012d}.jpg", "coco_url": _url(base_url, im),
@@ -298,15 +335,16 @@ def _write_coco(manifest, base_url, d) -> list[str]:
 _WRITERS = {"cc3m": _write_cc3m, "sbu": _write_sbu, "vg": _write_vg, "coco": _write_coco}
 
 
-def write_demo_metadata(out_dir: str, base_url: str) -> dict[str, list[str]]:
-    """Write each source's train images in its official metadata format under ``out_dir/metadata/<source>/``.
+def write_demo_metadata(out_dir: str, base_url: str, plant: bool = False) -> dict[str, list[str]]:
+    """Write each source's train images in its official metadata format under ``out_dir/metadata/<source>/``;
+    ``plant``: the planted copies of held-out images too, after the train images (:func:`plant_copies`).
 
     Urls are ``{base_url}/images/<id>.jpg``. Returns ``{source: [paths]}``:
     cc3m: the train and validation tsv; sbu: ``sbu-captions-all.json`` then the urls/captions txt
     pair; vg: ``image_data.json``, ``region_descriptions.json``; coco: captions train2017, val2017.
     """
     manifest = load_manifest(out_dir)
-    return {source: _WRITERS[source](manifest, base_url, os.path.join(out_dir, "metadata", source))
+    return {source: _WRITERS[source](manifest, base_url, os.path.join(out_dir, "metadata", source), plant)
             for source in TRAIN_SOURCES}
 
 

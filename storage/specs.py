@@ -12,7 +12,11 @@ from pydantic import field_validator, model_validator
 from storage.download import DEFAULT_MAX_IMAGE_AREA
 from storage.spec import Bool, Spec, SpecError, setting, versioned
 
-SOURCES = ("cc3m", "sbu", "vg", "coco")
+# The web-crawled pre-training sources (what a build joins and reproduce acquires by default), then
+# Multi30K, whose images come from a local folder (storage.sources.SOURCES, the same).
+DEFAULT_SOURCES = ("cc3m", "sbu", "vg", "coco")
+SOURCES = (*DEFAULT_SOURCES, "multi30k")
+LOCAL_IMAGE_SOURCES = ("multi30k",)
 EXECUTORS = ("local", "ray")
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
 
@@ -21,6 +25,7 @@ RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest
 MATCH_KINDS = ("id", "url", "sha256", "phash")
 
 Source = Literal[SOURCES]
+WebSource = Literal[DEFAULT_SOURCES]
 Executor = Literal[EXECUTORS]
 
 
@@ -58,6 +63,13 @@ class AcquireSpec(AcquireSettings):
     source: Source = versioned(description="which dataset's metadata format")
     metadata: list[str] | None = versioned(None, "official metadata files or archives, local or http(s)",
                                            shown="the official urls of configs/sources.yaml")
+    # Where the images come from, not what they are: not part of the source version (storage.mirror).
+    from_webdataset: list[str] | None = setting(
+        None, "a WebDataset mirror of the images ({key}.jpg/.txt/.json tars; a folder, tar, glob or brace range; "
+              "local, hf://datasets/... or s3://...), matched to the metadata by url; with retry_failed it fills "
+              "only the images the download lost", shown="none: download from the web")
+    images: str | None = setting(None, "the folder of the source's image files (multi30k: flickr30k-images)",
+                                 shown="none: the source's urls")
 
     @model_validator(mode="after")
     def _ray_address_needs_ray(self):
@@ -65,12 +77,25 @@ class AcquireSpec(AcquireSettings):
             raise ValueError("ray_address needs executor: ray")
         return self
 
+    @model_validator(mode="after")
+    def _images_from_one_place(self):
+        local = self.source in LOCAL_IMAGE_SOURCES
+        if local and not self.images:
+            raise ValueError(f"source {self.source} has no image urls: pass images (--images DIR)")
+        if self.images and not local:
+            raise ValueError(f"images (--images) is for {', '.join(LOCAL_IMAGE_SOURCES)}; source {self.source} "
+                             f"downloads its urls")
+        if local and self.from_webdataset:
+            raise ValueError(f"source {self.source} reads its images from a folder (--images), not a mirror")
+        return self
+
 
 class AcquireChainSpec(AcquireSettings):
     """The reproduce YAML's ``acquire:`` section: the same settings for several sources."""
 
-    sources: list[Source] = versioned(default_factory=lambda: list(SOURCES), description="sources to acquire")
-    metadata: dict[Source, list[str]] = versioned(default_factory=dict, description="per source: local metadata "
+    sources: list[WebSource] = versioned(default_factory=lambda: list(DEFAULT_SOURCES),
+                                         description="sources to acquire")
+    metadata: dict[WebSource, list[str]] = versioned(default_factory=dict, description="per source: local metadata "
                                                   "files instead of the official urls")
 
     def for_source(self, source: str, metadata: list[str] | None = None, **changes) -> AcquireSpec:
@@ -98,7 +123,7 @@ class BuildSpec(Spec):
     the evaluation images kept out)."""
 
     name: str = setting("default", "dataset name (directory under datasets/)")
-    sources: list[str] = versioned(default_factory=lambda: list(SOURCES), description="sources to join")
+    sources: list[str] = versioned(default_factory=lambda: list(DEFAULT_SOURCES), description="sources to join")
     langs: list[str] = versioned(default_factory=lambda: ["en", "es", "id", "ru", "tr"],
                                  description="languages of every caption", min_length=1)
     min_langs: int | None = versioned(None, "keep a caption with at least N of the languages", ge=1,

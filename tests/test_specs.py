@@ -396,7 +396,7 @@ def test_version_params_leave_out_the_settings():
     acquire = AcquireSpec(source="coco", processes=8, thread_count=64, executor="ray")
     assert acquire.version_params() == AcquireSpec(source="coco").version_params()
     assert set(AcquireSpec.setting_fields()) == {"processes", "thread_count", "timeout", "retries", "retry_failed",
-                                                 "executor", "ray_address"}
+                                                 "executor", "ray_address", "from_webdataset", "images"}
     assert set(BuildSpec.setting_fields()) == {"name", "shards_per_task", "memory"}
     translate = TranslateSpec(device="cuda", threads=4, part_size=10, engine="transformers")
     assert translate.version_params() == TranslateSpec().version_params()

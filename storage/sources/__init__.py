@@ -1,6 +1,6 @@
 """Source adapters: official metadata -> ``images.parquet`` + ``captions.parquet`` under the source's version dir.
 
-One module per official format (:mod:`.cc3m`, :mod:`.sbu`, :mod:`.vg`, :mod:`.coco`), each with
+One module per official format (:mod:`.cc3m`, :mod:`.sbu`, :mod:`.vg`, :mod:`.coco`, :mod:`.multi30k`), each with
 ``detect(files)`` (which of the given files it reads), ``read(files, rejects, limit,
 max_caption_chars)`` (the two arrow tables) and ``MEMBER_PATTERNS`` (archive members worth
 extracting). :func:`prepare_source` resolves the metadata (paths, urls, archives), versions it by
@@ -17,12 +17,15 @@ from types import ModuleType
 from storage import atomic, layout
 from storage.errors import CCRKError
 from storage.metadata import resolve_metadata
-from storage.sources import cc3m, coco, sbu, vg
+from storage.sources import cc3m, coco, multi30k, sbu, vg
 from storage.sources.base import DEFAULT_MAX_CAPTION_CHARS, Rejects
 from storage.versioning import CODE_VERSION, content_version, file_sha256
 
-SOURCES = ("cc3m", "sbu", "vg", "coco")
-_ADAPTERS = {"cc3m": cc3m, "sbu": sbu, "vg": vg, "coco": coco}
+# The web-crawled pre-training sources (what a build joins and reproduce acquires by default), then
+# the sources whose images come from a local folder (Multi30K's Flickr30K files).
+DEFAULT_SOURCES = ("cc3m", "sbu", "vg", "coco")
+SOURCES = (*DEFAULT_SOURCES, "multi30k")
+_ADAPTERS = {"cc3m": cc3m, "sbu": sbu, "vg": vg, "coco": coco, "multi30k": multi30k}
 IMAGES_FILE = "images.parquet"
 CAPTIONS_FILE = "captions.parquet"
 SOURCE_FILE = "source.json"

@@ -77,6 +77,18 @@ def test_a_list_of_captions_per_line_is_read_too(root, tmp_path):
     assert stats.rows == 2 and stats.imported == {"de": 1, "ja": 1}
 
 
+def test_a_folder_of_parts_is_read_in_name_order(root, tmp_path):
+    (tmp_path / "coco-mm-data-all").mkdir()
+    _jsonl(tmp_path / "coco-mm-data-all" / "part_1.data", [{"caption": {"en": "a red circle", "de": "later"}}])
+    _jsonl(tmp_path / "coco-mm-data-all" / "part_0.data", CCLM[:1] + CCLM[2:3])
+    stats = import_translations(root, str(tmp_path / "coco-mm-data-all"), "cclm",
+                                sources={"coco@v1": _texts(CAPTIONS)})
+    assert stats.rows == 3 and stats.sources[0].matched == 2
+    assert _stored(root)[text_sha("A red circle.")]["tgt_text"] == "ein roter Kreis"  # part_0 first
+    with pytest.raises(CCRKError, match="translations to import not found"):
+        import_translations(root, str(tmp_path / "nowhere"), "cclm")
+
+
 def test_without_a_source_rows_keep_their_own_english_key(root, tmp_path):
     path = _jsonl(tmp_path / "cclm.jsonl", CCLM[:2])
     stats = import_translations(root, path, "cclm")

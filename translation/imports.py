@@ -1,6 +1,7 @@
 """Import existing translations (CCLM/UC2-style JSON lines, or parquet) into the store as ``import:<name>``.
 
-JSON lines: one object per line, ``{"caption": {"en": ..., "de": ..., ...}}`` (a list of such
+``path`` is a file or a folder of them (CCRk's release: ``cc3m-mm-data-all/part_*.data``), read in
+name order. JSON lines: one object per line, ``{"caption": {"en": ..., "de": ..., ...}}`` (a list of such
 objects under ``caption``, as CCRk's data reader also takes, or a top-level ``{"en": ..., "de": ...}``
 object are accepted too). Parquet: one column per language (``en`` plus targets), or a struct column
 ``caption``. Bad lines are counted, never fatal; a text already imported under that name is skipped,
@@ -73,8 +74,24 @@ def _captions_of(rec) -> list:
     return caption if isinstance(caption, list) and caption else [caption]
 
 
+def _files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        files = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names if not n.startswith("."))
+        if not files:
+            raise CCRKError(f"translations to import: the folder {path} holds no file")
+        return files
+    if not os.path.isfile(path):
+        raise CCRKError(f"translations to import not found: {path}")
+    return [path]
+
+
 def _records(path: str, stats: ImportStats) -> Iterator[dict | None]:
-    """Each caption object of the file (None for a line that is not one); counts rows."""
+    """Each caption object of the file(s) (None for a line that is not one); counts rows."""
+    for f in _files(path):
+        yield from _file_records(f, stats)
+
+
+def _file_records(path: str, stats: ImportStats) -> Iterator[dict | None]:
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -157,15 +174,15 @@ def _collect_rows(path: str, model_id: str, langs, index: _SourceIndex | None,
 
 def import_translations(root: str, path: str, name: str, langs=None, part_size: int = 100_000,
                         sources: dict[str, dict[str, str]] | None = None) -> ImportStats:
-    """Import ``path`` into ``translations/import:<name>/imported/<lang>/``; returns counts.
+    """Import ``path`` (a file or a folder of files) into ``translations/import:<name>/imported/<lang>/``;
+    returns counts.
 
     ``sources``: ``{name@version: {text_sha: normalised caption}}`` of the sources the import covers
     (:func:`translation.collect.covered_texts`): rows are stored under their captions' text_sha and
     the match rate per source is counted (see the module docstring); None: keyed by their own English.
     """
-    if not os.path.isfile(path):
-        raise CCRKError(f"translations to import not found: {path}")
     model_id = import_model_id(name)
+    _files(path)  # a missing path fails before any work
     stats = ImportStats()
     index = _SourceIndex(sources) if sources is not None else None
     by_lang, found = _collect_rows(path, model_id, langs, index, stats)

@@ -72,7 +72,7 @@ class ImportSpec(Spec):
     rate per source is reported (:mod:`translation.imports`)."""
 
     name: str = versioned(description="the import's name (model_id import:NAME)")
-    path: str = versioned(description="JSON lines or parquet file")
+    path: str = versioned(description="JSON lines or parquet file, or a folder of them (read in name order)")
     langs: list[str] | None = versioned(None, "import only these languages", shown="every language in the file")
     source: list[str] | None = versioned(None, "the sources it translates (names): rows matched to their captions "
                                                "by a loose key, stored under the captions' own text_sha",

@@ -177,8 +177,11 @@ def test_metadata_url_of_another_scheme_is_refused(tmp_path):
 def test_official_archive_downloaded_from_a_url_feeds_the_adapter(server, demo, root):
     with open(demo["archives"]["coco"][0], "rb") as f:
         _put(server["dir"], "annotations/annotations_trainval2017.zip", f.read())
-    url = server["url"] + "/annotations/annotations_trainval2017.zip"
-    from_url = prepare_source("coco", [url], root)
+    with open(demo["archives"]["coco"][1], "rb") as f:
+        _put(server["dir"], "deepimagesent/caption_datasets.zip", f.read())
+    urls = [server["url"] + "/annotations/annotations_trainval2017.zip",
+            server["url"] + "/deepimagesent/caption_datasets.zip"]
+    from_url = prepare_source("coco", urls, root)
     from_files = prepare_source("coco", demo["paths"]["coco"], root)
     assert from_url.version == from_files.version and from_url.n_captions == 9
     assert os.path.isdir(os.path.join(root, "downloads"))

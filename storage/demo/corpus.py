@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw
 
 from storage import atomic
 from storage.demo import grammar
+from storage.demo.karpathy import write_karpathy_split
 
 MANIFEST = "demo_manifest.json"
 CORPUS_VERSION = "2"  # 2: planted copies of held-out images
@@ -329,7 +330,7 @@ def _write_coco(manifest, base_url, d, plant=False) -> list[str]:
         atomic.write_text(path, _dumps({"info": info, "licenses": licenses, "images": images,
                                         "annotations": anns}))
         paths.append(path)
-    return paths
+    return paths + [write_karpathy_split(paths)]  # the COCO source keeps Karpathy's train + restval
 
 
 _WRITERS = {"cc3m": _write_cc3m, "sbu": _write_sbu, "vg": _write_vg, "coco": _write_coco}
@@ -341,7 +342,8 @@ def write_demo_metadata(out_dir: str, base_url: str, plant: bool = False) -> dic
 
     Urls are ``{base_url}/images/<id>.jpg``. Returns ``{source: [paths]}``:
     cc3m: the train and validation tsv; sbu: ``sbu-captions-all.json`` then the urls/captions txt
-    pair; vg: ``image_data.json``, ``region_descriptions.json``; coco: captions train2017, val2017.
+    pair; vg: ``image_data.json``, ``region_descriptions.json``; coco: captions train2017, val2017 and
+    Karpathy's ``dataset_coco.json`` (:mod:`storage.demo.karpathy`).
     """
     manifest = load_manifest(out_dir)
     return {source: _WRITERS[source](manifest, base_url, os.path.join(out_dir, "metadata", source), plant)

@@ -54,8 +54,9 @@ def print_dataset_summary(result: dict) -> None:
                 [(d["unit"], d["reason"], d["lang"] or "", d["count"]) for d in result["drops"]]
                 or [("-", "none", "", 0)])
     for made in result.get("exclusion_lists") or ():
-        console.print(f"exclusion list {made['benchmark']} {made['version']}: {made['n_images']} evaluation images"
-                      f" ({made['missing']} without their file: matched by id and url only) -> {made['list']}")
+        missing = f" ({made['missing']} without their file: matched by id and url only)" if made["missing"] else ""
+        console.print(f"exclusion list {made['benchmark']} {made['version']}: {made['n_images']} evaluation "
+                      f"images{missing} -> {made['list']}")
     if result.get("overlap_by_kind"):
         print_table("benchmark overlap (evaluation images kept out)", ["benchmark", "kind", "images"],
                     [(r["benchmark"], r["kind"], r["n_images"]) for r in result["overlap_by_kind"]]

@@ -381,7 +381,8 @@ def _tar_gz(path: str, members: list[tuple[str, str]]) -> str:
 def demo_archives(out_dir: str) -> dict[str, list[str]]:
     """Pack the demo metadata the way each source ships it, under ``out_dir/archives/<source>/``.
 
-    coco: ``annotations_trainval2017.zip`` (members ``annotations/captions_*.json``);
+    coco: ``annotations_trainval2017.zip`` (members ``annotations/captions_*.json``) and Karpathy's
+    ``caption_datasets.zip`` (member ``dataset_coco.json``);
     vg: ``image_data.json.zip`` and ``region_descriptions.json.zip``;
     sbu: ``sbu-captions-all.tar.gz`` (the json) and ``SBUCaptionedPhotoDataset.tar.gz`` (``dataset/`` txt pair);
     cc3m: ``GCC.zip`` with both tsv files (Google publishes them bare; this exercises zip for tsv).
@@ -405,5 +406,7 @@ def demo_archives(out_dir: str) -> dict[str, list[str]]:
                                                                  "SBU_captioned_photo_dataset_captions.txt")])],
         "vg": [_zip(os.path.join(arch, "vg", f"{n}.zip"), [(n, m("vg", n))])
                for n in ("image_data.json", "region_descriptions.json")],
-        "coco": [_zip(os.path.join(arch, "coco", "annotations_trainval2017.zip"), coco)],
+        "coco": [_zip(os.path.join(arch, "coco", "annotations_trainval2017.zip"), coco),
+                 _zip(os.path.join(arch, "coco", "caption_datasets.zip"),
+                      [("dataset_coco.json", m("coco", "dataset_coco.json"))])],
     }

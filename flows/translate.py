@@ -89,6 +89,9 @@ def _api_url_pinned():
         yield
 
 
+IMPORTS_ONLY = ("none", "imports-only")  # (model_id, decode_id) of a run that translates no language
+
+
 def resolve_model(model: str | None) -> str:
     """``None`` or ``demo`` -> the committed demo translator; else the path given."""
     return m2m.check_model_dir(m2m.DEMO_MODEL_DIR if model in (None, "", "demo") else model)
@@ -124,10 +127,13 @@ class TranslateStage:
 
     def plan(self) -> StagePlan:
         spec = self.spec
-        self.model_dir = model_dir = resolve_model(spec.model)
-        m2m.check_langs(list(spec.langs), m2m.load_tokenizer(model_dir))
         self.settings = settings = decode_settings(**spec.decode_params())
-        model_id, decode_id = ids_for(model_dir, settings, spec.thresholds)
+        if spec.langs:
+            self.model_dir = model_dir = resolve_model(spec.model)
+            m2m.check_langs(list(spec.langs), m2m.load_tokenizer(model_dir))
+            model_id, decode_id = ids_for(model_dir, settings, spec.thresholds)
+        else:  # imports only (e.g. CCR6: every language from the authors' release): no model is loaded
+            self.model_dir, (model_id, decode_id) = None, IMPORTS_ONLY
         self.collected = collected = collect_texts(self.root, spec.sources)
         params = {"model_id": model_id, "decode_id": decode_id, "langs": sorted(spec.langs),
                   "settings": settings.__dict__, "sources": sorted(f"{a.name}@{a.version}" for a in collected.sources),

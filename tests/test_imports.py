@@ -157,3 +157,21 @@ def test_an_import_naming_a_source_the_run_does_not_read_is_one_line_error(root,
     with pytest.raises(CCRKError, match="import uc2 covers source cc3m, which this run does not read") as err:
         translate_flow(spec, root=root)
     assert "\n" not in str(err.value)
+
+
+def test_imports_alone_translate_no_language_and_load_no_model(root, tmp_path):
+    """CCR6's chain: every language comes from the authors' release, so ``langs: []`` and a model
+    path that does not exist here -- nothing is loaded, the import is stored and matched."""
+    from flows.translate import translate_flow
+    from translation.spec import TranslateSpec
+
+    write_source(root, "coco", "c1", [{"id": i, "captions": [c]} for i, c in enumerate(CAPTIONS)])
+    path = _jsonl(tmp_path / "cclm.jsonl", CCLM)
+    spec = {"langs": [], "model": str(tmp_path / "no-such-model"), "sources": ["coco"],
+            "imports": [{"name": "cclm", "path": path, "source": "coco"}]}
+    summary = translate_flow(spec, root=root)
+    assert summary["per_lang"] == [] and summary["parts"] == 0 and summary["model_id"] == "none"
+    assert summary["imports"][0]["sources"][0]["matched"] == 3
+    assert len(_stored(root)) == 3
+    with pytest.raises(CCRKError, match="nothing to translate"):
+        TranslateSpec.parse({"langs": []})

@@ -93,8 +93,8 @@ class TranslateSpec(Spec):
     sources) plus the thresholds and imports; ``engine`` and ``compute_type`` are settings, as in
     the translation's version today (int8 vs float16 can still change a few outputs)."""
 
-    langs: list[str] = versioned(default_factory=lambda: list(TRANSLATED), description="target languages",
-                                 min_length=1)
+    langs: list[str] = versioned(default_factory=lambda: list(TRANSLATED), description="target languages (none: "
+                                 "the imports alone, no model loaded)")
     model: str = versioned("demo", "a local M2M-100 directory, or demo: the committed demo translator")
     sources: list[str] | None = versioned(None, "sources: name, name@version or version",
                                           shown="the latest of each")
@@ -123,6 +123,8 @@ class TranslateSpec(Spec):
     def _ray_address_needs_ray(self):
         if self.ray_address and self.executor != "ray":
             raise ValueError("ray_address needs executor: ray")
+        if not self.langs and not self.imports:
+            raise ValueError("langs is empty and there are no imports: nothing to translate")
         return self
 
     def decode_params(self) -> dict:

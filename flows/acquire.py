@@ -2,7 +2,10 @@
 
 Thin: one task per sub-job (never one per url). :mod:`storage.sources` turns the official metadata
 into ``images.parquet`` + ``captions.parquet``; :mod:`storage.download` runs img2dataset into shards
-(resumable, ``retry_failed``); the summary goes to ``summary.json``, a Prefect table artifact and the
+(resumable, ``retry_failed``), or the images come from elsewhere into shards of the same contracts:
+a WebDataset mirror (``from_webdataset``, :mod:`storage.mirror`; with ``retry_failed``, after the
+web download, only what it lost) or a local folder (``images``, :func:`storage.local_shards.acquire_folder`:
+Multi30K's Flickr30K files); the summary goes to ``summary.json``, a Prefect table artifact and the
 catalog (an :class:`AcquireStage` run by :func:`storage.stage.run_stage`, once every shard finished). The settings are an :class:`storage.specs.AcquireSpec` (or its dict); callable from
 Python: ``acquire_flow({"source": "coco", "metadata": ["captions_val2017.json"]}, root="data")``.
 """
@@ -15,6 +18,10 @@ from flows.artifacts import publish_link, publish_table
 from flows.executors import check_executor, ray_cluster
 from storage import layout
 from storage.download import download_images
+from storage.errors import CCRKError
+from storage.local_shards import LOCAL_SETTINGS, acquire_folder
+from storage.mirror import fill_from_mirror, starts_from_mirror, unfinished_fill
+from storage.progress import Progress
 from storage.sources import PreparedSource, catalog_fields, prepare_source
 from storage.specs import AcquireSpec
 from storage.stage import Outcome, StagePlan, run_stage
@@ -38,6 +45,18 @@ def download_task(prepared, settings: dict, ray_address: str | None = None) -> d
     return download_images(prepared, **settings, cluster=cluster)
 
 
+@task(name="images-from-mirror", cache_policy=NO_CACHE)
+def mirror_task(prepared, mirror: list[str], settings: dict, only_failures: bool,
+                progress: Progress | None = None) -> dict:
+    return fill_from_mirror(prepared, mirror, {k: settings[k] for k in LOCAL_SETTINGS}, only_failures=only_failures,
+                            progress=progress)
+
+
+@task(name="images-from-folder", cache_policy=NO_CACHE)
+def folder_task(prepared, images: str, settings: dict, progress: Progress | None = None) -> dict:
+    return acquire_folder(prepared, images, {k: settings[k] for k in LOCAL_SETTINGS}, progress=progress)
+
+
 def catalog_stats(summary: dict) -> dict:
     """The acquire summary as the catalog keeps it (beside the read counts)."""
     return {k: v for k, v in summary.items() if k not in ("settings", "source", "version")}
@@ -48,8 +67,8 @@ class AcquireStage:
     :func:`storage.sources.prepare_source`'s), execute = download the images (resumable, so never
     ``completed``), publish = the summary table and the shards' link."""
 
-    def __init__(self, spec: AcquireSpec, root: str | None, settings: dict):
-        self.spec, self.root, self.settings = spec, root, settings
+    def __init__(self, spec: AcquireSpec, root: str | None, settings: dict, progress: Progress | None = None):
+        self.spec, self.root, self.settings, self.progress = spec, root, settings, progress
         self.prepared: PreparedSource | None = None
 
     def plan(self) -> StagePlan:
@@ -64,11 +83,28 @@ class AcquireStage:
         return None  # the download resumes itself: a complete source downloads nothing
 
     def execute(self, plan: StagePlan) -> Outcome:
-        summary = download_task(self.prepared, self.settings, self.spec.ray_address)
+        summary = self._images()
         summary["path"] = self.prepared.directory
         # A source with shards left unfinished is recorded once a rerun finishes them.
         return Outcome(summary, catalog_fields(self.prepared, catalog_stats(summary))[1],
                        complete=not summary["shards_incomplete"])
+
+    def _images(self) -> dict:
+        """The images: downloaded, from the mirror, both (the mirror fills what the web lost) or from a folder."""
+        spec, prepared, directory = self.spec, self.prepared, self.prepared.directory
+        if spec.images:
+            return folder_task(prepared, spec.images, self.settings, self.progress)
+        unfinished = unfinished_fill(directory)
+        if not spec.from_webdataset:
+            if unfinished is not None:
+                raise CCRKError(f"{directory} has an unfinished fill from mirror {', '.join(unfinished['mirror'])}: "
+                                f"run the same command with --from-webdataset again to finish it first")
+            return download_task(prepared, self.settings, spec.ray_address)
+        if spec.retry_failed and unfinished is None and not starts_from_mirror(directory):
+            web = download_task(prepared, {**self.settings, "retry_failed": False}, spec.ray_address)
+            if web["shards_incomplete"]:
+                return web  # the download first: the mirror fills what it lost once it is complete
+        return mirror_task(prepared, list(spec.from_webdataset), self.settings, spec.retry_failed, self.progress)
 
     def publish(self, plan: StagePlan, summary: dict) -> None:
         source, version = plan.name, plan.version
@@ -83,22 +119,28 @@ def summary_rows(summary: dict) -> list[dict]:
              "retried", "recovered_by_retry", "shards", "shards_incomplete", "bytes", "images_per_s", "wall_s")]
     rows += [{"metric": f"rejected: {k}", "value": v} for k, v in summary["rows_rejected"].items()]
     rows += [{"metric": f"failed: {k}", "value": v} for k, v in summary["failures"].items() if v]
+    if "mirror" in summary:
+        rows.append({"metric": "images_from_mirror", "value": summary["images_from_mirror"]})
+        rows += [{"metric": f"mirror: {k}", "value": v} for k, v in summary["mirror"].items()
+                 if k not in ("mirror", "only_failures") and v]
     return rows
 
 
 @flow(name="acquire")
-def acquire_flow(spec: AcquireSpec | dict | None = None, root: str | None = None, progress: bool = False) -> dict:
+def acquire_flow(spec: AcquireSpec | dict | None = None, root: str | None = None,
+                 progress: bool | Progress = False) -> dict:
     """Acquire one source into ``<root>/sources/<source>/<version>/``; returns its summary.
 
     ``spec``: an :class:`AcquireSpec` or its dict (``source`` required). Its ``executor``: ``local``
     (img2dataset's multiprocessing distributor, ``processes`` workers) or ``ray`` (its Ray
     distributor: one task per shard on the cluster at ``ray_address``, or on a local cluster started
     for the download). Same shards either way; not part of the source version, which hashes
-    ``spec.download_params()``. ``progress``: img2dataset's own progress bar.
+    ``spec.download_params()``. ``progress``: img2dataset's own progress bar (true or a
+    :data:`storage.progress.Progress`, which also draws the mirror's and the folder's).
     """
     spec = AcquireSpec.parse(spec, where="acquire_flow")
     check_executor(spec.executor)
     settings = {k: getattr(spec, k) for k in DOWNLOAD_SETTINGS}
-    settings.update(progress=progress, distributor="ray" if spec.executor == "ray" else "multiprocessing")
-    stage = AcquireStage(spec, layout.data_root(root), settings)
+    settings.update(progress=bool(progress), distributor="ray" if spec.executor == "ray" else "multiprocessing")
+    stage = AcquireStage(spec, layout.data_root(root), settings, progress if callable(progress) else None)
     return run_stage(stage, stage.root)

@@ -48,10 +48,16 @@ DEFAULT_MAX_IMAGE_AREA = 89_478_485  # PIL's decompression-bomb threshold
 OPT_OUT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
 DISTRIBUTORS = ("multiprocessing", "ray")
 
+# not_in_mirror / file_not_found: images taken from a WebDataset mirror or a local folder
+# (storage.local_shards) rather than the web.
 FAILURE_CLASSES = ("not_found_404", "server_error_5xx", "timeout", "redirect_loop", "empty_body",
                    "not_an_image", "truncated_image", "too_large", "opt_out_noai", "connection_error",
-                   "other")
-RETRYABLE = frozenset({"server_error_5xx", "timeout", "connection_error"})
+                   "not_in_mirror", "file_not_found", "other")
+# not_in_mirror: never tried on the web (a source acquired from a mirror, storage.mirror).
+RETRYABLE = frozenset({"server_error_5xx", "timeout", "connection_error", "not_in_mirror"})
+# The error messages of the two local classes (storage.local_shards writes them).
+NOT_IN_MIRROR = "not in mirror"
+FILE_NOT_FOUND = "file not found"
 
 _SHARD_FILE = re.compile(r"^(\d+)(_stats\.json|\.tar|\.parquet)$")
 
@@ -64,6 +70,10 @@ def classify_error(message: str | None) -> str | None:
     if message is None:
         return None
     m = message.lower()
+    if m.startswith(NOT_IN_MIRROR):
+        return "not_in_mirror"
+    if m.startswith(FILE_NOT_FOUND):
+        return "file_not_found"
     if "x-robots-tag" in m:
         return "opt_out_noai"
     if "infinite loop" in m or "redirect" in m:
@@ -193,6 +203,15 @@ def __getattr__(name: str):
     if name in ("CheckedResizer", "GuardedDownloader", "GuardedLoggerProcess"):
         return _extension(name)
     raise AttributeError(name)
+
+
+def make_resizer(image_size: int, resize_mode: str, resize_only_if_bigger: bool, max_image_area: float,
+                 encode_quality: int):
+    """The resizer a download runs with (img2dataset.main builds it from the same arguments), for
+    images that come from elsewhere (a mirror, a local folder): they are processed as downloaded ones."""
+    return _extension("CheckedResizer")(image_size=image_size, resize_mode=resize_mode,
+                                        resize_only_if_bigger=resize_only_if_bigger, encode_quality=encode_quality,
+                                        encode_format=ENCODE_FORMAT, max_image_area=max_image_area)
 
 
 @contextmanager
@@ -438,18 +457,7 @@ def download_images(prepared, *, image_size: int = 256, resize_mode: str = "bord
     os.makedirs(work_dir, exist_ok=True)
     log_path = os.path.join(directory, "img2dataset.log")
 
-    # Shard boundaries depend on these: a resumed run must use the same ones.
-    layout_params = {"number_sample_per_shard": int(number_sample_per_shard), "image_size": int(image_size),
-                     "resize_mode": resize_mode, "encode_format": ENCODE_FORMAT}
-    params_path = os.path.join(directory, "download.json")
-    if os.path.exists(params_path):
-        with open(params_path) as f:
-            previous = json.load(f)
-        if previous != layout_params:
-            raise CCRKError(f"{shards_dir} was downloaded with {previous}, not {layout_params}; "
-                            "use the same settings or a fresh root")
-    else:
-        atomic.write_json(params_path, layout_params)
+    record_layout(directory, number_sample_per_shard, image_size, resize_mode)
 
     options = dict(image_size=image_size, resize_mode=resize_mode, resize_only_if_bigger=resize_only_if_bigger,
                    processes_count=processes, thread_count=thread_count, timeout=timeout, retries=retries,
@@ -468,6 +476,22 @@ def download_images(prepared, *, image_size: int = 256, resize_mode: str = "bord
 
         return _download(prepared, directory, shards_dir, work_dir, number_sample_per_shard, retry_failed,
                          options, run)
+
+
+def record_layout(directory: str, number_sample_per_shard: int, image_size: int, resize_mode: str) -> None:
+    """Record the settings shard boundaries and images depend on (``download.json``), or check them
+    against those recorded: a resumed run, a retry or a mirror fill must use the same ones."""
+    layout_params = {"number_sample_per_shard": int(number_sample_per_shard), "image_size": int(image_size),
+                     "resize_mode": resize_mode, "encode_format": ENCODE_FORMAT}
+    params_path = os.path.join(directory, "download.json")
+    if os.path.exists(params_path):
+        with open(params_path) as f:
+            previous = json.load(f)
+        if previous != layout_params:
+            raise CCRKError(f"{os.path.join(directory, SHARDS)} was downloaded with {previous}, not {layout_params}; "
+                            "use the same settings or a fresh root")
+    else:
+        atomic.write_json(params_path, layout_params)
 
 
 def _download(prepared, directory: str, shards_dir: str, work_dir: str, number_sample_per_shard: int,
@@ -502,7 +526,17 @@ def _download(prepared, directory: str, shards_dir: str, work_dir: str, number_s
             run(retry_path, "extend", retried)
             redone.update(validate_shards(shards_dir))
     wall = time.perf_counter() - t0
+    return write_summary(prepared, n_rows, incomplete=incomplete, redone=redone, retried=retried,
+                         rows_attempted=rows_attempted, wall=wall,
+                         settings={k: v for k, v in options.items() if k != "disallowed_header_directives"})
 
+
+def write_summary(prepared, n_rows: int, *, incomplete: int, redone, retried: int, rows_attempted: int, wall: float,
+                  settings: dict) -> dict:
+    """``download_status.parquet`` (each image's latest attempt) and ``summary.json`` of the shards
+    in ``prepared.directory``, whoever wrote them (img2dataset, a mirror fill, a local folder)."""
+    directory = str(prepared.directory)
+    shards_dir = os.path.join(directory, SHARDS)
     status = latest_status(shards_dir)
     atomic.write_parquet(status[["image_key", "url", "shard", "key", "status", "error_class", "error_message",
                                  "attempts"]], os.path.join(directory, "download_status.parquet"))
@@ -529,7 +563,7 @@ def _download(prepared, directory: str, shards_dir: str, work_dir: str, number_s
         "rows_attempted": rows_attempted,
         "wall_s": round(wall, 3),
         "images_per_s": round(rows_attempted / wall, 2) if wall > 0 and rows_attempted else 0.0,
-        "settings": {k: v for k, v in options.items() if k != "disallowed_header_directives"},
+        "settings": settings,
     }
     atomic.write_json(os.path.join(directory, "summary.json"), summary)
     return summary

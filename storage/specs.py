@@ -41,7 +41,7 @@ class AcquireSettings(Spec):
     timeout: int = setting(10, "seconds before a request times out", ge=1)
     retries: int = setting(0, "img2dataset retries per url", ge=0)
     retry_failed: Bool = setting(False, "download again the images that failed with retryable errors "
-                                        "(timeouts, 5xx, connection)")
+                                        "(timeouts, 5xx, connection) or that a mirror lacked")
     number_sample_per_shard: int = versioned(10_000, "images per shard", ge=1)
     max_image_area: int = versioned(DEFAULT_MAX_IMAGE_AREA, "larger images (pixels) are rejected as too_large",
                                     ge=1)

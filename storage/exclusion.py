@@ -85,27 +85,35 @@ def _dct_matrix(n: int) -> np.ndarray:
 _DCT = _dct_matrix(HASH_SIDE)[:HASH_LOW]
 
 
-def phash_image(img, box: tuple[int, int, int, int] | None = None) -> int:
-    """The 64-bit DCT perceptual hash of a PIL image (``box``: only that part, (left, top, right,
-    bottom) in pixels): grey, area-averaged to 32 x 32, the 8 x 8 lowest frequencies of its 2-D DCT,
-    one bit each for whether a coefficient is above the median of the 63 but the DC term (bit 63
-    is the first coefficient). A JPEG is decoded at the smallest DCT scale that still gives 32
-    pixels across (PIL's ``draft``): a few times faster, the same low frequencies."""
-    from PIL import Image
-
+def _grey(img, box: tuple[int, int, int, int] | None) -> tuple:
+    """``img`` decoded in grey -- a JPEG at the smallest DCT scale that still gives 32 pixels across
+    ``box`` (PIL's ``draft``: a few times faster, the same low frequencies) -- and ``box`` scaled to it."""
     width, height = img.size
     left, top, right, bottom = box or (0, 0, width, height)
     if getattr(img, "format", None) == "JPEG":
-        want = (math.ceil(width * HASH_SIDE / max(1, right - left)), math.ceil(height * HASH_SIDE / max(1, bottom - top)))
-        img.draft("L", want)
+        img.draft("L", (math.ceil(width * HASH_SIDE / max(1, right - left)),
+                        math.ceil(height * HASH_SIDE / max(1, bottom - top))))
     sx, sy = img.size[0] / width, img.size[1] / height
-    grey = img.convert("L")
-    if box is not None:
-        grey = grey.crop((round(left * sx), round(top * sy), round(right * sx), round(bottom * sy)))
+    scaled = (round(left * sx), round(top * sy), round(right * sx), round(bottom * sy))
+    return img.convert("L"), scaled
+
+
+def _hash_grey(grey) -> int:
+    from PIL import Image
+
     pixels = np.asarray(grey.resize((HASH_SIDE, HASH_SIDE), Image.Resampling.BOX), dtype=np.float64)
     coeffs = (_DCT @ pixels @ _DCT.T).ravel()
     bits = coeffs > np.median(coeffs[1:])
     return int(np.packbits(bits).view(">u8")[0])
+
+
+def phash_image(img, box: tuple[int, int, int, int] | None = None) -> int:
+    """The 64-bit DCT perceptual hash of a PIL image (``box``: only that part, (left, top, right,
+    bottom) in pixels): grey, area-averaged to 32 x 32, the 8 x 8 lowest frequencies of its 2-D DCT,
+    one bit each for whether a coefficient is above the median of the 63 but the DC term (bit 63
+    is the first coefficient)."""
+    grey, scaled = _grey(img, box)
+    return _hash_grey(grey if box is None else grey.crop(scaled))
 
 
 def phash_bytes(data: bytes) -> int | None:
@@ -137,13 +145,12 @@ def content_box(width: int, height: int, original_width, original_height) -> tup
     return left, top, left + cw, top + ch
 
 
-def _flat_margins(img, box: tuple[int, int, int, int]) -> bool:
-    """Whether everything outside ``box`` is one flat colour (padding), not picture: a
-    centre-cropped image of the same size has no such margins and is hashed whole."""
-    grey = np.asarray(img.convert("L"), dtype=np.int16)
+def _flat_margins(grey, box: tuple[int, int, int, int]) -> bool:
+    """Whether everything outside ``box`` of a grey image is one flat colour (padding), not picture:
+    a centre-cropped image of the same size has no such margins and is hashed whole."""
+    a = np.asarray(grey, dtype=np.int16)
     left, top, right, bottom = box
-    margins = [grey[:top], grey[bottom:], grey[:, :left], grey[:, right:]]
-    values = np.concatenate([m.ravel() for m in margins if m.size])
+    values = np.concatenate([m.ravel() for m in (a[:top], a[bottom:], a[:, :left], a[:, right:]) if m.size])
     return values.size == 0 or float(np.abs(values - np.median(values)).mean()) < 8.0
 
 
@@ -155,11 +162,10 @@ def stored_phash(data: bytes, meta: dict) -> int | None:
     try:
         with Image.open(io.BytesIO(data)) as img:
             box = content_box(img.size[0], img.size[1], meta.get("original_width"), meta.get("original_height"))
-            if box is not None:
-                with Image.open(io.BytesIO(data)) as whole:
-                    if not _flat_margins(whole, box):
-                        box = None
-            return phash_image(img, box)
+            grey, scaled = _grey(img, box)
+            if box is not None and _flat_margins(grey, scaled):
+                grey = grey.crop(scaled)
+            return _hash_grey(grey)
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
 

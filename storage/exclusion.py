@@ -12,7 +12,8 @@ identity of one evaluation image, ``kind`` one of :data:`KINDS` --
 
 A source image's identities (:func:`load_identities`, a DuckDB temp table ``ident``):
 
-- ids: the source id of a source whose ids are COCO's (:data:`SOURCE_ID_KINDS`); the ``coco_id`` /
+- ids: the source id of a source whose ids are COCO's or Flickr's (:data:`SOURCE_ID_KINDS`: coco,
+  multi30k); the ``coco_id`` /
   ``flickr_id`` columns of ``images.parquet`` (Visual Genome's); ids written in its url
   (:func:`url_identities`: COCO's image urls, Flickr's static photo urls such as SBU's, whose number
   before ``_`` is the photo id -- Flickr30K's file name);
@@ -57,8 +58,9 @@ KIND_OF = {"coco_id": "id", "flickr_id": "id", "url": "url", "sha256": "sha256",
 SCHEMA = pa.schema([("benchmark", pa.string()), ("split", pa.string()), ("kind", pa.string()),
                     ("value", pa.string())])
 EXCLUSION_FILE = "exclusion.parquet"
-# A source whose source_id is another dataset's image id.
-SOURCE_ID_KINDS = {"coco": "coco_id"}
+# A source whose source_id is another dataset's image id (Multi30K's: the Flickr30K file name's stem,
+# a photo id, also ``<photo id>_<secret>``).
+SOURCE_ID_KINDS = {"coco": "coco_id", "multi30k": "flickr_id"}
 # Image ids in urls, matched on the normalised url (lower case, no scheme): COCO's image server
 # (train2014/COCO_train2014_000000391895.jpg, val2017/000000391895.jpg) and Flickr's static photo
 # urls (static.flickr.com/2723/4385058960_b0f291553e.jpg, farm4.staticflickr.com/..., live.staticflickr.com/...).
@@ -330,9 +332,9 @@ def load_identities(con, sources: list[SourceImages], kinds, images_table: str =
         parts.append("SELECT * FROM ident_urls WHERE value IS NOT NULL")
     for source_name, kind in SOURCE_ID_KINDS.items():
         if kind in kinds:
-            parts.append(f"SELECT source, image_key, {_sql_str(kind)}, CAST(TRY_CAST(source_id AS HUGEINT) AS VARCHAR) "
-                         f"FROM {images_table} WHERE source = {_sql_str(source_name)} "
-                         "AND TRY_CAST(source_id AS HUGEINT) IS NOT NULL")
+            number = r"TRY_CAST(regexp_extract(source_id, '^(\d+)(_[0-9a-f]+)?$', 1) AS HUGEINT)"
+            parts.append(f"SELECT source, image_key, {_sql_str(kind)}, CAST({number} AS VARCHAR) "
+                         f"FROM {images_table} WHERE source = {_sql_str(source_name)} AND {number} IS NOT NULL")
     for s in sources:
         cols = _parquet_columns(s.images)
         for kind in ("coco_id", "flickr_id"):

@@ -13,8 +13,8 @@ identity of one evaluation image, ``kind`` one of :data:`KINDS` --
 A source image's identities (:func:`load_identities`, a DuckDB temp table ``ident``):
 
 - ids: the source id of a source whose ids are COCO's or Flickr's (:data:`SOURCE_ID_KINDS`: coco,
-  multi30k); the ``coco_id`` /
-  ``flickr_id`` columns of ``images.parquet`` (Visual Genome's); ids written in its url
+  multi30k); the ``coco_id`` / ``flickr_id`` columns of ``images.parquet`` (Visual Genome's); ids
+  written in its url
   (:func:`url_identities`: COCO's image urls, Flickr's static photo urls such as SBU's, whose number
   before ``_`` is the photo id -- Flickr30K's file name);
 - ``url``: its url, normalised;

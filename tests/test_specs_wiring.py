@@ -65,18 +65,56 @@ def test_every_deployment_validates_against_its_flow():
 def test_the_m2m100_deployment_translates_with_the_configured_model_on_every_visible_gpu():
     dep = next(d for d in _deployments() if d["name"] == "m2m100")
     spec = TranslateSpec.parse(dep["parameters"]["spec"])
-    assert spec.model != "demo" and spec.device == "auto"
-    for config in ("configs/ccr10-e.yaml", "configs/ccr6-e.yaml"):
+    assert spec.model == "pretrained/m2m100_1.2B" and spec.beam_size == 5 and spec.device == "auto"
+    for config in ("configs/ccr10-e.yaml", "configs/ccr10.yaml"):
         translate = ReproduceSpec.load(os.path.join(REPO, config)).translate_spec()
         assert translate.model.startswith("pretrained/m2m100") and translate.device == "auto"
 
 
+@pytest.mark.parametrize("name", ["ccr6", "ccr6-e", "ccr10", "ccr10-e"])
+def test_every_paper_config_runs_the_chain_the_paper_describes(name):
+    """Each paper config is a whole chain for ``ccrk reproduce``: its sources, the authors' translator
+    (M2M-100 1.2B, beam 5) for es/id/ru/tr where K is 10, the authors' released de/fr/cs/ja/zh for
+    every source it acquires, complete K-lingual tuples, every protocol benchmark excluded."""
+    from flows.reproduce import build_spec_with_exclusions
+
+    spec = ReproduceSpec.load(os.path.join(REPO, "configs", f"{name}.yaml"))
+    k = 10 if name.startswith("ccr10") else 6
+    sources = ["cc3m", "sbu", "vg", "coco"] if name.endswith("-e") else ["cc3m"]
+    assert spec.acquire.sources == sources and spec.build_spec().sources == sources
+    translate = spec.translate_spec()
+    if k == 10:
+        assert translate.langs == ["es", "id", "ru", "tr"]
+        assert translate.model == "pretrained/m2m100_1.2B" and translate.beam_size == 5
+    else:
+        assert translate.langs == []
+    assert sorted(s for item in translate.imports for s in item.source) == sorted(sources)
+    assert all(item.langs == ["de", "fr", "cs", "ja", "zh"] for item in translate.imports)
+    build = build_spec_with_exclusions(spec)
+    assert len(build.langs) == k and build.min_langs == k
+    assert sorted(e.benchmark for e in build.exclude) == ["coco", "multi30k", "wit", "xflickrco"]
+    assert sorted(p.benchmark for p in spec.protocol) == ["coco", "multi30k", "wit", "xflickrco"]
+    assert {p.paper_model for p in spec.protocol} == {name.upper()}
+    assert [r.name for r in spec.pretrain.runs] == [name]
+
+
+def test_the_nightly_build_is_the_ccr10_e_configs_build():
+    """The scheduled build makes the dataset `ccrk reproduce --config configs/ccr10-e.yaml` builds:
+    the same sources, languages, complete tuples and excluded benchmarks."""
+    from flows.reproduce import build_spec_with_exclusions
+
+    dep = next(d for d in _deployments() if d["name"] == "nightly-ccr10-e")
+    nightly = BuildSpec.parse(dep["parameters"]["spec"])
+    chain = build_spec_with_exclusions(ReproduceSpec.load(os.path.join(REPO, "configs/ccr10-e.yaml")))
+    assert nightly.version_params() == chain.version_params()
+
+
 def test_a_misspelt_deployment_key_is_one_line_naming_the_nearest():
-    dep = next(d for d in _deployments() if d["name"] == "nightly-ccr10")
+    dep = next(d for d in _deployments() if d["name"] == "nightly-ccr10-e")
     bad = {**dep["parameters"]["spec"], "shard_sise": 10}
     with pytest.raises(SpecError) as err:
-        BuildSpec.parse(bad, where="prefect.yaml: nightly-ccr10", section="spec")
-    assert str(err.value) == "prefect.yaml: nightly-ccr10: spec: unknown key 'shard_sise' (did you mean 'shard_size'?)"
+        BuildSpec.parse(bad, where="prefect.yaml: nightly-ccr10-e", section="spec")
+    assert str(err.value) == "prefect.yaml: nightly-ccr10-e: spec: unknown key 'shard_sise' (did you mean 'shard_size'?)"
 
 
 def test_a_misspelt_key_in_a_reproduce_config_is_one_line(tmp_path):

@@ -393,9 +393,13 @@ def fill_from_mirror(prepared, mirror: list[str], settings: dict, *, only_failur
     fill's counts). ``settings``: the acquire settings (:data:`storage.local_shards.LOCAL_SETTINGS`).
     Safe to call again after any interruption."""
     t0 = time.perf_counter()
+    with writer_for(str(prepared.directory), settings) as writer:
+        return _fill(prepared, writer, mirror, settings, only_failures, progress, t0)
+
+
+def _fill(prepared, writer, mirror: list[str], settings: dict, only_failures: bool, progress, t0: float) -> dict:
     directory = str(prepared.directory)
     shards_dir = os.path.join(directory, SHARDS)
-    writer = writer_for(directory, settings)
     tars = list_mirror(mirror)
     redone = validate_shards(shards_dir)
     fills = load_fills(directory)

@@ -36,7 +36,7 @@ class AcquireSettings(Spec):
     image_size: int = versioned(256, "side of the stored images (pixels)", ge=1)
     resize_mode: Literal[RESIZE_MODES] = versioned("border", "img2dataset resize mode")
     resize_only_if_bigger: Bool = versioned(False, "resize only images larger than image_size")
-    processes: int = setting(1, "download processes", ge=1)
+    processes: int = setting(1, "download processes (from a mirror or a folder: resize processes)", ge=1)
     thread_count: int = setting(16, "download threads per process", ge=1)
     timeout: int = setting(10, "seconds before a request times out", ge=1)
     retries: int = setting(0, "img2dataset retries per url", ge=0)

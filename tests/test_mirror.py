@@ -37,7 +37,7 @@ SHARED_CAPTION = "two shapes share this caption"
 MIRROR_PX = 40  # the mirror maker's own resize
 ARGS = ["--source", "cc3m", "--image-size", "32", "--shard-size", "4"]
 SETTINGS = {"image_size": 32, "resize_mode": "border", "resize_only_if_bigger": False,
-            "max_image_area": 89_478_485, "encode_quality": 95, "number_sample_per_shard": 4, "thread_count": 4}
+            "max_image_area": 89_478_485, "encode_quality": 95, "number_sample_per_shard": 4, "processes": 1}
 
 
 def _caption(i: int, manifest: dict) -> str:
@@ -234,13 +234,13 @@ def test_a_mirror_without_retry_failed_does_not_mix_into_a_web_download(world, c
 
 
 def test_a_fill_killed_mid_mirror_resumes_to_the_same_shards_and_counts(world, tmp_path):
-    """The third tar comes over HTTP from the loopback server, 3 s late: the fill is killed -9 while
+    """The third tar comes over HTTP from the loopback server, 1.5 s late: the fill is killed -9 while
     it waits, after the first two tars' shards; the rerun reads on from there."""
     root = str(tmp_path / "data")
     prepared = prepare_source("cc3m", [world["tsv"]], root, download_params=_download_params())
     assert os.path.basename(prepared.directory) == os.path.basename(world["dir"])
     with serve(world["mirror"]) as server:
-        specs = world["tars"][:2] + [f"{server.url}/delay/3000/cc3m-train-0002.tar"]
+        specs = world["tars"][:2] + [f"{server.url}/delay/1500/cc3m-train-0002.tar"]
         code = ("import json, sys; from storage.mirror import fill_from_mirror; from storage.sources import "
                 "_load_prepared; fill_from_mirror(_load_prepared(sys.argv[1]), json.loads(sys.argv[2]), "
                 "json.loads(sys.argv[3]))")
@@ -260,7 +260,10 @@ def test_a_fill_killed_mid_mirror_resumes_to_the_same_shards_and_counts(world, t
         assert not fill["complete"] and fill["next_tar"] == 2
         from storage.mirror import fill_from_mirror
 
+        fds = [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)]
         summary = fill_from_mirror(_load_prepared(prepared.directory), specs, SETTINGS)
+        # img2dataset's resizer dup2s fds 1 and 2 to /dev/null around OpenCV: they come back
+        assert [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)] == fds
     reference = _json(world["dir"], "summary.json")
     assert {k: v for k, v in summary["mirror"].items() if k != "mirror"} == \
         {k: v for k, v in reference["mirror"].items() if k != "mirror"}

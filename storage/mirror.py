@@ -258,6 +258,7 @@ def load_fills(directory: str) -> list[dict]:
 
 
 def unfinished_fill(directory: str) -> dict | None:
+    """The fill a kill interrupted, if any (its record in ``mirror.json``)."""
     fills = load_fills(directory)
     return fills[-1] if fills and not fills[-1]["complete"] else None
 
@@ -403,7 +404,7 @@ def _fill(prepared, writer, mirror: list[str], settings: dict, only_failures: bo
     tars = list_mirror(mirror)
     redone = validate_shards(shards_dir)
     fills = load_fills(directory)
-    record = unfinished_fill(directory)
+    record = fills[-1] if fills and not fills[-1]["complete"] else None  # saved with ``fills`` below
     if record is not None:
         if record["tars"] != tars or record["only_failures"] != only_failures:
             raise CCRKError(f"{directory} has an unfinished fill from mirror {', '.join(record['mirror'])}"

@@ -264,6 +264,8 @@ def test_a_fill_killed_mid_mirror_resumes_to_the_same_shards_and_counts(world, t
         summary = fill_from_mirror(_load_prepared(prepared.directory), specs, SETTINGS)
         # img2dataset's resizer dup2s fds 1 and 2 to /dev/null around OpenCV: they come back
         assert [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)] == fds
+    (fill,) = json.load(open(state))["fills"]
+    assert fill["complete"] and fill["next_tar"] == 3 and fill["end"] == fill["next_shard"]
     reference = _json(world["dir"], "summary.json")
     assert {k: v for k, v in summary["mirror"].items() if k != "mirror"} == \
         {k: v for k, v in reference["mirror"].items() if k != "mirror"}

@@ -104,7 +104,8 @@ def test_a_paper_config_is_its_own_single_run_and_carries_the_chain():
     path = os.path.join(REPO, "configs", "ccr10-e.yaml")
     chain = ReproduceSpec.load(path)
     assert [(r.name, r.config) for r in chain.pretrain.runs] == [("ccr10-e", path)]
-    assert chain.translate.imports == [ImportSpec(name="cclm", path="pretrained/cclm/cc3m_multilingual.jsonl")]
+    assert chain.translate.imports[0] == ImportSpec(name="ccrk-cc3m", path="pretrained/ccrk-data/cc3m-mm-data-all",
+                                                    source=["cc3m"], langs=["de", "fr", "cs", "ja", "zh"])
     assert chain.translate.device == "auto" and chain.translate.compute_type == "float16"
     run = PretrainSpec.load(path)
     assert run.acquire.thread_count == 64

@@ -596,8 +596,8 @@ class ReproduceSpec(ChainSections):
             out["ray_address"] = self.ray_address
         return out
 
-    def acquire_spec(self, source: str, metadata: list[str] | None = None) -> AcquireSpec:
-        return self.acquire.for_source(source, metadata, **self._chain_settings(self.acquire))
+    def acquire_spec(self, source: str, metadata: list[str] | None = None, images: str | None = None) -> AcquireSpec:
+        return self.acquire.for_source(source, metadata, images, **self._chain_settings(self.acquire))
 
     def translate_spec(self) -> TranslateSpec:
         return TranslateSpec.parse({**self.translate.to_config(defaults=False), **self._chain_settings(self.translate)})

@@ -35,6 +35,7 @@ from flows.protocol import run_protocol
 from flows.translate import translate_flow
 from storage import atomic, layout
 from storage.demo.corpus import generate_demo_corpus, write_demo_metadata
+from storage.demo.multi30k import write_multi30k_layout
 from storage.demo.server import serve
 from storage.errors import CCRKError
 from storage.specs import BuildSpec, CorpusSpec, ExcludeBenchmark
@@ -72,10 +73,12 @@ class StageClock:
         return out
 
 
-def _acquire_all(spec: ReproduceSpec, root: str, metadata: dict[str, list[str]], report: Reporter) -> dict:
-    out = {}
+def _acquire_all(spec: ReproduceSpec, root: str, metadata: dict[str, list[str]], report: Reporter,
+                 images: dict[str, str] | None = None) -> dict:
+    out, images = {}, images or {}
     for source in spec.acquire.sources:
-        out[source] = summary = acquire_flow(spec.acquire_spec(source, metadata.get(source)), root=root)
+        out[source] = summary = acquire_flow(spec.acquire_spec(source, metadata.get(source), images.get(source)),
+                                             root=root)
         report("acquire", summary)
     ok = sum(int(s.get("images_ok", 0)) for s in out.values())
     return {"sources": out, "_note": f"{ok} images in {len(out)} sources"}
@@ -201,10 +204,12 @@ def reproduce_flow(config: str = "configs/demo.yaml", root: str | None = None,
     clock = StageClock(report)
     with ExitStack() as stack:
         metadata: dict[str, list[str]] = {}
+        images: dict[str, str] = {}
         bench_dir = None
         if spec.corpus is not None:  # the embedded demo: generate, serve on loopback, write metadata
-            metadata, bench_dir = _demo_corpus(spec.corpus, root, clock, stack, excludes_benchmark(spec, "demo"))
-        acquired = clock.stage("acquire", _acquire_all, spec, root, metadata, report)
+            metadata, images, bench_dir = _demo_corpus(spec.corpus, root, clock, stack,
+                                                       excludes_benchmark(spec, "demo"), spec.acquire.sources)
+        acquired = clock.stage("acquire", _acquire_all, spec, root, metadata, report, images)
         stack.close()  # the images are local now
     clock.stage("translate", _translate, spec, root, report)
     built = clock.stage("build + verify", _build, spec, root, report, bench_dir)
@@ -236,11 +241,13 @@ def reproduce_flow(config: str = "configs/demo.yaml", root: str | None = None,
 
 
 def _demo_corpus(c: CorpusSpec, root: str, clock: StageClock, stack: ExitStack,
-                 plant: bool = False) -> tuple[dict, str]:
+                 plant: bool = False, sources=()) -> tuple[dict, dict, str]:
     """Generate the demo corpus, serve it on loopback for the acquisition (until ``stack`` closes) and
-    write its benchmark; returns (metadata files per source, the benchmark's directory). ``plant``
-    (a chain whose build excludes the demo benchmark): the metadata also lists the corpus's planted
-    copies of benchmark images (storage.demo.corpus), which that build must find and keep out."""
+    write its benchmark; returns (metadata files per source, image folders per source, the benchmark's
+    directory). ``plant`` (a chain whose build excludes the demo benchmark): the metadata also lists
+    the corpus's planted copies of benchmark images (storage.demo.corpus), which that build must find
+    and keep out. With ``multi30k`` among ``sources``, the corpus is also written in Multi30K's
+    published layout (storage.demo.multi30k), its English captions and image folder."""
     corpus = layout.join(root, "demo-corpus")
     clock.stage("demo corpus", lambda: {"_note": str(generate_demo_corpus(
         corpus, seed=c.seed, n_train=c.n_train, n_heldout=c.n_heldout).get("n_images", ""))})
@@ -249,4 +256,8 @@ def _demo_corpus(c: CorpusSpec, root: str, clock: StageClock, stack: ExitStack,
     metadata["sbu"] = metadata["sbu"][:1]  # one of SBU's two official layouts
     bench_dir = layout.join(root, "benchmarks", "demo")
     write_demo_benchmark(corpus, bench_dir)
-    return metadata, bench_dir
+    images = {}
+    if "multi30k" in sources:
+        m30k = write_multi30k_layout(corpus, layout.join(root, "demo-multi30k"))
+        metadata["multi30k"], images["multi30k"] = [m30k["metadata"]], m30k["images"]
+    return metadata, images, bench_dir

@@ -13,7 +13,7 @@ from storage.download import DEFAULT_MAX_IMAGE_AREA
 from storage.spec import Bool, Spec, SpecError, setting, versioned
 
 # The web-crawled pre-training sources (what a build joins and reproduce acquires by default), then
-# Multi30K, whose images come from a local folder (storage.sources.SOURCES, the same).
+# Multi30K, whose images come from a local folder (storage.sources re-exports both).
 DEFAULT_SOURCES = ("cc3m", "sbu", "vg", "coco")
 SOURCES = (*DEFAULT_SOURCES, "multi30k")
 LOCAL_IMAGE_SOURCES = ("multi30k",)
@@ -93,17 +93,32 @@ class AcquireSpec(AcquireSettings):
 class AcquireChainSpec(AcquireSettings):
     """The reproduce YAML's ``acquire:`` section: the same settings for several sources."""
 
-    sources: list[WebSource] = versioned(default_factory=lambda: list(DEFAULT_SOURCES),
-                                         description="sources to acquire")
-    metadata: dict[WebSource, list[str]] = versioned(default_factory=dict, description="per source: local metadata "
+    sources: list[Source] = versioned(default_factory=lambda: list(DEFAULT_SOURCES),
+                                      description="sources to acquire")
+    metadata: dict[Source, list[str]] = versioned(default_factory=dict, description="per source: local metadata "
                                                   "files instead of the official urls")
+    images: dict[Source, str] = setting(default_factory=dict, description="per source: the folder of its image "
+                                        "files (multi30k: flickr30k-images)")
+    from_webdataset: dict[WebSource, list[str]] = setting(default_factory=dict, description="per source: a "
+                                                          "WebDataset mirror of its images (as ccrk acquire "
+                                                          "--from-webdataset)")
 
-    def for_source(self, source: str, metadata: list[str] | None = None, **changes) -> AcquireSpec:
-        """The :class:`AcquireSpec` of one source: ``metadata`` (e.g. the demo corpus's) else this
-        section's files for it; ``changes``: fields to set (e.g. the chain's executor)."""
-        values = {k: v for k, v in self.to_config(defaults=False).items() if k not in ("sources", "metadata")}
-        files = metadata or self.metadata.get(source)
-        return AcquireSpec.parse({**values, **changes, "source": source, "metadata": files})
+    @field_validator("from_webdataset", mode="before")
+    @classmethod
+    def _one_mirror(cls, value):
+        return {k: [v] if isinstance(v, str) else v for k, v in value.items()} if isinstance(value, dict) else value
+
+    def for_source(self, source: str, metadata: list[str] | None = None, images: str | None = None,
+                   **changes) -> AcquireSpec:
+        """The :class:`AcquireSpec` of one source: ``metadata`` and ``images`` (e.g. the demo corpus's)
+        else this section's files and image folder for it, and its mirror if the section names one;
+        ``changes``: fields to set (e.g. the chain's executor)."""
+        per_source = ("sources", "metadata", "images", "from_webdataset")
+        values = {k: v for k, v in self.to_config(defaults=False).items() if k not in per_source}
+        return AcquireSpec.parse({**values, **changes, "source": source,
+                                  "metadata": metadata or self.metadata.get(source),
+                                  "images": images or self.images.get(source),
+                                  "from_webdataset": self.from_webdataset.get(source)})
 
 
 class ExcludeBenchmark(Spec):

@@ -18,6 +18,7 @@ from storage.demo.corpus import generate_demo_corpus, load_manifest
 from storage.demo.multi30k import TASK1, flickr_id, write_multi30k_layout
 from storage.download import latest_status
 from storage.errors import CCRKError
+from storage.manifest import summary as manifest_summary
 from storage.sources import prepare_source
 
 ARGS = ["--source", "multi30k", "--image-size", "32", "--shard-size", "8"]
@@ -124,3 +125,51 @@ def test_a_cl2cm_config_trains_on_the_multi30k_dataset(chain, tmp_path):
     summary = train(config, path, str(tmp_path / "run"), root=root)
     assert summary["steps"] == 2
 
+
+
+def test_the_repository_archive_of_sources_yaml_reads_as_the_checkout(layout, tmp_path):
+    """configs/sources.yaml points at GitHub's zip of the repository (``dataset-master/data/task1/...``,
+    Task 2's files beside): it prepares the same source, same version, as the checkout folder."""
+    import zipfile
+
+    from storage.sources import default_metadata
+
+    assert default_metadata("multi30k") == ["https://github.com/multi30k/dataset/archive/refs/heads/master.zip"]
+    archive = tmp_path / "master.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in glob.glob(os.path.join(layout["metadata"], "**", "*"), recursive=True):
+            if os.path.isfile(path):
+                z.write(path, os.path.join("dataset-master", os.path.relpath(path, layout["metadata"])))
+        z.writestr("dataset-master/data/task2/raw/train.en.gz", gzip.compress(b"not task 1\n"))
+        z.writestr("dataset-master/data/task2/image_splits/train.txt", "1.jpg\n")
+    root = str(tmp_path / "data")
+    from_zip = prepare_source("multi30k", [str(archive)], root)
+    from_folder = prepare_source("multi30k", [layout["metadata"]], root)
+    assert from_zip.version == from_folder.version and from_zip.n_captions == from_folder.n_captions > 0
+
+
+def test_the_cl2cm_multi30k_demo_config_runs_as_shipped_on_a_smaller_corpus(tmp_path):
+    """configs/cl2cm-multi30k-demo.yaml, its corpus and schedule cut down: the demo in Multi30K's layout
+    is acquired as the multi30k source (images from its folder), translated, built en + es with the
+    demo benchmark excluded, CL2CM trained on es, and scored in en and es."""
+    import yaml
+
+    from flows.reproduce import reproduce_flow
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "configs", "cl2cm-multi30k-demo.yaml"), encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    config["corpus"].update(n_train=40, n_heldout=8, port=0)
+    (run,) = config["pretrain"]["runs"]
+    run["config"] = os.path.join(repo, run["config"])
+    run["overrides"]["train"] = {"epochs": 1, "heldout": 8}
+    path = tmp_path / "cl2cm-multi30k-demo.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    out = reproduce_flow(str(path), root=str(tmp_path / "data"))
+    assert list(out["sources"]) == ["multi30k"]
+    summary = manifest_summary(out["dataset"])
+    assert summary["n_samples"] == 40 and summary["benchmark_overlap"] == {"demo": 0}
+    assert summary["lang_counts"] == {2: 40}
+    with open(os.path.join(out["report"], "compare.json"), encoding="utf-8") as f:
+        (row,) = json.load(f)["rows"]
+    assert row["run"] == "cl2cm-multi30k-es" and row["MRV langs"] == "en,es" and 0 <= row["es"] <= 100

@@ -163,7 +163,7 @@ def test_misspelt_chain_keys_give_the_dotted_path():
               "configs/demo.yaml: translate.thresholds.by_lang.ru: unknown key 'max_len_ratoi' "
               "(did you mean 'max_len_ratio'?)"),
              ({**demo, "acquire": {"metadata": {"cc3n": ["x.tsv"]}}},
-              "configs/demo.yaml: acquire.metadata: unknown key 'cc3n'; use one of cc3m, sbu, vg, coco"),
+              "configs/demo.yaml: acquire.metadata: unknown key 'cc3n'; use one of cc3m, sbu, vg, coco, multi30k"),
              ({**demo, "exeuctor": "ray"}, "configs/demo.yaml: unknown key 'exeuctor' (did you mean 'executor'?)")]
     for data, expected in cases:
         assert _error(ReproduceSpec, data, where="configs/demo.yaml") == expected

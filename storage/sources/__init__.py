@@ -21,10 +21,7 @@ from storage.sources import cc3m, coco, multi30k, sbu, vg
 from storage.sources.base import DEFAULT_MAX_CAPTION_CHARS, Rejects
 from storage.versioning import CODE_VERSION, content_version, file_sha256
 
-# The web-crawled pre-training sources (what a build joins and reproduce acquires by default), then
-# the sources whose images come from a local folder (Multi30K's Flickr30K files).
-DEFAULT_SOURCES = ("cc3m", "sbu", "vg", "coco")
-SOURCES = (*DEFAULT_SOURCES, "multi30k")
+from storage.specs import DEFAULT_SOURCES, SOURCES  # noqa: F401 - one definition (storage.specs), re-exported
 _ADAPTERS = {"cc3m": cc3m, "sbu": sbu, "vg": vg, "coco": coco, "multi30k": multi30k}
 IMAGES_FILE = "images.parquet"
 CAPTIONS_FILE = "captions.parquet"

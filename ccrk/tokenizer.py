@@ -54,4 +54,12 @@ def load_tokenizer(name_or_dir: str):
         build_demo_tokenizer(path)
     if not os.path.isdir(path):
         raise CCRKError(f"tokenizer directory {path} does not exist")
-    return AutoTokenizer.from_pretrained(path)
+    # A local directory only, and never its own code: a crafted tokenizer_config.json (auto_map) cannot
+    # make transformers run a module it names, nor ask on a terminal whether to.
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise CCRKError(f"tokenizer directory {path} asks to run its own code (auto_map in "
+                        f"tokenizer_config.json); ccrk never runs a checkpoint's code") from None

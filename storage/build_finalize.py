@@ -50,7 +50,7 @@ def _finalize(dataset_path: str, con, pending, draft: tuple[str, str] | None) ->
     def shard_records() -> list[dict]:
         if pending is not None:
             pending()
-        return [json.load(open(f)) for f in sorted(glob.glob(os.path.join(staging, "shard-*.tar.index.json")))]
+        return [json.load(open(f)) for f in sorted(glob.glob(os.path.join(glob.escape(staging), "shard-*.tar.index.json")))]
 
     if draft is not None:
         s = finish_draft(con, draft[0], draft[1], dataset_path, shard_records, lineage)

@@ -75,7 +75,7 @@ def ready_parts(parts_dir: str, taken: set) -> list[tuple[str, list[int]]]:
     """The plan parts written to ``parts_dir`` (:func:`plan_resolved`) and not in ``taken`` (updated),
     in order: (rows parquet path, shard ids)."""
     out = []
-    for marker in sorted(glob.glob(os.path.join(parts_dir, "part-*.json"))):
+    for marker in sorted(glob.glob(os.path.join(glob.escape(parts_dir), "part-*.json"))):
         if marker in taken:
             continue
         taken.add(marker)

@@ -165,7 +165,7 @@ def _finished_shards(source_path: str, ext: str) -> list[str]:
     """The source's img2dataset shard files whose ``NNNNN_stats.json`` exists (img2dataset writes
     it last, so a shard without one is unfinished and not used)."""
     out = []
-    for f in sorted(glob.glob(os.path.join(source_path, "shards", f"*{ext}"))):
+    for f in sorted(glob.glob(os.path.join(glob.escape(source_path), "shards", f"*{ext}"))):
         if os.path.exists(f[: -len(ext)] + "_stats.json"):
             out.append(f)
     return out

@@ -88,7 +88,7 @@ def discover_translations(root: str, langs, chosen=None, engine=None) -> dict[st
     the order of ``chosen`` (``MODEL_ID/DECODE_ID`` strings) when given, else sorted ids."""
     base = layout.join(root, "translations")
     by_dir: dict[str, list[str]] = {}
-    for f in sorted(glob.glob(os.path.join(base, "**", "part-*.parquet"), recursive=True)):
+    for f in sorted(glob.glob(os.path.join(glob.escape(base), "**", "part-*.parquet"), recursive=True)):
         by_dir.setdefault(os.path.dirname(f), []).append(f)
     sets: dict[str, list[TranslationSet]] = {}
     for d, files in sorted(by_dir.items()):

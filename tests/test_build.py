@@ -855,3 +855,14 @@ def test_build_progress_gets_the_sample_total_before_the_shards(root):
     assert result["n_samples"] == 5
     assert events[0] == ("total", 5)
     assert sum(n for kind, n in events if kind == "advance") == 5
+
+
+def test_a_root_with_glob_characters_finds_its_images_and_translations(tmp_path):
+    """A data root named like ``br[1]``: every file search below it escapes the root, so its source
+    tars, translation parts and staged shards are found as under any other name."""
+    root = str(tmp_path / "br[1]" / "data")
+    captions = [f"a red circle number {i}" for i in range(3)]
+    write_source(root, "coco", "c1", [{"id": i, "captions": [c]} for i, c in enumerate(captions)])
+    write_translations(root, MODEL, DECODE, "es", {c: (f"es {i}", True) for i, c in enumerate(captions)})
+    built = build_dataset(root, name="globby", sources=["coco"], langs="en,es")
+    assert built.n_samples == 3 and built.captions_by_lang == {"en": 3, "es": 3}

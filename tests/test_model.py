@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from PIL import Image
 from ccrk.data import image_transform
 from ccrk.model import build_model, load_pretrained, save_model
 from ccrk.trainer import load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 torch.set_num_threads(1)
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")
@@ -234,3 +237,46 @@ def test_extra_padding_changes_no_loss(tiny):
     a, b = objective(batch, seed=3), objective(padded, seed=3)
     for key in ("itc", "itm", "mlm", "loss"):
         assert a[key].item() == pytest.approx(b[key].item(), abs=1e-5), key
+
+
+def test_a_tokenizer_directory_never_runs_its_own_code(tmp_path):
+    """A crafted tokenizer_config.json naming a tokenizer class of its own (auto_map, a module in the
+    directory): on a terminal, transformers would ask whether to run it. The loader pins
+    trust_remote_code off: one line, no question, the module never runs (checked on a pty)."""
+    import json
+    import pty
+    import select
+    import shutil
+    import time
+
+    from ccrk.tokenizer import DEMO_TOKENIZER_DIR, load_tokenizer
+
+    load_tokenizer("demo")  # builds the demo tokenizer if this checkout has none yet
+    d = tmp_path / "tok"
+    shutil.copytree(DEMO_TOKENIZER_DIR, d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="CraftedTokenizer", auto_map={"AutoTokenizer": ["crafted.CraftedTokenizer", None]})
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    marker = tmp_path / "ran"
+    (d / "crafted.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                  "from transformers import PreTrainedTokenizerFast as CraftedTokenizer\n")
+    code = ("from ccrk.tokenizer import load_tokenizer\nfrom storage.errors import CCRKError\n"
+            f"try:\n    load_tokenizer({str(d)!r})\nexcept CCRKError as e:\n    print('ONE LINE:', e)\n")
+    pid, fd = pty.fork()
+    if pid == 0:  # a terminal on stdin and stdout, as a user's
+        os.chdir(REPO)
+        os.execv(sys.executable, [sys.executable, "-c", code])
+    out, deadline = b"", time.time() + 120
+    try:
+        while time.time() < deadline and b"ONE LINE" not in out and b"[y/N]" not in out:
+            if select.select([fd], [], [], 1)[0]:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:
+                    break
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert "asks to run its own code" in text and "[y/N]" not in text, text[-800:]
+    assert not marker.exists()

@@ -228,6 +228,20 @@ def test_blank_caption_is_rejected(tmp_path, root):
     assert p.rejected == {"blank_caption": 2} and p.n_images == 1
 
 
+def test_control_characters_in_captions_are_replaced_and_counted(tmp_path, root):
+    """NUL, a colour escape and a terminal-title sequence in CC3M captions: each caption is kept with
+    the sequences replaced by spaces (counted as control_characters, with its place); one that is
+    nothing but control characters is blank."""
+    import pandas as pd
+
+    p = _cc3m(tmp_path, root, f"a red\x00 circle\t{BASE}/a.jpg\n\x1b[31ma blue\x1b[0m square\t{BASE}/b.jpg\n"
+                              f"\x1b]0;owned\x07two stars\t{BASE}/c.jpg\n\x1b[2J\x07\t{BASE}/d.jpg\nplain\t{BASE}/e.jpg\n")
+    captions = pd.read_parquet(p.captions_path)["caption"].tolist()
+    assert captions == ["a red circle", "a blue square", "two stars", "plain"]
+    assert p.fixed == {"control_characters": 3} and p.rejected == {"blank_caption": 1}
+    assert p.rejected_examples["control_characters"] == [f"Train_GCC-training.tsv line {n}" for n in (1, 2, 3)]
+
+
 def test_invalid_utf8_line_is_rejected_and_the_rest_of_the_file_is_read(tmp_path, root):
     body = f"before\t{BASE}/a.jpg\n".encode() + b"caf\xe9 latin-1\t" + f"{BASE}/b.jpg\n".encode() + \
         "after, with ünïcödé\t".encode() + f"{BASE}/c.jpg\n".encode()

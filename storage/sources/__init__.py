@@ -45,6 +45,7 @@ class PreparedSource:
     # Extras beyond the contract: the parameters that made the version, a few rejected places per class.
     params: dict = field(default_factory=dict)
     rejected_examples: dict[str, list[str]] = field(default_factory=dict)
+    fixed: dict[str, int] = field(default_factory=dict)  # records kept after a fix (base.FIX_CLASSES)
 
 
 def adapter(source: str) -> ModuleType:
@@ -166,7 +167,7 @@ def prepare_source(source: str, metadata: list[str] | None, root: str | None, *,
         source=source, version=version, directory=directory, images_path=images_path,
         captions_path=captions_path, rows_read=rejects.rows_read, rejected=rejects.as_dict(),
         n_images=images.num_rows, n_captions=captions.num_rows, metadata_sha256=sha, params=params,
-        rejected_examples={k: v for k, v in rejects.examples.items()})
+        rejected_examples={k: v for k, v in rejects.examples.items()}, fixed=dict(rejects.fixed))
     # source.json last: its presence marks the tables complete.
     atomic.write_json(layout.join(directory, SOURCE_FILE),
                       {**asdict(prepared), "metadata": specs, "metadata_files": picked,
@@ -180,7 +181,7 @@ def catalog_fields(prepared: PreparedSource, stats: dict | None = None) -> tuple
     ``stats``: the acquire summary (images ok, failures, bytes, ...) merged over the read counts.
     Writes nothing: the acquire stage's entry is written by :func:`storage.stage.run_stage`.
     """
-    read_stats = {"rows_read": prepared.rows_read, "rejected": prepared.rejected,
+    read_stats = {"rows_read": prepared.rows_read, "rejected": prepared.rejected, "fixed": prepared.fixed,
                   "n_images": prepared.n_images, "n_captions": prepared.n_captions}
     params = prepared.params or {"source": prepared.source, "metadata_sha256": prepared.metadata_sha256}
     return params, {**read_stats, **(stats or {})}

@@ -15,6 +15,11 @@ metadata never lists), ``caption_of_rejected_image`` (a caption whose image was 
 Records an adapter leaves out by a published split, not for a fault (COCO: Karpathy's val and test,
 the benchmarks): ``excluded_split`` (an image of a split not kept), ``caption_of_excluded_image``,
 ``not_in_split_file`` (an image the split file does not list).
+
+Fixed, not rejected, and counted (``Rejects.fixed``): ``control_characters`` -- a caption holding
+terminal escape sequences (ESC ``[``/``]`` ...) or other control characters (C0 but tab/newline,
+DEL, C1: NUL among them) has each sequence or character replaced by a space, so none reaches a
+shard, a report or a terminal.
 """
 from __future__ import annotations
 
@@ -36,6 +41,12 @@ REJECT_CLASSES = ("malformed_row", "invalid_utf8", "bad_url_scheme", "blank_capt
 ALLOWED_SCHEMES = ("http", "https")
 _FETCHABLE = re.compile(rf"(?:{'|'.join(ALLOWED_SCHEMES)})://[^/?#\s]", re.IGNORECASE)
 _EXAMPLES_PER_CLASS = 3
+FIX_CLASSES = ("control_characters",)
+# A terminal escape sequence (CSI ``ESC [ ... final``, OSC ``ESC ] ... BEL|ESC \``, or ESC and one
+# character), else one control character: C0 (tab, newline and carriage return too: a caption is one
+# line), DEL and C1.
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.?|[\x00-\x1f\x7f-\x9f]",
+                      re.DOTALL)
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -46,6 +57,16 @@ class Rejects:
         self.rows_read = 0
         self.counts: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
+        self.fixed: Counter[str] = Counter()  # records kept after a fix (FIX_CLASSES)
+
+    def fix(self, cls: str, at: Any) -> None:
+        """Count one record kept after a fix of class ``cls``, with its place among the examples."""
+        if cls not in FIX_CLASSES:
+            raise ValueError(f"unknown fix class {cls!r}")
+        self.fixed[cls] += 1
+        ex = self.examples.setdefault(cls, [])
+        if len(ex) < _EXAMPLES_PER_CLASS:
+            ex.append(where(*at) if isinstance(at, tuple) else str(at))
 
     def add(self, cls: str, at: Any) -> None:
         """Count one rejected record; ``at`` is a place string or a ``(path, index, unit)`` tuple."""
@@ -83,6 +104,12 @@ def url_problem(url: Any) -> str | None:
         return "invalid_utf8"
     # Same test as urlsplit: scheme http/https and a non-empty host part, without its cost per row.
     return None if _FETCHABLE.match(url.strip()) else "bad_url_scheme"
+
+
+def without_controls(text: str) -> str:
+    """``text`` with every terminal escape sequence and control character replaced by a space, and
+    the whitespace runs that leaves collapsed."""
+    return " ".join(_CONTROL.sub(" ", text).split())
 
 
 def caption_problem(caption: Any, max_chars: int = DEFAULT_MAX_CAPTION_CHARS) -> str | None:
@@ -261,6 +288,7 @@ class SourceTables:
         ``dedupe_text``: for sources without caption ids (CC3M, SBU), the same text for the same
         image twice is a duplicate.
         """
+        caption = self.cleaned(caption, at)
         problem = caption_problem(caption, self.max_caption_chars)
         if problem:
             self.rejects.add(problem, at)
@@ -288,6 +316,15 @@ class SourceTables:
         for name in self._caption_extras:
             cols[name].append(extras.get(name))
         return True
+
+    def cleaned(self, caption: Any, at: Any) -> Any:
+        """``caption`` without control characters (:func:`without_controls`), counted as fixed when
+        that leaves text; anything else as it is."""
+        if isinstance(caption, str) and _CONTROL.search(caption):
+            caption = without_controls(caption)
+            if caption:
+                self.rejects.fix("control_characters", at)
+        return caption
 
     def finish(self) -> tuple[pa.Table, pa.Table]:
         """The images and captions tables: captionless images dropped (counted), then ``limit`` applied."""
@@ -320,7 +357,10 @@ def add_url_caption(tables: SourceTables, caption: Any, url: Any, caption_id: st
 
     Both fields are checked before anything is added, so a record with a bad caption adds no image.
     """
-    problem = url_problem(url) or caption_problem(caption, tables.max_caption_chars)
+    problem = url_problem(url)
+    if not problem:
+        caption = tables.cleaned(caption, at)
+        problem = caption_problem(caption, tables.max_caption_chars)
     if problem:
         tables.rejects.add(problem, at)
         return

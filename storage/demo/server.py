@@ -11,6 +11,8 @@ each followed by a file path (``/bad/404/images/x.jpg``):
 - ``/bad/html/…``: 200 ``text/html``, not an image.
 - ``/bad/truncated/…``: the file's first half.
 - ``/bad/huge/…``: a valid 12000x12000 PNG (a few hundred KB) over any sane pixel limit.
+- ``/bad/gzip-encoded/…``: the file's bytes as they are, sent with ``Content-Encoding: gzip`` (a
+  small gzip file of zeros is a decompression bomb for a client that decodes it).
 - ``/noai/…``: the real file with ``X-Robots-Tag: noai`` (an opt-out a downloader must honour).
 - ``/flaky/N/…``: 500 for the first N requests of that path, then the file (retry tests).
 - ``/delay/MS/…``: the file after MS milliseconds (a slow-ish but working host).
@@ -162,6 +164,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._serve_file(rest, transform=lambda b: b[: len(b) // 2])
         elif kind == "huge":
             self._send(200, huge_png(), "image/png")
+        elif kind == "gzip-encoded":
+            self._serve_file(rest, {"Content-Encoding": "gzip"})
         else:
             self._send(404, b"unknown bad route", "text/plain")
 

@@ -432,3 +432,53 @@ def test_sbu_urls_file_without_its_captions_file_is_a_clear_error(demo, root):
 def test_unknown_source_is_a_clear_error(root):
     with pytest.raises(CCRKError, match="unknown source 'flickr'"):
         prepare_source("flickr", [], root)
+
+
+# --------------------------------------------------------------------------- streamed JSON arrays
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+def test_a_json_array_streams_to_what_json_load_reads(tmp_path, monkeypatch, chunk):
+    """Element by element, whatever the read size cuts through (numbers, strings, escapes, nesting),
+    with a BOM, odd whitespace and bytes that are not UTF-8 kept as surrogates as read_json keeps them."""
+    from storage.sources import base
+
+    data = [{"id": 12345, "regions": [{"phrase": "a \"red\" ☃ circle\n", "x": -1.5e3}]}, 7, 123456789,
+            "text", [], {}, None, True, [1, [2, [3]]], 0.25]
+    body = b"\xef\xbb\xbf \n[ " + b" ,\n ".join(json.dumps(d).encode() for d in data) + b" ,\"caf\xe9\" ]\n"
+    path = _write(tmp_path / "a.json", body)
+    monkeypatch.setattr(base, "_JSON_CHUNK", chunk)
+    assert list(base.iter_json_array(path, "X", "a list")) == base.read_json(path, "X")
+
+
+@pytest.mark.parametrize("body, problem", [(b'{"a": 1}', "it is not a JSON array"), (b"", "it is not a JSON array"),
+                                           (b'[{"a": 1}, {"b"', "not valid JSON"), (b'[1, 2', "ends inside"),
+                                           (b'[1 2]', "',' or ']'"), (b'[1, oops]', "not valid JSON")])
+def test_a_file_that_is_no_json_array_is_one_line_naming_it(tmp_path, body, problem):
+    from storage.sources.base import iter_json_array
+
+    path = _write(tmp_path / "image_data.json", body)
+    with pytest.raises(CCRKError, match=problem) as err:
+        list(iter_json_array(path, "Visual Genome", "a list of images"))
+    assert "image_data.json" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_visual_genome_is_read_in_bounded_memory(tmp_path):
+    """A 25 MB region file: json.load would hold several times that; streamed, the reader's peak is
+    about its buffer and one entry (tracemalloc, Python allocations)."""
+    import tracemalloc
+
+    from storage.sources.base import iter_json_array
+
+    entry = {"id": 1, "regions": [{"region_id": r, "image_id": 1, "phrase": "a red circle on the left",
+                                   "x": 1, "y": 2, "width": 3, "height": 4} for r in range(100)]}
+    path = tmp_path / "region_descriptions.json"
+    with open(path, "w") as f:
+        f.write("[" + ",".join(json.dumps({**entry, "id": i}) for i in range(2500)) + "]")
+    size = os.path.getsize(path)
+    assert size > 20_000_000
+    tracemalloc.start()
+    n = sum(len(e["regions"]) for e in iter_json_array(str(path), "Visual Genome", "a list"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert n == 250_000 and peak < size / 4, (peak, size)

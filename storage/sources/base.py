@@ -174,6 +174,84 @@ def read_json(path: str, what: str) -> Any:
         raise CCRKError(f"{what} metadata file {path} is not valid JSON ({exc})") from None
 
 
+_JSON_CHUNK = 1 << 20
+_DECODER = json.JSONDecoder()
+_WS = re.compile(r"[ \t\n\r]*")
+_NUMBER_CHARS = frozenset("0123456789.eE+-")
+
+
+def iter_json_array(path: str, what: str, description: str) -> Iterator[Any]:
+    """The elements of a file holding one JSON array, streamed: memory holds one element and a
+    read buffer (about 1 MiB), not the file (``json.load`` of Visual Genome's region file needs about
+    8.7x its size). Bytes that are not UTF-8 survive as surrogates, as in :func:`read_json`. A file
+    that is not a JSON array, or breaks off, is a :class:`CCRKError` naming it; ``description``
+    says what it should hold (e.g. ``a list of images``)."""
+    import codecs
+
+    try:
+        f = open(path, "rb")
+    except OSError:
+        read_bytes(path, what)  # raises the CCRKError that names the problem
+        raise
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+    buf, pos, eof, started = "", 0, False, False
+
+    def more() -> bool:
+        nonlocal buf, pos, eof
+        if eof:
+            return False
+        raw = f.read(_JSON_CHUNK)
+        eof = not raw
+        buf = buf[pos:] + decoder.decode(raw, final=eof)
+        pos = 0
+        return True
+
+    def skip_ws() -> bool:
+        """Advance past whitespace; False at the end of the file."""
+        nonlocal pos
+        while True:
+            pos = _WS.match(buf, pos).end()
+            if pos < len(buf) or not more():
+                return pos < len(buf)
+
+    def bad(problem: str) -> CCRKError:
+        return CCRKError(f"{what} metadata file {path} has the wrong structure: expected {description} "
+                         f"({problem})")
+
+    with f:
+        while not buf and more():
+            pass
+        if buf.startswith("\ufeff"):
+            pos = 1
+        if not skip_ws() or buf[pos] != "[":
+            raise bad("it is not a JSON array")
+        pos += 1
+        while True:
+            if not skip_ws():
+                raise bad("the file ends inside the array")
+            if buf[pos] == "]":
+                return
+            if started:
+                if buf[pos] != ",":
+                    raise bad(f"'{buf[pos]}' where ',' or ']' should be")
+                pos += 1
+                if not skip_ws():
+                    raise bad("the file ends inside the array")
+            while True:
+                try:
+                    element, end = _DECODER.raw_decode(buf, pos)
+                    # A number cut by the buffer's end parses short ("0." as 0): read on and decode again.
+                    if eof or (end < len(buf) and buf[end] not in _NUMBER_CHARS):
+                        break
+                except ValueError as exc:
+                    if eof:
+                        raise CCRKError(f"{what} metadata file {path} is not valid JSON ({exc})") from None
+                if not more():
+                    raise bad("the file ends inside an element")
+            pos, started = end, True
+            yield element
+
+
 def iter_lines(path: str, what: str) -> Iterator[tuple[int, str | None]]:
     """(0-based line number, text or None when the line is not UTF-8), streamed; a final newline ends the last line."""
     try:

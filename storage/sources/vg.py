@@ -15,7 +15,7 @@ import os
 import pyarrow as pa
 
 from storage.errors import CCRKError
-from storage.sources.base import Rejects, SourceTables, as_int, is_int, read_json, require_type
+from storage.sources.base import Rejects, SourceTables, as_int, is_int, iter_json_array
 
 NAME = "vg"
 IMAGE_FILE = "image_data.json"
@@ -56,9 +56,8 @@ def read(files: list[str], rejects: Rejects, limit: int | None = None,
     image_path, regions_path = picked
     tables = SourceTables(NAME, rejects, image_extras=IMAGE_EXTRAS, caption_extras=CAPTION_EXTRAS,
                           limit=limit, max_caption_chars=max_caption_chars)
-    images = require_type(read_json(image_path, "Visual Genome"), list, image_path, "Visual Genome",
-                          "a list of images")
-    for i, im in enumerate(images):
+    # Both files are streamed element by element (the official region file is about 700 MB).
+    for i, im in enumerate(iter_json_array(image_path, "Visual Genome", "a list of images")):
         rejects.rows_read += 1
         at = (image_path, i, "record")
         if not isinstance(im, dict):
@@ -73,8 +72,7 @@ def read(files: list[str], rejects: Rejects, limit: int | None = None,
         tables.add_image(image_id, im["url"], at, width=width, height=height, coco_id=coco_id,
                          flickr_id=flickr_id)
 
-    entries = require_type(read_json(regions_path, "Visual Genome"), list, regions_path, "Visual Genome",
-                           "a list of {id, regions} objects")
+    entries = iter_json_array(regions_path, "Visual Genome", "a list of {id, regions} objects")
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("regions"), list):
             rejects.rows_read += 1

@@ -28,7 +28,8 @@ from storage.stage import Outcome, StagePlan, run_stage
 
 # The download settings img2dataset runs with (AcquireSpec's fields; thread_count as it names it).
 DOWNLOAD_SETTINGS = ("image_size", "resize_mode", "resize_only_if_bigger", "processes", "thread_count", "timeout",
-                     "retries", "retry_failed", "number_sample_per_shard", "max_image_area", "encode_quality")
+                     "fetch_deadline", "max_image_bytes", "retries", "retry_failed", "number_sample_per_shard",
+                     "max_image_area", "encode_quality")
 
 
 @task(name="prepare-metadata", cache_policy=NO_CACHE)

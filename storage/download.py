@@ -19,14 +19,19 @@ by class (:data:`FAILURE_CLASSES`), bytes, images/s and wall seconds.
 """
 from __future__ import annotations
 
+import functools
+import http.client
+import io
 import json
 import math
 import os
 import re
+import socket
 import sys
 import tarfile
 import threading
 import time
+import urllib.request
 from collections import Counter
 from contextlib import ExitStack, contextmanager
 from typing import Callable, ContextManager, Iterator
@@ -45,6 +50,8 @@ SHARDS = "shards"
 ENCODE_FORMAT = "jpg"
 OOM_SHARD_COUNT = 5  # shard names NNNNN, as img2dataset's default
 DEFAULT_MAX_IMAGE_AREA = 89_478_485  # PIL's decompression-bomb threshold
+DEFAULT_FETCH_DEADLINE = 60  # seconds for one image's whole fetch: timeout is per socket read
+DEFAULT_MAX_IMAGE_BYTES = 50_000_000  # a body past this many bytes is not read further
 OPT_OUT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
 DISTRIBUTORS = ("multiprocessing", "ray")
 
@@ -52,12 +59,18 @@ DISTRIBUTORS = ("multiprocessing", "ray")
 # (storage.local_shards) rather than the web.
 FAILURE_CLASSES = ("not_found_404", "server_error_5xx", "timeout", "redirect_loop", "empty_body",
                    "not_an_image", "truncated_image", "too_large", "opt_out_noai", "connection_error",
-                   "not_in_mirror", "file_not_found", "other")
+                   "deadline_exceeded", "too_many_bytes", "not_in_mirror", "file_not_found", "other")
 # not_in_mirror: never tried on the web (a source acquired from a mirror, storage.mirror).
-RETRYABLE = frozenset({"server_error_5xx", "timeout", "connection_error", "not_in_mirror"})
+# deadline_exceeded is retryable as a timeout is (the host may be faster later; a retry costs one
+# deadline); too_many_bytes is not (the body is what it is).
+RETRYABLE = frozenset({"server_error_5xx", "timeout", "connection_error", "deadline_exceeded", "not_in_mirror"})
 # The error messages of the two local classes (storage.local_shards writes them).
 NOT_IN_MIRROR = "not in mirror"
 FILE_NOT_FOUND = "file not found"
+# The error messages of the bounded fetch and of the header check (:func:`fetch_image`, CheckedResizer).
+DEADLINE_EXCEEDED = "deadline exceeded"
+TOO_MANY_BYTES = "too many bytes"
+TOO_LARGE_HEADER = "image area too large (from the header, not decoded)"
 
 _SHARD_FILE = re.compile(r"^(\d+)(_stats\.json|\.tar|\.parquet)$")
 
@@ -74,6 +87,10 @@ def classify_error(message: str | None) -> str | None:
         return "not_in_mirror"
     if m.startswith(FILE_NOT_FOUND):
         return "file_not_found"
+    if m.startswith(DEADLINE_EXCEEDED):
+        return "deadline_exceeded"
+    if m.startswith(TOO_MANY_BYTES):
+        return "too_many_bytes"
     if "x-robots-tag" in m:
         return "opt_out_noai"
     if "infinite loop" in m or "redirect" in m:
@@ -100,8 +117,10 @@ def classify_error(message: str | None) -> str | None:
 
 # --------------------------------------------------------------------------- img2dataset extensions
 # Subclasses handed to the real img2dataset (it builds them by name in img2dataset.main):
-# workers that die with their parent, so a kill -9 leaves no orphan still writing shards, and a
-# resizer that tells an empty body, a truncated image and a non-image apart.
+# workers that die with their parent, so a kill -9 leaves no orphan still writing shards; a
+# downloader whose fetch has a total deadline and a byte cap (img2dataset's timeout is per socket
+# read, and it reads a body whole); and a resizer that checks the area from the image's header
+# before anything is decoded, and tells an empty body, a truncated image and a non-image apart.
 
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
@@ -133,11 +152,155 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="ccrk-parent-watchdog", daemon=True).start()
 
 
+_READ_CHUNK = 1 << 16
+
+
+def _shut(sock) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
+
+
+class _Deadline:
+    """One fetch's total time. When it is up, the fetch's sockets are shut down, so a read blocked on a
+    host that sends a byte a second returns at once (a socket timeout bounds each read, not the fetch)."""
+
+    def __init__(self, seconds: float):
+        self.expired = False
+        self._sockets: list = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            expired = self.expired
+        if expired:
+            _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+class _WatchedConnection:
+    """Mixin: every socket the connection opens (the TCP one, before any TLS) is watched by ``deadline``."""
+
+    def __init__(self, *args, deadline: _Deadline, **kwargs):
+        super().__init__(*args, **kwargs)
+        create = self._create_connection
+
+        def create_watched(*a, **k):
+            sock = create(*a, **k)
+            deadline.watch(sock)
+            return sock
+
+        self._create_connection = create_watched
+
+
+class _WatchedHTTPConnection(_WatchedConnection, http.client.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_WatchedConnection, http.client.HTTPSConnection):
+    pass
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(functools.partial(_WatchedHTTPConnection, deadline=self.deadline), req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req):
+        extra = {"check_hostname": self._check_hostname} if hasattr(self, "_check_hostname") else {}
+        return self.do_open(functools.partial(_WatchedHTTPSConnection, deadline=self.deadline), req,
+                            context=self._context, **extra)
+
+
+def fetch_image(row, timeout, user_agent_token, disallowed_header_directives, *, deadline: float,
+                max_bytes: int):
+    """img2dataset's ``download_image`` (same arguments and answer: key, stream or None, error or None)
+    with ``deadline`` seconds for the whole fetch (connect, redirects, headers, body) and at most
+    ``max_bytes`` of body read (a longer Content-Length is refused before the body)."""
+    from img2dataset.downloader import is_disallowed
+
+    key, url = row
+    user_agent = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+    if user_agent_token:
+        user_agent += f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
+    clock = _Deadline(deadline)
+    opener = urllib.request.build_opener(_DeadlineHTTPHandler(clock), _DeadlineHTTPSHandler(clock))
+    try:
+        request = urllib.request.Request(url, data=None, headers={"User-Agent": user_agent})
+        with opener.open(request, timeout=min(timeout, deadline)) as r:
+            if disallowed_header_directives and is_disallowed(r.headers, user_agent_token,
+                                                              disallowed_header_directives):
+                return key, None, "Use of image disallowed by X-Robots-Tag directive"
+            length = (r.headers.get("Content-Length") or "").strip()
+            if length.isdigit() and int(length) > max_bytes:
+                return key, None, f"{TOO_MANY_BYTES}: Content-Length {length} is over the cap of {max_bytes}"
+            body = bytearray()
+            while chunk := r.read1(_READ_CHUNK):
+                body += chunk
+                if len(body) > max_bytes:
+                    return key, None, f"{TOO_MANY_BYTES}: the body is over the cap of {max_bytes}"
+            if clock.expired:  # the shut socket read as the end of the body
+                raise TimeoutError
+            if r.length:  # read1 does not raise on a body cut short; read() does
+                raise http.client.IncompleteRead(bytes(body), r.length)
+        return key, io.BytesIO(body), None
+    except Exception as err:  # noqa: BLE001 - as img2dataset: every failure is this row's error message
+        if clock.expired:
+            return key, None, f"{DEADLINE_EXCEEDED}: no whole image within {deadline} s"
+        return key, None, str(err)
+    finally:
+        clock.cancel()
+
+
+def _header_area(img_stream) -> float | None:
+    """Width x height read from the image's header (PIL decodes no pixels); None: PIL cannot tell."""
+    from PIL import Image
+
+    img_stream.seek(0)
+    try:
+        with Image.open(img_stream) as im:
+            width, height = im.size
+    except Image.DecompressionBombError:  # PIL refuses past twice its limit: at least that many pixels
+        return 2 * Image.MAX_IMAGE_PIXELS + 1
+    except Exception:  # noqa: BLE001 - not for PIL to judge: img2dataset decodes and classifies it
+        return None
+    finally:
+        img_stream.seek(0)
+    return width * height
+
+
 def _resizer_class():
     from img2dataset.resizer import Resizer
 
     class CheckedResizer(Resizer):
         def __call__(self, img_stream, blurring_bbox_list=None):
+            # Before img2dataset's decode (and its float64 alpha matting) of the whole image.
+            area = _header_area(img_stream)
+            if area is not None and area > self.max_image_area:
+                return None, None, None, None, None, TOO_LARGE_HEADER
             out = super().__call__(img_stream, blurring_bbox_list)
             err = out[-1]
             if err is not None and ("decoding error" in err or "buf.empty()" in err):
@@ -155,10 +318,30 @@ def _resizer_class():
     return CheckedResizer
 
 
-def _downloader_class():
+def _downloader_classes():
     from img2dataset.downloader import Downloader
 
-    class GuardedDownloader(Downloader):
+    class BoundedDownloader(Downloader):
+        """Fetches with :func:`fetch_image`: ``fetch_deadline`` seconds and ``max_image_bytes`` per image."""
+
+        def __init__(self, *args, fetch_deadline: float = DEFAULT_FETCH_DEADLINE,
+                     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.fetch_deadline, self.max_image_bytes = fetch_deadline, max_image_bytes
+
+        def __call__(self, row):
+            # img2dataset's shard loop fetches through its module's download_image (by global name);
+            # a worker process runs one shard at a time.
+            module = sys.modules["img2dataset.downloader"]
+            saved = module.download_image
+            module.download_image = functools.partial(fetch_image, deadline=self.fetch_deadline,
+                                                      max_bytes=self.max_image_bytes)
+            try:
+                return super().__call__(row)
+            finally:
+                module.download_image = saved
+
+    class GuardedDownloader(BoundedDownloader):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.parent_pid = os.getpid()
@@ -167,7 +350,7 @@ def _downloader_class():
             _die_with_parent(self.parent_pid)
             return super().__call__(row)
 
-    return GuardedDownloader
+    return BoundedDownloader, GuardedDownloader
 
 
 def _logger_class():
@@ -192,7 +375,7 @@ _EXTENSIONS: dict[str, type] = {}
 def _extension(name: str) -> type:
     """The extension classes, built on first use (importing img2dataset is slow)."""
     if not _EXTENSIONS:
-        for cls in (_resizer_class(), _downloader_class(), _logger_class()):
+        for cls in (_resizer_class(), *_downloader_classes(), _logger_class()):
             cls.__module__, cls.__qualname__ = __name__, cls.__name__
             _EXTENSIONS[cls.__name__] = cls
     return _EXTENSIONS[name]
@@ -200,7 +383,7 @@ def _extension(name: str) -> type:
 
 def __getattr__(name: str):
     # Spawned img2dataset workers unpickle storage.download.GuardedDownloader & co. by name.
-    if name in ("CheckedResizer", "GuardedDownloader", "GuardedLoggerProcess"):
+    if name in ("CheckedResizer", "BoundedDownloader", "GuardedDownloader", "GuardedLoggerProcess"):
         return _extension(name)
     raise AttributeError(name)
 
@@ -215,7 +398,8 @@ def make_resizer(image_size: int, resize_mode: str, resize_only_if_bigger: bool,
 
 
 @contextmanager
-def _img2dataset_extensions(distributor: str = "multiprocessing") -> Iterator:
+def _img2dataset_extensions(distributor: str = "multiprocessing", fetch_deadline: float = DEFAULT_FETCH_DEADLINE,
+                            max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Iterator:
     import img2dataset.main  # noqa: F401 - the package re-exports a function named main
 
     main = sys.modules["img2dataset.main"]
@@ -224,8 +408,9 @@ def _img2dataset_extensions(distributor: str = "multiprocessing") -> Iterator:
         main.Resizer = _extension("CheckedResizer")
         # The parent guard is for pool workers spawned by this process. A Ray worker's parent is its
         # raylet, never this driver (the guard would kill it); Ray itself ends a dead driver's tasks.
-        if distributor == "multiprocessing":
-            main.Downloader = _extension("GuardedDownloader")
+        downloader = "GuardedDownloader" if distributor == "multiprocessing" else "BoundedDownloader"
+        main.Downloader = functools.partial(_extension(downloader), fetch_deadline=fetch_deadline,
+                                            max_image_bytes=max_image_bytes)
         # The logger is a child of this process under every distributor.
         main.LoggerProcess = _extension("GuardedLoggerProcess")
         try:
@@ -383,10 +568,10 @@ def _check_urls(images_path: str) -> None:
 
 
 def _run_img2dataset(url_list: str, shards_dir: str, log_path: str, incremental_mode: str,
-                     total_rows: int, progress: bool, options: dict) -> None:
+                     total_rows: int, progress: bool, options: dict, limits: dict) -> None:
     from img2dataset import download
 
-    with _img2dataset_extensions(options["distributor"]), _output_to(log_path) as terminal, \
+    with _img2dataset_extensions(options["distributor"], **limits), _output_to(log_path) as terminal, \
             _progress(shards_dir, total_rows, progress, terminal, options["number_sample_per_shard"]):
         download(url_list=url_list, output_folder=shards_dir, input_format="parquet", url_col="url",
                  save_additional_columns=["image_key"], output_format="webdataset",
@@ -433,6 +618,7 @@ def download_images(prepared, *, image_size: int = 256, resize_mode: str = "bord
                     timeout: int = 10, retries: int = 0, retry_failed: bool = False,
                     max_image_area: float = DEFAULT_MAX_IMAGE_AREA, number_sample_per_shard: int = 10_000,
                     encode_quality: int = 95, user_agent_token: str | None = None,
+                    fetch_deadline: int = DEFAULT_FETCH_DEADLINE, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
                     progress: bool = True, distributor: str = "multiprocessing",
                     cluster: Callable[[], ContextManager] | None = None) -> dict:
     """Download ``prepared.images_path`` into ``prepared.directory/shards`` and write ``summary.json``.
@@ -446,6 +632,8 @@ def download_images(prepared, *, image_size: int = 256, resize_mode: str = "bord
     ``cluster``: entered before the first img2dataset run, and only when there is something to
     download (e.g. the caller's ``lambda: ray_cluster(address)``, which joins or starts the Ray
     cluster for the download and leaves it after); None: the cluster is the caller's business.
+    ``fetch_deadline``: seconds for one image's whole fetch (``timeout`` bounds each read);
+    ``max_image_bytes``: a longer body is not read further. Both fail the image in classes of their own.
     """
     if distributor not in DISTRIBUTORS:
         raise CCRKError(f"unknown distributor {distributor!r}: use one of {', '.join(DISTRIBUTORS)}")
@@ -464,6 +652,7 @@ def download_images(prepared, *, image_size: int = 256, resize_mode: str = "bord
                    max_image_area=max_image_area, number_sample_per_shard=number_sample_per_shard,
                    encode_quality=encode_quality, user_agent_token=user_agent_token,
                    disallowed_header_directives=list(OPT_OUT_DIRECTIVES), distributor=distributor)
+    limits = dict(fetch_deadline=fetch_deadline, max_image_bytes=max_image_bytes)
 
     with ExitStack() as stack:
         connected: list[bool] = []
@@ -472,10 +661,11 @@ def download_images(prepared, *, image_size: int = 256, resize_mode: str = "bord
             if cluster is not None and not connected:  # join or start a cluster only when there is work
                 stack.enter_context(cluster())
                 connected.append(True)
-            _run_img2dataset(url_list, shards_dir, log_path, mode, total, progress, options)
+            _run_img2dataset(url_list, shards_dir, log_path, mode, total, progress, options, limits)
 
+        settings = {**{k: v for k, v in options.items() if k != "disallowed_header_directives"}, **limits}
         return _download(prepared, directory, shards_dir, work_dir, number_sample_per_shard, retry_failed,
-                         options, run)
+                         settings, run)
 
 
 def record_layout(directory: str, number_sample_per_shard: int, image_size: int, resize_mode: str) -> None:
@@ -495,7 +685,7 @@ def record_layout(directory: str, number_sample_per_shard: int, image_size: int,
 
 
 def _download(prepared, directory: str, shards_dir: str, work_dir: str, number_sample_per_shard: int,
-              retry_failed: bool, options: dict, run) -> dict:
+              retry_failed: bool, settings: dict, run) -> dict:
     t0 = time.perf_counter()
     images_path = str(prepared.images_path)
     n_rows = _n_rows(images_path)
@@ -527,8 +717,7 @@ def _download(prepared, directory: str, shards_dir: str, work_dir: str, number_s
             redone.update(validate_shards(shards_dir))
     wall = time.perf_counter() - t0
     return write_summary(prepared, n_rows, incomplete=incomplete, redone=redone, retried=retried,
-                         rows_attempted=rows_attempted, wall=wall,
-                         settings={k: v for k, v in options.items() if k != "disallowed_header_directives"})
+                         rows_attempted=rows_attempted, wall=wall, settings=settings)
 
 
 def write_summary(prepared, n_rows: int, *, incomplete: int, redone, retried: int, rows_attempted: int, wall: float,

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import field_validator, model_validator
 
-from storage.download import DEFAULT_MAX_IMAGE_AREA
+from storage.download import DEFAULT_FETCH_DEADLINE, DEFAULT_MAX_IMAGE_AREA, DEFAULT_MAX_IMAGE_BYTES
 from storage.spec import Bool, Spec, SpecError, setting, versioned
 
 # The web-crawled pre-training sources (what a build joins and reproduce acquires by default), then
@@ -39,6 +39,10 @@ class AcquireSettings(Spec):
     processes: int = setting(1, "download processes (from a mirror or a folder: resize processes)", ge=1)
     thread_count: int = setting(16, "download threads per process", ge=1)
     timeout: int = setting(10, "seconds before a request times out", ge=1)
+    fetch_deadline: int = setting(DEFAULT_FETCH_DEADLINE, "seconds for one image's whole fetch (timeout bounds "
+                                  "each read); a slower host fails as deadline_exceeded", ge=1)
+    max_image_bytes: int = setting(DEFAULT_MAX_IMAGE_BYTES, "bytes of one image's body read at most; a longer one "
+                                   "fails as too_many_bytes", ge=1)
     retries: int = setting(0, "img2dataset retries per url", ge=0)
     retry_failed: Bool = setting(False, "download again the images that failed with retryable errors "
                                         "(timeouts, 5xx, connection) or that a mirror lacked")

@@ -11,6 +11,9 @@ each followed by a file path (``/bad/404/images/x.jpg``):
 - ``/bad/html/…``: 200 ``text/html``, not an image.
 - ``/bad/truncated/…``: the file's first half.
 - ``/bad/huge/…``: a valid 12000x12000 PNG (a few hundred KB) over any sane pixel limit.
+- ``/bad/bomb-rgba/…``: a valid 20000x20000 RGBA PNG (1.6 GB of pixels in about 1.6 MB).
+- ``/bad/endless/…``: 200 with no Content-Length and a body that does not end (until 1 GB).
+- ``/bad/dribble/…``: the file at one byte a second (each read within any timeout, the whole never).
 - ``/bad/gzip-encoded/…``: the file's bytes as they are, sent with ``Content-Encoding: gzip`` (a
   small gzip file of zeros is a decompression bomb for a client that decodes it).
 - ``/noai/…``: the real file with ``X-Robots-Tag: noai`` (an opt-out a downloader must honour).
@@ -57,6 +60,36 @@ def huge_png(side: int = HUGE_SIDE) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+BOMB_SIDE = 20000
+
+
+@functools.lru_cache(maxsize=1)
+def bomb_png(side: int = BOMB_SIDE, rows_per_block: int = 100) -> bytes:
+    """A valid RGBA PNG of side x side pixels of one half-transparent colour. Its zlib stream is one
+    block of ``rows_per_block`` rows compressed once and repeated (identical after a full flush), so
+    it is made in a second rather than by compressing all the pixels."""
+    block = (b"\x00" + b"\x80\x40\x20\x80" * side) * rows_per_block
+    comp = zlib.compressobj(9)
+    first = comp.compress(block) + comp.flush(zlib.Z_FULL_FLUSH)  # zlib header + the block
+    again = comp.compress(block) + comp.flush(zlib.Z_FULL_FLUSH)  # the block alone
+    blocks, rest = divmod(side, rows_per_block)
+    if rest:
+        raise ValueError(f"side {side} is not a multiple of {rows_per_block}")
+    adler = 1
+    for _ in range(blocks):
+        adler = zlib.adler32(block, adler)
+    final = comp.flush()[:-4] + struct.pack(">I", adler)  # the last (empty) block, the whole stream's adler32
+    idat = first + again * (blocks - 1) + final
+    return _png(struct.pack(">IIBBBBB", side, side, 8, 6, 0, 0, 0), idat)
+
+
+def _png(ihdr: bytes, idat: bytes) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
 @dataclass
 class LoopbackServer:
     """A running server: ``url`` is its base url; ``hits`` counts requests per path."""
@@ -96,6 +129,27 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeouts): nothing to tell it
+
+    def _stream(self, chunks, ctype: str, length: int | None = None, limit: int | None = None,
+                pause: float = 0.0) -> None:
+        """200 with ``chunks`` written one by one (``pause`` seconds before each) until ``limit`` bytes
+        or the client leaves; Content-Length ``length`` if given (none: the body ends at the close)."""
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            if length is not None:
+                self.send_header("Content-Length", str(length))
+            self.end_headers()
+            sent = 0
+            for chunk in chunks:
+                if limit is not None and sent >= limit:
+                    break
+                time.sleep(pause)
+                self.wfile.write(chunk)
+                self.wfile.flush()
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up: what the route is for
 
     def _file(self, rel: str) -> tuple[bytes, str] | None:
         rel = posixpath.normpath(urllib.parse.unquote(rel)).lstrip("/")
@@ -164,6 +218,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._serve_file(rest, transform=lambda b: b[: len(b) // 2])
         elif kind == "huge":
             self._send(200, huge_png(), "image/png")
+        elif kind == "bomb-rgba":
+            self._send(200, bomb_png(), "image/png")
+        elif kind == "endless":
+            self._stream(iter(lambda: b"\xff" * 65536, None), "image/jpeg", limit=1 << 30)
+        elif kind == "dribble":
+            found = self._file(rest)
+            body = found[0] if found else b"\xff\xd8\xff" * 100
+            self._stream((body[i:i + 1] for i in range(len(body))), "image/jpeg", length=len(body), pause=1.0)
         elif kind == "gzip-encoded":
             self._serve_file(rest, {"Content-Encoding": "gzip"})
         else:

@@ -5,8 +5,8 @@ from __future__ import annotations
 # The spec's fields this verb takes as flags (AcquireSpec holds their defaults and help); the source,
 # the repeatable --metadata and --from-webdataset, and --images are added by hand (--source is required).
 FLAGS = ("limit", "image_size", "resize_mode", "resize_only_if_bigger", "processes", "thread_count", "timeout",
-         "retries", "retry_failed", "number_sample_per_shard", "max_image_area", "encode_quality", "executor",
-         "ray_address")
+         "fetch_deadline", "max_image_bytes", "retries", "retry_failed", "number_sample_per_shard", "max_image_area",
+         "encode_quality", "executor", "ray_address")
 FLAG_NAMES = {"thread_count": "--threads", "number_sample_per_shard": "--shard-size"}
 
 

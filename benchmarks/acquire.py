@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         tsv = write_tsv(corpus, server.url, args.urls)
         command = ["acquire", "--source", "cc3m", "--metadata", tsv, "--image-size", str(args.image_size),
                    "--processes", str(args.processes), "--threads", str(args.threads),
-                   "--shard-size", str(args.shard_size)]
+                   "--shard-size", str(args.shard_size), "--allow-address", server.address]
         for r in range(args.repeat):
             root = os.path.join(work, f"ccrk-{r}")
             t0 = time.perf_counter()

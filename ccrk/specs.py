@@ -596,8 +596,14 @@ class ReproduceSpec(ChainSections):
             out["ray_address"] = self.ray_address
         return out
 
-    def acquire_spec(self, source: str, metadata: list[str] | None = None, images: str | None = None) -> AcquireSpec:
-        return self.acquire.for_source(source, metadata, images, **self._chain_settings(self.acquire))
+    def acquire_spec(self, source: str, metadata: list[str] | None = None, images: str | None = None,
+                     allow: list[str] | None = None) -> AcquireSpec:
+        """One source's spec; ``allow``: exact HOST:PORT pairs added to the section's allow_addresses
+        (the demo's loopback server)."""
+        changes = self._chain_settings(self.acquire)
+        if allow:
+            changes["allow_addresses"] = [*(self.acquire.allow_addresses or ()), *allow]
+        return self.acquire.for_source(source, metadata, images, **changes)
 
     def translate_spec(self) -> TranslateSpec:
         return TranslateSpec.parse({**self.translate.to_config(defaults=False), **self._chain_settings(self.translate)})

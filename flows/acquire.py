@@ -28,8 +28,8 @@ from storage.stage import Outcome, StagePlan, run_stage
 
 # The download settings img2dataset runs with (AcquireSpec's fields; thread_count as it names it).
 DOWNLOAD_SETTINGS = ("image_size", "resize_mode", "resize_only_if_bigger", "processes", "thread_count", "timeout",
-                     "fetch_deadline", "max_image_bytes", "retries", "retry_failed", "number_sample_per_shard",
-                     "max_image_area", "encode_quality")
+                     "fetch_deadline", "max_image_bytes", "allow_addresses", "retries", "retry_failed",
+                     "number_sample_per_shard", "max_image_area", "encode_quality")
 
 
 @task(name="prepare-metadata", cache_policy=NO_CACHE)
@@ -119,6 +119,7 @@ def summary_rows(summary: dict) -> list[dict]:
             ("source", "version", "rows_read", "images", "images_ok", "images_failed", "not_attempted",
              "retried", "recovered_by_retry", "shards", "shards_incomplete", "bytes", "images_per_s", "wall_s")]
     rows += [{"metric": f"rejected: {k}", "value": v} for k, v in summary["rows_rejected"].items()]
+    rows += [{"metric": f"fixed: {k}", "value": v} for k, v in summary.get("rows_fixed", {}).items()]
     rows += [{"metric": f"failed: {k}", "value": v} for k, v in summary["failures"].items() if v]
     if "mirror" in summary:
         rows.append({"metric": "images_from_mirror", "value": summary["images_from_mirror"]})

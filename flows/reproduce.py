@@ -74,11 +74,13 @@ class StageClock:
 
 
 def _acquire_all(spec: ReproduceSpec, root: str, metadata: dict[str, list[str]], report: Reporter,
-                 images: dict[str, str] | None = None) -> dict:
+                 images: dict[str, str] | None = None, allow: list[str] | None = None) -> dict:
+    """Acquire every source of the chain; ``allow``: the demo server's exact HOST:PORT (a loopback
+    address, refused to every other download)."""
     out, images = {}, images or {}
     for source in spec.acquire.sources:
-        out[source] = summary = acquire_flow(spec.acquire_spec(source, metadata.get(source), images.get(source)),
-                                             root=root)
+        out[source] = summary = acquire_flow(spec.acquire_spec(source, metadata.get(source), images.get(source),
+                                                               allow), root=root)
         report("acquire", summary)
     ok = sum(int(s.get("images_ok", 0)) for s in out.values())
     return {"sources": out, "_note": f"{ok} images in {len(out)} sources"}
@@ -205,11 +207,11 @@ def reproduce_flow(config: str = "configs/demo.yaml", root: str | None = None,
     with ExitStack() as stack:
         metadata: dict[str, list[str]] = {}
         images: dict[str, str] = {}
-        bench_dir = None
+        bench_dir, allow = None, []
         if spec.corpus is not None:  # the embedded demo: generate, serve on loopback, write metadata
-            metadata, images, bench_dir = _demo_corpus(spec.corpus, root, clock, stack,
-                                                       excludes_benchmark(spec, "demo"), spec.acquire.sources)
-        acquired = clock.stage("acquire", _acquire_all, spec, root, metadata, report, images)
+            metadata, images, bench_dir, allow = _demo_corpus(spec.corpus, root, clock, stack,
+                                                              excludes_benchmark(spec, "demo"), spec.acquire.sources)
+        acquired = clock.stage("acquire", _acquire_all, spec, root, metadata, report, images, allow)
         stack.close()  # the images are local now
     clock.stage("translate", _translate, spec, root, report)
     built = clock.stage("build + verify", _build, spec, root, report, bench_dir)
@@ -241,10 +243,10 @@ def reproduce_flow(config: str = "configs/demo.yaml", root: str | None = None,
 
 
 def _demo_corpus(c: CorpusSpec, root: str, clock: StageClock, stack: ExitStack,
-                 plant: bool = False, sources=()) -> tuple[dict, dict, str]:
+                 plant: bool = False, sources=()) -> tuple[dict, dict, str, list[str]]:
     """Generate the demo corpus, serve it on loopback for the acquisition (until ``stack`` closes) and
     write its benchmark; returns (metadata files per source, image folders per source, the benchmark's
-    directory). ``plant`` (a chain whose build excludes the demo benchmark): the metadata also lists
+    directory, the server's HOST:PORT for the acquisition's allow-list). ``plant`` (a chain whose build excludes the demo benchmark): the metadata also lists
     the corpus's planted copies of benchmark images (storage.demo.corpus), which that build must find
     and keep out. With ``multi30k`` among ``sources``, the corpus is also written in Multi30K's
     published layout (storage.demo.multi30k), its English captions and image folder."""
@@ -260,4 +262,4 @@ def _demo_corpus(c: CorpusSpec, root: str, clock: StageClock, stack: ExitStack,
     if "multi30k" in sources:
         m30k = write_multi30k_layout(corpus, layout.join(root, "demo-multi30k"))
         metadata["multi30k"], images["multi30k"] = [m30k["metadata"]], m30k["images"]
-    return metadata, images, bench_dir
+    return metadata, images, bench_dir, [server.address]

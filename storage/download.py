@@ -31,12 +31,15 @@ import sys
 import tarfile
 import threading
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from contextlib import ExitStack, contextmanager
 from typing import Callable, ContextManager, Iterator
 
 from storage import atomic
+from storage.addresses import BLOCKED_ADDRESS, Allowed, allowed, connect
 from storage.errors import CCRKError
 
 # Third-party packages (img2dataset, pandas, pyarrow, rich) are imported where they are used: the
@@ -53,13 +56,18 @@ DEFAULT_MAX_IMAGE_AREA = 89_478_485  # PIL's decompression-bomb threshold
 DEFAULT_FETCH_DEADLINE = 60  # seconds for one image's whole fetch: timeout is per socket read
 DEFAULT_MAX_IMAGE_BYTES = 50_000_000  # a body past this many bytes is not read further
 OPT_OUT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
+# The TDM Reservation Protocol (W3C community group): a response header ``tdm-reservation: 1`` reserves
+# text-and-data-mining rights; honoured as X-Robots-Tag noai is, wherever opt-outs are (opt_out_tdm).
+TDM_HEADER = "tdm-reservation"
+OPT_OUT_TDM = "use of image reserved by tdm-reservation: 1"
 DISTRIBUTORS = ("multiprocessing", "ray")
 
 # not_in_mirror / file_not_found: images taken from a WebDataset mirror or a local folder
 # (storage.local_shards) rather than the web.
 FAILURE_CLASSES = ("not_found_404", "server_error_5xx", "timeout", "redirect_loop", "empty_body",
-                   "not_an_image", "truncated_image", "too_large", "opt_out_noai", "connection_error",
-                   "deadline_exceeded", "too_many_bytes", "not_in_mirror", "file_not_found", "other")
+                   "not_an_image", "truncated_image", "too_large", "opt_out_noai", "opt_out_tdm",
+                   "blocked_address", "connection_error", "deadline_exceeded", "too_many_bytes", "not_in_mirror",
+                   "file_not_found", "other")
 # not_in_mirror: never tried on the web (a source acquired from a mirror, storage.mirror).
 # deadline_exceeded is retryable as a timeout is (the host may be faster later; a retry costs one
 # deadline); too_many_bytes is not (the body is what it is).
@@ -91,6 +99,10 @@ def classify_error(message: str | None) -> str | None:
         return "deadline_exceeded"
     if m.startswith(TOO_MANY_BYTES):
         return "too_many_bytes"
+    if BLOCKED_ADDRESS in m:  # urllib wraps it: "<urlopen error blocked address: ...>"
+        return "blocked_address"
+    if m.startswith(OPT_OUT_TDM):
+        return "opt_out_tdm"
     if "x-robots-tag" in m:
         return "opt_out_noai"
     if "infinite loop" in m or "redirect" in m:
@@ -193,18 +205,18 @@ class _Deadline:
 
 
 class _WatchedConnection:
-    """Mixin: every socket the connection opens (the TCP one, before any TLS) is watched by ``deadline``."""
+    """Mixin: every socket the connection opens (the TCP one, before any TLS) goes to an address
+    :func:`storage.addresses.connect` allows, and is watched by ``deadline``."""
 
-    def __init__(self, *args, deadline: _Deadline, **kwargs):
+    def __init__(self, *args, deadline: _Deadline, allow: Allowed, **kwargs):
         super().__init__(*args, **kwargs)
-        create = self._create_connection
 
-        def create_watched(*a, **k):
-            sock = create(*a, **k)
+        def create_checked(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None):
+            sock = connect(address, timeout, source_address, allow)
             deadline.watch(sock)
             return sock
 
-        self._create_connection = create_watched
+        self._create_connection = create_checked
 
 
 class _WatchedHTTPConnection(_WatchedConnection, http.client.HTTPConnection):
@@ -215,31 +227,48 @@ class _WatchedHTTPSConnection(_WatchedConnection, http.client.HTTPSConnection):
     pass
 
 
-class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, deadline: _Deadline):
+class _CheckedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline, allow: Allowed):
         super().__init__()
-        self.deadline = deadline
+        self.connection = functools.partial(_WatchedHTTPConnection, deadline=deadline, allow=allow)
 
     def http_open(self, req):
-        return self.do_open(functools.partial(_WatchedHTTPConnection, deadline=self.deadline), req)
+        return self.do_open(self.connection, req)
 
 
-class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, deadline: _Deadline):
+class _CheckedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline, allow: Allowed):
         super().__init__()
-        self.deadline = deadline
+        self.connection = functools.partial(_WatchedHTTPSConnection, deadline=deadline, allow=allow)
 
     def https_open(self, req):
         extra = {"check_hostname": self._check_hostname} if hasattr(self, "_check_hostname") else {}
-        return self.do_open(functools.partial(_WatchedHTTPSConnection, deadline=self.deadline), req,
-                            context=self._context, **extra)
+        return self.do_open(self.connection, req, context=self._context, **extra)
+
+
+class _HTTPOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects are followed to http(s) urls only (urllib's own also follows ftp://); each new
+    connection goes through the same address check."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, newurl)).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise urllib.error.HTTPError(req.full_url, code, f"{BLOCKED_ADDRESS}: a redirect to a {scheme or 'schemeless'}"
+                                         " url (http(s) only)", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _tdm_reserved(headers) -> bool:
+    return (headers.get(TDM_HEADER) or "").strip() == "1"
 
 
 def fetch_image(row, timeout, user_agent_token, disallowed_header_directives, *, deadline: float,
-                max_bytes: int):
+                max_bytes: int, allow: Allowed = frozenset()):
     """img2dataset's ``download_image`` (same arguments and answer: key, stream or None, error or None)
-    with ``deadline`` seconds for the whole fetch (connect, redirects, headers, body) and at most
-    ``max_bytes`` of body read (a longer Content-Length is refused before the body)."""
+    with ``deadline`` seconds for the whole fetch (connect, redirects, headers, body), at most
+    ``max_bytes`` of body read (a longer Content-Length is refused before the body), connections only
+    to public addresses or the exact pairs of ``allow`` (:mod:`storage.addresses`), redirects only to
+    http(s), and, where opt-outs are honoured, ``tdm-reservation: 1`` honoured beside X-Robots-Tag."""
     from img2dataset.downloader import is_disallowed
 
     key, url = row
@@ -247,13 +276,16 @@ def fetch_image(row, timeout, user_agent_token, disallowed_header_directives, *,
     if user_agent_token:
         user_agent += f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
     clock = _Deadline(deadline)
-    opener = urllib.request.build_opener(_DeadlineHTTPHandler(clock), _DeadlineHTTPSHandler(clock))
+    opener = urllib.request.build_opener(_CheckedHTTPHandler(clock, allow), _CheckedHTTPSHandler(clock, allow),
+                                         _HTTPOnlyRedirects())
     try:
         request = urllib.request.Request(url, data=None, headers={"User-Agent": user_agent})
         with opener.open(request, timeout=min(timeout, deadline)) as r:
             if disallowed_header_directives and is_disallowed(r.headers, user_agent_token,
                                                               disallowed_header_directives):
                 return key, None, "Use of image disallowed by X-Robots-Tag directive"
+            if disallowed_header_directives and _tdm_reserved(r.headers):
+                return key, None, OPT_OUT_TDM
             length = (r.headers.get("Content-Length") or "").strip()
             if length.isdigit() and int(length) > max_bytes:
                 return key, None, f"{TOO_MANY_BYTES}: Content-Length {length} is over the cap of {max_bytes}"
@@ -322,12 +354,13 @@ def _downloader_classes():
     from img2dataset.downloader import Downloader
 
     class BoundedDownloader(Downloader):
-        """Fetches with :func:`fetch_image`: ``fetch_deadline`` seconds and ``max_image_bytes`` per image."""
+        """Fetches with :func:`fetch_image`: ``fetch_deadline`` seconds and ``max_image_bytes`` per image,
+        public addresses and the pairs of ``allow`` only."""
 
         def __init__(self, *args, fetch_deadline: float = DEFAULT_FETCH_DEADLINE,
-                     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, **kwargs):
+                     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, allow: Allowed = frozenset(), **kwargs):
             super().__init__(*args, **kwargs)
-            self.fetch_deadline, self.max_image_bytes = fetch_deadline, max_image_bytes
+            self.fetch_deadline, self.max_image_bytes, self.allow = fetch_deadline, max_image_bytes, allow
 
         def __call__(self, row):
             # img2dataset's shard loop fetches through its module's download_image (by global name);
@@ -335,7 +368,7 @@ def _downloader_classes():
             module = sys.modules["img2dataset.downloader"]
             saved = module.download_image
             module.download_image = functools.partial(fetch_image, deadline=self.fetch_deadline,
-                                                      max_bytes=self.max_image_bytes)
+                                                      max_bytes=self.max_image_bytes, allow=self.allow)
             try:
                 return super().__call__(row)
             finally:
@@ -399,7 +432,7 @@ def make_resizer(image_size: int, resize_mode: str, resize_only_if_bigger: bool,
 
 @contextmanager
 def _img2dataset_extensions(distributor: str = "multiprocessing", fetch_deadline: float = DEFAULT_FETCH_DEADLINE,
-                            max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Iterator:
+                            max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, allow: Allowed = frozenset()) -> Iterator:
     import img2dataset.main  # noqa: F401 - the package re-exports a function named main
 
     main = sys.modules["img2dataset.main"]
@@ -410,7 +443,7 @@ def _img2dataset_extensions(distributor: str = "multiprocessing", fetch_deadline
         # raylet, never this driver (the guard would kill it); Ray itself ends a dead driver's tasks.
         downloader = "GuardedDownloader" if distributor == "multiprocessing" else "BoundedDownloader"
         main.Downloader = functools.partial(_extension(downloader), fetch_deadline=fetch_deadline,
-                                            max_image_bytes=max_image_bytes)
+                                            max_image_bytes=max_image_bytes, allow=allow)
         # The logger is a child of this process under every distributor.
         main.LoggerProcess = _extension("GuardedLoggerProcess")
         try:
@@ -619,6 +652,7 @@ def download_images(prepared, *, image_size: int = 256, resize_mode: str = "bord
                     max_image_area: float = DEFAULT_MAX_IMAGE_AREA, number_sample_per_shard: int = 10_000,
                     encode_quality: int = 95, user_agent_token: str | None = None,
                     fetch_deadline: int = DEFAULT_FETCH_DEADLINE, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                    allow_addresses: list[str] | None = None,
                     progress: bool = True, distributor: str = "multiprocessing",
                     cluster: Callable[[], ContextManager] | None = None) -> dict:
     """Download ``prepared.images_path`` into ``prepared.directory/shards`` and write ``summary.json``.
@@ -634,6 +668,8 @@ def download_images(prepared, *, image_size: int = 256, resize_mode: str = "bord
     cluster for the download and leaves it after); None: the cluster is the caller's business.
     ``fetch_deadline``: seconds for one image's whole fetch (``timeout`` bounds each read);
     ``max_image_bytes``: a longer body is not read further. Both fail the image in classes of their own.
+    ``allow_addresses``: exact ``HOST:PORT`` pairs fetched from though not public (beside those of
+    ``CCRK_ALLOW_ADDRESSES``; :mod:`storage.addresses`); other such targets fail as blocked_address.
     """
     if distributor not in DISTRIBUTORS:
         raise CCRKError(f"unknown distributor {distributor!r}: use one of {', '.join(DISTRIBUTORS)}")
@@ -652,6 +688,7 @@ def download_images(prepared, *, image_size: int = 256, resize_mode: str = "bord
                    max_image_area=max_image_area, number_sample_per_shard=number_sample_per_shard,
                    encode_quality=encode_quality, user_agent_token=user_agent_token,
                    disallowed_header_directives=list(OPT_OUT_DIRECTIVES), distributor=distributor)
+    allow = allowed(allow_addresses)
     limits = dict(fetch_deadline=fetch_deadline, max_image_bytes=max_image_bytes)
 
     with ExitStack() as stack:
@@ -661,9 +698,10 @@ def download_images(prepared, *, image_size: int = 256, resize_mode: str = "bord
             if cluster is not None and not connected:  # join or start a cluster only when there is work
                 stack.enter_context(cluster())
                 connected.append(True)
-            _run_img2dataset(url_list, shards_dir, log_path, mode, total, progress, options, limits)
+            _run_img2dataset(url_list, shards_dir, log_path, mode, total, progress, options, {**limits, "allow": allow})
 
-        settings = {**{k: v for k, v in options.items() if k != "disallowed_header_directives"}, **limits}
+        settings = {**{k: v for k, v in options.items() if k != "disallowed_header_directives"}, **limits,
+                    "allow_addresses": sorted(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in allow)}
         return _download(prepared, directory, shards_dir, work_dir, number_sample_per_shard, retry_failed,
                          settings, run)
 
@@ -736,6 +774,8 @@ def write_summary(prepared, n_rows: int, *, incomplete: int, redone, retried: in
         "version": prepared.version,
         "rows_read": int(prepared.rows_read),
         "rows_rejected": {k: int(v) for k, v in sorted(dict(prepared.rejected).items())},
+        # kept after a fix (control characters in a caption: storage.sources.base)
+        "rows_fixed": {k: int(v) for k, v in sorted(dict(getattr(prepared, "fixed", None) or {}).items())},
         "images": n_rows,
         "images_ok": ok,
         "images_failed": int(sum(failures.values())),

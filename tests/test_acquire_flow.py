@@ -22,7 +22,8 @@ def acquired(tmp_path_factory):
     generate_demo_corpus(str(d / "corpus"), n_train=24, n_heldout=4, image_px=64)
     with serve(str(d / "corpus")) as server:
         paths = write_demo_metadata(str(d / "corpus"), server.url)
-        args = ["acquire", "--source", "coco", "--root", root, "--image-size", "32", "--shard-size", "4"]
+        args = ["acquire", "--source", "coco", "--root", root, "--image-size", "32", "--shard-size", "4",
+                "--allow-address", server.address]
         for p in paths["coco"]:
             args += ["--metadata", p]
         code = ccrk(args)

@@ -74,6 +74,7 @@ def test_kill_and_resume_gives_the_uninterrupted_shards(tmp_path):
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_LOGGING_LEVEL": "WARNING"}
     ccrk_bin = os.path.join(os.path.dirname(sys.executable), "ccrk")
     with serve(str(tmp_path / "corpus")) as server:
+        env["CCRK_ALLOW_ADDRESSES"] = server.address  # the loopback server: allowed by its exact pair
         tsv = _write_corpus(str(tmp_path / "corpus"), server.url)
 
         # The uninterrupted reference run.

@@ -22,7 +22,8 @@ def demo_root(tmp_path_factory):
     with serve(str(d / "corpus")) as server:
         paths = write_demo_metadata(str(d / "corpus"), server.url)
         for source in ("coco", "vg"):
-            args = ["acquire", "--source", source, "--root", root, "--image-size", "32", "--shard-size", "8"]
+            args = ["acquire", "--source", source, "--root", root, "--image-size", "32", "--shard-size", "8",
+                    "--allow-address", server.address]
             for p in paths[source]:
                 args += ["--metadata", p]
             assert ccrk(args) == 0

@@ -181,7 +181,8 @@ def test_ccrk_acquire_downloads_only_the_training_split(tmp_path):
     root = str(tmp_path / "data")
     with serve(str(served)) as server:
         files = _official(tmp_path / "coco", server.url)["files"]
-        args = ["acquire", "--source", "coco", "--root", root, "--image-size", "16", "--shard-size", "10"]
+        args = ["acquire", "--source", "coco", "--root", root, "--image-size", "16", "--shard-size", "10",
+                "--allow-address", server.address]
         for f in files:
             args += ["--metadata", f]
         assert ccrk(args) == 0

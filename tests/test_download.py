@@ -59,7 +59,10 @@ def runs(tmp_path_factory):
         prepared = SimpleNamespace(source="cc3m", version="v", directory=str(d / "v"),
                                    images_path=str(d / "v" / "images.parquet"), rows_read=len(rows) + 2,
                                    rejected={"bad_url_scheme": 2})
-        opts = dict(timeout=1, number_sample_per_shard=8, thread_count=8, progress=False)
+        # The loopback server and the closed port: allowed by their exact pairs (every other
+        # loopback target would be blocked_address).
+        opts = dict(timeout=1, number_sample_per_shard=8, thread_count=8, progress=False,
+                    allow_addresses=[server.address, "127.0.0.1:9"])
         first = download_images(prepared, **opts)
         hits_first = dict(server.hits)
         second = download_images(prepared, retry_failed=True, **opts)
@@ -138,6 +141,15 @@ def test_retry_shard_keys_do_not_collide_with_earlier_shards(runs):
     ("not an image (Image decoding error)", "not_an_image"),
     ("image area too large", "too_large"),
     ("Use of image disallowed by X-Robots-Tag directive", "opt_out_noai"),
+    ("use of image reserved by tdm-reservation: 1", "opt_out_tdm"),
+    ("<urlopen error blocked address: 2130706433:80 is 127.0.0.1 (loopback); allow this exact pair ...>",
+     "blocked_address"),
+    ("HTTP Error 302: blocked address: a redirect to a ftp url (http(s) only)", "blocked_address"),
+    ("deadline exceeded: no whole image within 60 s", "deadline_exceeded"),
+    ("too many bytes: the body is over the cap of 50000000", "too_many_bytes"),
+    ("image area too large (from the header, not decoded)", "too_large"),
+    ("not in mirror", "not_in_mirror"),
+    ("file not found: flickr30k-images/1.jpg", "file_not_found"),
     ("image too small", "other"),
     (None, None),
 ])

@@ -211,7 +211,8 @@ def built(tmp_path_factory):
                  "vg": [meta / "image_data.json", meta / "region_descriptions.json"],
                  "sbu": [meta / "sbu-captions-all.json"]}
         for source, paths in files.items():
-            args = ["acquire", "--source", source, "--root", root, "--image-size", "64", "--timeout", "3"]
+            args = ["acquire", "--source", source, "--root", root, "--image-size", "64", "--timeout", "3",
+                    "--allow-address", server.address]
             for p in paths:
                 args += ["--metadata", str(p)]
             assert ccrk(args) == 0

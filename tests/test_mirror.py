@@ -107,7 +107,8 @@ def world(tmp_path_factory):
         mirror_dir = str(d / "cc3m-wds")
         tars = _mirror(mirror_dir, corpus, manifest, urls)
         web_root = str(d / "web")
-        assert ccrk(["acquire", *ARGS, "--metadata", tsv, "--root", web_root]) == 0
+        allow = ["--allow-address", server.address]  # the loopback server (storage.addresses)
+        assert ccrk(["acquire", *ARGS, "--metadata", tsv, "--root", web_root, *allow]) == 0
         (web_dir,) = glob.glob(os.path.join(web_root, "sources", "cc3m", "*"))
         web_before = _json(web_dir, "summary.json")
         web_files = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(web_dir, "shards", "*"))}
@@ -115,7 +116,7 @@ def world(tmp_path_factory):
         code = ccrk(["acquire", *ARGS, "--metadata", tsv, "--root", mirror_root, "--from-webdataset", mirror_dir])
         (mirror_dir_v,) = glob.glob(os.path.join(mirror_root, "sources", "cc3m", "*"))
         fill_code = ccrk(["acquire", *ARGS, "--metadata", tsv, "--root", web_root, "--retry-failed",
-                          "--from-webdataset", mirror_dir])
+                          "--from-webdataset", mirror_dir, *allow])
     return {"d": d, "tsv": tsv, "urls": urls, "mirror": mirror_dir, "tars": tars, "web": web_dir,
             "web_before": web_before, "web_files": web_files, "code": code, "dir": mirror_dir_v,
             "fill_code": fill_code, "corpus": corpus}

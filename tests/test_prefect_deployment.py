@@ -74,7 +74,8 @@ def test_coco_deployment_runs_to_completion(prefect_server, tmp_path):
     _prefect(env, "--no-prompt", "deploy", "--name", "coco")
     with serve(corpus) as server:
         metadata = write_demo_metadata(corpus, server.url)["coco"]
-        spec = {"source": "coco", "metadata": metadata, "image_size": 32}  # the deployment's, with two changes
+        spec = {"source": "coco", "metadata": metadata, "image_size": 32,  # the deployment's, with three changes
+                "allow_addresses": [server.address]}
         params = ["--param", f"root={root}", "--param", "spec=" + json.dumps(spec)]
         _prefect(env, "deployment", "run", "acquire/coco", *params)
         _prefect(env, "worker", "start", "--pool", "ccrk-process", "--run-once", timeout=400)

@@ -67,7 +67,8 @@ def test_acquire_on_ray_writes_the_same_shards_as_the_local_executor(cluster, tm
         metadata = write_demo_metadata(str(tmp_path / "corpus"), server.url)["cc3m"]
         for executor in ("local", "ray"):
             runs[executor] = acquire_flow({"source": "cc3m", "metadata": metadata, "image_size": 32,
-                                           "number_sample_per_shard": 2, "thread_count": 4, "executor": executor},
+                                           "number_sample_per_shard": 2, "thread_count": 4, "executor": executor,
+                                           "allow_addresses": [server.address]},
                                           root=str(tmp_path / executor))
     local, ray_run = runs["local"], runs["ray"]
     assert ray_run["version"] == local["version"], "the executor is not part of the source version"

@@ -397,7 +397,7 @@ def test_version_params_leave_out_the_settings():
     acquire = AcquireSpec(source="coco", processes=8, thread_count=64, executor="ray")
     assert acquire.version_params() == AcquireSpec(source="coco").version_params()
     assert set(AcquireSpec.setting_fields()) == {"processes", "thread_count", "timeout", "fetch_deadline",
-                                                 "max_image_bytes", "retries", "retry_failed",
+                                                 "max_image_bytes", "allow_addresses", "retries", "retry_failed",
                                                  "executor", "ray_address", "from_webdataset", "images"}
     assert set(BuildSpec.setting_fields()) == {"name", "shards_per_task", "memory"}
     translate = TranslateSpec(device="cuda", threads=4, part_size=10, engine="transformers")

@@ -17,6 +17,9 @@ each followed by a file path (``/bad/404/images/x.jpg``):
 - ``/bad/gzip-encoded/…``: the file's bytes as they are, sent with ``Content-Encoding: gzip`` (a
   small gzip file of zeros is a decompression bomb for a client that decodes it).
 - ``/noai/…``: the real file with ``X-Robots-Tag: noai`` (an opt-out a downloader must honour).
+- ``/tdm/…``: the real file with ``tdm-reservation: 1`` (the TDM Reservation Protocol's opt-out).
+- ``/redirect/TARGET``: a 302 to ``TARGET``, a whole url percent-encoded into one path segment
+  (``urllib.parse.quote(url, safe="")``): to an internal address, to ``ftp://``...
 - ``/flaky/N/…``: 500 for the first N requests of that path, then the file (retry tests).
 - ``/delay/MS/…``: the file after MS milliseconds (a slow-ish but working host).
 
@@ -98,6 +101,11 @@ class LoopbackServer:
     directory: str
     httpd: ThreadingHTTPServer
     hits: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        """``HOST:PORT``: the exact pair an acquisition from this server allows (storage.addresses)."""
+        return self.url.split("://", 1)[1]
 
     def hit_count(self, path: str) -> int:
         return self.hits.get(path, 0)
@@ -188,6 +196,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._bad(parts[1], parts[2] if len(parts) > 2 else "", path)
         elif head == "noai" and len(parts) >= 2:
             self._serve_file(path[len("/noai/"):], {"X-Robots-Tag": "noai"})
+        elif head == "tdm" and len(parts) >= 2:
+            self._serve_file(path[len("/tdm/"):], {"tdm-reservation": "1"})
+        elif head == "redirect" and len(parts) == 2:
+            self._send(302, b"", "text/plain", {"Location": urllib.parse.unquote(parts[1])})
         elif head == "flaky" and len(parts) == 3 and parts[1].isdigit():
             if count <= int(parts[1]):
                 self._send(500, b"flaky: try again", "text/plain")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 # The spec's fields this verb takes as flags (AcquireSpec holds their defaults and help); the source,
-# the repeatable --metadata and --from-webdataset, and --images are added by hand (--source is required).
+# the repeatable --metadata, --from-webdataset and --allow-address, and --images are added by hand
+# (--source is required).
 FLAGS = ("limit", "image_size", "resize_mode", "resize_only_if_bigger", "processes", "thread_count", "timeout",
          "fetch_deadline", "max_image_bytes", "retries", "retry_failed", "number_sample_per_shard", "max_image_area",
          "encode_quality", "executor", "ray_address")
@@ -29,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--from-webdataset", action="append", default=None, metavar="PATH_OR_URL", dest="from_webdataset",
                    help=f"{mirror.description} (repeatable; default: {mirror.json_schema_extra['shown']})")
     p.add_argument("--images", default=None, metavar="DIR", help=fields["images"].description)
+    allow = fields["allow_addresses"]
+    p.add_argument("--allow-address", action="append", default=None, metavar="HOST:PORT", dest="allow_addresses",
+                   help=f"{allow.description} (repeatable; default: {allow.json_schema_extra['shown']})")
     add_arguments(p, AcquireSpec, fields=FLAGS, flags=FLAG_NAMES)
     p.set_defaults(func=run, runs_flows=True)
 
@@ -58,7 +62,8 @@ def run(args) -> int:
     from ccrk.app.console import progress_bar
 
     spec = from_arguments(AcquireSpec, args, base={"source": args.source, "metadata": args.metadata,
-                                                   "from_webdataset": args.from_webdataset, "images": args.images},
+                                                   "from_webdataset": args.from_webdataset, "images": args.images,
+                                                   "allow_addresses": args.allow_addresses},
                           fields=FLAGS, where="ccrk acquire")
     summary = acquire_flow(spec, root=args.root, progress=progress_bar)
     print_summary(summary)

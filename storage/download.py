@@ -41,6 +41,7 @@ from typing import Callable, ContextManager, Iterator
 from storage import atomic
 from storage.addresses import BLOCKED_ADDRESS, Allowed, allowed, connect
 from storage.errors import CCRKError
+from storage.image_prep import flatten_alpha
 
 # Third-party packages (img2dataset, pandas, pyarrow, rich) are imported where they are used: the
 # CLI imports this module for its constants, and img2dataset's workers to unpickle its classes.
@@ -333,7 +334,10 @@ def _resizer_class():
             area = _header_area(img_stream)
             if area is not None and area > self.max_image_area:
                 return None, None, None, None, None, TOO_LARGE_HEADER
-            out = super().__call__(img_stream, blurring_bbox_list)
+            # Alpha composited on white here, in integers: img2dataset's float64 matting never runs
+            # (with reencoding off, img2dataset hands on the bytes it is given: the original ones).
+            flat = None if self.disable_all_reencoding else flatten_alpha(img_stream)
+            out = super().__call__(img_stream if flat is None else flat, blurring_bbox_list)
             err = out[-1]
             if err is not None and ("decoding error" in err or "buf.empty()" in err):
                 img_stream.seek(0)

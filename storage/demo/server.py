@@ -12,6 +12,8 @@ each followed by a file path (``/bad/404/images/x.jpg``):
 - ``/bad/truncated/…``: the file's first half.
 - ``/bad/huge/…``: a valid 12000x12000 PNG (a few hundred KB) over any sane pixel limit.
 - ``/bad/bomb-rgba/…``: a valid 20000x20000 RGBA PNG (1.6 GB of pixels in about 1.6 MB).
+- ``/bad/rgba-6000/…``: the same picture at 6000x6000, under the area limit: stored, and its alpha
+  must be composited without img2dataset's float64 arrays (storage.image_prep).
 - ``/bad/endless/…``: 200 with no Content-Length and a body that does not end (until 1 GB).
 - ``/bad/dribble/…``: the file at one byte a second (each read within any timeout, the whole never).
 - ``/bad/gzip-encoded/…``: the file's bytes as they are, sent with ``Content-Encoding: gzip`` (a
@@ -66,7 +68,7 @@ def huge_png(side: int = HUGE_SIDE) -> bytes:
 BOMB_SIDE = 20000
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=2)
 def bomb_png(side: int = BOMB_SIDE, rows_per_block: int = 100) -> bytes:
     """A valid RGBA PNG of side x side pixels of one half-transparent colour. Its zlib stream is one
     block of ``rows_per_block`` rows compressed once and repeated (identical after a full flush), so
@@ -232,6 +234,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, huge_png(), "image/png")
         elif kind == "bomb-rgba":
             self._send(200, bomb_png(), "image/png")
+        elif kind == "rgba-6000":
+            self._send(200, bomb_png(6000), "image/png")
         elif kind == "endless":
             self._stream(iter(lambda: b"\xff" * 65536, None), "image/jpeg", limit=1 << 30)
         elif kind == "dribble":

@@ -86,3 +86,23 @@ def test_only_the_stage_contract_writes_the_catalog():
                       and node.func.attr == "record" and node.args and isinstance(node.args[0], ast.Call)
                       and ast.unparse(node.args[0].func) == "Artifact"})
     assert writers == ["storage/stage.py"], writers
+
+
+def test_no_model_or_tokenizer_load_can_run_remote_code():
+    """Only transformers' Auto classes can import a checkpoint's own modules (its config's auto_map):
+    each of their loads pins trust_remote_code off. Concrete classes (M2M100Tokenizer, SwinModel, ...)
+    never run a checkpoint's code."""
+    auto_loads, unpinned = [], []
+    for path, tree in _modules():
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "from_pretrained" and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id.startswith("Auto")):
+                where = f"{path.relative_to(REPO)}:{node.lineno}"
+                auto_loads.append(where)
+                pinned = any(k.arg == "trust_remote_code" and isinstance(k.value, ast.Constant)
+                             and k.value.value is False for k in node.keywords)
+                if not pinned:
+                    unpinned.append(where)
+    assert auto_loads, "no Auto*.from_pretrained found: the check looks at nothing"
+    assert unpinned == [], unpinned

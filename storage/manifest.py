@@ -20,6 +20,11 @@ Tables in ``manifest.duckdb``:
 - ``lineage``   (kind, name, value) -- source versions, translation model/decode ids, policy, code
 ``sizes.json`` (``{shard: n_samples}``, as open_clip reads it) and ``wids-index.json`` (wids
 ``shardlist`` format) sit beside the shards.
+
+A manifest is input too (a dataset may come from elsewhere): the shard names it gives are opened
+below ``shards/``, so :func:`shard_records` and :func:`sample_index` refuse a manifest naming one
+that is no plain file name there (``/etc/passwd``, ``../x``, ``/dev/zero``), and :func:`summary`
+one whose languages are no language codes (they become file names on export).
 """
 from __future__ import annotations
 
@@ -29,10 +34,12 @@ import shutil
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from storage import atomic
 from storage.errors import CCRKError
-from storage.languages import SOURCE_LANG
+from storage.languages import SOURCE_LANG, check_lang
+from storage.layout import is_plain_name
 from storage.shards import BLOCK, RECORD, shard_layout
 from storage.versioning import CODE_VERSION
 
@@ -389,9 +396,12 @@ def summary(dataset_path: str) -> dict:
     languages being those every one of its captions has)."""
     con = connect(dataset_path)
     try:
-        return _summary(con)
+        out = _summary(con)
     finally:
         con.close()
+    for lang in out["captions_by_lang"]:
+        check_lang(lang, f"{dataset_path}: the manifest's language")
+    return out
 
 
 def _summary(con, db: str | None = None) -> dict:
@@ -418,20 +428,36 @@ def _summary(con, db: str | None = None) -> dict:
             "lang_counts": {int(k): int(c) for k, c in by_langs.items()}}
 
 
+def check_shard_names(dataset_path: str, names) -> None:
+    """A CCRKError of one line naming the dataset and the first of ``names`` (a manifest's shard
+    names) that is no plain file name in its ``shards/`` (:func:`storage.layout.is_plain_name`)."""
+    for name in names:
+        if not is_plain_name(name):
+            shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+            raise CCRKError(f"{dataset_path}: the manifest names shard {shown}, which is no plain file name in "
+                            "shards/: refusing to open it (a damaged or crafted manifest)")
+
+
 def shard_records(dataset_path: str) -> list[dict]:
+    """The manifest's ``shards`` rows (name, n_samples, bytes, sha256) by name; names checked."""
     con = connect(dataset_path)
     try:
-        return [{"name": a, "n_samples": b, "bytes": c, "sha256": d}
-                for a, b, c, d in con.execute("SELECT name, n_samples, bytes, sha256 FROM shards ORDER BY name").fetchall()]
+        records = [{"name": a, "n_samples": b, "bytes": c, "sha256": d} for a, b, c, d
+                   in con.execute("SELECT name, n_samples, bytes, sha256 FROM shards ORDER BY name").fetchall()]
     finally:
         con.close()
+    check_shard_names(dataset_path, [r["name"] for r in records])
+    return records
 
 
 def sample_index(dataset_path: str) -> pa.Table:
-    """(idx, key, shard, jpg_offset, jpg_size, json_offset, json_size) in dataset order."""
+    """(idx, key, shard, jpg_offset, jpg_size, json_offset, json_size) in dataset order; the shard
+    names checked."""
     con = connect(dataset_path)
     try:
-        return con.sql("SELECT idx, key, shard, jpg_offset, jpg_size, json_offset, json_size "
-                       "FROM samples ORDER BY idx").to_arrow_table()
+        table = con.sql("SELECT idx, key, shard, jpg_offset, jpg_size, json_offset, json_size "
+                        "FROM samples ORDER BY idx").to_arrow_table()
     finally:
         con.close()
+    check_shard_names(dataset_path, pc.unique(table.column("shard")).to_pylist())
+    return table

@@ -36,9 +36,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, Valid
 from pydantic_core import PydanticCustomError, PydanticUndefined
 
 from storage.errors import CCRKError
+from storage.languages import check_lang
+from storage.layout import check_name
 
 
-__all__ = ["Bool", "Device", "Spec", "SpecError", "add_arguments", "deep_merge",
+__all__ = ["Bool", "Device", "Lang", "Name", "Spec", "SpecError", "add_arguments", "deep_merge",
            "format_errors", "from_arguments", "nearest", "read_yaml", "setting", "versioned"]
 
 # ---------------------------------------------------------------------------- field declarations
@@ -55,6 +57,29 @@ def _check_device(value: str) -> str:
 
 Device = Annotated[str, AfterValidator(_check_device)]
 """``auto`` (every visible GPU, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+
+
+def _check_lang(value: str) -> str:
+    try:
+        return check_lang(value)
+    except CCRKError as e:
+        raise PydanticCustomError("path_part", str(e)) from None
+
+
+def _check_name(value: str) -> str:
+    try:
+        return check_name(value, "")
+    except CCRKError as e:
+        raise PydanticCustomError("path_part", str(e)) from None
+
+
+Lang = Annotated[str, AfterValidator(_check_lang)]
+"""A language code (:func:`storage.languages.check_lang`: ``en``, ``zh-hans``, ``pt-br``), stored
+lower case: it becomes a directory and a file name, so nothing else is taken."""
+
+Name = Annotated[str, AfterValidator(_check_name)]
+"""A plain name (:func:`storage.layout.check_name`): letters, digits, '-', '_', '.', starting with a
+letter or digit -- for anything that becomes a path component under the data root."""
 
 
 def _field(version: bool, default: Any, description: str, *, default_factory=None, shown: str | None = None,
@@ -337,6 +362,8 @@ def _describe(cls, err: dict, section: str) -> str:
         return f"{name} must have {bound[0]} {bound[1]} item(s), not {_show(value)}"
     if kind == "device":
         return f"{name} {err['msg']}"
+    if kind == "path_part":
+        return f"{name}: {err['msg']}"
     if kind in ("value_error", "assertion_error"):
         message = str(ctx.get("error", err.get("msg", "")))
         return f"{name}: {message}" if loc or section else message

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import field_validator, model_validator
 
 from storage.download import DEFAULT_FETCH_DEADLINE, DEFAULT_MAX_IMAGE_AREA, DEFAULT_MAX_IMAGE_BYTES
-from storage.spec import Bool, Spec, SpecError, setting, versioned
+from storage.spec import Bool, Lang, Name, Spec, SpecError, setting, versioned
 
 # The web-crawled pre-training sources (what a build joins and reproduce acquires by default), then
 # Multi30K, whose images come from a local folder (storage.sources re-exports both).
@@ -130,7 +130,7 @@ class ExcludeBenchmark(Spec):
     build --exclude-benchmark``): its files as ``ccrk evaluate`` reads them. Its exclusion list is
     made from them before the build (ccrk.evaluation.exclusion; the build itself reads lists only)."""
 
-    benchmark: str = versioned(description="benchmark name (xflickrco, multi30k, coco, wit, demo)")
+    benchmark: Name = versioned(description="benchmark name (xflickrco, multi30k, coco, wit, demo)")
     data: str | None = versioned(None, "benchmark folder, as ccrk evaluate --data",
                                  shown="in ccrk reproduce: the demo benchmark")
     images: str | None = versioned(None, "image folder, as ccrk evaluate --images", shown="<data>/images")
@@ -141,16 +141,17 @@ class BuildSpec(Spec):
     """``ccrk build`` / ``build_flow``: the K-lingual dataset (inputs, language policy, sharding,
     the evaluation images kept out)."""
 
-    name: str = setting("default", "dataset name (directory under datasets/)")
-    sources: list[str] = versioned(default_factory=lambda: list(DEFAULT_SOURCES), description="sources to join")
-    langs: list[str] = versioned(default_factory=lambda: ["en", "es", "id", "ru", "tr"],
+    # Names and languages become directories under the root: plain names and language codes only.
+    name: Name = setting("default", "dataset name (directory under datasets/)")
+    sources: list[Name] = versioned(default_factory=lambda: list(DEFAULT_SOURCES), description="sources to join")
+    langs: list[Lang] = versioned(default_factory=lambda: ["en", "es", "id", "ru", "tr"],
                                  description="languages of every caption", min_length=1)
     min_langs: int | None = versioned(None, "keep a caption with at least N of the languages", ge=1,
                                       shown="all of them")
     drop_flagged: Bool = versioned(False, "remove translations whose quality flag ok is false")
     shard_size: int = versioned(1000, "samples per shard", ge=1)
     seed: int = versioned(0, "seed of the sample order")
-    source_versions: dict[str, str] | None = versioned(None, "source versions to use instead of the catalog's "
+    source_versions: dict[Name, Name] | None = versioned(None, "source versions to use instead of the catalog's "
                                                        "latest", shown="the latest of each")
     translations: list[str] | None = versioned(None, "only these translation sets (MODEL_ID/DECODE_ID), in this "
                                                "priority order", shown="all")

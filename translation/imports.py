@@ -14,22 +14,30 @@ not count) and stored under the source caption's own ``text_sha``, with the sour
 loose one; rows matching no caption are counted (``unmatched_rows``), not stored. The match rate
 per source (its unique captions that found a row / all of them) comes back in the stats, with a few
 captions that found none. Without ``sources``, rows are keyed by their own normalised English.
+
+Languages. A record's keys besides ``en`` are its languages, each a directory of the store: a key
+that is no language code (:func:`storage.languages.check_lang`: ``../../x``, ``image``, ``a/b``) is
+skipped and counted (``bad_keys``, a few shown), like a bad line, and the record's other languages
+are imported; one odd key in a release of millions of lines must not stop the import, nor reach a
+path. Keys are case-insensitive (``DE`` is ``de``).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 from storage.errors import CCRKError
+from storage.languages import SOURCE_LANG, check_lang, normalise_lang
+from storage.layout import check_name
 from storage.versioning import match_key, normalize, text_sha
 from translation import store
 from translation.scores import score
 
 IMPORT_DECODE_ID = "imported"
 UNMATCHED_EXAMPLES = 3
+BAD_KEY_EXAMPLES = 3
 
 
 @dataclass
@@ -58,12 +66,18 @@ class ImportStats:
     flagged: dict[str, int] = field(default_factory=dict)
     unmatched_rows: int = 0  # with sources: rows whose English matched none of their captions
     sources: list[SourceMatch] = field(default_factory=list)
+    bad_keys: int = 0  # texts skipped because their key is no language code
+    bad_key_examples: list[str] = field(default_factory=list)  # a few of those keys, repr-shortened
+
+    def bad_key(self, key) -> None:
+        self.bad_keys += 1
+        shown = repr(key) if len(repr(key)) <= 40 else repr(key)[:37] + "..."
+        if len(self.bad_key_examples) < BAD_KEY_EXAMPLES and shown not in self.bad_key_examples:
+            self.bad_key_examples.append(shown)
 
 
 def import_model_id(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise CCRKError(f"import name {name!r} must use only letters, digits, '_', '.', '-'")
-    return f"import:{name}"
+    return f"import:{check_name(name, 'import name')}"
 
 
 def _captions_of(rec) -> list:
@@ -156,8 +170,14 @@ def _collect_rows(path: str, model_id: str, langs, index: _SourceIndex | None,
         if not targets:
             stats.unmatched_rows += 1
             continue
-        for lang, value in rec.items():
-            if lang == "en" or not isinstance(value, str) or (langs and lang not in langs):
+        for key, value in rec.items():
+            if key == SOURCE_LANG or not isinstance(value, str):
+                continue
+            lang = normalise_lang(key)
+            if lang is None:
+                stats.bad_key(key)
+                continue
+            if lang == SOURCE_LANG or (langs and lang not in langs):
                 continue
             tgt = normalize(value)
             rows = by_lang.setdefault(lang, {})
@@ -182,6 +202,7 @@ def import_translations(root: str, path: str, name: str, langs=None, part_size: 
     the match rate per source is counted (see the module docstring); None: keyed by their own English.
     """
     model_id = import_model_id(name)
+    langs = [check_lang(lang, f"import {name}: langs") for lang in langs] if langs else None
     _files(path)  # a missing path fails before any work
     stats = ImportStats()
     index = _SourceIndex(sources) if sources is not None else None
@@ -201,13 +222,23 @@ def import_translations(root: str, path: str, name: str, langs=None, part_size: 
     return stats
 
 
+def bad_key_warning(name: str, stats: ImportStats) -> str | None:
+    """The line that reports the texts skipped for a key that is no language code (None: none were)."""
+    if not stats.bad_keys:
+        return None
+    return (f"import {name}: {stats.bad_keys} text(s) skipped under keys that are no language code, e.g. "
+            + ", ".join(stats.bad_key_examples))
+
+
 def import_report(name: str, path: str, stats: ImportStats, min_match_rate: float) -> dict:
     """One import's summary: counts, the match per covered source, and a warning for each source whose
-    captions found an import row less often than ``min_match_rate``, naming a few that found none."""
+    captions found an import row less often than ``min_match_rate``, naming a few that found none, and
+    one for the texts under keys that are no language code."""
     warnings = [f"import {name}: {m.matched} of the {m.captions} unique captions of {m.source} ({m.rate:.1%}) "
                 f"found a translation, under {min_match_rate:.0%}; unmatched e.g. "
                 + "; ".join(repr(t) for t in m.unmatched_examples)
                 for m in stats.sources if m.rate < min_match_rate]
-    return {"name": name, "path": path, "rows": stats.rows, "bad_rows": stats.bad_rows,
+    warnings += [w for w in [bad_key_warning(name, stats)] if w]
+    return {"name": name, "path": path, "rows": stats.rows, "bad_rows": stats.bad_rows, "bad_keys": stats.bad_keys,
             "unmatched_rows": stats.unmatched_rows, "imported": stats.imported, "already": stats.already,
             "flagged": stats.flagged, "sources": [m.as_dict() for m in stats.sources], "warnings": warnings}

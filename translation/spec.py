@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import field_validator, model_validator
 
 from storage.languages import TRANSLATED
-from storage.spec import Device, Spec, setting, versioned
+from storage.spec import Device, Lang, Name, Spec, setting, versioned
 from storage.specs import Executor
 from translation.engines.base import ENGINES
 
@@ -47,7 +47,7 @@ class Thresholds(Spec):
     """``thresholds: {default: {...}, by_lang: {ru: {max_len_ratio: 3.0}}}``."""
 
     default: QualityThresholds = versioned(default_factory=QualityThresholds, description="every language's")
-    by_lang: dict[str, ThresholdOverrides] = versioned(
+    by_lang: dict[Lang, ThresholdOverrides] = versioned(
         default_factory=lambda: {k: ThresholdOverrides(**v) for k, v in BUILTIN_OVERRIDES.items()},
         description="per-language changes to the default")
 
@@ -71,9 +71,9 @@ class ImportSpec(Spec):
     to their English captions whatever case, spacing or punctuation the release changed, and the match
     rate per source is reported (:mod:`translation.imports`)."""
 
-    name: str = versioned(description="the import's name (model_id import:NAME)")
+    name: Name = versioned(description="the import's name (model_id import:NAME)")
     path: str = versioned(description="JSON lines or parquet file, or a folder of them (read in name order)")
-    langs: list[str] | None = versioned(None, "import only these languages", shown="every language in the file")
+    langs: list[Lang] | None = versioned(None, "import only these languages", shown="every language in the file")
     source: list[str] | None = versioned(None, "the sources it translates (names): rows matched to their captions "
                                                "by a loose key, stored under the captions' own text_sha",
                                          shown="none: rows keyed by their own normalised English", omit_none=True)
@@ -93,7 +93,7 @@ class TranslateSpec(Spec):
     sources) plus the thresholds and imports; ``engine`` and ``compute_type`` are settings, as in
     the translation's version today (int8 vs float16 can still change a few outputs)."""
 
-    langs: list[str] = versioned(default_factory=lambda: list(TRANSLATED), description="target languages (none: "
+    langs: list[Lang] = versioned(default_factory=lambda: list(TRANSLATED), description="target languages (none: "
                                  "the imports alone, no model loaded)")
     model: str = versioned("demo", "a local M2M-100 directory, or demo: the committed demo translator")
     sources: list[str] | None = versioned(None, "sources: name, name@version or version",

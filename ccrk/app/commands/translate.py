@@ -69,13 +69,16 @@ def print_translation_summary(summary: dict) -> None:
 
 
 def _run_import(args, langs) -> int:
-    from ccrk.app.console import print_table
+    from ccrk.app.console import console, print_table
     from storage import layout
-    from translation.imports import import_translations
+    from translation.imports import bad_key_warning, import_translations
 
     stats = import_translations(layout.data_root(args.root), args.import_path, args.name, langs=langs)
     print_table(f"import:{args.name} ({stats.rows} rows, {stats.bad_rows} bad rows skipped)",
                 ["lang", "imported", "already", "flagged"],
                 [(lang, n, stats.already.get(lang, 0), stats.flagged.get(lang, 0))
                  for lang, n in sorted(stats.imported.items())])
+    warning = bad_key_warning(args.name, stats)
+    if warning:
+        console.print(f"warning: {warning}", markup=False)
     return 0

@@ -1,0 +1,190 @@
+"""Nothing a user, a config, an imported file or a manifest supplies makes ccrk write or read
+outside its data root: language codes, dataset / source names and versions, and a manifest's shard
+names are checked where they enter (issue 26, item 4)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import duckdb
+import pytest
+
+from ccrk.app.cli import main
+from kshards import make_klingual_dataset
+from storage import layout, manifest
+from storage.errors import CCRKError
+from storage.export import export_dataset
+from storage.languages import check_lang, parse_langs
+from storage.reader import KLingualDataset
+from storage.spec import SpecError
+from storage.specs import build_spec
+from storage.verify import verify_dataset
+from translation import store
+from translation.imports import import_report, import_translations
+from translation.spec import TranslateSpec
+
+CCRK = os.path.join(os.path.dirname(sys.executable), "ccrk")
+ESCAPE = "../../../../imp-escape"
+
+
+def tree(top) -> set[str]:
+    """Every file and directory below ``top``."""
+    out = set()
+    for d, dirs, files in os.walk(top):
+        out.update(os.path.join(d, n) for n in dirs + files)
+    return out
+
+
+def new_outside(before: set[str], after: set[str], root: str) -> list[str]:
+    return sorted(p for p in after - before if not p.startswith(root + os.sep))
+
+
+def _jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+# ---------------------------------------------------------------------------- language codes
+
+
+def test_language_codes_are_bcp47_like_and_stored_lower_case():
+    assert parse_langs("en, ES,zh-Hans,pt-BR,es-419,en") == ("en", "es", "zh-hans", "pt-br", "es-419")
+    assert build_spec(langs="EN,Zh-Hans").langs == ["en", "zh-hans"]
+    for bad in ("../x", "a/b", "e", "english", "zh_Hans", "de\x1b[31m", "..", "de/../../x"):
+        with pytest.raises(CCRKError, match="is not a language code"):
+            check_lang(bad, "--langs")
+
+
+def test_an_import_key_that_is_no_language_is_a_counted_skip_and_writes_nothing_outside(root, tmp_path):
+    path = _jsonl(tmp_path / "release.jsonl", [
+        {"caption": {"en": "a red circle", "de": "ein roter Kreis", ESCAPE: "escaped"}},
+        {"caption": {"en": "a blue square", "DE": "ein blaues Quadrat", "a/b": "x"}}])
+    before = tree(tmp_path)
+    stats = import_translations(root, path, "cclm")
+    assert new_outside(before, tree(tmp_path), root) == []
+    assert not (tmp_path / "imp-escape").exists()
+    assert stats.imported == {"de": 2} and stats.bad_rows == 0  # the rows' other languages are imported
+    assert stats.bad_keys == 2 and stats.bad_key_examples == [repr(ESCAPE), repr("a/b")]
+    assert {lang for _, _, lang in store.list_stores(root)} == {"de"}
+    (warning,) = import_report("cclm", path, stats, 0.95)["warnings"]
+    assert warning.startswith("import cclm: 2 text(s) skipped under keys that are no language code") and ESCAPE in warning
+
+
+def test_the_import_command_reports_the_skip_and_refuses_bad_langs(root, tmp_path, capsys):
+    path = _jsonl(tmp_path / "release.jsonl", [{"en": "a red circle", "de": "ein roter Kreis", ESCAPE: "x"}])
+    before = tree(tmp_path)
+    assert main(["translate", "--import", path, "--name", "cclm", "--root", root]) == 0
+    out = capsys.readouterr().out
+    assert "warning: import cclm: 1 text(s) skipped under keys that are no language code" in out
+    assert main(["translate", "--import", path, "--name", "cclm", "--langs", "de,../x", "--root", root]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'../x' is not a language code" in err
+    assert main(["translate", "--import", path, "--name", "../cclm", "--root", root]) == 2
+    assert "import name '../cclm' is not a plain name" in capsys.readouterr().err
+    assert new_outside(before, tree(tmp_path), root) == []
+
+
+def test_bad_langs_on_the_command_line_and_in_configs_are_one_line(root, tmp_path, capsys):
+    assert main(["build", "--langs", "en,../../x", "--root", root]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "langs[1]: '../../x' is not a language code" in err
+    config = tmp_path / "c.yaml"
+    for section, message in (({"langs": ["es", "a/b"]}, "translate.langs[1]: 'a/b' is not a language code"),
+                             ({"thresholds": {"by_lang": {"..": {}}}}, "'..' is not a language code"),
+                             ({"imports": [{"name": "x", "path": "p", "langs": ["de", "/etc"]}]},
+                              "translate.imports[0].langs[1]: '/etc' is not a language code")):
+        config.write_text(json.dumps({"translate": section}))
+        with pytest.raises(SpecError, match="^" + str(config).replace(".", r"\.") + ": ") as e:
+            TranslateSpec.load(str(config), "translate")
+        assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------- names and versions
+
+
+def test_build_name_outside_the_root_is_refused_by_the_real_command(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    before = tree(tmp_path)
+    out = subprocess.run([CCRK, "build", "--name", "../../x", "--root", str(root)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "CCRK_ROOT": str(root)})
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "ccrk build: error: ccrk build: name: '../../x' is not a plain name (letters, digits, '-', '_' and '.', "
+        "starting with a letter or digit, no slash, at most 255 characters)"]
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"name": ".."}, "name: '..' is not a plain name"),
+    ({"name": ".hidden"}, "name: '.hidden' is not a plain name"),
+    ({"name": "a/b"}, "name: 'a/b' is not a plain name"),
+    ({"sources": ["coco", "../vg"]}, "sources[1]: '../vg' is not a plain name"),
+    ({"source_versions": {"coco": "../../v1"}}, "source_versions.coco: '../../v1' is not a plain name"),
+    ({"exclude": [{"benchmark": "../b", "data": "d"}]}, "exclude: entry 0: benchmark: '../b' is not a plain name"),
+])
+def test_names_and_versions_that_become_paths_are_plain_names(fields, message):
+    with pytest.raises(SpecError) as e:
+        build_spec(**fields)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_layout_refuses_a_component_that_is_no_plain_name(tmp_path):
+    root = str(tmp_path)
+    assert layout.dataset_dir(root, "demo", "0123abcd") == f"{root}/datasets/demo/0123abcd"
+    assert layout.translation_dir(root, "import:cclm", "imported", "zh-hans").endswith("import:cclm/imported/zh-hans")
+    for build in (lambda: layout.dataset_dir(root, "..", "v"), lambda: layout.dataset_dir(root, "x", "../v"),
+                  lambda: layout.source_dir(root, "coco", "/etc"), lambda: layout.run_dir(root, "a/../../b"),
+                  lambda: layout.report_dir(root, ""), lambda: layout.translation_dir(root, "m", "d", ESCAPE)):
+        with pytest.raises(CCRKError, match=f"is not a plain name .*refused as a path under {root}$"):
+            build()
+
+
+# ---------------------------------------------------------------------------- a crafted manifest
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    return make_klingual_dataset(str(tmp_path_factory.mktemp("paths") / "ds"), n_images=4, per_shard=2, side=32)
+
+
+def crafted(dataset, tmp_path, sql: str, *params) -> str:
+    """A copy of ``dataset`` whose manifest ``sql`` changed."""
+    import shutil
+
+    ds = shutil.copytree(dataset, str(tmp_path / "crafted"))
+    con = duckdb.connect(manifest.manifest_path(ds))
+    try:
+        con.execute(sql, list(params))
+    finally:
+        con.close()
+    return ds
+
+
+@pytest.mark.parametrize("bad", ["/etc/passwd", "/dev/zero", "../../../../etc/passwd", "..", ".hidden.tar"])
+def test_verify_refuses_a_manifest_whose_shard_is_no_plain_file_name(dataset, tmp_path, capsys, bad):
+    ds = crafted(dataset, tmp_path, "UPDATE shards SET name = ? WHERE name = 'shard-00001.tar'", bad)
+    with pytest.raises(CCRKError) as e:
+        verify_dataset(ds)
+    assert str(e.value).startswith(f"{ds}: the manifest names shard {bad!r}, which is no plain file name")
+    assert main(["verify", ds]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and repr(bad) in err and ds in err
+
+
+@pytest.mark.parametrize("bad", ["/etc/passwd", "/dev/zero", "../../../../etc/passwd"])
+def test_the_reader_refuses_a_manifest_whose_sample_points_outside_the_shards(dataset, tmp_path, bad):
+    ds = crafted(dataset, tmp_path, "UPDATE samples SET shard = ? WHERE idx = 3", bad)
+    with pytest.raises(CCRKError, match=f"the manifest names shard {bad!r}, which is no plain file name"):
+        KLingualDataset(ds)
+    assert len(KLingualDataset(dataset)) == 4  # the clean copy still reads
+
+
+def test_export_refuses_a_manifest_language_that_is_no_code(dataset, tmp_path):
+    ds = crafted(dataset, tmp_path, "UPDATE lang_counts SET lang = ? WHERE lang = 'es'", "../../escape")
+    before = tree(tmp_path)
+    with pytest.raises(CCRKError, match="the manifest's language: '../../escape' is not a language code"):
+        export_dataset(ds, str(tmp_path / "out" / "export"))
+    assert tree(tmp_path) == before

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import field_validator, model_validator
 
+from storage.addresses import ALLOW_ENV, parse_pair
 from storage.download import DEFAULT_FETCH_DEADLINE, DEFAULT_MAX_IMAGE_AREA, DEFAULT_MAX_IMAGE_BYTES
 from storage.spec import Bool, Lang, Name, Spec, SpecError, setting, versioned
 
@@ -43,6 +44,10 @@ class AcquireSettings(Spec):
                                   "each read); a slower host fails as deadline_exceeded", ge=1)
     max_image_bytes: int = setting(DEFAULT_MAX_IMAGE_BYTES, "bytes of one image's body read at most; a longer one "
                                    "fails as too_many_bytes", ge=1)
+    allow_addresses: list[str] | None = setting(None, "exact HOST:PORT pairs fetched from though not public "
+                                                "(loopback, private, link-local...: refused as blocked_address "
+                                                f"otherwise); also {ALLOW_ENV}, comma-separated",
+                                                shown="none: public addresses only")
     retries: int = setting(0, "img2dataset retries per url", ge=0)
     retry_failed: Bool = setting(False, "download again the images that failed with retryable errors "
                                         "(timeouts, 5xx, connection) or that a mirror lacked")
@@ -53,6 +58,13 @@ class AcquireSettings(Spec):
     executor: Executor = setting("local", "local: download processes on this machine; ray: one Ray task per shard")
     ray_address: str | None = setting(None, "with executor ray: a running cluster (HOST:PORT, ray://HOST:10001 or "
                                             "auto)", shown="a local cluster for this run")
+
+    @field_validator("allow_addresses")
+    @classmethod
+    def _exact_pairs(cls, value):
+        for pair in value or ():
+            parse_pair(pair, "allow_addresses")
+        return value
 
     def download_params(self) -> dict:
         """The download settings that are part of the source version (``prepare_source``'s

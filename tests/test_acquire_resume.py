@@ -68,13 +68,15 @@ def _stats_files(version_dir: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_kill_and_resume_gives_the_uninterrupted_shards(tmp_path):
+def test_kill_and_resume_gives_the_uninterrupted_shards(tmp_path, monkeypatch):
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_LOGGING_LEVEL": "WARNING"}
     ccrk_bin = os.path.join(os.path.dirname(sys.executable), "ccrk")
     with serve(str(tmp_path / "corpus")) as server:
-        env["CCRK_ALLOW_ADDRESSES"] = server.address  # the loopback server: allowed by its exact pair
+        # The loopback server, allowed by its exact pair (in this process and the killed children).
+        monkeypatch.setenv("CCRK_ALLOW_ADDRESSES", server.address)
+        env["CCRK_ALLOW_ADDRESSES"] = server.address
         tsv = _write_corpus(str(tmp_path / "corpus"), server.url)
 
         # The uninterrupted reference run.

@@ -15,7 +15,8 @@ from typing import Any, Literal
 from pydantic import PrivateAttr, field_validator, model_validator
 
 from ccrk.evaluation.benchmarks import BENCHMARKS
-from storage.spec import Bool, Device, Spec, SpecError, deep_merge, read_yaml, setting, versioned
+from storage.layout import NAME_RULE, is_plain_name
+from storage.spec import Bool, Device, Lang, Name, Spec, SpecError, deep_merge, read_yaml, setting, versioned
 from storage.specs import AcquireChainSpec, AcquireSpec, BuildSpec, CorpusSpec, Executor
 from translation.spec import TranslateSpec
 
@@ -224,7 +225,7 @@ class SinkhornSpec(Spec):
 class CL2CMSpec(Spec):
     """``cl2cm``: the CL2CM objective's options (ccrk/cl2cm.py; defaults ours, not the paper's)."""
 
-    source_lang: str = versioned("en", "the pivot language (a language of langs)")
+    source_lang: Lang = versioned("en", "the pivot language (a language of langs)")
     target_lang: str = versioned("any", "a language of langs, or any: one present non-source language per "
                                         "image per step")
     weights: CL2CMWeights = versioned(default_factory=CL2CMWeights, description="term weights")
@@ -281,7 +282,7 @@ class RunSpec(Spec):
     name: str = setting("run", "the run's name (plots, catalog)")
     objective: Literal[OBJECTIVES] = versioned("ccrk", "training objective")
     seed: int = versioned(0, "seed of initialisation, sample order and sampling")
-    langs: list[str] = versioned(description="caption languages, in slot order", min_length=1)
+    langs: list[Lang] = versioned(description="caption languages, in slot order", min_length=1)
     device: Device = setting("auto", "auto (GPU when visible), cpu, cuda or cuda:N")
     model: ModelSpec = versioned(description="the model")
     data: DataSpec = versioned(default_factory=DataSpec, description="input pipeline")
@@ -317,8 +318,9 @@ class BenchmarkSpec(Spec):
                                          "train2014/ and val2014/; WIT: its image-pixel files, joined by URL)",
                                    shown="<data>/images")
     coco_images: str | None = versioned(None, "COCO val2014 folder (xFlickrCO's COCO half)")
-    langs: list[str] | None = versioned(None, "languages to evaluate", shown="all present")
-    mrv_langs: list[str] | None = versioned(None, "languages over which MRV is computed",
+    # Languages become benchmark file names (annotations/<lang>/test.jsonl, test_<lang>.jsonl): codes only.
+    langs: list[Lang] | None = versioned(None, "languages to evaluate", shown="all present")
+    mrv_langs: list[Lang] | None = versioned(None, "languages over which MRV is computed",
                                             shown="the paper's set for the benchmark when all its languages are "
                                                   "evaluated, else langs")
     k_test: int | None = versioned(None, "candidates re-ranked by ITM", ge=1, shown="128; COCO 256")
@@ -401,7 +403,7 @@ class FinetuneSpec(BenchmarkSpec):
     mode: Literal[FINETUNE_MODES] = versioned("zero-shot", "zero-shot: English training set, evaluate every "
                                                            "language; few-shot: continue on annotations/<lang>/"
                                                            "train_<N>.jsonl; single: one language's training set")
-    lang: str | None = versioned(None, "target language (few-shot, single)")
+    lang: Lang | None = versioned(None, "target language (few-shot, single)")
     shots: int | None = versioned(None, "N of the few-shot file train_<N>.jsonl", ge=1)
     preset: Literal[PRESETS] = versioned("paper", "paper: Tables 6/7 and selection on validation; code: the "
                                                   "authors' fine-tuning configs (README)")
@@ -434,7 +436,7 @@ class FinetuneSpec(BenchmarkSpec):
 class FewShotSpec(Spec):
     """A protocol's few-shot rows: one model per language, continued from the English fine-tune."""
 
-    langs: list[str] = versioned(description="target languages (one fine-tuned model each)", min_length=1)
+    langs: list[Lang] = versioned(description="target languages (one fine-tuned model each)", min_length=1)
     shots: int = versioned(100, "N of annotations/<lang>/train_<N>.jsonl", ge=1)
     settings: dict[str, Any] = versioned(default_factory=dict, description="fine-tuning settings over the preset's "
                                                                            "few-shot row (FinetuneSpec's names)")
@@ -443,7 +445,7 @@ class FewShotSpec(Spec):
 class SingleSpec(Spec):
     """A protocol's single-language rows: one model per language, fine-tuned on that language alone."""
 
-    langs: list[str] = versioned(description="languages (one fine-tuned model each)", min_length=1)
+    langs: list[Lang] = versioned(description="languages (one fine-tuned model each)", min_length=1)
     settings: dict[str, Any] = versioned(default_factory=dict, description="fine-tuning settings over the preset's")
 
 
@@ -554,7 +556,8 @@ class ReproduceSpec(ChainSections):
     """``ccrk reproduce --config``: the whole chain (configs/demo.yaml, demo-small.yaml; and a paper
     run config with chain sections, its own single run: :meth:`load`)."""
 
-    name: str | None = setting(None, "the chain's name (dataset, report)", shown="the file's name")
+    # The chain's name becomes directories (datasets/<name>/, reports/<name>-comparison/): a plain name.
+    name: Name | None = setting(None, "the chain's name (dataset, report)", shown="the file's name")
     executor: Executor = setting("local", "local | ray: how acquire and translate run (their sections' own "
                                           "executor wins)")
     acquire: AcquireChainSpec = versioned(description="acquire settings")
@@ -571,7 +574,12 @@ class ReproduceSpec(ChainSections):
         """Read a reproduce YAML; a run config (``model:`` and no ``pretrain:``) is validated as a
         :class:`PretrainSpec` and becomes its own single run."""
         data = read_yaml(path)
-        data.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+        if "name" not in data:  # named after its file, which must then be a plain name too
+            stem = os.path.splitext(os.path.basename(path))[0]
+            if not is_plain_name(stem):
+                raise SpecError(f"{path}: the chain takes its file's name, and {stem!r} is not a plain name "
+                                f"({NAME_RULE}): set name: in the config")
+            data["name"] = stem
         if "model" in data and "pretrain" not in data:
             run = PretrainSpec.parse(data, where=path)
             data = {k: v for k, v in data.items() if k in cls.model_fields}

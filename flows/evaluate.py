@@ -80,9 +80,10 @@ class CombineStage:
     def _report_dir(self, ref: str) -> str:
         if os.path.isdir(ref):
             return ref
-        candidate = layout.report_dir(self.root, ref)
-        if os.path.isdir(candidate):
-            return candidate
+        if layout.is_plain_name(ref):  # a report id; anything else is never joined under reports/
+            candidate = layout.report_dir(self.root, ref)
+            if os.path.isdir(candidate):
+                return candidate
         raise CCRKError(f"report {ref!r} is neither a report directory nor a report id under {self.root}/reports")
 
     def completed(self, plan: StagePlan) -> Outcome | None:

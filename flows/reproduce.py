@@ -163,7 +163,7 @@ def _evaluate(spec: ReproduceSpec, root: str, runs: dict, bench_dir: str | None)
         evaluate = spec.evaluate.merged({"checkpoint": run["run_dir"], "data": spec.evaluate.data or bench_dir,
                                          "itc_only": spec.itc_only(name)})
         reports[name] = evaluate_flow(evaluate, root=root)
-    out_dir = layout.join(root, "reports", f"{spec.name}-comparison")
+    out_dir = layout.report_dir(root, f"{spec.name}-comparison")
     comparison = compare_report([r["dir"] for r in reports.values()], list(reports), out_dir,
                                 title=f"{spec.name}: " + " vs ".join(reports))
     publish_markdown(f"compare-{spec.name}-comparison", comparison["markdown"], description="evaluation report")
@@ -183,7 +183,7 @@ def _protocols(spec: ReproduceSpec, root: str, runs: dict, bench_dir: str | None
                 paper = paper_figures(entry.paper_model, row["group"], entry.benchmark)
                 rows.append({**{k: v for k, v in row.items() if k != "report"}, "metrics": row["report"]["metrics"],
                              "report_dir": row["report"]["dir"], "paper": paper, "paper_model": entry.paper_model})
-    out_dir = layout.join(root, "reports", f"{spec.name}-table1")
+    out_dir = layout.report_dir(root, f"{spec.name}-table1")
     markdown = render_table1(rows, title=f"{spec.name}: the paper's protocols (Table 1 layout)")
     atomic.write_text(os.path.join(out_dir, "table1.md"), markdown)
     atomic.write_json(os.path.join(out_dir, "table1.json"),

@@ -103,5 +103,11 @@ def report_dir(root: str, report_id: str) -> str:
     return join(root, "reports", _component(report_id, "report id", root))
 
 
+def exclusion_dir(root: str, benchmark: str, version: str) -> str:
+    """``<root>/exclusions/<benchmark>/<version>``: a benchmark's exclusion list (ccrk.evaluation.exclusion)."""
+    return join(root, "exclusions", _component(benchmark, "benchmark", root),
+                _component(version, "exclusion version", root))
+
+
 def catalog_path(root: str) -> str:
     return join(root, "catalog.duckdb")

@@ -188,3 +188,155 @@ def test_export_refuses_a_manifest_language_that_is_no_code(dataset, tmp_path):
     with pytest.raises(CCRKError, match="the manifest's language: '../../escape' is not a language code"):
         export_dataset(ds, str(tmp_path / "out" / "export"))
     assert tree(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------- the model stages' configs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _reproduce_config(tmp_path, file="chain.yaml", **changes) -> str:
+    """configs/demo-small.yaml with ``changes`` over its top-level keys, written as ``file``."""
+    from storage.spec import read_yaml
+
+    data = {**read_yaml(os.path.join(REPO, "configs", "demo-small.yaml")), **changes}
+    path = tmp_path / file
+    path.write_text(json.dumps(data), encoding="utf-8")  # JSON is YAML
+    return str(path)
+
+
+def _one_line_error(capsys) -> str:
+    """The command's error line (stderr's lines starting 'ccrk ...: error:'), checked to be one."""
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ccrk ")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_a_reproduce_config_named_outside_the_root_is_one_line(root, tmp_path, capsys):
+    from ccrk.specs import ReproduceSpec
+
+    config = _reproduce_config(tmp_path, name="../x")
+    with pytest.raises(SpecError) as e:
+        ReproduceSpec.load(config)
+    assert str(e.value).startswith(f"{config}: name: '../x' is not a plain name (") and "\n" not in str(e.value)
+    # Without a name the chain takes its file's, which must be a plain name then.
+    unnamed = {k: v for k, v in json.loads(open(config, encoding="utf-8").read()).items() if k != "name"}
+    spaced = tmp_path / "my chain.yaml"
+    spaced.write_text(json.dumps(unnamed), encoding="utf-8")
+    with pytest.raises(SpecError, match=r"'my chain' is not a plain name .*: set name: in the config$"):
+        ReproduceSpec.load(str(spaced))
+    assert ReproduceSpec.load(_reproduce_config(tmp_path, "ok.yaml", name="demo-small")).name == "demo-small"
+    before = tree(tmp_path)
+    assert main(["reproduce", "--config", config, "--root", root]) == 2
+    assert "name: '../x' is not a plain name" in _one_line_error(capsys)
+    assert new_outside(before, tree(tmp_path), root) == [] and not (tmp_path / "x-comparison").exists()
+
+
+def test_evaluate_languages_outside_the_benchmark_folder_are_one_line(root, tmp_path, capsys):
+    from ccrk.specs import EvaluateSpec, FinetuneSpec, ReproduceSpec
+
+    for cls, values, message in (
+            (EvaluateSpec, {"langs": ["en", "../x"]}, "langs[1]: '../x' is not a language code"),
+            (EvaluateSpec, {"mrv_langs": ["a/b"]}, "mrv_langs[0]: 'a/b' is not a language code"),
+            (FinetuneSpec, {"mode": "few-shot", "lang": "../../de", "shots": 100}, "lang: '../../de' is not a"),
+    ):
+        with pytest.raises(SpecError) as e:
+            cls.parse(values, where="c.yaml")
+        assert str(e.value).startswith("c.yaml: ") and message in str(e.value) and "\n" not in str(e.value)
+    assert EvaluateSpec.parse({"langs": ["EN", "zh-Hans"]}).langs == ["en", "zh-hans"]
+    config = _reproduce_config(tmp_path, evaluate={"benchmark": "demo", "langs": ["../x"]})
+    with pytest.raises(SpecError, match=r"evaluate\.langs\[0\]: '\.\./x' is not a language code") as e:
+        ReproduceSpec.load(config)
+    assert "\n" not in str(e.value)
+    protocol = [{"benchmark": "demo", "few_shot": {"langs": ["de", "/etc"]}}]
+    with pytest.raises(SpecError, match=r"protocol\[0\]\.few_shot\.langs\[1\]: '/etc' is not a language code"):
+        ReproduceSpec.load(_reproduce_config(tmp_path, protocol=protocol))
+    assert main(["evaluate", "--checkpoint", str(tmp_path), "--benchmark", "demo", "--data", str(tmp_path),
+                 "--langs", "en,../x", "--root", root]) == 2
+    assert "'../x' is not a language code" in _one_line_error(capsys)
+
+
+def test_a_checkpoint_or_report_that_is_not_there_keeps_its_own_message(root, tmp_path, capsys):
+    from ccrk.evaluation.protocols import _resolve_checkpoint
+    from flows.evaluate import CombineStage
+
+    for ref in (str(tmp_path / "no" / "such"), "../../x", "no-such-run", "a b"):
+        with pytest.raises(CCRKError) as e:
+            _resolve_checkpoint(ref, root)
+        assert str(e.value) == f"checkpoint {ref!r} is neither a directory, a run under {root}/runs nor a run version"
+        with pytest.raises(CCRKError) as e:
+            CombineStage(root, [(ref, None)]).plan()
+        assert str(e.value) == f"report {ref!r} is neither a report directory nor a report id under {root}/reports"
+    os.makedirs(os.path.join(root, "runs", "r1"))
+    assert _resolve_checkpoint("r1", root) == os.path.join(root, "runs", "r1")  # a run id still resolves
+    assert main(["evaluate", "--checkpoint", "../../x", "--benchmark", "demo", "--data", str(tmp_path),
+                 "--root", root]) == 2
+    assert _one_line_error(capsys).endswith("checkpoint '../../x' is neither a directory, a run under "
+                                            f"{root}/runs nor a run version")
+
+
+def test_the_exclusion_dir_is_under_the_same_guard(tmp_path):
+    root = str(tmp_path)
+    assert layout.exclusion_dir(root, "demo", "0123abcd") == f"{root}/exclusions/demo/0123abcd"
+    for benchmark, version in (("..", "v"), ("demo", "../../v"), ("a/b", "v"), ("demo", "")):
+        with pytest.raises(CCRKError, match=f"is not a plain name .*refused as a path under {root}$"):
+            layout.exclusion_dir(root, benchmark, version)
+
+
+# ---------------------------------------------------------------------------- a crafted benchmark folder
+
+
+def _xflickrco(tmp_path, rows, lang="en") -> str:
+    data = tmp_path / "bench"
+    (data / "annotations" / lang).mkdir(parents=True)
+    _jsonl(data / "annotations" / lang / "test.jsonl", rows)
+    (data / "images").mkdir()
+    return str(data)
+
+
+@pytest.mark.parametrize("bad", ["/etc/passwd", "/dev/zero", "../../../../etc/passwd", "..", "a/../../b.jpg"])
+def test_a_benchmark_file_naming_an_image_outside_its_folder_is_refused(tmp_path, bad):
+    from ccrk.evaluation.exclusion import evaluation_images
+    from ccrk.evaluation.loaders import load_benchmark
+
+    data = _xflickrco(tmp_path, [{"sentences": ["a dog"], "id": "1", "img_path": "1.jpg"},
+                                 {"sentences": ["a cat"], "id": "2", "img_path": bad}])
+    path = os.path.join(data, "annotations", "en", "test.jsonl")
+    message = f"^{path}:2: image path {bad!r} is not a relative path inside the image folder "
+    with pytest.raises(CCRKError, match=message.replace(".", r"\.")):
+        load_benchmark("demo", data, skip_missing=True)
+    with pytest.raises(CCRKError, match=message.replace(".", r"\.")):
+        evaluation_images("demo", data)  # an exclusion list never reads it either
+
+
+def test_cclm_and_multi30k_image_names_outside_the_folder_are_refused(tmp_path):
+    from ccrk.evaluation.loaders import load_benchmark
+
+    cclm = tmp_path / "cclm"
+    cclm.mkdir()
+    (cclm / "test_2016_flickr.en.json").write_text(json.dumps([{"image": "/etc/passwd", "caption": ["x"]}]))
+    with pytest.raises(CCRKError, match=r"test_2016_flickr\.en\.json entry 0: image path '/etc/passwd' is not"):
+        load_benchmark("multi30k", str(cclm), ["en"], skip_missing=True)
+    raw = tmp_path / "m30k" / "data" / "task1"
+    (raw / "raw").mkdir(parents=True)
+    (raw / "image_splits").mkdir()
+    (raw / "image_splits" / "test_2016_flickr.txt").write_text("1.jpg\n../../../escape.jpg\n")
+    import gzip
+
+    with gzip.open(raw / "raw" / "test_2016_flickr.en.gz", "wt", encoding="utf-8") as f:
+        f.write("a dog\na cat\n")
+    with pytest.raises(CCRKError, match=r"test_2016_flickr\.txt:2: image path '\.\./\.\./\.\./escape\.jpg' is not"):
+        load_benchmark("multi30k", str(tmp_path / "m30k"), skip_missing=True)
+
+
+def test_a_listed_language_folder_that_is_no_code_is_one_line(tmp_path):
+    from ccrk.evaluation.loaders import load_benchmark
+
+    data = _xflickrco(tmp_path, [{"sentences": ["a dog"], "id": "1", "img_path": "1.jpg"}], lang="de_DE")
+    with pytest.raises(CCRKError, match=r"de_DE/test\.jsonl: 'de_DE' is not a language code .*--langs$"):
+        load_benchmark("demo", data, skip_missing=True)
+    wit = tmp_path / "wit"
+    wit.mkdir()
+    _jsonl(wit / "test_EN.jsonl", [{"image_url": "u", "caption_reference_description": "x", "image_content": "AA=="}])
+    with pytest.raises(CCRKError, match=r"test_EN\.jsonl: 'EN' is not a language code"):
+        load_benchmark("wit", str(wit), skip_missing=True)

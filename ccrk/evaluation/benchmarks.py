@@ -12,6 +12,11 @@
 Every loader returns a :class:`Benchmark`: per language, one or more :class:`RetrievalSet` (folds).
 A missing image is a :class:`CCRKError` naming it, or with ``skip_missing=True`` a counted skip.
 
+A benchmark folder is input too: the image paths its files give must lie inside the image folder
+(:func:`image_file`: no absolute path, no ``..`` leading out), and a language found by listing the
+folder (``annotations/<lang>/``, ``test_<lang>.jsonl``) must be a language code
+(:func:`listed_lang`), else a one-line error naming the file.
+
 Captions are read as published (stripped), or with ``max_words`` through the authors' normalisation
 (:func:`ccrk.captions.pre_caption`) at the benchmark's own word limit (:data:`MAX_WORDS`); a caption it
 leaves empty is a counted skip (``rejected_texts``), never an error.
@@ -29,6 +34,7 @@ import numpy as np
 
 from ccrk.captions import EmptyCaptionError, pre_caption
 from storage.errors import CCRKError
+from storage.languages import LANG_RULE, normalise_lang
 
 XFLICKRCO_LANGS = ("de", "en", "es", "id", "ja", "ru", "tr", "zh")
 MULTI30K_LANGS = ("en", "de", "fr", "cs")
@@ -251,6 +257,29 @@ def first_existing(candidates: list[str], error: str) -> str:
     raise CCRKError(f"{error} (looked for {', '.join(candidates)})")
 
 
+def image_file(folder: str, name, where: str) -> str:
+    """``folder/name`` for an image ``name`` a benchmark file lists; a CCRKError of one line naming
+    ``where`` when ``name`` is empty, absolute or leads out of ``folder`` (``../x``): a benchmark's
+    files name images inside its image folders only, never any other file (``/etc/passwd``, ``/dev/zero``)."""
+    text = str(name)
+    rel = os.path.normpath(text) if text else ""
+    if (not text or "\x00" in text or os.path.isabs(text) or rel in (os.curdir, os.pardir)
+            or rel.startswith(os.pardir + os.sep)):
+        shown = repr(text) if len(repr(text)) <= 80 else repr(text)[:77] + "..."
+        raise CCRKError(f"{where}: image path {shown} is not a relative path inside the image folder {folder}: "
+                        "refused (a damaged or crafted benchmark file)")
+    return os.path.join(folder, text)
+
+
+def listed_lang(name: str, where: str) -> str:
+    """``name``, a language found by listing a benchmark folder, if it is a language code as written;
+    else a CCRKError of one line naming ``where`` (the file it names)."""
+    if normalise_lang(name) != name:
+        raise CCRKError(f"{where}: {name!r} is not a language code ({LANG_RULE}); choose the languages "
+                        "with --langs")
+    return name
+
+
 def _require(row: dict, keys: tuple[str, ...], where: str) -> None:
     missing = [k for k in keys if k not in row]
     if missing:
@@ -260,9 +289,10 @@ def _require(row: dict, keys: tuple[str, ...], where: str) -> None:
 # --------------------------------------------------------------------------- xFlickr&CO (IGLUE)
 
 
-def xflickrco_image_path(img_path: str, flickr30k_dir: str, coco_dir: str) -> str:
-    """COCO images (names containing "COCO") come from val2014, the rest from Flickr30K."""
-    return os.path.join(coco_dir if "COCO" in img_path else flickr30k_dir, img_path)
+def xflickrco_image_path(img_path: str, flickr30k_dir: str, coco_dir: str, where: str = "xFlickrCO") -> str:
+    """COCO images (names containing "COCO") come from val2014, the rest from Flickr30K (inside it:
+    :func:`image_file`)."""
+    return image_file(coco_dir if "COCO" in img_path else flickr30k_dir, img_path, where)
 
 
 def _image_dirs(data_dir: str, flickr30k_dir: str | None, coco_dir: str | None) -> tuple[str, str]:
@@ -277,7 +307,7 @@ def read_xflickrco_file(path: str, lang: str, flickr30k_dir: str, coco_dir: str,
         where = f"{path}:{n}"
         _require(row, ("sentences", "id", "img_path"), where)
         sentences = row["sentences"] if isinstance(row["sentences"], list) else [row["sentences"]]
-        img = xflickrco_image_path(str(row["img_path"]), flickr30k_dir, coco_dir)
+        img = xflickrco_image_path(str(row["img_path"]), flickr30k_dir, coco_dir, where)
         b.add(str(row["id"]), ImageRef(key=os.path.abspath(img), path=img), sentences, where, os.path.exists(img))
     return b.build()
 
@@ -289,7 +319,8 @@ def load_xflickrco(data_dir: str, langs=None, flickr30k_dir: str | None = None, 
     if not os.path.isdir(ann):
         raise CCRKError(f"{ann} not found: --data must be the xFlickrCO folder holding annotations/<lang>/test.jsonl")
     if not langs:
-        langs = sorted(d for d in os.listdir(ann) if os.path.exists(os.path.join(ann, d, "test.jsonl")))
+        langs = sorted(listed_lang(d, os.path.join(ann, d, "test.jsonl")) for d in os.listdir(ann)
+                       if os.path.exists(os.path.join(ann, d, "test.jsonl")))
     flickr, coco = _image_dirs(data_dir, flickr30k_dir, coco_dir)
     bench = Benchmark(name)
     for lang in langs:
@@ -334,7 +365,7 @@ def load_xflickrco_train(path: str, flickr30k_dir: str, coco_dir: str | None = N
     for n, row in _read_jsonl(path):
         where = f"{path}:{n}"
         _require(row, ("sentences", "id", "img_path"), where)
-        img = xflickrco_image_path(str(row["img_path"]), flickr30k_dir, coco_dir)
+        img = xflickrco_image_path(str(row["img_path"]), flickr30k_dir, coco_dir, where)
         if not os.path.exists(img):
             if not skip_missing:
                 raise CCRKError(f"{where}: image {img} (id {row['id']}) not found; pass --skip-missing to skip it")
@@ -366,7 +397,7 @@ def read_cclm_eval(path: str, lang: str, image_root: str, fold: int | None = Non
             raise CCRKError(f"{where}: expected an object with image, caption, image_id")
         _require(row, ("image", "caption"), where)
         captions = row["caption"] if isinstance(row["caption"], list) else [row["caption"]]
-        img = os.path.join(image_root, row["image"])
+        img = image_file(image_root, row["image"], where)
         image_id = str(row.get("image_id", row["image"]))
         b.add(image_id, ImageRef(key=os.path.abspath(img), path=img), captions, where, os.path.exists(img))
     return b.build()
@@ -383,7 +414,7 @@ def load_cclm_train(paths, image_root: str, skip_missing: bool = False,
         for i, row in enumerate(_read_json_list(path)):
             where = f"{path} entry {i}"
             _require(row, ("image", "caption"), where)
-            img = os.path.join(image_root, row["image"])
+            img = image_file(image_root, row["image"], where)
             if not os.path.exists(img):
                 if not skip_missing:
                     raise CCRKError(f"{where}: image {img} not found; pass --skip-missing to skip it")
@@ -453,7 +484,8 @@ def wit_langs(data_dir: str, split: str = "test") -> list[str]:
     found: set[str] = set()
     for d in (data_dir, os.path.join(data_dir, "annotations")):
         if os.path.isdir(d):
-            found |= {f[len(split) + 1:-6] for f in os.listdir(d) if f.startswith(f"{split}_") and f.endswith(".jsonl")}
+            found |= {listed_lang(f[len(split) + 1:-6], os.path.join(d, f)) for f in os.listdir(d)
+                      if f.startswith(f"{split}_") and f.endswith(".jsonl")}
     return sorted(found) or list(WIT_LANGS)
 
 

@@ -35,6 +35,7 @@ from ccrk.evaluation.benchmarks import (
     RetrievalSet,
     TrainPair,
     _Builder,
+    image_file,
     read_json,
 )
 from storage.errors import CCRKError
@@ -255,7 +256,7 @@ def _retrieval_set(entries: list[PublishedImage], lang: str, source: str, image_
                    max_words: int | None, fold: int | None) -> RetrievalSet:
     b = _Builder("coco", lang, source, skip_missing, fold=fold, max_words=max_words)
     for e in entries:
-        img = os.path.join(image_root, e.image)
+        img = image_file(image_root, e.image, e.where)
         b.add(str(e.cocoid), ImageRef(key=os.path.abspath(img), path=img), e.captions, e.where, os.path.exists(img))
     return b.build()
 
@@ -294,7 +295,7 @@ def load_published_train(data_dir: str, lang: str, image_root: str | None = None
     pairs: list[TrainPair] = []
     skipped = 0
     for e in entries:
-        img = os.path.join(image_root, e.image)
+        img = image_file(image_root, e.image, e.where)
         if not os.path.exists(img):
             if not skip_missing:
                 raise CCRKError(f"{e.where}: image {img} (id {e.cocoid}) not found; pass --skip-missing to skip it")

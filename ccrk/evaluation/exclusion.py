@@ -86,10 +86,12 @@ def _xflickrco_images(data: str, images: str | None, coco_images: str | None, sp
     for lang in sorted(os.listdir(ann)):
         path = os.path.join(ann, lang, f"{split}.jsonl")
         if os.path.exists(path):
-            for _, row in bm._read_jsonl(path):
+            bm.listed_lang(lang, path)
+            for n, row in bm._read_jsonl(path):
                 img_path = str(row.get("img_path", ""))
                 if img_path:
-                    out.append(_file_image(split, img_path, bm.xflickrco_image_path(img_path, flickr, coco_dir)))
+                    out.append(_file_image(split, img_path,
+                                           bm.xflickrco_image_path(img_path, flickr, coco_dir, f"{path}:{n}")))
     return out
 
 
@@ -99,8 +101,8 @@ def _multi30k_images(data: str, images: str | None, split: str) -> list[Evaluati
     if root:
         if split not in multi30k.available_splits(root):
             return []
-        _, names = multi30k.read_image_split(root, split)
-        return [_file_image(split, n, os.path.join(image_root, n)) for n in names if n]
+        path, names = multi30k.read_image_split(root, split)
+        return [_file_image(split, n, bm.image_file(image_root, n, f"{path}:{i}")) for i, n in enumerate(names, 1) if n]
     return _cclm_images([os.path.join(data, f"{split}.{lang}.json") for lang in bm.MULTI30K_LANGS], image_root, split)
 
 
@@ -108,9 +110,10 @@ def _cclm_images(paths: list[str], image_root: str, split: str) -> list[Evaluati
     out = []
     for path in paths:
         if os.path.exists(path):
-            for row in bm._read_json_list(path):
+            for i, row in enumerate(bm._read_json_list(path)):
                 if isinstance(row, dict) and row.get("image"):
-                    out.append(_file_image(split, str(row["image"]), os.path.join(image_root, str(row["image"]))))
+                    out.append(_file_image(split, str(row["image"]),
+                                           bm.image_file(image_root, row["image"], f"{path} entry {i}")))
     return out
 
 
@@ -137,7 +140,8 @@ def _coco_images(data: str, images: str | None, split: str) -> list[EvaluationIm
     out = []
     for img in coco.karpathy_split(found["en"]).get(split, []):
         rel = os.path.join(str(img["filepath"]), str(img["filename"]))
-        out.append(_file_image(split, rel, os.path.join(image_root, rel), [("coco_id", decimal_id(img["cocoid"]))]))
+        path = bm.image_file(image_root, rel, f"{found['en']} (COCO id {img['cocoid']})")
+        out.append(_file_image(split, rel, path, [("coco_id", decimal_id(img["cocoid"]))]))
     return out
 
 
@@ -254,7 +258,7 @@ class ExclusionStage:
         params = {"benchmark": e.benchmark, "splits": list(EVALUATION_SPLITS[e.benchmark]),
                   "files": self._list_files_digest(), "images": hashlib.sha256(canonical_json(listing).encode()).hexdigest()}
         version = content_version("exclusion", [], params, CODE_VERSION)
-        path = layout.join(self.root, "exclusions", e.benchmark, version)
+        path = layout.exclusion_dir(self.root, e.benchmark, version)
         return StagePlan(kind="exclusion", name=e.benchmark, version=version, path=path,
                          params={**params, "data": layout.rooted(self.root, os.path.abspath(e.data))})
 

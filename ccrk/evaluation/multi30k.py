@@ -24,6 +24,8 @@ from ccrk.evaluation.benchmarks import (
     ImageRef,
     TrainPair,
     _Builder,
+    image_file,
+    listed_lang,
 )
 from storage.errors import CCRKError
 
@@ -112,7 +114,8 @@ def load_raw(data_dir: str, langs=None, image_root: str | None = None, split: st
     images under ``image_root`` (default ``<data_dir>/images``); ``max_words`` as for the other loaders."""
     root = _raw_root(data_dir)
     image_root = image_root or os.path.join(data_dir, "images")
-    langs = langs or available_langs(root, split)
+    langs = langs or tuple(listed_lang(lang, os.path.join(root, "raw", f"{split}.{lang}.gz"))
+                           for lang in available_langs(root, split))
     if not langs:
         with_captions = [s for s in available_splits(root) if available_langs(root, s)]
         raise CCRKError(f"no Multi30K split {split!r} with captions in {os.path.join(root, 'raw')}; "
@@ -122,7 +125,7 @@ def load_raw(data_dir: str, langs=None, image_root: str | None = None, split: st
         split_path, caption_path, rows = _aligned(root, split, lang)
         b = _Builder("multi30k", lang, caption_path, skip_missing, max_words=max_words)
         for n, (name, caption) in enumerate(rows, 1):
-            img = os.path.join(image_root, name)
+            img = image_file(image_root, name, f"{split_path}:{n}")
             b.add(os.path.splitext(name)[0], ImageRef(key=os.path.abspath(img), path=img), [caption],
                   f"{split_path}:{n}", os.path.exists(img))
         bench.sets[lang] = [b.build()]
@@ -140,7 +143,7 @@ def load_raw_train(data_dir: str, lang: str, image_root: str | None = None, skip
     pairs: list[TrainPair] = []
     skipped = 0
     for n, (name, caption) in enumerate(rows, 1):
-        img = os.path.join(image_root, name)
+        img = image_file(image_root, name, f"{split_path}:{n}")
         if not os.path.exists(img):
             if not skip_missing:
                 raise CCRKError(f"{split_path}:{n}: image {img} not found; pass --skip-missing to skip it")

@@ -398,12 +398,15 @@ def _resolve_checkpoint(checkpoint: str, root: str | None) -> str:
     if os.path.exists(checkpoint):
         return checkpoint
     r = layout.data_root(root)
-    candidate = layout.run_dir(r, checkpoint)
-    if os.path.exists(candidate):
-        return candidate
-    art = Catalog(r).find(checkpoint)
-    if art is not None and art.kind == "run":
-        return art.path
+    # A run id or version is a plain name; anything else (a path that is not there) is none, and is
+    # never joined under runs/ (so ``../x`` names nothing outside the root either).
+    if layout.is_plain_name(checkpoint):
+        candidate = layout.run_dir(r, checkpoint)
+        if os.path.exists(candidate):
+            return candidate
+        art = Catalog(r).find(checkpoint)
+        if art is not None and art.kind == "run":
+            return art.path
     raise CCRKError(f"checkpoint {checkpoint!r} is neither a directory, a run under {r}/runs nor a run version")
 
 

@@ -173,3 +173,17 @@ def test_the_cl2cm_multi30k_demo_config_runs_as_shipped_on_a_smaller_corpus(tmp_
     with open(os.path.join(out["report"], "compare.json"), encoding="utf-8") as f:
         (row,) = json.load(f)["rows"]
     assert row["run"] == "cl2cm-multi30k-es" and row["MRV langs"] == "en,es" and 0 <= row["es"] <= 100
+
+
+def test_an_image_name_that_is_no_plain_file_name_is_a_counted_reject(layout, tmp_path):
+    bad = tmp_path / "m30k"
+    shutil.copytree(os.path.join(layout["metadata"], "data"), bad / "data")
+    split_file = bad / TASK1 / "image_splits" / "train.txt"
+    names = _lines(str(split_file))
+    crafted = ["../../etc/passwd", "..", "/dev/zero", "a\\b.jpg"]
+    split_file.write_text("".join(n + "\n" for n in crafted + names[len(crafted):]))
+    prepared = prepare_source("multi30k", [str(bad)], str(tmp_path / "data"))
+    assert prepared.rejected["malformed_row"] == len(crafted)
+    files = pd.read_parquet(prepared.images_path)["file"].tolist()
+    assert not set(crafted) & set(files)
+    assert len(files) == layout["splits"]["train"] + layout["splits"]["val"] - len(crafted)

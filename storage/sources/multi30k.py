@@ -101,7 +101,9 @@ def read(files: list[str], rejects: Rejects, limit: int | None = None,
             if caption is None or name is None:
                 rejects.add("invalid_utf8", at)
                 continue
-            if not flickr_id or "/" in name or "\\" in name:
+            # A file name only, inside the images folder: no path, no "..", no NUL (storage.local_shards
+            # opens images_dir/name).
+            if not flickr_id or "/" in name or "\\" in name or "\x00" in name or name.strip(".") == "":
                 rejects.add("malformed_row", (images_path, i + 1, "line"))
                 continue
             problem = caption_problem(caption, max_caption_chars)

@@ -43,6 +43,7 @@ Drop reasons -- images: ``no_image`` (never downloaded or not in a shard), ``no_
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -113,8 +114,13 @@ class BuildStage:
                          params=r.lineage["params"], parents=r.lineage["parents"])
 
     def completed(self, plan: StagePlan) -> Outcome | None:
+        if not self.resolved.plan.skipped and is_complete(plan.path):
+            # Another run finished it while this one waited for its lock: resolve again (verified).
+            self.resolved = self.steps.resolve(root=self.root, spec=self.spec)
         if not self.resolved.plan.skipped:
             return None
+        # The staging a resolve made beside that run's finish (before this one waited) is left over.
+        shutil.rmtree(os.path.join(plan.path, STAGING), ignore_errors=True)
         return self._outcome(skipped_result(self.resolved.plan))
 
     def execute(self, plan: StagePlan) -> Outcome:

@@ -35,7 +35,8 @@ class BuildResult:
 
 
 def finalize_build(dataset_path: str, engine=None, pending=None, draft: tuple[str, str] | None = None) -> BuildResult:
-    """Complete the manifest (shards, info), write sizes.json, the wids index and ``_COMPLETE``.
+    """Complete the manifest (shards, info), write sizes.json, the wids index and ``_COMPLETE``
+    (after removing the temporary shard files of killed writers: :func:`storage.atomic.stale_temps`).
     ``pending``: a callable waiting for shards still being written. ``draft``: the plan's manifest
     draft still ATTACHed to ``engine`` (``plan_build(keep_draft=True)``); otherwise
     ``_build/manifest.partial.duckdb`` is completed."""
@@ -56,6 +57,8 @@ def _finalize(dataset_path: str, con, pending, draft: tuple[str, str] | None) ->
         s = finish_draft(con, draft[0], draft[1], dataset_path, shard_records, lineage)
     else:
         s = write_manifest(dataset_path, shard_records, lineage, engine=con)
+    for stale in atomic.stale_temps(os.path.join(dataset_path, "shards")):  # a killed writer's, never a live one's
+        os.unlink(stale)
     atomic.write_json(os.path.join(dataset_path, COMPLETE), {
         "name": lineage["name"], "version": lineage["version"], "n_samples": s["n_samples"],
         "n_shards": s["n_shards"]})

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.atomic import naming_full_disk
 from storage.build_staging import staging_tmp, write_staging, write_staging_json
 
 
@@ -84,20 +85,23 @@ def ready_parts(parts_dir: str, taken: set) -> list[tuple[str, list[int]]]:
         out.append((os.path.join(parts_dir, info["rows"]), [int(x) for x in info["shards"]]))
     return out
 
+
 class PlanWriter:
-    """``plan.parquet`` written chunk by chunk (under a temporary name, renamed on ``close``)."""
+    """``plan.parquet`` written chunk by chunk (under a temporary name of this process's, renamed on ``close``)."""
 
     def __init__(self, path: str):
         self.path, self.tmp, self.writer = path, staging_tmp(path), None
 
     def write(self, part: pa.Table) -> None:
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.tmp, part.schema)
-        self.writer.write_table(part.cast(self.writer.schema))
+        with naming_full_disk(self.path):
+            if self.writer is None:
+                self.writer = pq.ParquetWriter(self.tmp, part.schema)
+            self.writer.write_table(part.cast(self.writer.schema))
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            with naming_full_disk(self.path):
+                self.writer.close()
             self.writer = None
             os.replace(self.tmp, self.path)
 

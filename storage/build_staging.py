@@ -1,5 +1,6 @@
 """What the build's steps share: the dataset directory's file names, staging files written
-under a temporary name then renamed, and DuckDB connections."""
+under a temporary name (unique per process and write: :func:`storage.atomic.temp_path`) then
+renamed, and DuckDB connections."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.atomic import naming_full_disk, temp_path
 from storage.errors import CCRKError
 
 COMPLETE = "_COMPLETE"
@@ -21,8 +23,8 @@ BOX_COLUMNS = ("region_id", "x", "y", "w", "h")  # a caption's region, when its 
 
 
 def staging_tmp(path: str) -> str:
-    """The temporary name a staging file is written under before its rename."""
-    return os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    """The temporary name a staging file is written under before its rename (no other process's)."""
+    return temp_path(path)
 
 
 def write_staging(path: str, write) -> None:
@@ -30,7 +32,8 @@ def write_staging(path: str, write) -> None:
     half-written one. No fsync -- staging only spares work on resume; a lost file is rebuilt."""
     tmp = staging_tmp(path)
     try:
-        write(tmp)
+        with naming_full_disk(path):
+            write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -2,7 +2,10 @@
 
 Kinds: ``source``, ``translation``, ``dataset``, ``run``, ``report`` (and any later ones).
 An artifact is identified by its content version; lineage is a recursive query over parents.
-Connections are opened per call so that no process holds the file lock between stages.
+Connections are opened per call so that no process holds the file lock between stages. Between ccrk
+processes a lock file (:func:`storage.locks.shared_lock`: shared to read, exclusive to write)
+queues them; a catalog another program holds open (a DuckDB shell, a notebook) is waited for up to
+:data:`CATALOG_WAIT_S` seconds (``CCRK_CATALOG_WAIT``), then one line names it and DuckDB's pid.
 
 Paths under the root are stored relative to it, so a root that is moved, copied or mounted
 elsewhere keeps working; artifacts always come back with absolute paths. (Catalogs written before
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,7 +26,13 @@ from typing import Iterator
 import duckdb
 
 from storage import layout
+from storage.errors import CCRKError
+from storage.locks import lock_file, shared_lock
 from storage.versioning import CODE_VERSION
+
+CATALOG_WAIT_S = 20.0  # how long a command waits for a catalog held by another process
+CATALOG_WAIT_ENV = "CCRK_CATALOG_WAIT"
+_DUCKDB_LOCKED = "Could not set lock on file"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
@@ -40,6 +51,45 @@ CREATE TABLE IF NOT EXISTS parents (
     PRIMARY KEY (child, parent)
 );
 """
+
+
+def catalog_wait() -> float:
+    """Seconds to wait for a catalog another process holds: ``CCRK_CATALOG_WAIT``, else :data:`CATALOG_WAIT_S`."""
+    value = os.environ.get(CATALOG_WAIT_ENV, "").strip()
+    if not value:
+        return CATALOG_WAIT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise CCRKError(f"{CATALOG_WAIT_ENV}={value!r} is not a number of seconds")
+    return seconds
+
+
+def _waiting(open_it, path: str, wait: float, deadline: float):
+    """``open_it()`` (a DuckDB connect or ATTACH of the catalog at ``path``), tried again while
+    another process holds the file's lock, until ``deadline``; then one line naming the holder."""
+    delay = 0.05
+    while True:
+        try:
+            return open_it()
+        except duckdb.IOException as exc:
+            if _DUCKDB_LOCKED not in str(exc):
+                raise
+            message = str(exc)
+        if time.monotonic() + delay > deadline:
+            # Raised outside the except: DuckDB's error, whose frames hold the connection, is not kept with it.
+            raise CCRKError(f"the catalog {path} is held open by {_holder(message)} and stayed so for {wait:g} s "
+                            f"({CATALOG_WAIT_ENV} sets the wait): close it there, then run again")
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+def _holder(message: str) -> str:
+    """The process DuckDB's lock error names: ``pid 123 (/usr/bin/python3)``, else 'another process'."""
+    m = re.search(r"held in (.+?) \(PID (\d+)\)", message)
+    return f"pid {m.group(2)} ({m.group(1)})" if m else "another process"
 
 
 @dataclass
@@ -68,26 +118,31 @@ class Catalog:
         if read_only and not os.path.exists(self.path):
             read_only = False
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        if self.engine is not None:
-            with self._attached(read_only) as con:
+        wait = catalog_wait()
+        deadline = time.monotonic() + wait
+        with shared_lock(lock_file(self.root, "catalog"), exclusive=not read_only, timeout=wait,
+                         what=f"the catalog {self.path}"):
+            if self.engine is not None:
+                with self._attached(read_only, deadline) as con:
+                    yield con
+                return
+            con = _waiting(lambda: duckdb.connect(self.path, read_only=read_only), self.path, wait, deadline)
+            try:
+                if not read_only:
+                    con.execute(_SCHEMA)
                 yield con
-            return
-        con = duckdb.connect(self.path, read_only=read_only)
-        try:
-            if not read_only:
-                con.execute(_SCHEMA)
-            yield con
-        finally:
-            con.close()
+            finally:
+                con.close()
 
     @contextmanager
-    def _attached(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _attached(self, read_only: bool, deadline: float) -> Iterator[duckdb.DuckDBPyConnection]:
         con = self.engine.cursor()
         alias = f"ccrk_catalog_{uuid.uuid4().hex[:12]}"
         try:
             home = con.execute("SELECT current_database()").fetchall()[0][0]
             path = self.path.replace("'", "''")
-            con.execute(f"ATTACH '{path}' AS {alias}" + (" (READ_ONLY)" if read_only else ""))
+            _waiting(lambda: con.execute(f"ATTACH '{path}' AS {alias}" + (" (READ_ONLY)" if read_only else "")),
+                     self.path, catalog_wait(), deadline)
             try:
                 con.execute(f"USE {alias}")
                 if not read_only:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from storage.atomic import naming_full_disk, temp_path
 from storage.switches import switched_off
 
 BLOCK = tarfile.BLOCKSIZE  # 512
@@ -294,32 +295,33 @@ def write_planned_shard(path: str, keys: list[str], sources: list[str], src_offs
     # Room for: the carried partial block, a chunk, the archive's end, the last write's padding.
     room = max(int(chunk_bytes), layout.biggest) + 2 * DIRECT_ALIGN + 2 * BLOCK + RECORD
     buf = _chunk_buffer(room + (-room % DIRECT_ALIGN))  # anonymous mmap: page-aligned, as O_DIRECT wants
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = temp_path(path)  # this process's: a killed writer's are swept when the build finishes
     reads = _ImageReads(keys, sources, src_offsets, layout, prefetch, mapped)
-    out = _ShardOutput(tmp, direct_io_default() if direct is None else direct, buf)
-    blocks = np.frombuffer(buf, dtype=np.uint8).reshape(-1, BLOCK)
-    try:
-        i, last = 0, False
-        while not last:
-            # Samples [i, j) make one chunk (at least one sample); the last chunk ends the archive.
-            # The buffer's byte 0 is the file's byte ``out.written``.
-            base = out.written
-            reads.advise_ahead(i, base, chunk_bytes)
-            j = layout.chunk_end(i, base, chunk_bytes)
-            last = j >= n
-            fill = layout.fill(blocks, i, j, base)
-            for k in range(i, j):
-                reads.read(k, out.view, layout.st[k] - base + BLOCK, first=k == i)
-            i = j
-            out.write(fill, last)
-        out.finish(layout.total)
-    except BaseException:
-        out.abort()
-        raise
-    finally:
-        reads.close()
-    out.close()
+    with naming_full_disk(path):  # a full disk: one line naming the shard
+        out = _ShardOutput(tmp, direct_io_default() if direct is None else direct, buf)
+        blocks = np.frombuffer(buf, dtype=np.uint8).reshape(-1, BLOCK)
+        try:
+            i, last = 0, False
+            while not last:
+                # Samples [i, j) make one chunk (at least one sample); the last chunk ends the archive.
+                # The buffer's byte 0 is the file's byte ``out.written``.
+                base = out.written
+                reads.advise_ahead(i, base, chunk_bytes)
+                j = layout.chunk_end(i, base, chunk_bytes)
+                last = j >= n
+                fill = layout.fill(blocks, i, j, base)
+                for k in range(i, j):
+                    reads.read(k, out.view, layout.st[k] - base + BLOCK, first=k == i)
+                i = j
+                out.write(fill, last)
+            out.finish(layout.total)
+        except BaseException:
+            out.abort()
+            raise
+        finally:
+            reads.close()
+        out.close()
     os.replace(tmp, path)
     return ShardInfo(os.path.basename(path), n, layout.total, out.sha.hexdigest())
 
@@ -519,8 +521,8 @@ class KLingualShardWriter:
 
     def __init__(self, path: str):
         self.path = path
-        self.tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.tmp = temp_path(path)
         self._f = open(self.tmp, "wb")
         self._sha = hashlib.sha256()
         self._offset = 0
@@ -549,9 +551,10 @@ class KLingualShardWriter:
     def close(self) -> ShardInfo:
         # End of archive: two zero blocks, then pad to a whole record (as GNU tar and tarfile do).
         end = self._offset + 2 * BLOCK
-        self._write(_ZERO[: 2 * BLOCK + (-end % RECORD)])
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        with naming_full_disk(self.path):
+            self._write(_ZERO[: 2 * BLOCK + (-end % RECORD)])
+            self._f.flush()
+            os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self.tmp, self.path)
         return ShardInfo(os.path.basename(self.path), len(self.members), self._offset,

@@ -11,6 +11,11 @@ A stage's parts, in the order :func:`run_stage` calls them:
 - ``execute(plan)`` -> :class:`Outcome`: do the work (resumable: a killed run picks up its parts).
 - ``publish(plan, summary)``: Prefect artifacts (a no-op outside a flow run).
 
+The artifact is produced under its lock (:func:`storage.locks.artifact_lock`, taken after ``plan()``,
+held through the catalog entry): a second run of the same artifact waits for the first, naming its
+pid, then finds it complete -- ``completed()`` looks at the artifact on disk, not at what
+``plan()`` saw -- or resumes what is left; with ``--no-wait`` it stops with one line.
+
 The catalog entry is written after complete work and whenever a completed artifact has none (a kill
 between the stage's last write and its catalog entry loses nothing); an outcome that stopped short
 (``complete=False``) is returned and published but not recorded, until a rerun finishes it. Under torchrun only rank 0
@@ -19,10 +24,13 @@ records and publishes; every rank goes through the same entry.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from storage import layout
 from storage.catalog import Artifact, Catalog
+from storage.locks import artifact_lock
 
 
 @dataclass
@@ -61,13 +69,23 @@ def run_stage(stage: Stage, root: str | None, engine=None) -> dict:
     """Run ``stage`` through the contract; returns its summary with ``skipped`` (True: it was
     complete already). ``engine``: a DuckDB connection the stage already holds on the catalog."""
     plan = stage.plan()
-    done = stage.completed(plan)
-    outcome = done if done is not None else stage.execute(plan)
-    summary = {**outcome.summary, "skipped": done is not None}
+    with _producing(plan, root):
+        done = stage.completed(plan)
+        outcome = done if done is not None else stage.execute(plan)
+        summary = {**outcome.summary, "skipped": done is not None}
+        if is_rank_zero():
+            catalog = Catalog(root, engine)
+            if outcome.complete and (done is None or catalog.get(plan.version) is None):
+                catalog.record(Artifact(version=plan.version, kind=plan.kind, name=plan.name, path=plan.path,
+                                        params=plan.params, stats=outcome.stats, parents=plan.parents))
     if is_rank_zero():
-        catalog = Catalog(root, engine)
-        if outcome.complete and (done is None or catalog.get(plan.version) is None):
-            catalog.record(Artifact(version=plan.version, kind=plan.kind, name=plan.name, path=plan.path,
-                                    params=plan.params, stats=outcome.stats, parents=plan.parents))
         stage.publish(plan, summary)
     return summary
+
+
+def _producing(plan: StagePlan, root: str | None):
+    """The artifact's lock. Under torchrun rank 0 alone takes it: the other ranks are the same run
+    (waiting for the lock their rank 0 holds, they would never get it)."""
+    if not is_rank_zero():
+        return nullcontext()
+    return artifact_lock(layout.data_root(root), plan.path, f"{plan.kind} {plan.name} {plan.version}")

@@ -1,8 +1,10 @@
 """The ``ccrk`` command line: one verb per pipeline stage, each running its stage as a Prefect flow.
 
-Verbs live in :mod:`ccrk.app.commands` (one module each, discovered here). A :class:`CCRKError` (or a
-missing file) becomes one clear sentence on stderr and exit status 2 -- never a traceback, neither
-ours nor the Prefect run log's (``--debug`` shows them).
+Verbs live in :mod:`ccrk.app.commands` (one module each, discovered here). A :class:`CCRKError`, a
+missing file or a full disk becomes one clear sentence on stderr and exit status 2 -- never a
+traceback, neither ours nor the Prefect run log's (``--debug`` shows them). ``--no-wait`` (before or
+after the verb; :data:`storage.locks.NO_WAIT_ENV` for the processes it starts) makes a run that finds
+its artifact being produced by another stop with one line instead of waiting.
 """
 from __future__ import annotations
 
@@ -14,6 +16,10 @@ import pkgutil
 import sys
 from contextlib import contextmanager, nullcontext
 
+from storage.atomic import is_disk_full
+from storage.errors import CCRKError
+from storage.locks import NO_WAIT_ENV
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -22,16 +28,22 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 # No telemetry from the local server (and no failed lookups on offline hosts).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+NO_WAIT_HELP = ("when another run is producing the same artifact, stop (exit 2) instead of waiting for it "
+                f"(also ${NO_WAIT_ENV}=1)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     import ccrk.app.commands as commands
 
     parser = argparse.ArgumentParser(prog="ccrk", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"ccrk.app.commands.{info.name}")
         module.add_parser(sub)
+    for verb in sub.choices.values():  # after the verb too; SUPPRESS keeps a --no-wait given before it
+        verb.add_argument("--no-wait", action="store_true", default=argparse.SUPPRESS, help=NO_WAIT_HELP)
     return parser
 
 
@@ -59,8 +71,6 @@ def local_flow_runs():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from storage.errors import CCRKError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -68,57 +78,81 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     runs_flows = getattr(args, "runs_flows", False)
     if runs_flows and not args.debug:
-        _brief_run_errors((CCRKError, FileNotFoundError))
+        _brief_run_errors()
     from ccrk.app.prefect_api import early_server, use_server
 
     server = early_server() if runs_flows else None  # comes up while the command imports its stage
     try:
-        with use_server(server), local_flow_runs() if runs_flows else nullcontext():
+        with use_server(server), local_flow_runs() if runs_flows else nullcontext(), _no_wait(args.no_wait):
             try:
                 code = args.func(args)
             finally:
                 if runs_flows:
                     _settle_prefect()
         return int(code or 0)
-    except CCRKError as exc:
-        if args.debug:
-            raise
-        _release(exc)
-        print(f"ccrk {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        if args.debug:
-            raise
-        _release(exc)
-        print(f"ccrk {args.verb}: error: file not found: {exc.filename or exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"ccrk {args.verb}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as exc:
+        line = error_line(exc)
+        if line is None or args.debug:
+            raise
+        _release(exc)
+        print(f"ccrk {args.verb}: error: {line}", file=sys.stderr)
+        return 2
+
+
+def error_line(exc: BaseException) -> str | None:
+    """The one sentence an error the user can act on is reported as: a :class:`CCRKError`, a missing
+    file, the disk full (where the error names the file being written, that file). None for any
+    other error: a bug, whose traceback is shown."""
+    if isinstance(exc, CCRKError):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return f"file not found: {exc.filename or exc}"
+    if is_disk_full(exc):
+        filename = getattr(exc, "filename", None)
+        where = f" writing {filename}" if filename else f" ({(str(exc).splitlines() or [''])[0][:300]})"
+        return f"no space left on device{where}: free some space, then run the same command again to resume"
+    return None
+
+
+@contextmanager
+def _no_wait(given: bool):
+    """``--no-wait`` as its environment variable while the command runs (its flows, the processes it starts)."""
+    if not given:
+        yield
+        return
+    before = os.environ.get(NO_WAIT_ENV)
+    os.environ[NO_WAIT_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(NO_WAIT_ENV, None)
+        else:
+            os.environ[NO_WAIT_ENV] = before
 
 
 class _BriefRunErrors(logging.Filter):
-    """Drops the traceback of a log record whose exception is one of ``kinds``; keeps the line."""
-
-    def __init__(self, kinds: tuple):
-        super().__init__()
-        self.kinds = kinds
+    """Drops the traceback of a log record whose exception :func:`error_line` reports as one
+    sentence; keeps the line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], self.kinds):
+        if record.exc_info and record.exc_info[1] is not None and error_line(record.exc_info[1]) is not None:
             record.exc_info, record.exc_text = None, None
         return True
 
 
-def _brief_run_errors(kinds: tuple) -> None:
+def _brief_run_errors() -> None:
     """Prefect logs a failed task or flow run with its traceback. For the errors this command
-    reports as one sentence (bad input, a missing file) the log keeps its one line and drops the
-    traceback; any other exception keeps it. ``--debug`` keeps them all. Installed once per
-    process, however often :func:`main` runs."""
+    reports as one sentence (bad input, a missing file, a full disk) the log keeps its one line and
+    drops the traceback; any other exception keeps it. ``--debug`` keeps them all. Installed once
+    per process, however often :func:`main` runs."""
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _BriefRunErrors) for f in logger.filters):
-            logger.addFilter(_BriefRunErrors(kinds))
+            logger.addFilter(_BriefRunErrors())
 
 
 def _settle_prefect(timeout: float = 10.0) -> None:

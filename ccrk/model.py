@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from ccrk.modeling.text import TextFusionEncoder
@@ -165,6 +168,17 @@ def save_model(model: CCRKModel, config: dict, ckpt_dir: str) -> None:
     atomic.write_json(os.path.join(ckpt_dir, "config.json"), config)
 
 
+@contextmanager
+def readable_weights(path: str) -> Iterator[None]:
+    """A safetensors file read inside the block that is no safetensors file (random bytes, cut
+    short, a foreign header) is one line naming it, not the library's traceback."""
+    try:
+        yield
+    except SafetensorError as exc:
+        raise CCRKError(f"{path} is not a readable safetensors file ({(str(exc).splitlines() or [''])[0][:200]}): "
+                        "the checkpoint is damaged; save or copy it again") from None
+
+
 def load_pretrained(run_or_dir: str, device: str | torch.device = "cpu", vision: dict | None = None):
     """(model, tokenizer, config) from a run dir (its latest checkpoint) or a checkpoint dir.
 
@@ -193,10 +207,12 @@ def load_pretrained(run_or_dir: str, device: str | torch.device = "cpu", vision:
     model_cfg = json.loads(json.dumps(config["model"]))
     model_cfg["vision"]["init"] = model_cfg["text"]["init"] = "random"
     model = CCRKModel(model_cfg, vocab_size=len(tokenizer))
-    if vision:
-        _load_resized(model, os.path.join(ckpt, "model.safetensors"), str(device))
-    else:
-        load_model(model, os.path.join(ckpt, "model.safetensors"), device=str(device))
+    weights = os.path.join(ckpt, "model.safetensors")
+    with readable_weights(weights):
+        if vision:
+            _load_resized(model, weights, str(device))
+        else:
+            load_model(model, weights, device=str(device))
     model.to(device).eval()
     return model, tokenizer, config
 

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ccrk import distributed
 from ccrk.data import BatchStream, ImageTransform, heldout_slice
-from ccrk.model import build_model, latest_checkpoint, save_model
+from ccrk.model import build_model, latest_checkpoint, readable_weights, save_model
 from ccrk.objectives import build_objective
 from ccrk.specs import TrainSpec, read_run_config
 from storage import atomic
@@ -190,14 +190,18 @@ def save_checkpoint(run_dir: str, step: int, model, opt, config: dict, position,
 
 
 def load_checkpoint(ckpt: str, model, opt, info: distributed.DistInfo) -> dict:
-    load_model(model, os.path.join(ckpt, "model.safetensors"), device=str(info.device))
+    weights, optimizer = os.path.join(ckpt, "model.safetensors"), os.path.join(ckpt, "optimizer.safetensors")
+    with readable_weights(weights):
+        load_model(model, weights, device=str(info.device))
     with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
         state = json.load(f)
-    _restore_optimizer(opt, load_file(os.path.join(ckpt, "optimizer.safetensors"), device=str(info.device)),
-                       state["optimizer"])
+    with readable_weights(optimizer):
+        moments = load_file(optimizer, device=str(info.device))
+    _restore_optimizer(opt, moments, state["optimizer"])
     rng_path = os.path.join(ckpt, f"rng-rank{info.rank}.safetensors")
     if os.path.exists(rng_path) and state.get("world") == info.world:
-        rng = load_file(rng_path)
+        with readable_weights(rng_path):
+            rng = load_file(rng_path)
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])

@@ -189,7 +189,8 @@ class Catalog:
     def find(self, prefix: str) -> Artifact | None:
         """An artifact by version or unique version prefix."""
         with self._connect(read_only=True) as con:
-            rows = con.execute("SELECT version FROM artifacts WHERE version LIKE ? || '%'", [prefix]).fetchall()
+            # starts_with, not LIKE: a '_' or '%' in the prefix is a character, not a wildcard.
+            rows = con.execute("SELECT version FROM artifacts WHERE starts_with(version, ?)", [prefix]).fetchall()
         if len(rows) != 1:
             return None
         return self.get(rows[0][0])

@@ -157,3 +157,19 @@ def test_a_coco_id_beyond_int64_is_a_counted_malformed_row(tmp_path, root):
     p = prepare_source("coco", [str(path)], root, settings={"all_official_images": True})
     assert p.rejected == {"malformed_row": 4}
     assert p.n_images == 1 and p.n_captions == 1
+
+
+def test_a_visual_genome_id_beyond_int64_is_a_counted_malformed_row(tmp_path, root):
+    from storage.sources import prepare_source
+
+    big = 2 ** 64
+    images = [{"image_id": 1, "url": "http://images.test/1.jpg", "width": 10, "height": 10, "coco_id": big},
+              {"image_id": big, "url": "http://images.test/2.jpg", "width": 10, "height": 10},
+              {"image_id": 3, "url": "http://images.test/3.jpg", "width": 10, "height": 10}]
+    region = {"region_id": 5, "image_id": 3, "phrase": "a red ball", "x": 1, "y": 2, "width": 3, "height": 4}
+    regions = [{"id": 3, "regions": [region, dict(region, region_id=big), dict(region, region_id=6, x=float(big))]}]
+    (tmp_path / "image_data.json").write_text(json.dumps(images))
+    (tmp_path / "region_descriptions.json").write_text(json.dumps(regions))
+    p = prepare_source("vg", [str(tmp_path / "image_data.json"), str(tmp_path / "region_descriptions.json")], root)
+    assert p.rejected == {"malformed_row": 4}
+    assert p.n_images == 1 and p.n_captions == 1

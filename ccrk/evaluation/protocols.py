@@ -43,7 +43,7 @@ from ccrk.data import image_transform, uses_pre_caption
 from ccrk.evaluation import benchmarks as bm
 from ccrk.evaluation import loaders, reports
 from ccrk.evaluation.retrieval import evaluate_benchmark
-from ccrk.model import latest_checkpoint, load_pretrained
+from ccrk.model import latest_checkpoint, load_pretrained, readable_weights
 from ccrk.model import save_model
 from ccrk.specs import FINETUNE_KEYS, EvaluateSpec, FinetuneHyperparameters, FinetuneSpec
 from storage import atomic, layout
@@ -536,7 +536,8 @@ def finished_finetune(run_dir: str, main: bool = True) -> dict | None:
     if main and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
-    with safe_open(os.path.join(ckpt, "model.safetensors"), framework="pt") as f:
+    weights = os.path.join(ckpt, "model.safetensors")
+    with readable_weights(weights), safe_open(weights, framework="pt") as f:
         temp = float(f.get_tensor("temp"))
     selected, selection = selected_checkpoint(run_dir)
     summary = {"run_dir": run_dir, "checkpoint": ckpt, "selected": selected, "selection": selection,

@@ -126,15 +126,19 @@ def caption_problem(caption: Any, max_chars: int = DEFAULT_MAX_CAPTION_CHARS) ->
     return None
 
 
+_INT64 = range(-2**63, 2**63)  # what the int64 id columns hold; JSON allows integers of any size
+
+
 def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer an int64 column holds (a larger one is no id: the row is malformed)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value in _INT64
 
 
 def as_int(value: Any) -> int | None:
-    """An integral JSON number (``12`` or ``12.0``) as int; None for anything else."""
+    """An integral JSON number (``12`` or ``12.0``) within int64 as int; None for anything else."""
     if is_int(value):
         return value
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float) and value.is_integer() and int(value) in _INT64:
         return int(value)
     return None
 

@@ -41,12 +41,6 @@ IMAGE_EXTRAS = {"split": pa.string(), "karpathy_split": pa.string(), "file_name"
 CAPTION_EXTRAS = {"split": pa.string(), "annotation_id": pa.int64()}
 MEMBER_PATTERNS = ("captions_*.json", KARPATHY_FILE)
 _CAPTIONS_FILE = re.compile(r"^captions_(?P<split>[A-Za-z0-9_-]+)\.json$")
-_INT64 = range(-2**63, 2**63)
-
-
-def _is_id(value: Any) -> bool:
-    """An integer the int64 columns hold (JSON allows any size)."""
-    return is_int(value) and value in _INT64
 
 
 def detect(files: list[str]) -> list[str]:
@@ -145,11 +139,11 @@ def _read_images(tables: SourceTables, rejects: Rejects, path: str, images: list
     for i, im in enumerate(images):
         rejects.rows_read += 1
         at = (path, i, "image")
-        if not isinstance(im, dict) or not _is_id(im.get("id")) or "coco_url" not in im:
+        if not isinstance(im, dict) or not is_int(im.get("id")) or "coco_url" not in im:
             rejects.add("malformed_row", at)
             continue
         size = [im.get("width"), im.get("height")]
-        if any(v is not None and (as_int(v) is None or as_int(v) not in _INT64) for v in size):
+        if any(v is not None and as_int(v) is None for v in size):
             rejects.add("malformed_row", at)
             continue
         karpathy = split_by_id.get(im["id"]) if split_by_id is not None else None
@@ -170,7 +164,7 @@ def _read_annotations(tables: SourceTables, rejects: Rejects, path: str, annotat
     for i, ann in enumerate(annotations):
         rejects.rows_read += 1
         at = (path, i, "annotation")
-        if not isinstance(ann, dict) or not _is_id(ann.get("id")) or not _is_id(ann.get("image_id")) \
+        if not isinstance(ann, dict) or not is_int(ann.get("id")) or not is_int(ann.get("image_id")) \
                 or "caption" not in ann:
             rejects.add("malformed_row", at)
             continue

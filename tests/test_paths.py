@@ -112,7 +112,7 @@ def test_build_name_outside_the_root_is_refused_by_the_real_command(tmp_path):
                          timeout=300, env={**os.environ, "CCRK_ROOT": str(root)})
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines() == [
-        "ccrk build: error: ccrk build: name: '../../x' is not a plain name (letters, digits, '-', '_' and '.', "
+        "ccrk build: error: name: '../../x' is not a plain name (letters, digits, '-', '_' and '.', "
         "starting with a letter or digit, no slash, at most 255 characters)"]
     assert tree(tmp_path) == before
 

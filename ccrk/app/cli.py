@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         if line is None or args.debug:
             raise
         _release(exc)
-        print(f"ccrk {args.verb}: error: {line}", file=sys.stderr)
+        prefix = f"ccrk {args.verb}: "
+        line = line[len(prefix):] if line.startswith(prefix) else line  # a spec's error names the verb too
+        print(f"{prefix}error: {line}", file=sys.stderr)
         return 2
 
 

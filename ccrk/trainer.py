@@ -451,7 +451,12 @@ def run_loop(job: TrainJob, run_dir: str, info: distributed.DistInfo, resume: bo
     job.model.train()
     if info.is_main:
         report(step, total, None)
+    # torch's DataLoader draws a seed from the global generator as its iterator starts: kept out of
+    # the run's random stream, or a resumed run would be one draw ahead of an uninterrupted one
+    # from its checkpoint on (dropout and drop path on the CPU would then differ).
+    rng = torch.get_rng_state()
     batches = iter(job.batches.loader(step, job.num_workers))
+    torch.set_rng_state(rng)
     while step < stop:
         values, samples = _train_step(job, net, next(batches), step, info, use_bf16)
         step += 1
@@ -515,8 +520,15 @@ def pretrain(config: dict, dataset_dir: str, run_dir: str, resume: bool = False,
     ds_ver, _ = dataset_version(dataset_dir, root)
     version = run_id(config, ds_ver)
     info = distributed.init(config.get("device", "auto"))
-    job = pretrain_job(config, dataset_dir, info)
-    result = run_loop(job, run_dir, info, resume, max_steps, progress)
+    threads = torch.get_num_threads()
+    try:
+        job = pretrain_job(config, dataset_dir, info)
+        result = run_loop(job, run_dir, info, resume, max_steps, progress)
+    finally:
+        # train.threads is this run's: what runs next in the process (the chain's evaluation, whose
+        # float sums and so its ranks depend on the thread count) gets the process's own, as it
+        # does where a finished run is skipped (a resumed chain).
+        torch.set_num_threads(threads)
     summary = {"run_dir": run_dir, "run_id": version, "steps": result.step, "total_steps": job.total_steps,
                "resumed_from": result.resumed_from, "skipped_samples": job.batches.skipped,
                "rejected_captions": job.batches.rejected_captions, "world": info.world}

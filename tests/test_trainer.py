@@ -85,3 +85,24 @@ def test_tiny_model_learns_retrieval(tmp_path, root):
     losses = _losses(tmp_path / "run")
     assert losses[150] < 0.8 * losses[10]
     assert summary["r1_i2t"] >= 4 * summary["chance"] and summary["r1_t2i"] >= 4 * summary["chance"]
+
+
+def test_a_resumed_run_with_dropout_ends_on_the_uninterrupted_weights_bit_for_bit(dataset, tmp_path, root):
+    """Dropout and drop path draw from torch's global generator: a resumed run must be at the same
+    point of that stream as the uninterrupted one (the DataLoader's own seed draw kept out of it)."""
+    from safetensors.torch import load_file
+
+    config = small_config(steps=6)
+    config["model"]["vision"]["drop_path"] = 0.1
+    config["model"]["text"]["dropout"] = 0.1
+    train(config, dataset, str(tmp_path / "straight"), root=root)
+    train(config, dataset, str(tmp_path / "cut"), root=root, max_steps=3)  # a checkpoint at step 3, "killed"
+    train(config, dataset, str(tmp_path / "cut"), resume=True, root=root)
+
+    def final(run):
+        (last,) = [d for d in os.listdir(tmp_path / run / "checkpoints") if d.endswith("06")]
+        return load_file(str(tmp_path / run / "checkpoints" / last / "model.safetensors"))
+
+    straight, resumed = final("straight"), final("cut")
+    assert straight.keys() == resumed.keys()
+    assert [k for k in straight if not torch.equal(straight[k], resumed[k])] == []

@@ -228,7 +228,7 @@ def place_draft(path: str, dest: str, durable: bool) -> None:
             with atomic.atomic_path(dest) as tmp:
                 shutil.copyfile(path, tmp)
         else:
-            tmp = os.path.join(os.path.dirname(dest), f".tmp-{os.getpid()}-{os.path.basename(dest)}")
+            tmp = atomic.temp_path(dest)
             try:
                 shutil.copyfile(path, tmp)
                 os.replace(tmp, dest)
@@ -318,7 +318,7 @@ def write_manifest_tables(dataset_path: str, samples: pa.Table, captions: pa.Tab
     with key, caption_index, lang, text (and optionally caption_id, ok and the
     :data:`SCORE_COLUMNS`), one row per caption and language. Returns the :func:`summary`."""
     os.makedirs(dataset_path, exist_ok=True)
-    tmp = os.path.join(dataset_path, f".tmp-{os.getpid()}-{MANIFEST}")
+    tmp = atomic.temp_path(os.path.join(dataset_path, MANIFEST))
     con = duckdb.connect()
     try:
         alias = open_draft(con, tmp)

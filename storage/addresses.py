@@ -8,6 +8,10 @@ is caught (``2130706433``, ``0x7f.1``, ``0177.0.0.1``, ``[::ffff:127.0.0.1]``, a
 home), and the connection is made to the checked address itself (no second lookup to rebind). The
 download's connections run through :func:`connect`, so every redirect's target is checked too.
 
+Metadata downloads (:mod:`storage.metadata`) fetch the urls a user names (configs/sources.yaml,
+``--metadata``), whatever their address; where such a host redirects is checked with
+:func:`refused_target` (the url's own host and port, the allow-list and public addresses pass).
+
 The allow-list is exact ``HOST:PORT`` pairs (IPv6 as ``[::1]:PORT``), never a range: from
 ``ccrk acquire --allow-address`` (repeatable, the ``allow_addresses`` setting) and the environment
 variable :data:`ALLOW_ENV` (comma-separated). A pair allows a connection when its host is the url's
@@ -20,6 +24,7 @@ import ipaddress
 import os
 import socket
 from typing import Iterable
+from urllib.parse import urlsplit
 
 from storage.errors import CCRKError
 
@@ -104,3 +109,29 @@ def connect(address: tuple[str, int], timeout, source_address, allow: Allowed) -
     shown = f"[{host}]" if ":" in host else host
     raise BlockedAddress(f"{BLOCKED_ADDRESS}: {shown}:{port} is {', '.join(refused)}; allow this exact pair "
                          f"with --allow-address HOST:PORT or {ALLOW_ENV}")
+
+
+def refused_target(url: str, allow: Allowed) -> str | None:
+    """Why a request to ``url`` would be refused (a scheme other than http(s), or an address as
+    :func:`connect` refuses it), or None. A host that does not resolve is not refused here: the
+    request fails on its own."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        return f"a {scheme or 'schemeless'} url (http(s) only)"
+    try:
+        host, port = parts.hostname or "", parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        return "a malformed url"
+    if (_canonical_host(host), port) in allow:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except OSError:
+        return None
+    for *_, sockaddr in infos:
+        ip = _canonical_host(sockaddr[0])
+        why = refusal(ip)
+        if why is not None and (ip, port) not in allow:
+            return f"{ip} ({why})"
+    return None

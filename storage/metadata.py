@@ -32,8 +32,9 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from typing import Iterable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
+from storage.addresses import ALLOW_ENV, BLOCKED_ADDRESS, allowed, refused_target
 from storage.errors import CCRKError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
@@ -192,7 +193,8 @@ def _fetch(requests, url: str, out, limits: MetadataLimits) -> None:
     deadline = time.monotonic() + limits.deadline_s
     timeout = (min(DOWNLOAD_TIMEOUT_S[0], limits.deadline_s), min(DOWNLOAD_TIMEOUT_S[1], limits.deadline_s))
     headers = {"Accept-Encoding": "gzip, deflate"}  # what _decoder decodes; no br/zstd
-    with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
+    with requests.get(url, stream=True, timeout=timeout, headers=headers, hooks={"response": _redirects_checked(url)}) \
+            as r:
         if r.status_code != 200:
             raise CCRKError(f"could not download metadata {url}: HTTP {r.status_code}")
         expected = r.headers.get("Content-Length", "")
@@ -222,6 +224,26 @@ def _fetch(requests, url: str, out, limits: MetadataLimits) -> None:
             raise CCRKError(f"could not download metadata {url}: {_reason(exc)}") from None
     if expected.isdigit() and int(expected) != wire:
         raise CCRKError(f"could not download metadata {url}: got {wire} of {expected} bytes (truncated)")
+
+
+def _redirects_checked(url: str):
+    """A requests response hook (it sees every hop) refusing a redirect to a non-http(s) url or to an
+    address image fetches refuse (storage.addresses), unless it is ``url``'s own host and port or on
+    the allow-list: the url is the user's, where its host sends the download is not."""
+    parts = urlsplit(url)
+    origin = {(parts.hostname or "", parts.port or (443 if parts.scheme.lower() == "https" else 80))}
+    allow = allowed() | {(h.lower().strip("[]"), p) for h, p in origin}
+
+    def hook(response, *args, **kwargs):
+        if response.is_redirect:
+            target = urljoin(response.url, response.headers["location"])
+            why = refused_target(target, allow)
+            if why is not None:
+                raise CCRKError(f"could not download metadata {url}: it redirects to {target}, {why}: refused "
+                                f"({BLOCKED_ADDRESS}; allow an exact HOST:PORT with {ALLOW_ENV})")
+        return response
+
+    return hook
 
 
 def _decoder(url: str, encoding: str):

@@ -170,3 +170,29 @@ def test_a_url_file_name_never_leaves_or_aliases_its_cache_directory(server, cac
     assert b"not an image" in open(path, "rb").read()
     assert {k: v for k, v in _cache_files(cache).items() if k in before} == before
     assert sum(server.hits.values()) == 1  # downloaded once, then read from the cache
+
+
+# --------------------------------------------------------------------------- where a metadata host redirects
+
+
+def test_a_redirect_to_an_internal_address_or_to_ftp_is_refused(server, cache):
+    from urllib.parse import quote
+
+    with open(os.path.join(server.directory, "c.tsv"), "wb") as f:
+        f.write(b"a cat\thttp://x.org/a.jpg\n")
+    with serve(server.directory) as internal:  # another loopback service: not the url's own pair
+        for target in (internal.url + "/c.tsv", "http://2130706433:" + internal.address.split(":")[1] + "/c.tsv",
+                       "ftp://127.0.0.1:21/c.tsv"):
+            err = _refused(f"{server.url}/redirect/{quote(target, safe='')}", cache, "redirects to .*: refused")
+            assert "loopback" in str(err) or "http(s) only" in str(err)
+        assert sum(internal.hits.values()) == 0
+
+
+def test_a_redirect_within_the_urls_own_host_and_port_is_followed(server, cache):
+    from urllib.parse import quote
+
+    with open(os.path.join(server.directory, "c.tsv"), "wb") as f:
+        f.write(b"a cat\thttp://x.org/a.jpg\n")
+    (path,) = resolve_metadata([f"{server.url}/redirect/{quote(server.url + '/c.tsv', safe='')}"], str(cache),
+                               limits=SMALL)
+    assert open(path, "rb").read() == b"a cat\thttp://x.org/a.jpg\n"

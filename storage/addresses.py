@@ -111,19 +111,31 @@ def connect(address: tuple[str, int], timeout, source_address, allow: Allowed) -
                          f"with --allow-address HOST:PORT or {ALLOW_ENV}")
 
 
+def refused_scheme(url: str) -> str | None:
+    """Why ``url`` is not fetched for its scheme (only http(s) is), or None."""
+    scheme = urlsplit(url).scheme.lower()
+    return None if scheme in ("http", "https") else f"a {scheme or 'schemeless'} url (http(s) only)"
+
+
+def url_pair(url: str) -> tuple[str, int]:
+    """The (host, port) an http(s) ``url`` connects to, as the allow-list holds pairs (ValueError: a
+    malformed port)."""
+    parts = urlsplit(url)
+    return _canonical_host(parts.hostname or ""), parts.port or (443 if parts.scheme.lower() == "https" else 80)
+
+
 def refused_target(url: str, allow: Allowed) -> str | None:
     """Why a request to ``url`` would be refused (a scheme other than http(s), or an address as
     :func:`connect` refuses it), or None. A host that does not resolve is not refused here: the
     request fails on its own."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https"):
-        return f"a {scheme or 'schemeless'} url (http(s) only)"
+    why = refused_scheme(url)
+    if why is not None:
+        return why
     try:
-        host, port = parts.hostname or "", parts.port or (443 if scheme == "https" else 80)
+        host, port = url_pair(url)
     except ValueError:
         return "a malformed url"
-    if (_canonical_host(host), port) in allow:
+    if (host, port) in allow:
         return None
     try:
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.atomic import naming_full_disk
-from storage.build_staging import staging_tmp, write_staging, write_staging_json
+from storage.atomic import naming_full_disk, temp_path
+from storage.build_staging import write_staging, write_staging_json
 
 
 class CompleteShards:
@@ -90,7 +90,7 @@ class PlanWriter:
     """``plan.parquet`` written chunk by chunk (under a temporary name of this process's, renamed on ``close``)."""
 
     def __init__(self, path: str):
-        self.path, self.tmp, self.writer = path, staging_tmp(path), None
+        self.path, self.tmp, self.writer = path, temp_path(path), None
 
     def write(self, part: pa.Table) -> None:
         with naming_full_disk(self.path):

@@ -22,15 +22,10 @@ SIZES = "sizes.json"
 BOX_COLUMNS = ("region_id", "x", "y", "w", "h")  # a caption's region, when its source has them
 
 
-def staging_tmp(path: str) -> str:
-    """The temporary name a staging file is written under before its rename (no other process's)."""
-    return temp_path(path)
-
-
 def write_staging(path: str, write) -> None:
     """Write a staging file under a temporary name, then rename: a killed build never leaves a
     half-written one. No fsync -- staging only spares work on resume; a lost file is rebuilt."""
-    tmp = staging_tmp(path)
+    tmp = temp_path(path)
     try:
         with naming_full_disk(path):
             write(tmp)

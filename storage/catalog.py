@@ -123,7 +123,7 @@ class Catalog:
         with shared_lock(lock_file(self.root, "catalog"), exclusive=not read_only, timeout=wait,
                          what=f"the catalog {self.path}"):
             if self.engine is not None:
-                with self._attached(read_only, deadline) as con:
+                with self._attached(read_only, wait, deadline) as con:
                     yield con
                 return
             con = _waiting(lambda: duckdb.connect(self.path, read_only=read_only), self.path, wait, deadline)
@@ -135,14 +135,14 @@ class Catalog:
                 con.close()
 
     @contextmanager
-    def _attached(self, read_only: bool, deadline: float) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _attached(self, read_only: bool, wait: float, deadline: float) -> Iterator[duckdb.DuckDBPyConnection]:
         con = self.engine.cursor()
         alias = f"ccrk_catalog_{uuid.uuid4().hex[:12]}"
         try:
             home = con.execute("SELECT current_database()").fetchall()[0][0]
             path = self.path.replace("'", "''")
             _waiting(lambda: con.execute(f"ATTACH '{path}' AS {alias}" + (" (READ_ONLY)" if read_only else "")),
-                     self.path, catalog_wait(), deadline)
+                     self.path, wait, deadline)
             try:
                 con.execute(f"USE {alias}")
                 if not read_only:

@@ -39,7 +39,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Callable, ContextManager, Iterator
 
 from storage import atomic
-from storage.addresses import BLOCKED_ADDRESS, Allowed, allowed, connect
+from storage.addresses import BLOCKED_ADDRESS, Allowed, allowed, connect, refused_scheme
 from storage.errors import CCRKError
 from storage.image_prep import flatten_alpha
 
@@ -252,10 +252,9 @@ class _HTTPOnlyRedirects(urllib.request.HTTPRedirectHandler):
     connection goes through the same address check."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
-        scheme = urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, newurl)).scheme.lower()
-        if scheme not in ("http", "https"):
-            raise urllib.error.HTTPError(req.full_url, code, f"{BLOCKED_ADDRESS}: a redirect to a {scheme or 'schemeless'}"
-                                         " url (http(s) only)", headers, fp)
+        why = refused_scheme(urllib.parse.urljoin(req.full_url, newurl))
+        if why is not None:
+            raise urllib.error.HTTPError(req.full_url, code, f"{BLOCKED_ADDRESS}: a redirect to {why}", headers, fp)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 

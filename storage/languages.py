@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from storage.errors import CCRKError
+from storage.errors import CCRKError, shown
 
 # ISO 639-1 codes of the paper's ten languages, in the paper's order.
 CCR6 = ("en", "de", "fr", "cs", "ja", "zh")
@@ -41,8 +41,7 @@ def check_lang(code, where: str = "") -> str:
     (the option, file or key it came from), when it is not a language code."""
     value = normalise_lang(code)
     if value is None:
-        shown = repr(code) if len(repr(code)) <= 60 else repr(code)[:57] + "..."
-        raise CCRKError(f"{where + ': ' if where else ''}{shown} is not a language code ({LANG_RULE})")
+        raise CCRKError(f"{where + ': ' if where else ''}{shown(code)} is not a language code ({LANG_RULE})")
     return value
 
 

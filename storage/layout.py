@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 
-from storage.errors import CCRKError
+from storage.errors import CCRKError, shown
 
 DEFAULT_ROOT = "./data"
 ROOT_ENV = "CCRK_ROOT"
@@ -36,11 +36,6 @@ _COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 NAME_RULE = "letters, digits, '-', '_' and '.', starting with a letter or digit, no slash"
 
 
-def _shown(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def is_plain_name(value) -> bool:
     """Whether ``value`` is a plain name: letters, digits, '-', '_', '.', starting with a letter or
     digit (so never ``.``, ``..``, a hidden file or a path), at most :data:`MAX_NAME` characters."""
@@ -51,14 +46,14 @@ def check_name(value, what: str) -> str:
     """``value`` if it is a plain name (:func:`is_plain_name`), else a CCRKError of one line naming
     ``what`` it is (``dataset name``, ``source version``...)."""
     if not is_plain_name(value):
-        raise CCRKError(f"{what + ' ' if what else ''}{_shown(value)} is not a plain name ({NAME_RULE}, at most "
+        raise CCRKError(f"{what + ' ' if what else ''}{shown(value)} is not a plain name ({NAME_RULE}, at most "
                         f"{MAX_NAME} characters)")
     return value
 
 
 def _component(value, what: str, root: str) -> str:
     if not (isinstance(value, str) and len(value) <= MAX_NAME and _COMPONENT.fullmatch(value)):
-        raise CCRKError(f"{what} {_shown(value)} is not a plain name ({NAME_RULE}): refused as a path under {root}")
+        raise CCRKError(f"{what} {shown(value)} is not a plain name ({NAME_RULE}): refused as a path under {root}")
     return value
 
 

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage import atomic
-from storage.errors import CCRKError
+from storage.errors import CCRKError, shown
 from storage.languages import SOURCE_LANG, check_lang
 from storage.layout import is_plain_name
 from storage.shards import BLOCK, RECORD, shard_layout
@@ -433,8 +433,7 @@ def check_shard_names(dataset_path: str, names) -> None:
     names) that is no plain file name in its ``shards/`` (:func:`storage.layout.is_plain_name`)."""
     for name in names:
         if not is_plain_name(name):
-            shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
-            raise CCRKError(f"{dataset_path}: the manifest names shard {shown}, which is no plain file name in "
+            raise CCRKError(f"{dataset_path}: the manifest names shard {shown(name, 80)}, which is no plain file name in "
                             "shards/: refusing to open it (a damaged or crafted manifest)")
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Iterable
 from urllib.parse import unquote, urljoin, urlsplit
 
-from storage.addresses import ALLOW_ENV, BLOCKED_ADDRESS, allowed, refused_target
+from storage.addresses import ALLOW_ENV, BLOCKED_ADDRESS, allowed, refused_target, url_pair
 from storage.errors import CCRKError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
@@ -230,9 +230,7 @@ def _redirects_checked(url: str):
     """A requests response hook (it sees every hop) refusing a redirect to a non-http(s) url or to an
     address image fetches refuse (storage.addresses), unless it is ``url``'s own host and port or on
     the allow-list: the url is the user's, where its host sends the download is not."""
-    parts = urlsplit(url)
-    origin = {(parts.hostname or "", parts.port or (443 if parts.scheme.lower() == "https" else 80))}
-    allow = allowed() | {(h.lower().strip("[]"), p) for h, p in origin}
+    allow = allowed() | {url_pair(url)}
 
     def hook(response, *args, **kwargs):
         if response.is_redirect:

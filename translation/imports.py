@@ -28,7 +28,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-from storage.errors import CCRKError
+from storage.errors import CCRKError, shown
 from storage.languages import SOURCE_LANG, check_lang, normalise_lang
 from storage.layout import check_name
 from storage.versioning import match_key, normalize, text_sha
@@ -71,9 +71,9 @@ class ImportStats:
 
     def bad_key(self, key) -> None:
         self.bad_keys += 1
-        shown = repr(key) if len(repr(key)) <= 40 else repr(key)[:37] + "..."
-        if len(self.bad_key_examples) < BAD_KEY_EXAMPLES and shown not in self.bad_key_examples:
-            self.bad_key_examples.append(shown)
+        example = shown(key, 40)
+        if len(self.bad_key_examples) < BAD_KEY_EXAMPLES and example not in self.bad_key_examples:
+            self.bad_key_examples.append(example)
 
 
 def import_model_id(name: str) -> str:

@@ -33,7 +33,7 @@ from typing import Iterator
 import numpy as np
 
 from ccrk.captions import EmptyCaptionError, pre_caption
-from storage.errors import CCRKError
+from storage.errors import CCRKError, shown
 from storage.languages import LANG_RULE, normalise_lang
 
 XFLICKRCO_LANGS = ("de", "en", "es", "id", "ja", "ru", "tr", "zh")
@@ -265,8 +265,7 @@ def image_file(folder: str, name, where: str) -> str:
     rel = os.path.normpath(text) if text else ""
     if (not text or "\x00" in text or os.path.isabs(text) or rel in (os.curdir, os.pardir)
             or rel.startswith(os.pardir + os.sep)):
-        shown = repr(text) if len(repr(text)) <= 80 else repr(text)[:77] + "..."
-        raise CCRKError(f"{where}: image path {shown} is not a relative path inside the image folder {folder}: "
+        raise CCRKError(f"{where}: image path {shown(text, 80)} is not a relative path inside the image folder {folder}: "
                         "refused (a damaged or crafted benchmark file)")
     return os.path.join(folder, text)
 
